@@ -1,0 +1,299 @@
+"""A blocking gRPC client for sandboxd, used by the CLI and the pytest plugin.
+
+Status codes come back as the same `SandboxError` kinds the core raises, so
+callers handle one error family whichever side of the wire they are on.
+Calls that are safe to repeat are retried on UNAVAILABLE with backoff.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from sandboxd import errors
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+OutputCallback = Callable[[int, bytes], None]
+CHUNK = 256 * 1024
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def channel_target(address: str) -> str:
+    """Turn `HOST:PORT` or `unix:PATH` into a gRPC target (gRPC takes both as is)."""
+    if address.startswith("/"):
+        return f"unix:{address}"
+    return address
+
+
+def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
+    """Map a gRPC status back to the project's error kinds."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    if name == "UNAVAILABLE" and not details:
+        details = "sandboxd is not reachable"
+    kind = errors.BY_CODE.get(name, errors.SandboxError)
+    err = kind(details or name)
+    err.code = name
+    return err
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image: pb.Image
+    cache_hit: bool
+    build_seconds: float
+
+
+class SandboxClient:
+    """Talks to one sandboxd over one channel."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        retry_seconds: float = 20.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.address = address
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ]
+        target = channel_target(address)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._retry_seconds = retry_seconds
+        self.images = pb_grpc.ImageServiceStub(self._channel)
+        self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- plumbing -----------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SandboxClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[..., T], request: Any, *, timeout: float | None = 60.0) -> T:
+        try:
+            return fn(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """Repeat a call that is safe to repeat while the service is unavailable."""
+        retry = Retrying(
+            retry=retry_if_exception_type(errors.EngineUnavailable),
+            stop=stop_after_delay(self._retry_seconds),
+            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            reraise=True,
+        )
+        return retry(fn)
+
+    # -- health -------------------------------------------------------------
+
+    def health(self, timeout: float = 5.0) -> str:
+        """The service's overall health status name (SERVING, NOT_SERVING...)."""
+        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the service answers health checks as SERVING."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise errors.EngineUnavailable(
+                f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
+            ) from None
+        self._retrying(lambda: self.health())
+
+    # -- images -------------------------------------------------------------
+
+    def build_image(
+        self,
+        fragment: str = "",
+        *,
+        base: str = "",
+        context_files: Mapping[str, bytes | tuple[bytes, int]] | None = None,
+        label: str = "",
+        on_log: Callable[[str], None] | None = None,
+        timeout: float | None = 1800.0,
+    ) -> BuildResult:
+        """Build (or hit the cache for) base + fragment + context files."""
+        files = []
+        for path, value in (context_files or {}).items():
+            content, mode = value if isinstance(value, tuple) else (value, 0)
+            files.append(pb.ContextFile(path=path, content=content, mode=mode))
+        request = pb.BuildImageRequest(
+            base=base, fragment=fragment, context_files=files, label=label
+        )
+
+        def once() -> BuildResult:
+            try:
+                for event in self.images.BuildImage(
+                    request, metadata=self._metadata, timeout=timeout
+                ):
+                    if event.HasField("result"):
+                        r = event.result
+                        return BuildResult(r.image, r.cache_hit, r.build_seconds)
+                    if on_log is not None:
+                        on_log(event.log_line)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+            raise errors.SandboxError("build stream ended without a result")
+
+        return self._retrying(once)
+
+    def get_image(self, key: str) -> pb.Image:
+        return self._retrying(lambda: self._call(self.images.GetImage, pb.GetImageRequest(key=key)))
+
+    def list_images(self) -> list[pb.Image]:
+        resp = self._retrying(lambda: self._call(self.images.ListImages, pb.ListImagesRequest()))
+        return list(resp.images)
+
+    def delete_image(self, key: str) -> None:
+        self._call(self.images.DeleteImage, pb.DeleteImageRequest(key=key))
+
+    # -- sandboxes ----------------------------------------------------------
+
+    def create_sandbox(self, spec: pb.SandboxSpec, *, timeout: float | None = 300.0) -> pb.Sandbox:
+        request = pb.CreateSandboxRequest(spec=spec)
+        return self._retrying(
+            lambda: self._call(self.sandboxes.CreateSandbox, request, timeout=timeout)
+        )
+
+    def get_sandbox(self, sandbox_id: str) -> pb.Sandbox:
+        return self._call(self.sandboxes.GetSandbox, pb.GetSandboxRequest(sandbox_id=sandbox_id))
+
+    def list_sandboxes(self) -> list[pb.Sandbox]:
+        resp = self._retrying(
+            lambda: self._call(self.sandboxes.ListSandboxes, pb.ListSandboxesRequest())
+        )
+        return list(resp.sandboxes)
+
+    def destroy_sandbox(self, sandbox_id: str, *, missing_ok: bool = True) -> None:
+        request = pb.DestroySandboxRequest(sandbox_id=sandbox_id)
+        try:
+            self._retrying(lambda: self._call(self.sandboxes.DestroySandbox, request))
+        except errors.NotFound:
+            if not missing_ok:
+                raise
+
+    def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: Iterable[str],
+        *,
+        stdin: bytes = b"",
+        timeout: float = 0.0,
+        output_limit: int = 0,
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> Iterator[pb.ExecEvent]:
+        """Yield output chunks as they come and the result last."""
+        request = pb.ExecRequest(
+            sandbox_id=sandbox_id,
+            argv=list(argv),
+            stdin=stdin,
+            timeout_seconds=timeout,
+            output_limit_bytes=output_limit,
+            env=dict(env or {}),
+            workdir=workdir,
+        )
+        # The call deadline leaves room for the service to kill and measure.
+        deadline = timeout + 60.0 if timeout else None
+        try:
+            yield from self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def exec(
+        self,
+        sandbox_id: str,
+        argv: Iterable[str],
+        *,
+        on_output: OutputCallback | None = None,
+        **kwargs: Any,
+    ) -> pb.ExecResult:
+        """Run a command to its end; output goes to `on_output(stream, data)`."""
+        for event in self.exec_stream(sandbox_id, argv, **kwargs):
+            if event.HasField("result"):
+                return event.result
+            if on_output is not None:
+                on_output(event.output.stream, event.output.data)
+        raise errors.SandboxError("exec stream ended without a result")
+
+    def put_files(self, sandbox_id: str, path: str, tar_bytes: bytes) -> pb.PutFilesResponse:
+        """Unpack a tar archive into `path` inside the sandbox."""
+
+        def requests() -> Iterator[pb.PutFilesRequest]:
+            yield pb.PutFilesRequest(header=pb.PutFilesHeader(sandbox_id=sandbox_id, path=path))
+            for i in range(0, len(tar_bytes), CHUNK):
+                yield pb.PutFilesRequest(tar_chunk=tar_bytes[i : i + CHUNK])
+
+        try:
+            return self.sandboxes.PutFiles(requests(), metadata=self._metadata, timeout=600.0)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def put_file_map(
+        self, sandbox_id: str, path: str, files: Mapping[str, bytes | str]
+    ) -> pb.PutFilesResponse:
+        """Convenience: put a {relative path: content} mapping."""
+        return self.put_files(sandbox_id, path, tar_of(files))
+
+    def get_files(self, sandbox_id: str, path: str, *, max_bytes: int = 0) -> bytes:
+        """A tar archive of `path` inside the sandbox."""
+        request = pb.GetFilesRequest(sandbox_id=sandbox_id, path=path, max_bytes=max_bytes)
+        out = bytearray()
+        try:
+            for chunk in self.sandboxes.GetFiles(request, metadata=self._metadata, timeout=600.0):
+                out += chunk.data
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return bytes(out)
+
+    def run_stream(self, request: pb.RunRequest, timeout: float | None = None) -> Iterator[pb.RunEvent]:
+        try:
+            yield from self.sandboxes.Run(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+def tar_of(files: Mapping[str, bytes | str], mode: int = 0o644) -> bytes:
+    """A tar archive holding the given {relative path: content} files."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = mode
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

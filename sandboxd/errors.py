@@ -1,0 +1,95 @@
+"""The one error root of the project and its specific kinds.
+
+The core raises these; the gRPC adapter maps each kind to one status code in
+one place, and the client maps status codes back to the same kinds.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Root of every error the project raises on purpose."""
+
+    #: gRPC status code name this kind maps to (see sandboxd.service).
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidArgument(SandboxError):
+    """Malformed input or a limit above the server's cap."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(SandboxError):
+    """Unknown sandbox, image or path."""
+
+    code = "NOT_FOUND"
+
+
+class BuildFailed(SandboxError):
+    """The engine could not build an image; the message carries the log tail."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class FailedPrecondition(SandboxError):
+    """The object is not in a state that allows the request."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(SandboxError):
+    """Too many sandboxes or too large a transfer; retry later or ask for less."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class PermissionDenied(SandboxError):
+    """The caller may not touch this object or use this profile."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(SandboxError):
+    """Missing or unknown credentials."""
+
+    code = "UNAUTHENTICATED"
+
+
+class EngineUnavailable(SandboxError):
+    """The container engine cannot be reached; safe to retry."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(SandboxError):
+    """The call's deadline passed before the service could answer."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(SandboxError):
+    """The caller went away."""
+
+    code = "CANCELLED"
+
+
+BY_CODE: dict[str, type[SandboxError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        PermissionDenied,
+        Unauthenticated,
+        EngineUnavailable,
+        DeadlineExceeded,
+        Cancelled,
+    )
+}
