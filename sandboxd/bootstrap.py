@@ -156,10 +156,7 @@ def _check_arguments(tag: str, mirror: str, suite: str) -> None:
 
 
 def _find_debootstrap() -> str:
-    path = shutil.which("debootstrap") or next(
-        (p for p in ("/usr/sbin/debootstrap", "/sbin/debootstrap") if os.access(p, os.X_OK)),
-        None,
-    )
+    path = shutil.which("debootstrap")
     if path is None:
         raise FailedPrecondition(
             "debootstrap is not installed: install debootstrap (apt-get install debootstrap)"
