@@ -1,0 +1,243 @@
+"""`sandboxd serve | build | run | gc | bootstrap-image`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from sandboxd import errors
+from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
+from sandboxd.limits import parse_size
+
+log = logging.getLogger("sandboxd")
+
+VERDICT_EXIT = {"timed_out": 124, "out_of_memory": 137}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandboxd", description="Run code in throwaway, limited containers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--config", type=Path, help="TOML config file (defaults, caps, profiles)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the gRPC API")
+    serve.add_argument("--listen", default="unix:/run/sandboxd/sandboxd.sock",
+                       help="unix:PATH or HOST:PORT (default %(default)s)")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+
+    boot = sub.add_parser("bootstrap-image", help="make the offline base image (debootstrap)")
+    boot.add_argument("--tag", default=DEFAULT_BASE_IMAGE)
+    boot.add_argument("--mirror", default="http://deb.debian.org/debian")
+    boot.add_argument("--suite", default="bookworm")
+
+    build = sub.add_parser("build", help="build an image from a Dockerfile fragment")
+    build.add_argument("--dockerfile", default="", help="fragment text, or @FILE to read it from a file")
+    build.add_argument("--base", default="", help="base image (default: the server's)")
+    build.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+
+    gc = sub.add_parser("gc", help="remove sandbox containers left by dead instances")
+    gc.add_argument("--all", action="store_true", help="also remove containers of live instances")
+    gc.add_argument("--images", action="store_true", help="also remove the cached images")
+
+    run = sub.add_parser("run", help="run one command in a fresh sandbox")
+    run.add_argument("--dockerfile", default="", help="fragment text, or @FILE")
+    run.add_argument("--image", default="", help="image key or reference (default: base image)")
+    run.add_argument("--cpus", type=float, default=0.0)
+    run.add_argument("--memory", default="", help="e.g. 512m, 1g")
+    run.add_argument("--pids", type=int, default=0)
+    run.add_argument("--timeout", type=float, default=0.0, help="wall seconds")
+    run.add_argument("--network", action="store_true")
+    run.add_argument("--profile", default="", help="security profile: default or untrusted")
+    run.add_argument("--runtime", default="", help="container runtime, e.g. runsc")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
+    run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    return p
+
+
+def _fragment(value: str) -> str:
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text()
+        except OSError as exc:
+            raise errors.InvalidArgument(f"--dockerfile {value}: {exc.strerror}") from None
+    return value
+
+
+@contextlib.contextmanager
+def _client(address: str | None, config: ServerConfig) -> Iterator[object]:
+    from sandboxd.client import SandboxClient
+    from sandboxd.server import start_embedded
+
+    embedded = None
+    if not address:
+        embedded = start_embedded(config)
+        address = embedded.address
+    client = SandboxClient(address)
+    try:
+        yield client
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.server import create_server, serve_forever
+
+    service, bound = create_server(config, args.listen)
+    print(f"sandboxd listening on {bound}", file=sys.stderr, flush=True)
+    serve_forever(service, args.grace)
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.bootstrap import make_base_image
+    from sandboxd.runtime.docker import DockerRuntime
+
+    image = make_base_image(
+        DockerRuntime(config.docker_host), tag=args.tag, mirror=args.mirror, suite=args.suite,
+        on_log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(image)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.client import SandboxClient
+
+    with _client(args.address, config) as client:
+        assert isinstance(client, SandboxClient)
+        result = client.build_image(
+            _fragment(args.dockerfile), base=args.base,
+            on_log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    print(json.dumps({
+        "key": result.image.key, "digest": result.image.digest, "tag": result.image.tag,
+        "cache_hit": result.cache_hit, "build_seconds": round(result.build_seconds, 3),
+    }))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd import instances
+    from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
+    from sandboxd.runtime.docker import DockerRuntime
+
+    runtime = DockerRuntime(config.docker_host)
+    removed = 0
+    for info in runtime.list_containers(LABEL_MANAGED):
+        if args.all or not instances.is_alive(info.labels.get(LABEL_INSTANCE, "")):
+            runtime.remove_container(info.id)
+            removed += 1
+    images = 0
+    if args.images:
+        for image_id, _, _, _ in runtime.list_images(LABEL_KEY):
+            runtime.remove_image(image_id)
+            images += 1
+    print(f"removed {removed} containers, {images} images")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+    from sandboxd.client import SandboxClient
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise errors.InvalidArgument("give the command after --, e.g. sandboxd run -- python3 -V")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise errors.InvalidArgument(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    limits = pb.Limits(
+        cpus=args.cpus, memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
+        pids=args.pids, timeout_seconds=args.timeout, network=args.network,
+    )
+    fragment = _fragment(args.dockerfile)
+    with _client(args.address, config) as client:
+        assert isinstance(client, SandboxClient)
+        image = args.image
+        digest = ""
+        if fragment:
+            built = client.build_image(
+                fragment, base=args.image,
+                on_log=lambda line: print(line, file=sys.stderr, flush=True) if args.verbose else None,
+            )
+            image, digest = built.image.key, built.image.digest
+        spec = pb.SandboxSpec(image=image, limits=limits, env=env, profile=args.profile,
+                              runtime=args.runtime)
+        sandbox = client.create_sandbox(spec)
+        try:
+            def show(stream: int, data: bytes) -> None:
+                out = sys.stdout if stream == pb.STREAM_STDOUT else sys.stderr
+                out.buffer.write(data)
+                out.flush()
+
+            result = client.exec(sandbox.id, argv, on_output=show)
+        finally:
+            client.destroy_sandbox(sandbox.id)
+    verdict = pb.Verdict.Name(result.verdict).removeprefix("VERDICT_").lower()
+    code = VERDICT_EXIT.get(verdict, result.exit_code if result.exit_code >= 0 else 1)
+    if verdict not in ("ok", "nonzero_exit"):
+        print(f"sandboxd: {result.message}", file=sys.stderr)
+    if args.json:
+        sys.stdout.write("\n" + json.dumps({
+            "exit_code": code,
+            "command_exit_code": result.exit_code,
+            "signal": result.signal,
+            "verdict": verdict,
+            "message": result.message,
+            "wall_seconds": round(result.wall_seconds, 4),
+            "cpu_seconds": round(result.cpu_seconds, 4),
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "output_truncated": result.output_truncated,
+            "image": image or config.base_image,
+            "image_digest": digest or sandbox.image_digest,
+            "limits": {
+                "cpus": sandbox.limits.cpus, "memory_bytes": sandbox.limits.memory_bytes,
+                "pids": sandbox.limits.pids, "timeout_seconds": sandbox.limits.timeout_seconds,
+                "network": sandbox.limits.network,
+            },
+        }) + "\n")
+    return code
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "bootstrap-image": cmd_bootstrap,
+    "build": cmd_build,
+    "gc": cmd_gc,
+    "run": cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.command == "run" else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        return COMMANDS[args.command](args, config)
+    except errors.SandboxError as exc:
+        print(f"sandboxd: error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, errors.InvalidArgument) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

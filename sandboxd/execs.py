@@ -1,0 +1,339 @@
+"""Running commands in sandboxes: deadlines, output caps, measurements, file transfer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import shlex
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from sandboxd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sandboxd.paths import check_sandbox_path, check_tar
+from sandboxd.runtime.base import CgroupSample, ExecProcess
+from sandboxd.sandboxes import SandboxManager, SandboxRecord, check_env
+from sandboxd.verdicts import Judgement, Observation, judge
+
+log = logging.getLogger(__name__)
+
+MAX_ARGV_BYTES = 256 * 1024
+MAX_STDIN = 32 * 1024 * 1024
+#: Output arrives in chunks of at most this size, so a client sees progress.
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    argv: list[str]
+    stdin: bytes = b""
+    timeout_seconds: float = 0.0
+    output_limit_bytes: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = ""
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: int  # 1 stdout, 2 stderr
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    judgement: Judgement
+    wall_seconds: float
+    cpu_seconds: float
+    peak_memory_bytes: int
+    output_truncated: bool
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+def check_exec(req: ExecRequest, record: SandboxRecord) -> tuple[float, int]:
+    """(timeout, output limit) for this exec within the sandbox's limits.
+
+    Raises:
+        InvalidArgument: empty argv, NUL bytes, oversized input, limits above the sandbox's.
+    """
+    if not req.argv or not req.argv[0]:
+        raise InvalidArgument("argv: give the command to run")
+    if any("\x00" in a for a in req.argv):
+        raise InvalidArgument("argv: arguments cannot contain NUL bytes")
+    if sum(len(a) for a in req.argv) > MAX_ARGV_BYTES:
+        raise InvalidArgument(f"argv: above the limit of {MAX_ARGV_BYTES} bytes")
+    if len(req.stdin) > MAX_STDIN:
+        raise InvalidArgument(f"stdin: above the limit of {MAX_STDIN} bytes (use PutFiles)")
+    check_env(req.env)
+    limits = record.limits
+    timeout = req.timeout_seconds or limits.timeout_seconds
+    if not (timeout > 0) or timeout == float("inf"):
+        raise InvalidArgument(f"timeout_seconds: must be a positive number, got {req.timeout_seconds!r}")
+    if timeout > limits.timeout_seconds:
+        raise InvalidArgument(
+            f"timeout_seconds: {timeout:g} is above this sandbox's limit of {limits.timeout_seconds:g}s"
+        )
+    output = req.output_limit_bytes or limits.output_bytes
+    if output < 0 or output > limits.output_bytes:
+        raise InvalidArgument(
+            f"output_limit_bytes: {output} must be between 1 and this sandbox's limit of "
+            f"{limits.output_bytes}"
+        )
+    if req.workdir and (not req.workdir.startswith("/") or ".." in req.workdir.split("/")):
+        raise InvalidArgument("workdir: must be an absolute path without '..'")
+    return timeout, output
+
+
+class Executor:
+    """Runs commands in the manager's sandboxes."""
+
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+        self.runtime = manager.runtime
+
+    def run(
+        self, sandbox_id: str, req: ExecRequest, owner: str = "", cancelled: threading.Event | None = None
+    ) -> Iterator[Output | ExecOutcome]:
+        """Yield output as it comes, then one ExecOutcome. Closing the generator kills the command.
+
+        Raises:
+            NotFound, PermissionDenied, InvalidArgument, FailedPrecondition, EngineUnavailable.
+        """
+        record = self.manager.get(sandbox_id, owner)
+        timeout, output_limit = check_exec(req, record)
+        return self._run(record, req, timeout, output_limit, cancelled)
+
+    def _run(
+        self, record: SandboxRecord, req: ExecRequest, timeout: float, output_limit: int,
+        cancelled: threading.Event | None = None,
+    ) -> Iterator[Output | ExecOutcome]:
+        sandbox_id = record.id
+        before = self.runtime.sample(record.container_id)
+        self.runtime.reset_peak(record.container_id)
+        started = time.monotonic()
+        try:
+            proc = self.runtime.exec(
+                record.container_id, req.argv, env=req.env, workdir=req.workdir or record.workdir,
+                user=record.user, stdin=bool(req.stdin),
+            )
+        except NotFound:
+            raise FailedPrecondition(f"sandbox {sandbox_id} is no longer running") from None
+        events: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
+        reader = threading.Thread(target=_pump, args=(proc, events), daemon=True, name="exec-reader")
+        reader.start()
+        if req.stdin:
+            threading.Thread(target=_feed, args=(proc, req.stdin), daemon=True, name="exec-stdin").start()
+
+        deadline = started + timeout
+        timed_out = truncated = False
+        sizes = {1: 0, 2: 0}
+        finished = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    proc.kill()
+                    break
+                if cancelled is not None and cancelled.is_set():
+                    proc.kill()
+                    return
+                try:
+                    item = events.get(timeout=min(left, 0.5))
+                except queue.Empty:
+                    continue
+                if item is None:
+                    finished = True
+                    break
+                stream, data = item
+                room = output_limit - sizes[1] - sizes[2]
+                if len(data) > room:
+                    data = data[: max(room, 0)]
+                    truncated = True
+                sizes[stream] += len(data)
+                if data:
+                    yield Output(stream, data)
+                if truncated:
+                    proc.kill()
+                    break
+        finally:
+            if not finished:
+                proc.kill()
+                _drain(events, reader)
+            proc.close()
+        wall = time.monotonic() - started
+        exit_code = proc.exit_code()
+        after = self.runtime.sample(record.container_id)
+        alive = self.manager.alive(record)
+        judgement = judge(
+            Observation(
+                exit_code=exit_code,
+                timed_out=timed_out,
+                timeout_seconds=timeout,
+                output_truncated=truncated,
+                output_limit=output_limit,
+                oom_kills=_delta(before.oom_kills, after.oom_kills),
+                pids_max_events=_delta(before.pids_max_events, after.pids_max_events),
+                container_alive=alive,
+                memory_limit=record.limits.memory_bytes,
+                pids_limit=record.limits.pids,
+            )
+        )
+        if judgement.verdict == "crashed":
+            record.state = "exited"
+        yield ExecOutcome(
+            judgement=judgement,
+            wall_seconds=wall,
+            cpu_seconds=_cpu_seconds(before, after),
+            peak_memory_bytes=after.memory_peak_bytes or 0,
+            output_truncated=truncated,
+            stdout_bytes=sizes[1],
+            stderr_bytes=sizes[2],
+        )
+
+    def put_files(
+        self, sandbox_id: str, path: str, chunks: Iterable[bytes], owner: str = ""
+    ) -> tuple[int, int]:
+        """Unpack a tar stream under `path` (inside a writable dir); return (files, bytes).
+
+        Raises:
+            InvalidArgument: a bad path or tar member; ResourceExhausted: above the scratch size.
+        """
+        record = self.manager.get(sandbox_id, owner)
+        dest = check_sandbox_path(path, workdir=record.workdir, writable=(record.workdir, "/tmp"))
+        limit = record.limits.scratch_bytes
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+            received = 0
+            for chunk in chunks:
+                received += len(chunk)
+                if received > limit + (1 << 20):
+                    raise ResourceExhausted(
+                        f"tar stream is larger than the sandbox's scratch space ({limit} bytes)"
+                    )
+                spool.write(chunk)
+            spool.seek(0)
+            files, size = check_tar(spool)  # type: ignore[arg-type]
+            if size > limit:
+                raise ResourceExhausted(
+                    f"the files add up to {size} bytes, above the sandbox's scratch space ({limit} bytes)"
+                )
+            spool.seek(0)
+            script = f"mkdir -p {shlex.quote(dest)} && exec tar -x --no-same-owner -m -C {shlex.quote(dest)}"
+            data = spool.read()
+        outcome, _, err = self._run_with_stdin(record, ["sh", "-c", script], data)
+        if outcome.judgement.verdict != "ok":
+            detail = err.decode("utf-8", "replace").strip()[-500:]
+            if "No space left" in detail or "Cannot write" in detail:
+                raise ResourceExhausted(f"not enough scratch space in the sandbox: {detail}")
+            raise FailedPrecondition(f"unpacking into {dest} failed: {detail or outcome.judgement.message}")
+        return files, size
+
+    def _run_with_stdin(self, record: SandboxRecord, argv: list[str], data: bytes) -> tuple[ExecOutcome, bytes, bytes]:
+        out, err = bytearray(), bytearray()
+        outcome: ExecOutcome | None = None
+        timeout = max(record.limits.timeout_seconds, 300.0)
+        # Transfers skip the per-exec checks: they are bounded by the scratch size instead.
+        req = ExecRequest(argv=argv, stdin=data, timeout_seconds=timeout)
+        for event in self._run(record, req, timeout, 1 << 20):
+            if isinstance(event, Output):
+                (out if event.stream == 1 else err).extend(event.data[-4096:])
+            else:
+                outcome = event
+        assert outcome is not None
+        return outcome, bytes(out), bytes(err)
+
+    def get_files(self, sandbox_id: str, path: str, max_bytes: int, owner: str = "") -> Iterator[bytes]:
+        """Yield a tar stream of `path`.
+
+        Raises:
+            InvalidArgument: bad path; NotFound: no such path; ResourceExhausted: above max_bytes.
+        """
+        record = self.manager.get(sandbox_id, owner)
+        full = check_sandbox_path(path, workdir=record.workdir, writable=(record.workdir, "/tmp"))
+        cap = record.limits.scratch_bytes * 2
+        if max_bytes < 0:
+            raise InvalidArgument("max_bytes: must not be negative")
+        limit = min(max_bytes, cap) if max_bytes else cap
+        parent, _, name = full.rstrip("/").rpartition("/")
+        argv = ["tar", "-c", "-C", parent or "/", name or "."]
+        timeout = max(record.limits.timeout_seconds, 300.0)
+        req = ExecRequest(argv=argv, timeout_seconds=timeout)
+        sent = 0
+        err = bytearray()
+        for event in self._run(record, req, timeout, limit + 1):
+            if isinstance(event, Output):
+                if event.stream == 2:
+                    err.extend(event.data[-2048:])
+                    continue
+                sent += len(event.data)
+                if sent > limit:
+                    raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
+                yield event.data
+            elif event.judgement.verdict == "output_truncated":
+                raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
+            elif event.judgement.verdict != "ok":
+                detail = err.decode("utf-8", "replace").strip()
+                if "No such file" in detail:
+                    raise NotFound(f"{full} does not exist in the sandbox")
+                raise FailedPrecondition(f"reading {full} failed: {detail or event.judgement.message}")
+
+
+def _pump(proc: ExecProcess, events: queue.Queue[tuple[int, bytes] | None]) -> None:
+    try:
+        for stream, data in proc.output():
+            for i in range(0, len(data), CHUNK):
+                events.put((stream, data[i : i + CHUNK]))
+    except Exception:
+        log.debug("exec output ended with an error", exc_info=True)
+    finally:
+        events.put(None)
+
+
+def _feed(proc: ExecProcess, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        for i in range(0, len(view), CHUNK):
+            proc.write_stdin(bytes(view[i : i + CHUNK]))
+    except OSError:
+        pass  # the command ended before reading all of its input
+    finally:
+        proc.close_stdin()
+
+
+def _drain(events: queue.Queue[tuple[int, bytes] | None], reader: threading.Thread) -> None:
+    """Unblock the reader after a kill so its thread ends."""
+    end = time.monotonic() + 5
+    while reader.is_alive() and time.monotonic() < end:
+        with contextlib.suppress(queue.Empty):
+            events.get(timeout=0.1)
+
+
+def _delta(before: int | None, after: int | None) -> int:
+    if before is None or after is None:
+        return 0
+    return max(0, after - before)
+
+
+def _cpu_seconds(before: CgroupSample, after: CgroupSample) -> float:
+    if before.cpu_ns is None or after.cpu_ns is None:
+        return 0.0
+    return max(0, after.cpu_ns - before.cpu_ns) / 1e9
+
+
+def tar_bytes(files: Mapping[str, bytes]) -> bytes:
+    """A small tar archive, for callers that hold files in memory."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+

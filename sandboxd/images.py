@@ -1,0 +1,248 @@
+"""Content-addressed images: base + Dockerfile fragment + context files => one key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sandboxd.errors import InvalidArgument, NotFound
+from sandboxd.paths import check_relative
+from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Runtime
+
+log = logging.getLogger(__name__)
+
+TAG_REPO = "sandbox/img"
+MAX_FRAGMENT = 64 * 1024
+MAX_CONTEXT = 48 * 1024 * 1024
+_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    key: str
+    digest: str
+    tag: str
+    base: str
+    size_bytes: int = 0
+    created_unix: float = 0.0
+    label: str = ""
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    image: ImageRecord
+    cache_hit: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+def image_key(base_id: str, fragment: str, context: list[ContextFile]) -> str:
+    """The content key: same base image, fragment and context give the same key."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": 1, "base": base_id, "fragment": normalize_fragment(fragment)}).encode())
+    for f in sorted(context, key=lambda c: c.path):
+        h.update(json.dumps([f.path, f.mode, hashlib.sha256(f.content).hexdigest()]).encode())
+    return h.hexdigest()
+
+
+def normalize_fragment(fragment: str) -> str:
+    """Trailing spaces and blank lines do not change what a fragment builds."""
+    lines = [line.rstrip() for line in fragment.replace("\r\n", "\n").split("\n")]
+    return "\n".join(line for line in lines if line)
+
+
+def check_build_input(fragment: str, context: list[ContextFile]) -> None:
+    """Refuse fragments and context files that cannot be a valid, bounded build.
+
+    Raises:
+        InvalidArgument: oversized, NUL bytes, a FROM line, or a bad context path.
+    """
+    if len(fragment) > MAX_FRAGMENT:
+        raise InvalidArgument(f"fragment: {len(fragment)} bytes is above the limit of {MAX_FRAGMENT}")
+    if "\x00" in fragment:
+        raise InvalidArgument("fragment: contains a NUL byte")
+    if _FROM.search(fragment):
+        raise InvalidArgument(
+            "fragment: FROM is not allowed in a fragment; the base image is given by `base`"
+        )
+    total = 0
+    seen: set[str] = set()
+    for f in context:
+        name = check_relative(f.path, field="context_files.path")
+        if name == "Dockerfile":
+            raise InvalidArgument("context_files.path: 'Dockerfile' is reserved for the fragment")
+        if name in seen:
+            raise InvalidArgument(f"context_files.path: {name!r} given twice")
+        seen.add(name)
+        if f.mode > 0o7777:
+            raise InvalidArgument(f"context_files.mode: {oct(f.mode)} is not a permission mode")
+        total += len(f.content)
+    if total > MAX_CONTEXT:
+        raise InvalidArgument(
+            f"context_files: {total} bytes in all is above the limit of {MAX_CONTEXT}"
+        )
+
+
+class ImageStore:
+    """Builds images through the runtime; answers repeated keys from the cache."""
+
+    def __init__(self, runtime: Runtime, base_image: str) -> None:
+        self._runtime = runtime
+        self.base_image = base_image
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+        self._cache: dict[str, ImageRecord] = {}
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._building.setdefault(key, threading.Lock())
+
+    def resolve_base(self, base: str) -> tuple[str, str]:
+        """(reference, identity) of the base; identity is the engine id when present."""
+        base = base or self.base_image
+        if "\x00" in base or len(base) > 512 or not base.strip():
+            raise InvalidArgument(f"base: {base!r} is not an image reference")
+        image_id = self._runtime.image_id(base)
+        # A base the engine does not have yet (e.g. python:3.12-slim elsewhere) is keyed by
+        # its reference; the engine pulls it during the build if it can.
+        return base, image_id or f"ref:{base}"
+
+    def build(
+        self, base: str, fragment: str, context: list[ContextFile], *, label: str = "", owner: str = ""
+    ) -> Iterator[str | BuildOutcome]:
+        """Yield build log lines, then one BuildOutcome.
+
+        Raises:
+            InvalidArgument: bad fragment or context.
+            BuildFailed: the engine's build failed (message has the log tail).
+            EngineUnavailable: the engine cannot be reached.
+        """
+        check_build_input(fragment, context)
+        started = time.monotonic()
+        base_ref, base_id = self.resolve_base(base)
+        key = image_key(base_id, fragment, context)
+        with self._key_lock(key):
+            cached = self._lookup(key)
+            if cached is not None:
+                yield BuildOutcome(cached, True, time.monotonic() - started)
+                return
+            tag = f"{TAG_REPO}:{key[:32]}"
+            dockerfile = f"FROM {base_ref}\n{fragment}\n"
+            labels = {LABEL_MANAGED: "1", LABEL_KEY: key, "sandbox.base": base_ref}
+            if label:
+                labels["sandbox.label"] = label
+            if owner:
+                labels[LABEL_OWNER] = owner
+            files = {f.path: (f.content, f.mode or 0o644) for f in context}
+            log.info("building image %s on %s", key[:12], base_ref)
+            yield from self._runtime.build_image(dockerfile, files, tag, labels)
+            record = self._record(tag, key)
+            if record is None:
+                raise NotFound(f"image {tag} vanished right after its build")
+            with self._lock:
+                self._cache[key] = record
+            yield BuildOutcome(record, False, time.monotonic() - started)
+
+    def _lookup(self, key: str) -> ImageRecord | None:
+        """A cached image for `key`, checking the engine still has it."""
+        with self._lock:
+            record = self._cache.get(key)
+        if record is not None and self._runtime.image_id(record.tag) == record.digest:
+            return record
+        record = self._record(f"{TAG_REPO}:{key[:32]}", key)
+        if record is not None:
+            with self._lock:
+                self._cache[key] = record
+        return record
+
+    def _record(self, tag: str, key: str) -> ImageRecord | None:
+        digest = self._runtime.image_id(tag)
+        if digest is None:
+            return None
+        labels = self._runtime.image_labels(tag)
+        if labels.get(LABEL_KEY) != key:
+            return None
+        return ImageRecord(
+            key=key,
+            digest=digest,
+            tag=tag,
+            base=labels.get("sandbox.base", ""),
+            label=labels.get("sandbox.label", ""),
+            owner=labels.get(LABEL_OWNER, ""),
+            created_unix=time.time(),
+        )
+
+    def get(self, key: str) -> ImageRecord:
+        """The image with this key.
+
+        Raises:
+            NotFound: no such image.
+        """
+        if not _KEY.match(key):
+            raise InvalidArgument(f"key: {key!r} is not an image key (64 hex digits)")
+        record = self._lookup(key)
+        if record is None:
+            raise NotFound(f"no image with key {key[:12]}...; build it first")
+        return record
+
+    def list(self) -> list[ImageRecord]:
+        out = []
+        for image_id, tags, labels, size in self._runtime.list_images(LABEL_KEY):
+            key = labels.get(LABEL_KEY, "")
+            tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0] if tags else "")
+            out.append(
+                ImageRecord(
+                    key=key, digest=image_id, tag=tag, base=labels.get("sandbox.base", ""),
+                    size_bytes=size, label=labels.get("sandbox.label", ""),
+                    owner=labels.get(LABEL_OWNER, ""),
+                )
+            )
+        return out
+
+    def delete(self, key: str) -> None:
+        """Remove the image for `key`.
+
+        Raises:
+            NotFound: no such image.
+        """
+        record = self.get(key)
+        with self._lock:
+            self._cache.pop(key, None)
+        self._runtime.remove_image(record.tag)
+
+    def resolve_ref(self, ref: str) -> tuple[str, str]:
+        """(engine reference, digest) for a key, tag or reference given by a client.
+
+        Raises:
+            NotFound: the engine has no such image.
+        """
+        ref = ref or self.base_image
+        if "\x00" in ref or len(ref) > 512:
+            raise InvalidArgument("spec.image: not an image reference")
+        if _KEY.match(ref):
+            record = self.get(ref)
+            return record.tag, record.digest
+        digest = self._runtime.image_id(ref)
+        if digest is None:
+            hint = (
+                "run `sandboxd bootstrap-image` to make it"
+                if ref == self.base_image
+                else "build it first or check the name"
+            )
+            raise NotFound(f"image {ref!r} is not in the engine; {hint}")
+        return ref, digest
+

@@ -1,0 +1,133 @@
+"""What the core needs from a container engine, as a Protocol and plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+#: Label on everything the service makes; the value is the owning instance id.
+LABEL_MANAGED = "sandbox.managed"
+LABEL_INSTANCE = "sandbox.instance"
+LABEL_SANDBOX = "sandbox.id"
+LABEL_KEY = "sandbox.image-key"
+LABEL_EXPIRES = "sandbox.expires"
+LABEL_OWNER = "sandbox.owner"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create one locked-down container."""
+
+    image: str
+    name: str
+    labels: Mapping[str, str]
+    command: tuple[str, ...] = ("sleep", "infinity")
+    env: Mapping[str, str] = field(default_factory=dict)
+    user: str = "1000:1000"
+    workdir: str = "/sandbox/work"
+    hostname: str = "sandbox"
+    nano_cpus: int = 1_000_000_000
+    memory_bytes: int = 512 * 1024 * 1024
+    pids: int = 256
+    #: tmpfs mounts: path -> size in bytes.
+    scratch: Mapping[str, int] = field(default_factory=dict)
+    network: bool = False
+    runtime: str | None = None
+    read_only: bool = True
+    #: ulimit name -> (soft, hard)
+    ulimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    seccomp_default: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    status: str
+    created_unix: float = 0.0
+
+
+@dataclass(frozen=True)
+class CgroupSample:
+    """Counters read from the container's cgroup; None where unknown."""
+
+    cpu_ns: int | None = None
+    memory_peak_bytes: int | None = None
+    oom_kills: int | None = None
+    pids_max_events: int | None = None
+
+
+class ExecProcess(Protocol):
+    """A command started in a container, output flowing back as it is produced."""
+
+    def write_stdin(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None: ...
+
+    def output(self) -> Iterator[tuple[int, bytes]]:
+        """Yield (stream, data) with stream 1 = stdout, 2 = stderr, until the command ends."""
+        ...
+
+    def exit_code(self) -> int | None:
+        """The exit code once ended, None while running."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the command and everything it started."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """The container engine. Raises EngineUnavailable when it cannot be reached."""
+
+    def ping(self) -> None: ...
+
+    def image_id(self, ref: str) -> str | None: ...
+
+    def image_labels(self, ref: str) -> Mapping[str, str]: ...
+
+    def build_image(
+        self, dockerfile: str, context: Mapping[str, tuple[bytes, int]], tag: str,
+        labels: Mapping[str, str],
+    ) -> Iterator[str]:
+        """Build and tag; yields log lines. Raises BuildFailed with the log tail."""
+        ...
+
+    def import_image(
+        self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
+    ) -> str: ...
+
+    def remove_image(self, ref: str) -> None: ...
+
+    def list_images(self, label: str) -> list[tuple[str, list[str], Mapping[str, str], int]]:
+        """(id, tags, labels, size) of images carrying `label`."""
+        ...
+
+    def runtimes(self) -> set[str]: ...
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        """Create and start; return the container id."""
+        ...
+
+    def remove_container(self, container_id: str) -> None: ...
+
+    def kill_container(self, container_id: str) -> None: ...
+
+    def container_running(self, container_id: str) -> bool: ...
+
+    def container_logs(self, container_id: str, tail: int = 200) -> str: ...
+
+    def list_containers(self, label: str) -> list[ContainerInfo]: ...
+
+    def exec(
+        self, container_id: str, argv: list[str], *, env: Mapping[str, str], workdir: str,
+        user: str, stdin: bool,
+    ) -> ExecProcess: ...
+
+    def sample(self, container_id: str) -> CgroupSample: ...
+
+    def reset_peak(self, container_id: str) -> None: ...

@@ -1,0 +1,511 @@
+"""The Docker Engine runtime: the only module that imports docker-py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import signal
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.utils.socket import frames_iter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound, SandboxError
+from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CONNECTION_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    ConnectionError,
+    socket.timeout,
+)
+
+
+class DockerRuntime:
+    """Talks to one Docker Engine; measures containers through their cgroups when local."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 120.0) -> None:
+        self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self._timeout = timeout
+        self._api: docker.APIClient | None = None
+        self._lock = threading.Lock()
+        self._pids: dict[str, int] = {}
+        self._cgroup_paths: dict[str, dict[str, Path]] = {}
+
+    # -- plumbing -----------------------------------------------------------
+
+    @property
+    def api(self) -> docker.APIClient:
+        with self._lock:
+            if self._api is None:
+                try:
+                    self._api = docker.APIClient(
+                        base_url=self.base_url, version="auto", timeout=self._timeout
+                    )
+                except docker.errors.DockerException as exc:
+                    raise self._unavailable(exc) from None
+            return self._api
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        with self._lock:
+            self._api = None  # reconnect (and renegotiate the version) next time
+        return EngineUnavailable(
+            f"cannot reach the Docker engine at {self.base_url} ({type(exc).__name__}); "
+            "is dockerd running? (scripts/host-setup.sh starts it)"
+        )
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one engine call, turning connection failures into EngineUnavailable."""
+        try:
+            return fn()
+        except docker.errors.NotFound as exc:
+            raise NotFound(_explain(exc)) from None
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from None
+        except docker.errors.DockerException as exc:
+            if "Connection" in str(exc) or "connection" in str(exc):
+                raise self._unavailable(exc) from None
+            raise SandboxError(f"container engine error: {_explain(exc)}") from None
+
+    def _safe(self, fn: Callable[[], T]) -> T:
+        """`_call` for idempotent calls, retried briefly on a lost engine."""
+        retry = Retrying(
+            retry=retry_if_exception_type(EngineUnavailable),
+            stop=stop_after_attempt(3),
+            wait=wait_exponential(multiplier=0.2, max=1.0),
+            reraise=True,
+        )
+        return retry(lambda: self._call(fn))
+
+    def ping(self) -> None:
+        self._safe(lambda: self.api.ping())
+
+    def runtimes(self) -> set[str]:
+        info = self._safe(lambda: self.api.info())
+        return set((info.get("Runtimes") or {}).keys()) | {"runc"}
+
+    def cgroup_version(self) -> int:
+        info = self._safe(lambda: self.api.info())
+        return int(info.get("CgroupVersion") or 1)
+
+    # -- images -------------------------------------------------------------
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            data = self._safe(lambda: self.api.inspect_image(ref))
+        except NotFound:
+            return None
+        return str(data["Id"])
+
+    def image_labels(self, ref: str) -> Mapping[str, str]:
+        data = self._safe(lambda: self.api.inspect_image(ref))
+        return dict((data.get("Config") or {}).get("Labels") or {})
+
+    def image_size(self, ref: str) -> int:
+        data = self._safe(lambda: self.api.inspect_image(ref))
+        return int(data.get("Size") or 0)
+
+    def build_image(
+        self,
+        dockerfile: str,
+        context: Mapping[str, tuple[bytes, int]],
+        tag: str,
+        labels: Mapping[str, str],
+    ) -> Iterator[str]:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            files = {"Dockerfile": (dockerfile.encode(), 0o644), **context}
+            for name, (content, mode) in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                info.mode = mode or 0o644
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(content))
+        buf.seek(0)
+        tail: list[str] = []
+        stream = self._call(
+            lambda: self.api.build(
+                fileobj=buf,
+                custom_context=True,
+                tag=tag,
+                labels=dict(labels),
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+            )
+        )
+        try:
+            for chunk in stream:
+                if "error" in chunk:
+                    detail = str(chunk.get("error", "")).strip()
+                    log_tail = "\n".join(tail[-15:])
+                    raise BuildFailed(f"image build failed: {detail}\n--- build log tail ---\n{log_tail}")
+                for line in str(chunk.get("stream", "")).splitlines():
+                    if line.strip():
+                        tail.append(line)
+                        del tail[:-50]
+                        yield line
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from None
+        except docker.errors.APIError as exc:
+            raise BuildFailed(f"image build failed: {_explain(exc)}") from None
+        if self.image_id(tag) is None:
+            raise BuildFailed("image build ended without an image:\n" + "\n".join(tail[-15:]))
+
+    def import_image(
+        self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
+    ) -> str:
+        repo, _, version = tag.partition(":")
+        label_changes = [f'LABEL "{k}"="{v}"' for k, v in labels.items()]
+        self._call(
+            lambda: self.api.import_image(
+                src=fileobj, repository=repo, tag=version or "latest",
+                changes=[*changes, *label_changes],
+            )
+        )
+        image = self.image_id(tag)
+        if image is None:
+            raise SandboxError(f"importing {tag} produced no image")
+        return image
+
+    def tag_image(self, image: str, tag: str) -> None:
+        repo, _, version = tag.partition(":")
+        self._call(lambda: self.api.tag(image, repo, version or "latest"))
+
+    def remove_image(self, ref: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(lambda: self.api.remove_image(ref, force=True, noprune=False))
+
+    def list_images(self, label: str) -> list[tuple[str, list[str], Mapping[str, str], int]]:
+        images = self._safe(lambda: self.api.images(filters={"label": label}))
+        return [
+            (str(i["Id"]), list(i.get("RepoTags") or []), dict(i.get("Labels") or {}), int(i.get("Size") or 0))
+            for i in images
+        ]
+
+    # -- containers ---------------------------------------------------------
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        api = self.api
+        tmpfs = {
+            path: f"rw,nosuid,nodev,size={size},mode=1777" if path == "/tmp"
+            else f"rw,nosuid,nodev,size={size},uid={_uid(spec.user)},gid={_gid(spec.user)},mode=0755"
+            for path, size in spec.scratch.items()
+        }
+        host_config = api.create_host_config(
+            nano_cpus=spec.nano_cpus,
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,  # equal to the limit: no swap
+            pids_limit=spec.pids,
+            network_mode="bridge" if spec.network else "none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            read_only=spec.read_only,
+            tmpfs=tmpfs,
+            init=True,
+            runtime=spec.runtime,
+            ulimits=[
+                docker.types.Ulimit(name=name, soft=soft, hard=hard)
+                for name, (soft, hard) in spec.ulimits.items()
+            ],
+            ipc_mode="private",
+        )
+        created = self._call(
+            lambda: api.create_container(
+                spec.image,
+                command=list(spec.command),
+                user=spec.user,
+                environment=dict(spec.env),
+                working_dir=spec.workdir,
+                hostname=spec.hostname,
+                labels=dict(spec.labels),
+                host_config=host_config,
+                name=spec.name,
+                network_disabled=not spec.network,
+            )
+        )
+        container_id = str(created["Id"])
+        try:
+            self._call(lambda: api.start(container_id))
+        except BaseException:
+            with contextlib.suppress(SandboxError):
+                self.remove_container(container_id)
+            raise
+        return container_id
+
+    def remove_container(self, container_id: str) -> None:
+        self._pids.pop(container_id, None)
+        self._cgroup_paths.pop(container_id, None)
+        with contextlib.suppress(NotFound):
+            self._safe(lambda: self.api.remove_container(container_id, force=True, v=True))
+
+    def kill_container(self, container_id: str) -> None:
+        with contextlib.suppress(NotFound, SandboxError):
+            self._call(lambda: self.api.kill(container_id))
+
+    def container_state(self, container_id: str) -> Mapping[str, Any]:
+        data = self._safe(lambda: self.api.inspect_container(container_id))
+        return dict(data.get("State") or {})
+
+    def container_running(self, container_id: str) -> bool:
+        try:
+            return bool(self.container_state(container_id).get("Running"))
+        except NotFound:
+            return False
+
+    def container_logs(self, container_id: str, tail: int = 200) -> str:
+        try:
+            raw = self._call(lambda: self.api.logs(container_id, tail=tail))
+        except SandboxError:
+            return ""
+        return bytes(raw).decode("utf-8", "replace")
+
+    def list_containers(self, label: str) -> list[ContainerInfo]:
+        found = self._safe(lambda: self.api.containers(all=True, filters={"label": label}))
+        return [
+            ContainerInfo(
+                id=str(c["Id"]),
+                name=str((c.get("Names") or ["?"])[0]).lstrip("/"),
+                labels=dict(c.get("Labels") or {}),
+                status=str(c.get("State") or ""),
+                created_unix=float(c.get("Created") or 0),
+            )
+            for c in found
+        ]
+
+    # -- exec ---------------------------------------------------------------
+
+    def exec(
+        self,
+        container_id: str,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        workdir: str,
+        user: str,
+        stdin: bool,
+    ) -> DockerExec:
+        api = self.api
+        created = self._call(
+            lambda: api.exec_create(
+                container_id, argv, stdin=stdin, stdout=True, stderr=True,
+                environment=dict(env), workdir=workdir or None, user=user,
+            )
+        )
+        exec_id = str(created["Id"])
+        sock = self._call(lambda: api.exec_start(exec_id, socket=True))
+        return DockerExec(self, container_id, exec_id, sock)
+
+    # -- measurements -------------------------------------------------------
+
+    def _init_pid(self, container_id: str) -> int:
+        pid = self._pids.get(container_id)
+        if pid is None:
+            pid = int(self.container_state(container_id).get("Pid") or 0)
+            self._pids[container_id] = pid
+        return pid
+
+    def _cgroup_dirs(self, container_id: str) -> dict[str, Path]:
+        """Controller name -> the container's cgroup dir on this host ("" for v2)."""
+        dirs = self._cgroup_paths.get(container_id)
+        if dirs is not None:
+            return dirs
+        dirs = {}
+        pid = self._init_pid(container_id)
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+                _, controllers, path = line.split(":", 2)
+                for name in controllers.split(",") if controllers else [""]:
+                    base = Path("/sys/fs/cgroup") / name if name else Path("/sys/fs/cgroup")
+                    candidate = base / path.lstrip("/")
+                    if candidate.is_dir():
+                        dirs[name] = candidate
+        self._cgroup_paths[container_id] = dirs
+        return dirs
+
+    def sample(self, container_id: str) -> CgroupSample:
+        dirs = self._cgroup_dirs(container_id)
+        if "" in dirs:
+            return _sample_v2(dirs[""])
+        if "memory" in dirs:
+            return _sample_v1(dirs)
+        return self._sample_stats(container_id)
+
+    def _sample_stats(self, container_id: str) -> CgroupSample:
+        """Fallback through the stats API when the cgroup files are not ours to read."""
+        try:
+            stats = self._call(lambda: self.api.stats(container_id, stream=False))
+        except SandboxError:
+            return CgroupSample()
+        mem = stats.get("memory_stats") or {}
+        cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+        return CgroupSample(
+            cpu_ns=int(cpu["total_usage"]) if "total_usage" in cpu else None,
+            memory_peak_bytes=int(mem["max_usage"]) if "max_usage" in mem else None,
+        )
+
+    def reset_peak(self, container_id: str) -> None:
+        dirs = self._cgroup_dirs(container_id)
+        if "memory" in dirs:
+            with contextlib.suppress(OSError):
+                (dirs["memory"] / "memory.max_usage_in_bytes").write_text("0")
+
+    def kill_exec_tree(self, container_id: str, exec_id: str) -> bool:
+        """Kill an exec'd process and its descendants from the host; False if impossible."""
+        try:
+            pid = int(self._call(lambda: self.api.exec_inspect(exec_id)).get("Pid") or 0)
+        except SandboxError:
+            return False
+        if pid <= 0 or not Path(f"/proc/{pid}").exists():
+            return False
+        # Several passes: a forking process may add children while we kill.
+        for _ in range(10):
+            victims = _descendants(pid)
+            if not victims:
+                return True
+            for victim in victims:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(victim, signal.SIGKILL)
+            time.sleep(0.01)
+        return True
+
+
+class DockerExec:
+    """One running `docker exec`, its multiplexed output read from the hijacked socket."""
+
+    def __init__(self, runtime: DockerRuntime, container_id: str, exec_id: str, sock: Any) -> None:
+        self._runtime = runtime
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self._sock = sock
+        self._raw: socket.socket | None = getattr(sock, "_sock", None)
+
+    def write_stdin(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw.sendall(data)
+        else:
+            self._sock.write(data)
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._raw is not None:
+                self._raw.shutdown(socket.SHUT_WR)
+
+    def output(self) -> Iterator[tuple[int, bytes]]:
+        try:
+            for stream, data in frames_iter(self._sock, tty=False):
+                if data:
+                    yield int(stream), bytes(data)
+        except (OSError, ValueError):
+            return
+
+    def exit_code(self) -> int | None:
+        for _ in range(100):
+            info = self._runtime._call(lambda: self._runtime.api.exec_inspect(self.exec_id))
+            if not info.get("Running"):
+                code = info.get("ExitCode")
+                return int(code) if code is not None else None
+            time.sleep(0.01)
+        return None
+
+    def kill(self) -> None:
+        if not self._runtime.kill_exec_tree(self.container_id, self.exec_id):
+            # Not local (remote engine): the only sure way is to kill the container.
+            self._runtime.kill_container(self.container_id)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _explain(exc: BaseException) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc)
+
+
+def _uid(user: str) -> str:
+    return user.split(":")[0]
+
+
+def _gid(user: str) -> str:
+    parts = user.split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path, key: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _sample_v1(dirs: Mapping[str, Path]) -> CgroupSample:
+    memory = dirs["memory"]
+    cpu = dirs.get("cpuacct") or dirs.get("cpu")
+    pids = dirs.get("pids")
+    return CgroupSample(
+        cpu_ns=_read_int(cpu / "cpuacct.usage") if cpu else None,
+        memory_peak_bytes=_read_int(memory / "memory.max_usage_in_bytes"),
+        oom_kills=_read_keyed(memory / "memory.oom_control", "oom_kill"),
+        pids_max_events=_read_keyed(pids / "pids.events", "max") if pids else None,
+    )
+
+
+def _sample_v2(path: Path) -> CgroupSample:
+    usec = _read_keyed(path / "cpu.stat", "usage_usec")
+    return CgroupSample(
+        cpu_ns=usec * 1000 if usec is not None else None,
+        memory_peak_bytes=_read_int(path / "memory.peak"),
+        oom_kills=_read_keyed(path / "memory.events", "oom_kill"),
+        pids_max_events=_read_keyed(path / "pids.events", "max"),
+    )
+
+
+def _descendants(root: int) -> list[int]:
+    """`root` and every live process below it, from the host's /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: parse after the last ")".
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != "Z":  # a zombie is already dead
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    alive = {pid for kids in children.values() for pid in kids}
+    stack = [root] if root in alive else []
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out

@@ -1,0 +1,367 @@
+"""Sandboxes: create locked-down containers, admit within caps, reap what expires."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sandboxd import instances
+from sandboxd.config import Profile, ServerConfig
+from sandboxd.errors import (
+    EngineUnavailable,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SandboxError,
+)
+from sandboxd.images import ImageStore
+from sandboxd.limits import Limits, check_ttl, resolve
+from sandboxd.runtime.base import (
+    LABEL_EXPIRES,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_SANDBOX,
+    ContainerSpec,
+    Runtime,
+)
+
+log = logging.getLogger(__name__)
+
+State = Literal["running", "exited", "destroyed"]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+MAX_ENV = 256
+MAX_ENV_BYTES = 128 * 1024
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """What a client asks for; zero limits mean the server defaults."""
+
+    image: str = ""
+    limits: Limits | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    runtime: str = ""
+    ttl_seconds: float = 0.0
+    profile: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    owner: str = ""
+
+
+@dataclass
+class SandboxRecord:
+    """A sandbox this instance made and still answers for."""
+
+    id: str
+    container_id: str
+    request: SandboxRequest
+    limits: Limits
+    image_ref: str
+    image_digest: str
+    runtime: str
+    profile: Profile
+    workdir: str
+    user: str
+    created_unix: float
+    expires_unix: float
+    create_seconds: float = 0.0
+    from_pool: bool = False
+    state: State = "running"
+    owner: str = ""
+
+
+def check_env(env: Mapping[str, str], *, field: str = "env") -> dict[str, str]:
+    """Environment variables a container can take.
+
+    Raises:
+        InvalidArgument: bad names, NUL bytes, or too many/too large.
+    """
+    if len(env) > MAX_ENV:
+        raise InvalidArgument(f"{field}: {len(env)} variables is above the limit of {MAX_ENV}")
+    total = 0
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise InvalidArgument(f"{field}: {name[:40]!r} is not a valid variable name")
+        if "\x00" in value:
+            raise InvalidArgument(f"{field}: the value of {name} contains a NUL byte")
+        total += len(name) + len(value)
+    if total > MAX_ENV_BYTES:
+        raise InvalidArgument(f"{field}: {total} bytes in all is above the limit of {MAX_ENV_BYTES}")
+    return dict(env)
+
+
+class SandboxManager:
+    """Owns every sandbox of this instance. Thread-safe; no grpc in here."""
+
+    def __init__(self, config: ServerConfig, runtime: Runtime, images: ImageStore) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.images = images
+        self._lock = threading.Lock()
+        self._slots = threading.Condition(self._lock)
+        self._pending = 0
+        self._sandboxes: dict[str, SandboxRecord] = {}
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._instance_lock = instances.InstanceLock(config.instance_id)
+        self._runtimes: set[str] | None = None
+        self.admission_timeout = 30.0
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Take this instance's liveness lock, reap leftovers, start the reaper thread."""
+        self._instance_lock.acquire()
+        with contextlib.suppress(EngineUnavailable):
+            self.reap_orphans()
+        self._reaper = threading.Thread(target=self._reap_loop, name="sandbox-reaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        """Destroy every sandbox of this instance and stop reaping."""
+        self._stop.set()
+        for record in self.list():
+            with contextlib.suppress(SandboxError):
+                self.destroy(record.id)
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+        self._instance_lock.release()
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self.config.reap_interval_seconds):
+            try:
+                self.reap_expired()
+                self.reap_orphans()
+            except SandboxError as exc:
+                log.warning("reaper: %s", exc)
+            except Exception:
+                log.exception("reaper failed; will try again")
+
+    def reap_expired(self) -> int:
+        """Destroy sandboxes past their time-to-live."""
+        now = time.time()
+        expired = [r.id for r in self.list() if r.expires_unix <= now]
+        for sandbox_id in expired:
+            log.info("sandbox %s passed its TTL; destroying", sandbox_id)
+            with contextlib.suppress(NotFound):
+                self.destroy(sandbox_id)
+        return len(expired)
+
+    def reap_orphans(self) -> int:
+        """Remove labelled containers whose instance is dead, or that outlived their TTL."""
+        removed = 0
+        now = time.time()
+        for info in self.runtime.list_containers(LABEL_MANAGED):
+            owner = info.labels.get(LABEL_INSTANCE, "")
+            if owner == self.config.instance_id:
+                # Ours but forgotten (a destroy that met a lost engine); the age check keeps
+                # us off containers whose create() has not recorded them yet.
+                with self._lock:
+                    known = info.labels.get(LABEL_SANDBOX, "") in self._sandboxes
+                if known or now - info.created_unix < 120:
+                    continue
+                with contextlib.suppress(SandboxError):
+                    self.runtime.remove_container(info.id)
+                    removed += 1
+                continue
+            expires = _float(info.labels.get(LABEL_EXPIRES, ""))
+            if instances.is_alive(owner) and (expires is None or expires > now):
+                continue
+            log.info("reaping %s left by instance %s", info.name, owner or "?")
+            with contextlib.suppress(SandboxError):
+                self.runtime.remove_container(info.id)
+                removed += 1
+        return removed
+
+    # -- admission ----------------------------------------------------------
+
+    def _admit(self, owner: str) -> None:
+        """Wait for a free slot under the cap, in arrival order, for a bounded time."""
+        deadline = time.monotonic() + self.admission_timeout
+        with self._slots:
+            while len(self._sandboxes) + self._pending >= self.config.caps.sandboxes:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise ResourceExhausted(
+                        f"all {self.config.caps.sandboxes} sandbox slots are in use; "
+                        "retry in a few seconds",
+                        retry_after=5.0,
+                    )
+                self._slots.wait(timeout=left)
+            self._pending += 1
+
+    def _release_pending(self) -> None:
+        with self._slots:
+            self._pending -= 1
+            self._slots.notify()
+
+    # -- sandboxes ----------------------------------------------------------
+
+    def _choose_runtime(self, requested: str, profile: Profile) -> str:
+        if self._runtimes is None:
+            self._runtimes = self.runtime.runtimes()
+        if requested:
+            if requested not in self._runtimes:
+                raise InvalidArgument(
+                    f"spec.runtime: {requested!r} is not registered with the engine "
+                    f"(available: {', '.join(sorted(self._runtimes))})"
+                )
+            return requested
+        if profile.runtime and profile.runtime not in self._runtimes:
+            if profile.missing_runtime == "refuse":
+                raise PermissionDenied(
+                    f"profile {profile.name!r} needs runtime {profile.runtime!r}, which the engine "
+                    "does not have; register it (scripts/host-setup.sh does) or configure the "
+                    "profile to fall back"
+                )
+            log.warning("runtime %s missing; profile %s falls back to runc", profile.runtime, profile.name)
+            return "runc"
+        return profile.runtime or "runc"
+
+    def create(self, req: SandboxRequest) -> SandboxRecord:
+        """Create and start a sandbox.
+
+        Raises:
+            InvalidArgument: bad limits, env, labels, workdir, runtime or TTL.
+            NotFound: unknown image.
+            PermissionDenied: profile not usable.
+            ResourceExhausted: no free slot within the admission timeout.
+            EngineUnavailable: the engine cannot be reached.
+        """
+        started = time.monotonic()
+        cfg = self.config
+        profile = cfg.profile(req.profile)
+        limits = resolve(req.limits, cfg.defaults, cfg.caps)
+        if limits.network and not profile.allow_network:
+            raise PermissionDenied(f"profile {profile.name!r} does not allow network access")
+        ttl = check_ttl(req.ttl_seconds, cfg.default_ttl_seconds, cfg.caps)
+        env = check_env(req.env, field="spec.env")
+        for key, value in req.labels.items():
+            if not _LABEL.match(key) or len(value) > 256 or "\x00" in value:
+                raise InvalidArgument(f"spec.labels: {key[:40]!r} is not a usable label")
+        workdir = req.workdir or cfg.workdir
+        if not workdir.startswith("/") or ".." in workdir.split("/") or "\x00" in workdir:
+            raise InvalidArgument(f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'")
+        runtime_name = self._choose_runtime(req.runtime, profile)
+        image_ref, digest = self.images.resolve_ref(req.image)
+
+        self._admit(req.owner)
+        try:
+            sandbox_id = uuid.uuid4().hex[:16]
+            now = time.time()
+            expires = now + ttl
+            labels = {
+                **{f"user.{k}": v for k, v in req.labels.items()},
+                LABEL_MANAGED: "1",
+                LABEL_INSTANCE: cfg.instance_id,
+                LABEL_SANDBOX: sandbox_id,
+                LABEL_EXPIRES: f"{expires:.0f}",
+            }
+            if req.owner:
+                labels[LABEL_OWNER] = req.owner
+            base_env = {
+                "HOME": workdir,
+                "USER": "sandbox",
+                "TZ": "UTC",
+                "LANG": "C.UTF-8",
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TMPDIR": "/tmp",
+            }
+            spec = ContainerSpec(
+                image=image_ref,
+                name=f"sandbox-{sandbox_id}",
+                labels=labels,
+                env={**base_env, **env},
+                user=profile.user,
+                workdir=workdir,
+                nano_cpus=int(limits.cpus * 1e9),
+                memory_bytes=limits.memory_bytes,
+                pids=limits.pids,
+                scratch={"/tmp": limits.scratch_bytes, workdir: limits.scratch_bytes},
+                network=limits.network,
+                runtime=None if runtime_name == "runc" else runtime_name,
+                ulimits={name: (soft, hard) for name, soft, hard in profile.ulimits},
+            )
+            container_id = self.runtime.create_container(spec)
+            record = SandboxRecord(
+                id=sandbox_id,
+                container_id=container_id,
+                request=req,
+                limits=limits,
+                image_ref=image_ref,
+                image_digest=digest,
+                runtime=runtime_name,
+                profile=profile,
+                workdir=workdir,
+                user=profile.user,
+                created_unix=now,
+                expires_unix=expires,
+                create_seconds=time.monotonic() - started,
+                owner=req.owner,
+            )
+            with self._lock:
+                self._sandboxes[sandbox_id] = record
+            log.info("sandbox %s created (%s, %.0f ms)", sandbox_id, image_ref, record.create_seconds * 1e3)
+            return record
+        finally:
+            self._release_pending()
+
+    def get(self, sandbox_id: str, owner: str = "") -> SandboxRecord:
+        """The sandbox with this id, if the caller may see it.
+
+        Raises:
+            NotFound: unknown id.
+            PermissionDenied: it belongs to another client.
+        """
+        with self._lock:
+            record = self._sandboxes.get(sandbox_id)
+        if record is None:
+            raise NotFound(f"no sandbox {sandbox_id[:40]!r} (destroyed, expired, or never created)")
+        if owner and record.owner and record.owner != owner:
+            raise PermissionDenied(f"sandbox {sandbox_id} belongs to another client")
+        return record
+
+    def list(self, owner: str = "") -> list[SandboxRecord]:
+        with self._lock:
+            records = list(self._sandboxes.values())
+        return [r for r in records if not owner or not r.owner or r.owner == owner]
+
+    def destroy(self, sandbox_id: str, owner: str = "") -> None:
+        """Remove the sandbox's container and forget it.
+
+        Raises:
+            NotFound: unknown id.
+            PermissionDenied: it belongs to another client.
+        """
+        record = self.get(sandbox_id, owner)
+        with self._slots:
+            if self._sandboxes.pop(sandbox_id, None) is None:
+                return
+            self._slots.notify()
+        record.state = "destroyed"
+        try:
+            self.runtime.remove_container(record.container_id)
+        except EngineUnavailable:
+            # The container is still labelled; the reaper removes it when the engine is back.
+            log.warning("engine unavailable while destroying %s; the reaper will retry", sandbox_id)
+            raise
+
+    def alive(self, record: SandboxRecord) -> bool:
+        return self.runtime.container_running(record.container_id)
+
+
+def _float(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None

@@ -1,0 +1,185 @@
+"""Wiring: runtime, core, servicers, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.config import ServerConfig
+from sandboxd.errors import EngineUnavailable, InvalidArgument
+from sandboxd.execs import Executor
+from sandboxd.images import ImageStore
+from sandboxd.runtime.base import Runtime
+from sandboxd.sandboxes import SandboxManager
+from sandboxd.service import ImageServicer, SandboxServicer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024 * 1024
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
+    pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
+)
+
+
+@dataclass
+class Core:
+    """The plain-Python side of one service instance."""
+
+    config: ServerConfig
+    runtime: Runtime
+    images: ImageStore
+    manager: SandboxManager
+    executor: Executor
+
+
+def make_core(config: ServerConfig, runtime: Runtime | None = None) -> Core:
+    if runtime is None:
+        from sandboxd.runtime.docker import DockerRuntime
+
+        runtime = DockerRuntime(config.docker_host)
+    images = ImageStore(runtime, config.base_image)
+    manager = SandboxManager(config, runtime, images)
+    return Core(config, runtime, images, manager, Executor(manager))
+
+
+class Service:
+    """A running sandboxd: one gRPC server over one core."""
+
+    def __init__(self, config: ServerConfig, runtime: Runtime | None = None, max_workers: int = 64) -> None:
+        self.config = config
+        self.core = make_core(config, runtime)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandboxd-rpc"),
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=max_workers * 4,
+        )
+        pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
+        pb_grpc.add_SandboxServiceServicer_to_server(
+            SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.address = ""
+        self._stopped = threading.Event()
+
+    def listen(self, address: str) -> str:
+        """Bind `HOST:PORT` (port 0 picks one) or `unix:PATH`; return the bound address.
+
+        Raises:
+            InvalidArgument: the address cannot be bound.
+        """
+        if address.startswith("unix:"):
+            path = Path(address[len("unix:"):].removeprefix("//"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            old = os.umask(0o077)  # the socket is created 0600: only its owner may connect
+            try:
+                self.server.add_insecure_port(f"unix:{path}")
+            except RuntimeError as exc:
+                raise InvalidArgument(f"cannot listen on {address}: {exc}") from None
+            finally:
+                os.umask(old)
+            self.address = f"unix:{path}"
+        else:
+            try:
+                port = self.server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise InvalidArgument(f"cannot listen on {address}: {exc}") from None
+            host = address.rsplit(":", 1)[0]
+            self.address = f"{host}:{port}"
+        return self.address
+
+    def start(self) -> None:
+        """Reap leftovers of dead instances, then serve."""
+        try:
+            self.core.runtime.ping()
+        except EngineUnavailable as exc:
+            log.warning("%s; serving anyway, calls fail with UNAVAILABLE until it is back", exc)
+        self.core.manager.start()
+        self.server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("sandboxd %s serving on %s", self.config.instance_id, self.address)
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls, give running ones `grace` seconds, remove every sandbox."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        done = self.server.stop(grace)
+        self.core.manager.stop()
+        done.wait(grace + 1)
+        if self.address.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                Path(self.address[len("unix:"):]).unlink()
+        log.info("sandboxd %s stopped", self.config.instance_id)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def create_server(config: ServerConfig, address: str, runtime: Runtime | None = None) -> tuple[Service, str]:
+    """A started service listening on `address`, and the address it bound."""
+    service = Service(config, runtime)
+    bound = service.listen(address)
+    service.start()
+    return service, bound
+
+
+class Embedded:
+    """A sandboxd inside this process on a private unix socket, for the CLI and the plugin."""
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="sandboxd-")
+        self.config = config or ServerConfig()
+        self.service, self.address = create_server(self.config, f"unix:{self._tmp}/sandboxd.sock")
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.service.stop(grace)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._tmp)
+
+
+def start_embedded(config: ServerConfig | None = None) -> Embedded:
+    """Start an in-process sandboxd; `.address` for the client, `.stop()` removes its sandboxes."""
+    return Embedded(config)
+
+
+def serve_forever(service: Service, grace: float = 10.0) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully and return."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    service.stop(grace)

@@ -1,0 +1,323 @@
+"""The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from sandboxd import errors
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
+from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore
+from sandboxd.limits import Limits
+from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Metadata key an authenticating interceptor sets to the caller's client name.
+OWNER_KEY = "x-sandbox-client"
+
+_VERDICTS = {
+    "ok": pb.VERDICT_OK,
+    "nonzero_exit": pb.VERDICT_NONZERO_EXIT,
+    "timed_out": pb.VERDICT_TIMED_OUT,
+    "out_of_memory": pb.VERDICT_OUT_OF_MEMORY,
+    "pids_exhausted": pb.VERDICT_PIDS_EXHAUSTED,
+    "output_truncated": pb.VERDICT_OUTPUT_TRUNCATED,
+    "crashed": pb.VERDICT_CRASHED,
+}
+_STATES = {
+    "running": pb.SANDBOX_STATE_RUNNING,
+    "exited": pb.SANDBOX_STATE_EXITED,
+    "destroyed": pb.SANDBOX_STATE_DESTROYED,
+}
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """The one place errors become statuses. No traceback ever reaches a client."""
+    if isinstance(exc, errors.SandboxError):
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        message = exc.message
+        if exc.retry_after is not None:
+            context.set_trailing_metadata((("retry-after", f"{exc.retry_after:g}"),))
+            message = f"{message} (retry after {exc.retry_after:g}s)"
+        if code == grpc.StatusCode.INTERNAL:
+            log.warning("internal: %s", message)
+        context.abort(code, message)
+    incident = uuid.uuid4().hex[:8]
+    log.error("unexpected error (incident %s)", incident, exc_info=exc)
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in sandboxd (incident {incident}; details are in the service log)",
+    )
+
+
+def unary(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def owner_of(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == OWNER_KEY:
+            return str(value)
+    return ""
+
+
+def image_to_pb(record: ImageRecord) -> pb.Image:
+    return pb.Image(
+        key=record.key, digest=record.digest, tag=record.tag, base=record.base,
+        size_bytes=record.size_bytes, created_unix=record.created_unix, label=record.label,
+    )
+
+
+def limits_from_pb(m: pb.Limits) -> Limits:
+    return Limits(
+        cpus=m.cpus, memory_bytes=m.memory_bytes, pids=m.pids, scratch_bytes=m.scratch_bytes,
+        network=m.network, timeout_seconds=m.timeout_seconds, output_bytes=m.output_bytes,
+    )
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(
+        cpus=limits.cpus, memory_bytes=limits.memory_bytes, pids=limits.pids,
+        scratch_bytes=limits.scratch_bytes, network=limits.network,
+        timeout_seconds=limits.timeout_seconds, output_bytes=limits.output_bytes,
+    )
+
+
+def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
+    return SandboxRequest(
+        image=spec.image,
+        limits=limits_from_pb(spec.limits),
+        env=dict(spec.env),
+        workdir=spec.workdir,
+        runtime=spec.runtime,
+        ttl_seconds=spec.ttl_seconds,
+        profile=spec.profile,
+        labels=dict(spec.labels),
+        owner=owner,
+    )
+
+
+def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
+    req = r.request
+    return pb.Sandbox(
+        id=r.id,
+        spec=pb.SandboxSpec(
+            image=req.image, limits=limits_to_pb(req.limits) if req.limits else None, env=dict(req.env),
+            workdir=req.workdir, runtime=req.runtime, ttl_seconds=req.ttl_seconds,
+            profile=req.profile, labels=dict(req.labels),
+        ),
+        limits=limits_to_pb(r.limits),
+        image_digest=r.image_digest,
+        container_id=r.container_id,
+        state=_STATES[r.state],
+        created_unix=r.created_unix,
+        expires_unix=r.expires_unix,
+        runtime=r.runtime,
+        create_seconds=r.create_seconds,
+        from_pool=r.from_pool,
+    )
+
+
+def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
+    j = o.judgement
+    return pb.ExecResult(
+        exit_code=j.exit_code, signal=j.signal, verdict=_VERDICTS[j.verdict],
+        wall_seconds=o.wall_seconds, cpu_seconds=o.cpu_seconds,
+        peak_memory_bytes=o.peak_memory_bytes, output_truncated=o.output_truncated,
+        message=j.message, stdout_bytes=o.stdout_bytes, stderr_bytes=o.stderr_bytes,
+    )
+
+
+def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
+    return ExecRequest(
+        argv=list(m.argv), stdin=m.stdin, timeout_seconds=m.timeout_seconds,
+        output_limit_bytes=m.output_limit_bytes, env=dict(m.env), workdir=m.workdir,
+    )
+
+
+def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
+    """Set when the client goes away, so the exec is killed instead of running on."""
+    event = threading.Event()
+    context.add_callback(event.set)
+    return event
+
+
+class ImageServicer(pb_grpc.ImageServiceServicer):
+    def __init__(self, images: ImageStore) -> None:
+        self.images = images
+
+    @streaming
+    def BuildImage(self, request: pb.BuildImageRequest, context: grpc.ServicerContext) -> Iterator[pb.BuildImageEvent]:
+        context_files = [ContextFile(f.path, f.content, f.mode) for f in request.context_files]
+        for item in self.images.build(
+            request.base, request.fragment, context_files, label=request.label, owner=owner_of(context)
+        ):
+            if isinstance(item, BuildOutcome):
+                yield pb.BuildImageEvent(
+                    result=pb.BuildImageResult(
+                        image=image_to_pb(item.image), cache_hit=item.cache_hit, build_seconds=item.seconds
+                    )
+                )
+            else:
+                yield pb.BuildImageEvent(log_line=item)
+
+    @unary
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
+        return image_to_pb(self.images.get(request.key))
+
+    @unary
+    def ListImages(self, request: pb.ListImagesRequest, context: grpc.ServicerContext) -> pb.ListImagesResponse:
+        owner = owner_of(context)
+        return pb.ListImagesResponse(
+            images=[image_to_pb(r) for r in self.images.list() if not owner or r.owner in ("", owner)]
+        )
+
+    @unary
+    def DeleteImage(self, request: pb.DeleteImageRequest, context: grpc.ServicerContext) -> pb.DeleteImageResponse:
+        owner = owner_of(context)
+        record = self.images.get(request.key)
+        if owner and record.owner and record.owner != owner:
+            raise errors.PermissionDenied(f"image {request.key[:12]} belongs to another client")
+        self.images.delete(request.key)
+        return pb.DeleteImageResponse()
+
+
+class SandboxServicer(pb_grpc.SandboxServiceServicer):
+    def __init__(self, manager: SandboxManager, executor: Executor, images: ImageStore) -> None:
+        self.manager = manager
+        self.executor = executor
+        self.images = images
+
+    @unary
+    def CreateSandbox(self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext) -> pb.Sandbox:
+        record = self.manager.create(request_from_pb(request.spec, owner_of(context)))
+        if not context.is_active():  # the client gave up while we were creating
+            self.manager.destroy(record.id)
+            raise errors.Cancelled("client went away during creation")
+        return sandbox_to_pb(record)
+
+    @unary
+    def GetSandbox(self, request: pb.GetSandboxRequest, context: grpc.ServicerContext) -> pb.Sandbox:
+        return sandbox_to_pb(self.manager.get(request.sandbox_id, owner_of(context)))
+
+    @unary
+    def ListSandboxes(self, request: pb.ListSandboxesRequest, context: grpc.ServicerContext) -> pb.ListSandboxesResponse:
+        return pb.ListSandboxesResponse(
+            sandboxes=[sandbox_to_pb(r) for r in self.manager.list(owner_of(context))]
+        )
+
+    @unary
+    def DestroySandbox(self, request: pb.DestroySandboxRequest, context: grpc.ServicerContext) -> pb.DestroySandboxResponse:
+        self.manager.destroy(request.sandbox_id, owner_of(context))
+        return pb.DestroySandboxResponse()
+
+    @streaming
+    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        events = self.executor.run(
+            request.sandbox_id, exec_request_from_pb(request), owner_of(context), _cancel_event(context)
+        )
+        for event in events:
+            if isinstance(event, Output):
+                yield pb.ExecEvent(output=pb.OutputChunk(stream=event.stream, data=event.data))
+            else:
+                yield pb.ExecEvent(result=outcome_to_pb(event))
+
+    @unary
+    def PutFiles(self, request_iterator: Iterator[pb.PutFilesRequest], context: grpc.ServicerContext) -> pb.PutFilesResponse:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise errors.InvalidArgument("PutFiles: the first message must be the header")
+        header = first.header
+
+        def chunks() -> Iterator[bytes]:
+            for message in request_iterator:
+                if message.HasField("header"):
+                    raise errors.InvalidArgument("PutFiles: only the first message may be a header")
+                yield message.tar_chunk
+
+        files, size = self.executor.put_files(header.sandbox_id, header.path, chunks(), owner_of(context))
+        return pb.PutFilesResponse(files=files, bytes=size)
+
+    @streaming
+    def GetFiles(self, request: pb.GetFilesRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+        for data in self.executor.get_files(
+            request.sandbox_id, request.path, request.max_bytes, owner_of(context)
+        ):
+            yield pb.FileChunk(data=data)
+
+    @streaming
+    def Run(self, request: pb.RunRequest, context: grpc.ServicerContext) -> Iterator[pb.RunEvent]:
+        owner = owner_of(context)
+        spec = request.spec
+        image_pb: pb.Image | None = None
+        cache_hit = False
+        if request.HasField("build"):
+            b = request.build
+            files = [ContextFile(f.path, f.content, f.mode) for f in b.context_files]
+            for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
+                if isinstance(item, BuildOutcome):
+                    image_pb, cache_hit = image_to_pb(item.image), item.cache_hit
+                else:
+                    yield pb.RunEvent(build_log_line=item)
+            assert image_pb is not None
+            spec = pb.SandboxSpec()
+            spec.CopyFrom(request.spec)
+            spec.image = image_pb.key
+        record = self.manager.create(request_from_pb(spec, owner))
+        try:
+            if request.files_tar:
+                self.executor.put_files(record.id, "", [request.files_tar], owner)
+            result = None
+            for event in self.executor.run(
+                record.id,
+                ExecRequest(argv=list(request.argv), stdin=request.stdin),
+                owner,
+                _cancel_event(context),
+            ):
+                if isinstance(event, Output):
+                    yield pb.RunEvent(output=pb.OutputChunk(stream=event.stream, data=event.data))
+                else:
+                    result = outcome_to_pb(event)
+            collected = b""
+            for path in request.collect:
+                collected += b"".join(self.executor.get_files(record.id, path, 0, owner))
+            yield pb.RunEvent(
+                result=pb.RunResult(
+                    image=image_pb, cache_hit=cache_hit, sandbox=sandbox_to_pb(record),
+                    exec=result, collected_tar=collected,
+                )
+            )
+        finally:
+            try:
+                self.manager.destroy(record.id)
+            except errors.SandboxError as exc:
+                log.warning("destroying %s after Run: %s", record.id, exc)
