@@ -20,15 +20,22 @@ VERDICT_EXIT = {"timed_out": 124, "out_of_memory": 137}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sandboxd", description="Run code in throwaway, limited containers.")
+    p = argparse.ArgumentParser(
+        prog="sandboxd", description="Run code in throwaway, limited containers."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--config", type=Path, help="TOML config file (defaults, caps, profiles)")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the gRPC API")
-    serve.add_argument("--listen", default="unix:/run/sandboxd/sandboxd.sock",
-                       help="unix:PATH or HOST:PORT (default %(default)s)")
-    serve.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    serve.add_argument(
+        "--listen",
+        default="unix:/run/sandboxd/sandboxd.sock",
+        help="unix:PATH or HOST:PORT (default %(default)s)",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=10.0, help="seconds running calls get at shutdown"
+    )
 
     boot = sub.add_parser("bootstrap-image", help="make the offline base image (debootstrap)")
     boot.add_argument("--tag", default=DEFAULT_BASE_IMAGE)
@@ -36,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--suite", default="bookworm")
 
     build = sub.add_parser("build", help="build an image from a Dockerfile fragment")
-    build.add_argument("--dockerfile", default="", help="fragment text, or @FILE to read it from a file")
+    build.add_argument(
+        "--dockerfile", default="", help="fragment text, or @FILE to read it from a file"
+    )
     build.add_argument("--base", default="", help="base image (default: the server's)")
     build.add_argument("--address", help="use a running sandboxd instead of an embedded one")
 
@@ -102,7 +111,10 @@ def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.runtime.docker import DockerRuntime
 
     image = make_base_image(
-        DockerRuntime(config.docker_host), tag=args.tag, mirror=args.mirror, suite=args.suite,
+        DockerRuntime(config.docker_host),
+        tag=args.tag,
+        mirror=args.mirror,
+        suite=args.suite,
         on_log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(image)
@@ -115,13 +127,21 @@ def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
     with _client(args.address, config) as client:
         assert isinstance(client, SandboxClient)
         result = client.build_image(
-            _fragment(args.dockerfile), base=args.base,
+            _fragment(args.dockerfile),
+            base=args.base,
             on_log=lambda line: print(line, file=sys.stderr, flush=True),
         )
-    print(json.dumps({
-        "key": result.image.key, "digest": result.image.digest, "tag": result.image.tag,
-        "cache_hit": result.cache_hit, "build_seconds": round(result.build_seconds, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "key": result.image.key,
+                "digest": result.image.digest,
+                "tag": result.image.tag,
+                "cache_hit": result.cache_hit,
+                "build_seconds": round(result.build_seconds, 3),
+            }
+        )
+    )
     return 0
 
 
@@ -161,8 +181,11 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
             raise errors.InvalidArgument(f"--env {item!r}: expected NAME=VALUE")
         env[name] = value
     limits = pb.Limits(
-        cpus=args.cpus, memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
-        pids=args.pids, timeout_seconds=args.timeout, network=args.network,
+        cpus=args.cpus,
+        memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
+        pids=args.pids,
+        timeout_seconds=args.timeout,
+        network=args.network,
     )
     fragment = _fragment(args.dockerfile)
     with _client(args.address, config) as client:
@@ -171,14 +194,19 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
         digest = ""
         if fragment:
             built = client.build_image(
-                fragment, base=args.image,
-                on_log=lambda line: print(line, file=sys.stderr, flush=True) if args.verbose else None,
+                fragment,
+                base=args.image,
+                on_log=lambda line: (
+                    print(line, file=sys.stderr, flush=True) if args.verbose else None
+                ),
             )
             image, digest = built.image.key, built.image.digest
-        spec = pb.SandboxSpec(image=image, limits=limits, env=env, profile=args.profile,
-                              runtime=args.runtime)
+        spec = pb.SandboxSpec(
+            image=image, limits=limits, env=env, profile=args.profile, runtime=args.runtime
+        )
         sandbox = client.create_sandbox(spec)
         try:
+
             def show(stream: int, data: bytes) -> None:
                 out = sys.stdout if stream == pb.STREAM_STDOUT else sys.stderr
                 out.buffer.write(data)
@@ -192,24 +220,32 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     if verdict not in ("ok", "nonzero_exit"):
         print(f"sandboxd: {result.message}", file=sys.stderr)
     if args.json:
-        sys.stdout.write("\n" + json.dumps({
-            "exit_code": code,
-            "command_exit_code": result.exit_code,
-            "signal": result.signal,
-            "verdict": verdict,
-            "message": result.message,
-            "wall_seconds": round(result.wall_seconds, 4),
-            "cpu_seconds": round(result.cpu_seconds, 4),
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "output_truncated": result.output_truncated,
-            "image": image or config.base_image,
-            "image_digest": digest or sandbox.image_digest,
-            "limits": {
-                "cpus": sandbox.limits.cpus, "memory_bytes": sandbox.limits.memory_bytes,
-                "pids": sandbox.limits.pids, "timeout_seconds": sandbox.limits.timeout_seconds,
-                "network": sandbox.limits.network,
-            },
-        }) + "\n")
+        sys.stdout.write(
+            "\n"
+            + json.dumps(
+                {
+                    "exit_code": code,
+                    "command_exit_code": result.exit_code,
+                    "signal": result.signal,
+                    "verdict": verdict,
+                    "message": result.message,
+                    "wall_seconds": round(result.wall_seconds, 4),
+                    "cpu_seconds": round(result.cpu_seconds, 4),
+                    "peak_memory_bytes": result.peak_memory_bytes,
+                    "output_truncated": result.output_truncated,
+                    "image": image or config.base_image,
+                    "image_digest": digest or sandbox.image_digest,
+                    "limits": {
+                        "cpus": sandbox.limits.cpus,
+                        "memory_bytes": sandbox.limits.memory_bytes,
+                        "pids": sandbox.limits.pids,
+                        "timeout_seconds": sandbox.limits.timeout_seconds,
+                        "network": sandbox.limits.network,
+                    },
+                }
+            )
+            + "\n"
+        )
     return code
 
 
@@ -225,7 +261,11 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.command == "run" else logging.INFO,
+        level=logging.DEBUG
+        if args.verbose
+        else logging.WARNING
+        if args.command == "run"
+        else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

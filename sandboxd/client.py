@@ -121,7 +121,7 @@ class SandboxClient:
     def health(self, timeout: float = 5.0) -> str:
         """The service's overall health status name (SERVING, NOT_SERVING...)."""
         resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(), timeout=timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the service answers health checks as SERVING."""
@@ -279,7 +279,9 @@ class SandboxClient:
             raise from_rpc_error(exc) from None
         return bytes(out)
 
-    def run_stream(self, request: pb.RunRequest, timeout: float | None = None) -> Iterator[pb.RunEvent]:
+    def run_stream(
+        self, request: pb.RunRequest, timeout: float | None = None
+    ) -> Iterator[pb.RunEvent]:
         try:
             yield from self.sandboxes.Run(request, metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as exc:

@@ -62,7 +62,9 @@ class ServerConfig:
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
     #: Where unix sockets and scratch files of the service live.
-    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("SANDBOXD_STATE_DIR", "/tmp/sandboxd")))
+    state_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("SANDBOXD_STATE_DIR", "/tmp/sandboxd"))
+    )
     #: Whether sandboxes of other instances (not just dead ones) are reaped at start.
     reap_foreign: bool = True
     #: Bearer tokens file for TCP listeners ("token client-name" per line).
@@ -87,7 +89,9 @@ def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in known:
-            raise InvalidArgument(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+            raise InvalidArgument(
+                f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})"
+            )
         if key.endswith("_bytes") and isinstance(value, str):
             value = parse_size(value, field=f"{where}.{key}")
         values[key] = value

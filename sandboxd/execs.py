@@ -72,10 +72,13 @@ def check_exec(req: ExecRequest, record: SandboxRecord) -> tuple[float, int]:
     limits = record.limits
     timeout = req.timeout_seconds or limits.timeout_seconds
     if not (timeout > 0) or timeout == float("inf"):
-        raise InvalidArgument(f"timeout_seconds: must be a positive number, got {req.timeout_seconds!r}")
+        raise InvalidArgument(
+            f"timeout_seconds: must be a positive number, got {req.timeout_seconds!r}"
+        )
     if timeout > limits.timeout_seconds:
         raise InvalidArgument(
-            f"timeout_seconds: {timeout:g} is above this sandbox's limit of {limits.timeout_seconds:g}s"
+            f"timeout_seconds: {timeout:g} is above this sandbox's limit of "
+            f"{limits.timeout_seconds:g}s"
         )
     output = req.output_limit_bytes or limits.output_bytes
     if output < 0 or output > limits.output_bytes:
@@ -96,7 +99,11 @@ class Executor:
         self.runtime = manager.runtime
 
     def run(
-        self, sandbox_id: str, req: ExecRequest, owner: str = "", cancelled: threading.Event | None = None
+        self,
+        sandbox_id: str,
+        req: ExecRequest,
+        owner: str = "",
+        cancelled: threading.Event | None = None,
     ) -> Iterator[Output | ExecOutcome]:
         """Yield output as it comes, then one ExecOutcome. Closing the generator kills the command.
 
@@ -108,7 +115,11 @@ class Executor:
         return self._run(record, req, timeout, output_limit, cancelled)
 
     def _run(
-        self, record: SandboxRecord, req: ExecRequest, timeout: float, output_limit: int,
+        self,
+        record: SandboxRecord,
+        req: ExecRequest,
+        timeout: float,
+        output_limit: int,
         cancelled: threading.Event | None = None,
     ) -> Iterator[Output | ExecOutcome]:
         sandbox_id = record.id
@@ -117,16 +128,24 @@ class Executor:
         started = time.monotonic()
         try:
             proc = self.runtime.exec(
-                record.container_id, req.argv, env=req.env, workdir=req.workdir or record.workdir,
-                user=record.user, stdin=bool(req.stdin),
+                record.container_id,
+                req.argv,
+                env=req.env,
+                workdir=req.workdir or record.workdir,
+                user=record.user,
+                stdin=bool(req.stdin),
             )
         except NotFound:
             raise FailedPrecondition(f"sandbox {sandbox_id} is no longer running") from None
         events: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
-        reader = threading.Thread(target=_pump, args=(proc, events), daemon=True, name="exec-reader")
+        reader = threading.Thread(
+            target=_pump, args=(proc, events), daemon=True, name="exec-reader"
+        )
         reader.start()
         if req.stdin:
-            threading.Thread(target=_feed, args=(proc, req.stdin), daemon=True, name="exec-stdin").start()
+            threading.Thread(
+                target=_feed, args=(proc, req.stdin), daemon=True, name="exec-stdin"
+            ).start()
 
         deadline = started + timeout
         timed_out = truncated = False
@@ -216,23 +235,29 @@ class Executor:
                     )
                 spool.write(chunk)
             spool.seek(0)
-            files, size = check_tar(spool)  # type: ignore[arg-type]
+            files, size = check_tar(spool)
             if size > limit:
                 raise ResourceExhausted(
-                    f"the files add up to {size} bytes, above the sandbox's scratch space ({limit} bytes)"
+                    f"the files add up to {size} bytes, above the sandbox's scratch space "
+                    f"({limit} bytes)"
                 )
             spool.seek(0)
-            script = f"mkdir -p {shlex.quote(dest)} && exec tar -x --no-same-owner -m -C {shlex.quote(dest)}"
+            quoted = shlex.quote(dest)
+            script = f"mkdir -p {quoted} && exec tar -x --no-same-owner -m -C {quoted}"
             data = spool.read()
         outcome, _, err = self._run_with_stdin(record, ["sh", "-c", script], data)
         if outcome.judgement.verdict != "ok":
             detail = err.decode("utf-8", "replace").strip()[-500:]
             if "No space left" in detail or "Cannot write" in detail:
                 raise ResourceExhausted(f"not enough scratch space in the sandbox: {detail}")
-            raise FailedPrecondition(f"unpacking into {dest} failed: {detail or outcome.judgement.message}")
+            raise FailedPrecondition(
+                f"unpacking into {dest} failed: {detail or outcome.judgement.message}"
+            )
         return files, size
 
-    def _run_with_stdin(self, record: SandboxRecord, argv: list[str], data: bytes) -> tuple[ExecOutcome, bytes, bytes]:
+    def _run_with_stdin(
+        self, record: SandboxRecord, argv: list[str], data: bytes
+    ) -> tuple[ExecOutcome, bytes, bytes]:
         out, err = bytearray(), bytearray()
         outcome: ExecOutcome | None = None
         timeout = max(record.limits.timeout_seconds, 300.0)
@@ -246,7 +271,9 @@ class Executor:
         assert outcome is not None
         return outcome, bytes(out), bytes(err)
 
-    def get_files(self, sandbox_id: str, path: str, max_bytes: int, owner: str = "") -> Iterator[bytes]:
+    def get_files(
+        self, sandbox_id: str, path: str, max_bytes: int, owner: str = ""
+    ) -> Iterator[bytes]:
         """Yield a tar stream of `path`.
 
         Raises:
@@ -279,7 +306,9 @@ class Executor:
                 detail = err.decode("utf-8", "replace").strip()
                 if "No such file" in detail:
                     raise NotFound(f"{full} does not exist in the sandbox")
-                raise FailedPrecondition(f"reading {full} failed: {detail or event.judgement.message}")
+                raise FailedPrecondition(
+                    f"reading {full} failed: {detail or event.judgement.message}"
+                )
 
 
 def _pump(proc: ExecProcess, events: queue.Queue[tuple[int, bytes] | None]) -> None:
@@ -336,4 +365,3 @@ def tar_bytes(files: Mapping[str, bytes]) -> bytes:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(content))
     return buf.getvalue()
-

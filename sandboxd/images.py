@@ -53,7 +53,9 @@ class ContextFile:
 def image_key(base_id: str, fragment: str, context: list[ContextFile]) -> str:
     """The content key: same base image, fragment and context give the same key."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": 1, "base": base_id, "fragment": normalize_fragment(fragment)}).encode())
+    h.update(
+        json.dumps({"v": 1, "base": base_id, "fragment": normalize_fragment(fragment)}).encode()
+    )
     for f in sorted(context, key=lambda c: c.path):
         h.update(json.dumps([f.path, f.mode, hashlib.sha256(f.content).hexdigest()]).encode())
     return h.hexdigest()
@@ -72,7 +74,9 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         InvalidArgument: oversized, NUL bytes, a FROM line, or a bad context path.
     """
     if len(fragment) > MAX_FRAGMENT:
-        raise InvalidArgument(f"fragment: {len(fragment)} bytes is above the limit of {MAX_FRAGMENT}")
+        raise InvalidArgument(
+            f"fragment: {len(fragment)} bytes is above the limit of {MAX_FRAGMENT}"
+        )
     if "\x00" in fragment:
         raise InvalidArgument("fragment: contains a NUL byte")
     if _FROM.search(fragment):
@@ -122,7 +126,13 @@ class ImageStore:
         return base, image_id or f"ref:{base}"
 
     def build(
-        self, base: str, fragment: str, context: list[ContextFile], *, label: str = "", owner: str = ""
+        self,
+        base: str,
+        fragment: str,
+        context: list[ContextFile],
+        *,
+        label: str = "",
+        owner: str = "",
     ) -> Iterator[str | BuildOutcome]:
         """Yield build log lines, then one BuildOutcome.
 
@@ -206,8 +216,12 @@ class ImageStore:
             tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0] if tags else "")
             out.append(
                 ImageRecord(
-                    key=key, digest=image_id, tag=tag, base=labels.get("sandbox.base", ""),
-                    size_bytes=size, label=labels.get("sandbox.label", ""),
+                    key=key,
+                    digest=image_id,
+                    tag=tag,
+                    base=labels.get("sandbox.base", ""),
+                    size_bytes=size,
+                    label=labels.get("sandbox.label", ""),
                     owner=labels.get(LABEL_OWNER, ""),
                 )
             )
@@ -245,4 +259,3 @@ class ImageStore:
             )
             raise NotFound(f"image {ref!r} is not in the engine; {hint}")
         return ref, digest
-

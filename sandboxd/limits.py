@@ -93,7 +93,14 @@ def resolve(requested: Limits | None, defaults: Limits, caps: Caps) -> Limits:
     """
     if requested is None:
         requested = Limits(0, 0, 0, 0, False, 0, 0)
-    for field in ("cpus", "memory_bytes", "pids", "scratch_bytes", "timeout_seconds", "output_bytes"):
+    for field in (
+        "cpus",
+        "memory_bytes",
+        "pids",
+        "scratch_bytes",
+        "timeout_seconds",
+        "output_bytes",
+    ):
         _check_number(f"limits.{field}", getattr(requested, field))
     out = replace(
         defaults,
@@ -110,7 +117,12 @@ def resolve(requested: Limits | None, defaults: Limits, caps: Caps) -> Limits:
         ("memory_bytes", out.memory_bytes, caps.memory_bytes, format_size(caps.memory_bytes)),
         ("pids", out.pids, caps.pids, str(caps.pids)),
         ("scratch_bytes", out.scratch_bytes, caps.scratch_bytes, format_size(caps.scratch_bytes)),
-        ("timeout_seconds", out.timeout_seconds, caps.timeout_seconds, f"{caps.timeout_seconds:g}s"),
+        (
+            "timeout_seconds",
+            out.timeout_seconds,
+            caps.timeout_seconds,
+            f"{caps.timeout_seconds:g}s",
+        ),
         ("output_bytes", out.output_bytes, caps.output_bytes, format_size(caps.output_bytes)),
     ]
     for field, value, cap, shown in over:

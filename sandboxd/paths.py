@@ -28,7 +28,9 @@ def check_relative(path: str, *, field: str) -> str:
     return norm
 
 
-def check_sandbox_path(path: str, *, workdir: str, writable: Iterable[str], field: str = "path") -> str:
+def check_sandbox_path(
+    path: str, *, workdir: str, writable: Iterable[str], field: str = "path"
+) -> str:
     """An absolute path inside one of the sandbox's writable dirs.
 
     Relative paths are taken from the work dir.
@@ -65,7 +67,9 @@ def check_tar(fileobj: IO[bytes], *, max_members: int = 100_000) -> tuple[int, i
             for count, member in enumerate(tar, 1):
                 if count > max_members:
                     raise InvalidArgument(f"tar: more than {max_members} members")
-                name = check_relative(member.name.rstrip("/") or ".", field=f"tar member {member.name[:80]!r}")
+                name = check_relative(
+                    member.name.rstrip("/") or ".", field=f"tar member {member.name[:80]!r}"
+                )
                 if member.isfile():
                     files += 1
                     size += member.size

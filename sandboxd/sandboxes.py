@@ -96,7 +96,9 @@ def check_env(env: Mapping[str, str], *, field: str = "env") -> dict[str, str]:
             raise InvalidArgument(f"{field}: the value of {name} contains a NUL byte")
         total += len(name) + len(value)
     if total > MAX_ENV_BYTES:
-        raise InvalidArgument(f"{field}: {total} bytes in all is above the limit of {MAX_ENV_BYTES}")
+        raise InvalidArgument(
+            f"{field}: {total} bytes in all is above the limit of {MAX_ENV_BYTES}"
+        )
     return dict(env)
 
 
@@ -224,7 +226,9 @@ class SandboxManager:
                     "does not have; register it (scripts/host-setup.sh does) or configure the "
                     "profile to fall back"
                 )
-            log.warning("runtime %s missing; profile %s falls back to runc", profile.runtime, profile.name)
+            log.warning(
+                "runtime %s missing; profile %s falls back to runc", profile.runtime, profile.name
+            )
             return "runc"
         return profile.runtime or "runc"
 
@@ -251,7 +255,9 @@ class SandboxManager:
                 raise InvalidArgument(f"spec.labels: {key[:40]!r} is not a usable label")
         workdir = req.workdir or cfg.workdir
         if not workdir.startswith("/") or ".." in workdir.split("/") or "\x00" in workdir:
-            raise InvalidArgument(f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'")
+            raise InvalidArgument(
+                f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'"
+            )
         runtime_name = self._choose_runtime(req.runtime, profile)
         image_ref, digest = self.images.resolve_ref(req.image)
 
@@ -311,7 +317,12 @@ class SandboxManager:
             )
             with self._lock:
                 self._sandboxes[sandbox_id] = record
-            log.info("sandbox %s created (%s, %.0f ms)", sandbox_id, image_ref, record.create_seconds * 1e3)
+            log.info(
+                "sandbox %s created (%s, %.0f ms)",
+                sandbox_id,
+                image_ref,
+                record.create_seconds * 1e3,
+            )
             return record
         finally:
             self._release_pending()

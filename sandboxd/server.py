@@ -59,7 +59,9 @@ def make_core(config: ServerConfig, runtime: Runtime | None = None) -> Core:
 class Service:
     """A running sandboxd: one gRPC server over one core."""
 
-    def __init__(self, config: ServerConfig, runtime: Runtime | None = None, max_workers: int = 64) -> None:
+    def __init__(
+        self, config: ServerConfig, runtime: Runtime | None = None, max_workers: int = 64
+    ) -> None:
         self.config = config
         self.core = make_core(config, runtime)
         self.server = grpc.server(
@@ -90,7 +92,7 @@ class Service:
             InvalidArgument: the address cannot be bound.
         """
         if address.startswith("unix:"):
-            path = Path(address[len("unix:"):].removeprefix("//"))
+            path = Path(address[len("unix:") :].removeprefix("//"))
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -137,14 +139,16 @@ class Service:
         done.wait(grace + 1)
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
-                Path(self.address[len("unix:"):]).unlink()
+                Path(self.address[len("unix:") :]).unlink()
         log.info("sandboxd %s stopped", self.config.instance_id)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
 
 
-def create_server(config: ServerConfig, address: str, runtime: Runtime | None = None) -> tuple[Service, str]:
+def create_server(
+    config: ServerConfig, address: str, runtime: Runtime | None = None
+) -> tuple[Service, str]:
     """A started service listening on `address`, and the address it bound."""
     service = Service(config, runtime)
     bound = service.listen(address)

@@ -92,23 +92,37 @@ def owner_of(context: grpc.ServicerContext) -> str:
 
 def image_to_pb(record: ImageRecord) -> pb.Image:
     return pb.Image(
-        key=record.key, digest=record.digest, tag=record.tag, base=record.base,
-        size_bytes=record.size_bytes, created_unix=record.created_unix, label=record.label,
+        key=record.key,
+        digest=record.digest,
+        tag=record.tag,
+        base=record.base,
+        size_bytes=record.size_bytes,
+        created_unix=record.created_unix,
+        label=record.label,
     )
 
 
 def limits_from_pb(m: pb.Limits) -> Limits:
     return Limits(
-        cpus=m.cpus, memory_bytes=m.memory_bytes, pids=m.pids, scratch_bytes=m.scratch_bytes,
-        network=m.network, timeout_seconds=m.timeout_seconds, output_bytes=m.output_bytes,
+        cpus=m.cpus,
+        memory_bytes=m.memory_bytes,
+        pids=m.pids,
+        scratch_bytes=m.scratch_bytes,
+        network=m.network,
+        timeout_seconds=m.timeout_seconds,
+        output_bytes=m.output_bytes,
     )
 
 
 def limits_to_pb(limits: Limits) -> pb.Limits:
     return pb.Limits(
-        cpus=limits.cpus, memory_bytes=limits.memory_bytes, pids=limits.pids,
-        scratch_bytes=limits.scratch_bytes, network=limits.network,
-        timeout_seconds=limits.timeout_seconds, output_bytes=limits.output_bytes,
+        cpus=limits.cpus,
+        memory_bytes=limits.memory_bytes,
+        pids=limits.pids,
+        scratch_bytes=limits.scratch_bytes,
+        network=limits.network,
+        timeout_seconds=limits.timeout_seconds,
+        output_bytes=limits.output_bytes,
     )
 
 
@@ -131,9 +145,14 @@ def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
     return pb.Sandbox(
         id=r.id,
         spec=pb.SandboxSpec(
-            image=req.image, limits=limits_to_pb(req.limits) if req.limits else None, env=dict(req.env),
-            workdir=req.workdir, runtime=req.runtime, ttl_seconds=req.ttl_seconds,
-            profile=req.profile, labels=dict(req.labels),
+            image=req.image,
+            limits=limits_to_pb(req.limits) if req.limits else None,
+            env=dict(req.env),
+            workdir=req.workdir,
+            runtime=req.runtime,
+            ttl_seconds=req.ttl_seconds,
+            profile=req.profile,
+            labels=dict(req.labels),
         ),
         limits=limits_to_pb(r.limits),
         image_digest=r.image_digest,
@@ -150,18 +169,32 @@ def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
 def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
     j = o.judgement
     return pb.ExecResult(
-        exit_code=j.exit_code, signal=j.signal, verdict=_VERDICTS[j.verdict],
-        wall_seconds=o.wall_seconds, cpu_seconds=o.cpu_seconds,
-        peak_memory_bytes=o.peak_memory_bytes, output_truncated=o.output_truncated,
-        message=j.message, stdout_bytes=o.stdout_bytes, stderr_bytes=o.stderr_bytes,
+        exit_code=j.exit_code,
+        signal=j.signal,
+        verdict=_VERDICTS[j.verdict],
+        wall_seconds=o.wall_seconds,
+        cpu_seconds=o.cpu_seconds,
+        peak_memory_bytes=o.peak_memory_bytes,
+        output_truncated=o.output_truncated,
+        message=j.message,
+        stdout_bytes=o.stdout_bytes,
+        stderr_bytes=o.stderr_bytes,
     )
 
 
 def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
     return ExecRequest(
-        argv=list(m.argv), stdin=m.stdin, timeout_seconds=m.timeout_seconds,
-        output_limit_bytes=m.output_limit_bytes, env=dict(m.env), workdir=m.workdir,
+        argv=list(m.argv),
+        stdin=m.stdin,
+        timeout_seconds=m.timeout_seconds,
+        output_limit_bytes=m.output_limit_bytes,
+        env=dict(m.env),
+        workdir=m.workdir,
     )
+
+
+def _chunk(event: Output) -> pb.OutputChunk:
+    return pb.OutputChunk(stream=pb.Stream.ValueType(event.stream), data=event.data)
 
 
 def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
@@ -176,15 +209,23 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         self.images = images
 
     @streaming
-    def BuildImage(self, request: pb.BuildImageRequest, context: grpc.ServicerContext) -> Iterator[pb.BuildImageEvent]:
+    def BuildImage(
+        self, request: pb.BuildImageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.BuildImageEvent]:
         context_files = [ContextFile(f.path, f.content, f.mode) for f in request.context_files]
         for item in self.images.build(
-            request.base, request.fragment, context_files, label=request.label, owner=owner_of(context)
+            request.base,
+            request.fragment,
+            context_files,
+            label=request.label,
+            owner=owner_of(context),
         ):
             if isinstance(item, BuildOutcome):
                 yield pb.BuildImageEvent(
                     result=pb.BuildImageResult(
-                        image=image_to_pb(item.image), cache_hit=item.cache_hit, build_seconds=item.seconds
+                        image=image_to_pb(item.image),
+                        cache_hit=item.cache_hit,
+                        build_seconds=item.seconds,
                     )
                 )
             else:
@@ -195,14 +236,20 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         return image_to_pb(self.images.get(request.key))
 
     @unary
-    def ListImages(self, request: pb.ListImagesRequest, context: grpc.ServicerContext) -> pb.ListImagesResponse:
+    def ListImages(
+        self, request: pb.ListImagesRequest, context: grpc.ServicerContext
+    ) -> pb.ListImagesResponse:
         owner = owner_of(context)
         return pb.ListImagesResponse(
-            images=[image_to_pb(r) for r in self.images.list() if not owner or r.owner in ("", owner)]
+            images=[
+                image_to_pb(r) for r in self.images.list() if not owner or r.owner in ("", owner)
+            ]
         )
 
     @unary
-    def DeleteImage(self, request: pb.DeleteImageRequest, context: grpc.ServicerContext) -> pb.DeleteImageResponse:
+    def DeleteImage(
+        self, request: pb.DeleteImageRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteImageResponse:
         owner = owner_of(context)
         record = self.images.get(request.key)
         if owner and record.owner and record.owner != owner:
@@ -218,7 +265,9 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         self.images = images
 
     @unary
-    def CreateSandbox(self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext) -> pb.Sandbox:
+    def CreateSandbox(
+        self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext
+    ) -> pb.Sandbox:
         record = self.manager.create(request_from_pb(request.spec, owner_of(context)))
         if not context.is_active():  # the client gave up while we were creating
             self.manager.destroy(record.id)
@@ -226,33 +275,46 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         return sandbox_to_pb(record)
 
     @unary
-    def GetSandbox(self, request: pb.GetSandboxRequest, context: grpc.ServicerContext) -> pb.Sandbox:
+    def GetSandbox(
+        self, request: pb.GetSandboxRequest, context: grpc.ServicerContext
+    ) -> pb.Sandbox:
         return sandbox_to_pb(self.manager.get(request.sandbox_id, owner_of(context)))
 
     @unary
-    def ListSandboxes(self, request: pb.ListSandboxesRequest, context: grpc.ServicerContext) -> pb.ListSandboxesResponse:
+    def ListSandboxes(
+        self, request: pb.ListSandboxesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSandboxesResponse:
         return pb.ListSandboxesResponse(
             sandboxes=[sandbox_to_pb(r) for r in self.manager.list(owner_of(context))]
         )
 
     @unary
-    def DestroySandbox(self, request: pb.DestroySandboxRequest, context: grpc.ServicerContext) -> pb.DestroySandboxResponse:
+    def DestroySandbox(
+        self, request: pb.DestroySandboxRequest, context: grpc.ServicerContext
+    ) -> pb.DestroySandboxResponse:
         self.manager.destroy(request.sandbox_id, owner_of(context))
         return pb.DestroySandboxResponse()
 
     @streaming
-    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+    def Exec(
+        self, request: pb.ExecRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecEvent]:
         events = self.executor.run(
-            request.sandbox_id, exec_request_from_pb(request), owner_of(context), _cancel_event(context)
+            request.sandbox_id,
+            exec_request_from_pb(request),
+            owner_of(context),
+            _cancel_event(context),
         )
         for event in events:
             if isinstance(event, Output):
-                yield pb.ExecEvent(output=pb.OutputChunk(stream=event.stream, data=event.data))
+                yield pb.ExecEvent(output=_chunk(event))
             else:
                 yield pb.ExecEvent(result=outcome_to_pb(event))
 
     @unary
-    def PutFiles(self, request_iterator: Iterator[pb.PutFilesRequest], context: grpc.ServicerContext) -> pb.PutFilesResponse:
+    def PutFiles(
+        self, request_iterator: Iterator[pb.PutFilesRequest], context: grpc.ServicerContext
+    ) -> pb.PutFilesResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise errors.InvalidArgument("PutFiles: the first message must be the header")
@@ -264,11 +326,15 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     raise errors.InvalidArgument("PutFiles: only the first message may be a header")
                 yield message.tar_chunk
 
-        files, size = self.executor.put_files(header.sandbox_id, header.path, chunks(), owner_of(context))
+        files, size = self.executor.put_files(
+            header.sandbox_id, header.path, chunks(), owner_of(context)
+        )
         return pb.PutFilesResponse(files=files, bytes=size)
 
     @streaming
-    def GetFiles(self, request: pb.GetFilesRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
+    def GetFiles(
+        self, request: pb.GetFilesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FileChunk]:
         for data in self.executor.get_files(
             request.sandbox_id, request.path, request.max_bytes, owner_of(context)
         ):
@@ -304,7 +370,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                 _cancel_event(context),
             ):
                 if isinstance(event, Output):
-                    yield pb.RunEvent(output=pb.OutputChunk(stream=event.stream, data=event.data))
+                    yield pb.RunEvent(output=_chunk(event))
                 else:
                     result = outcome_to_pb(event)
             collected = b""
@@ -312,8 +378,11 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                 collected += b"".join(self.executor.get_files(record.id, path, 0, owner))
             yield pb.RunEvent(
                 result=pb.RunResult(
-                    image=image_pb, cache_hit=cache_hit, sandbox=sandbox_to_pb(record),
-                    exec=result, collected_tar=collected,
+                    image=image_pb,
+                    cache_hit=cache_hit,
+                    sandbox=sandbox_to_pb(record),
+                    exec=result,
+                    collected_tar=collected,
                 )
             )
         finally:

@@ -9,7 +9,13 @@ from typing import Literal
 from sandboxd.limits import format_size
 
 Verdict = Literal[
-    "ok", "nonzero_exit", "timed_out", "out_of_memory", "pids_exhausted", "output_truncated", "crashed"
+    "ok",
+    "nonzero_exit",
+    "timed_out",
+    "out_of_memory",
+    "pids_exhausted",
+    "output_truncated",
+    "crashed",
 ]
 
 
@@ -60,7 +66,9 @@ def judge(o: Observation) -> Judgement:
         return Judgement("timed_out", code, sig, f"timed out after {o.timeout_seconds:.1f}s")
     if o.output_truncated:
         return Judgement(
-            "output_truncated", code, sig,
+            "output_truncated",
+            code,
+            sig,
             f"output truncated at {format_size(o.output_limit)} (the command was stopped)",
         )
     if not o.container_alive or o.exit_code is None:

@@ -91,7 +91,10 @@ class Runtime(Protocol):
     def image_labels(self, ref: str) -> Mapping[str, str]: ...
 
     def build_image(
-        self, dockerfile: str, context: Mapping[str, tuple[bytes, int]], tag: str,
+        self,
+        dockerfile: str,
+        context: Mapping[str, tuple[bytes, int]],
+        tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
         """Build and tag; yields log lines. Raises BuildFailed with the log tail."""
@@ -124,8 +127,14 @@ class Runtime(Protocol):
     def list_containers(self, label: str) -> list[ContainerInfo]: ...
 
     def exec(
-        self, container_id: str, argv: list[str], *, env: Mapping[str, str], workdir: str,
-        user: str, stdin: bool,
+        self,
+        container_id: str,
+        argv: list[str],
+        *,
+        env: Mapping[str, str],
+        workdir: str,
+        user: str,
+        stdin: bool,
     ) -> ExecProcess: ...
 
     def sample(self, container_id: str) -> CgroupSample: ...

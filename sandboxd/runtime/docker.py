@@ -154,7 +154,9 @@ class DockerRuntime:
                 if "error" in chunk:
                     detail = str(chunk.get("error", "")).strip()
                     log_tail = "\n".join(tail[-15:])
-                    raise BuildFailed(f"image build failed: {detail}\n--- build log tail ---\n{log_tail}")
+                    raise BuildFailed(
+                        f"image build failed: {detail}\n--- build log tail ---\n{log_tail}"
+                    )
                 for line in str(chunk.get("stream", "")).splitlines():
                     if line.strip():
                         tail.append(line)
@@ -174,7 +176,9 @@ class DockerRuntime:
         label_changes = [f'LABEL "{k}"="{v}"' for k, v in labels.items()]
         self._call(
             lambda: self.api.import_image(
-                src=fileobj, repository=repo, tag=version or "latest",
+                src=fileobj,
+                repository=repo,
+                tag=version or "latest",
                 changes=[*changes, *label_changes],
             )
         )
@@ -194,7 +198,12 @@ class DockerRuntime:
     def list_images(self, label: str) -> list[tuple[str, list[str], Mapping[str, str], int]]:
         images = self._safe(lambda: self.api.images(filters={"label": label}))
         return [
-            (str(i["Id"]), list(i.get("RepoTags") or []), dict(i.get("Labels") or {}), int(i.get("Size") or 0))
+            (
+                str(i["Id"]),
+                list(i.get("RepoTags") or []),
+                dict(i.get("Labels") or {}),
+                int(i.get("Size") or 0),
+            )
             for i in images
         ]
 
@@ -202,9 +211,11 @@ class DockerRuntime:
 
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
+        owner = f"uid={_uid(spec.user)},gid={_gid(spec.user)}"
         tmpfs = {
-            path: f"rw,nosuid,nodev,size={size},mode=1777" if path == "/tmp"
-            else f"rw,nosuid,nodev,size={size},uid={_uid(spec.user)},gid={_gid(spec.user)},mode=0755"
+            path: f"rw,nosuid,nodev,size={size},mode=1777"
+            if path == "/tmp"
+            else f"rw,nosuid,nodev,size={size},{owner},mode=755"
             for path, size in spec.scratch.items()
         }
         host_config = api.create_host_config(
@@ -303,8 +314,14 @@ class DockerRuntime:
         api = self.api
         created = self._call(
             lambda: api.exec_create(
-                container_id, argv, stdin=stdin, stdout=True, stderr=True,
-                environment=dict(env), workdir=workdir or None, user=user,
+                container_id,
+                argv,
+                stdin=stdin,
+                stdout=True,
+                stderr=True,
+                environment=dict(env),
+                workdir=workdir or None,
+                user=user,
             )
         )
         exec_id = str(created["Id"])
