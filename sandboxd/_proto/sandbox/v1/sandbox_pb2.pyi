@@ -431,6 +431,7 @@ class SandboxSpec(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    PRELOAD_ARGV_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Image key, tag or reference; empty means the server's base image."""
     workdir: _builtins.str
@@ -451,6 +452,14 @@ class SandboxSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels the caller can filter on."""
 
+    @_builtins.property
+    def preload_argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A command started as soon as the container is up (before any Exec), with
+        its stdin held open: e.g. a test worker that imports its framework and
+        then waits for its assignment. Attach to it with ExecRequest.attach_preload.
+        Sandboxes with the same spec may be kept warm in a pool, preload running.
+        """
+
     def __init__(
         self,
         *,
@@ -462,10 +471,11 @@ class SandboxSpec(_message.Message):
         ttl_seconds: _builtins.float = ...,
         profile: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        preload_argv: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "preload_argv", b"preload_argv", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -506,6 +516,7 @@ class Sandbox(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     CREATE_SECONDS_FIELD_NUMBER: _builtins.int
     FROM_POOL_FIELD_NUMBER: _builtins.int
+    PRELOADED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     image_digest: _builtins.str
     container_id: _builtins.str
@@ -516,6 +527,8 @@ class Sandbox(_message.Message):
     create_seconds: _builtins.float
     """How long the service took to hand the sandbox out."""
     from_pool: _builtins.bool
+    preloaded: _builtins.bool
+    """The preload command is running and waiting to be attached to."""
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     @_builtins.property
@@ -536,10 +549,11 @@ class Sandbox(_message.Message):
         runtime: _builtins.str = ...,
         create_seconds: _builtins.float = ...,
         from_pool: _builtins.bool = ...,
+        preloaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "create_seconds", b"create_seconds", "created_unix", b"created_unix", "expires_unix", b"expires_unix", "from_pool", b"from_pool", "id", b"id", "image_digest", b"image_digest", "limits", b"limits", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "create_seconds", b"create_seconds", "created_unix", b"created_unix", "expires_unix", b"expires_unix", "from_pool", b"from_pool", "id", b"id", "image_digest", b"image_digest", "limits", b"limits", "preloaded", b"preloaded", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -664,6 +678,7 @@ class ExecRequest(_message.Message):
     OUTPUT_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     WORKDIR_FIELD_NUMBER: _builtins.int
+    ATTACH_PRELOAD_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     stdin: _builtins.bytes
     timeout_seconds: _builtins.float
@@ -671,6 +686,11 @@ class ExecRequest(_message.Message):
     output_limit_bytes: _builtins.int
     """0 means the sandbox's output cap."""
     workdir: _builtins.str
+    attach_preload: _builtins.bool
+    """Instead of starting argv, attach to the sandbox's preloaded command:
+    stdin is written to it, its output (including anything it printed while
+    waiting) is streamed, and its end is the result. Allowed once per sandbox.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -685,10 +705,11 @@ class ExecRequest(_message.Message):
         output_limit_bytes: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         workdir: _builtins.str = ...,
+        attach_preload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "env", b"env", "output_limit_bytes", b"output_limit_bytes", "sandbox_id", b"sandbox_id", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attach_preload", b"attach_preload", "env", b"env", "output_limit_bytes", b"output_limit_bytes", "sandbox_id", b"sandbox_id", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
