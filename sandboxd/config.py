@@ -55,6 +55,10 @@ class ServerConfig:
     default_ttl_seconds: float = 3600.0
     #: How often the reaper looks for expired and orphaned sandboxes.
     reap_interval_seconds: float = 30.0
+    #: How long a create waits for a free slot (or memory) before RESOURCE_EXHAUSTED.
+    admission_timeout_seconds: float = 30.0
+    #: Upper bound on the sum of live sandboxes' memory limits; 0 means the host's memory.
+    memory_budget_bytes: int = 0
     #: Identifies this service's containers; a restart gets a new one.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     docker_host: str | None = None
@@ -69,6 +73,12 @@ class ServerConfig:
     reap_foreign: bool = True
     #: Bearer tokens file for TCP listeners ("token client-name" per line).
     tokens_file: Path | None = None
+    #: TLS for TCP listeners; with a client CA, clients must present a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
+    max_sandboxes_per_client: int = 16
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -82,6 +92,9 @@ class ServerConfig:
                 return p
         known = ", ".join(p.name for p in self.profiles)
         raise InvalidArgument(f"spec.profile: unknown profile {name!r} (known: {known})")
+
+
+_PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -119,6 +132,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     for key, value in data.items():
         if key not in known:
             raise InvalidArgument(f"config {path}: unknown setting {key!r}")
-        kwargs[key] = Path(value) if key in ("state_dir", "tokens_file") else value
+        if key.endswith("_bytes") and isinstance(value, str):
+            value = parse_size(value, field=key)
+        kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return ServerConfig(**kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ from sandboxd.errors import (
     SandboxError,
 )
 from sandboxd.images import ImageStore
-from sandboxd.limits import Limits, check_ttl, resolve
+from sandboxd.limits import Limits, check_ttl, format_size, resolve
 from sandboxd.runtime.base import (
     LABEL_EXPIRES,
     LABEL_INSTANCE,
@@ -112,12 +113,14 @@ class SandboxManager:
         self._lock = threading.Lock()
         self._slots = threading.Condition(self._lock)
         self._pending = 0
+        self._pending_memory = 0
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._instance_lock = instances.InstanceLock(config.instance_id)
         self._runtimes: set[str] | None = None
-        self.admission_timeout = 30.0
+        self.admission_timeout = config.admission_timeout_seconds
+        self.memory_budget = config.memory_budget_bytes or _host_memory()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -187,25 +190,47 @@ class SandboxManager:
 
     # -- admission ----------------------------------------------------------
 
-    def _admit(self, owner: str) -> None:
-        """Wait for a free slot under the cap, in arrival order, for a bounded time."""
+    def _admit(self, owner: str, memory: int) -> None:
+        """Wait for a free slot and `memory` bytes of the budget, for a bounded time.
+
+        Raises:
+            ResourceExhausted: no slot or memory within the admission timeout, or the
+                request alone is larger than the whole budget.
+        """
+        budget = self.memory_budget
+        if memory > budget:
+            raise ResourceExhausted(
+                f"limits.memory_bytes: {format_size(memory)} is more than this server's whole "
+                f"memory budget of {format_size(budget)}; ask for less"
+            )
         deadline = time.monotonic() + self.admission_timeout
         with self._slots:
-            while len(self._sandboxes) + self._pending >= self.config.caps.sandboxes:
+            while True:
+                full = len(self._sandboxes) + self._pending >= self.config.caps.sandboxes
+                committed = self._pending_memory + sum(
+                    r.limits.memory_bytes for r in self._sandboxes.values()
+                )
+                if not full and committed + memory <= budget:
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
-                    raise ResourceExhausted(
-                        f"all {self.config.caps.sandboxes} sandbox slots are in use; "
-                        "retry in a few seconds",
-                        retry_after=5.0,
+                    what = (
+                        f"all {self.config.caps.sandboxes} sandbox slots are in use"
+                        if full
+                        else f"{format_size(committed)} of the {format_size(budget)} memory "
+                        f"budget is committed, {format_size(memory)} more does not fit"
                     )
+                    raise ResourceExhausted(f"{what}; retry in a few seconds", retry_after=5.0)
                 self._slots.wait(timeout=left)
             self._pending += 1
+            self._pending_memory += memory
 
-    def _release_pending(self) -> None:
+    def _release_pending(self, memory: int) -> None:
         with self._slots:
             self._pending -= 1
-            self._slots.notify()
+            self._pending_memory -= memory
+            # notify_all: a freed slot may fit a smaller request than the first waiter's.
+            self._slots.notify_all()
 
     # -- sandboxes ----------------------------------------------------------
 
@@ -261,7 +286,7 @@ class SandboxManager:
         runtime_name = self._choose_runtime(req.runtime, profile)
         image_ref, digest = self.images.resolve_ref(req.image)
 
-        self._admit(req.owner)
+        self._admit(req.owner, limits.memory_bytes)
         try:
             sandbox_id = uuid.uuid4().hex[:16]
             now = time.time()
@@ -325,7 +350,7 @@ class SandboxManager:
             )
             return record
         finally:
-            self._release_pending()
+            self._release_pending(limits.memory_bytes)
 
     def get(self, sandbox_id: str, owner: str = "") -> SandboxRecord:
         """The sandbox with this id, if the caller may see it.
@@ -358,7 +383,7 @@ class SandboxManager:
         with self._slots:
             if self._sandboxes.pop(sandbox_id, None) is None:
                 return
-            self._slots.notify()
+            self._slots.notify_all()
         record.state = "destroyed"
         try:
             self.runtime.remove_container(record.container_id)
@@ -369,6 +394,14 @@ class SandboxManager:
 
     def alive(self, record: SandboxRecord) -> bool:
         return self.runtime.container_running(record.container_id)
+
+
+def _host_memory() -> int:
+    """Physical memory of this host: the budget when none is configured."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 62
 
 
 def _float(value: str) -> float | None:
