@@ -1,73 +1,177 @@
 #!/usr/bin/env bash
-# Idempotent host preparation: Docker engine (with the gVisor runtime registered),
-# the project's virtualenv and the offline base image. Safe to run repeatedly.
+# Idempotent host preparation for a Debian machine, run as root: the Docker engine
+# (with gVisor registered as runtime "runsc"), the project's virtualenv and the offline
+# base image. Safe to run repeatedly; when everything is in place it takes about a second.
+#
+# Environment: SANDBOX_VENV (default ./.venv), SANDBOX_BASE_IMAGE (default
+# sandbox-base:bookworm), SANDBOX_MIRROR (Debian mirror for the base image),
+# DOCKERD_LOG (default /var/log/dockerd.log).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SANDBOX_VENV:-$ROOT/.venv}"
 BASE_IMAGE="${SANDBOX_BASE_IMAGE:-sandbox-base:bookworm}"
+MIRROR="${SANDBOX_MIRROR:-http://deb.debian.org/debian}"
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
+DAEMON_JSON=/etc/docker/daemon.json
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, starts dockerd and runs debootstrap)"
+
+# Two runs at once (a demo and the suite, say) would race on apt, daemon.json and the
+# image; the second one waits. fd 9 is closed for every long-lived child (dockerd) so
+# the lock dies with this script.
+mkdir -p /run/lock
+exec 9>/run/lock/sandbox-host-setup.lock
+flock 9
 
 engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
-need_pkgs=()
-command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
-command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
-command -v runsc >/dev/null 2>&1 || need_pkgs+=(runsc)
-command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
-if [ "${#need_pkgs[@]}" -gt 0 ]; then
-    log "installing ${need_pkgs[*]}"
+# -- packages ----------------------------------------------------------------------------
+# debootstrap is installed without recommends, so its keyring and gpgv are named
+# explicitly: without them it would download the base system unverified.
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_cmd python3 || need+=(python3)
+have_cmd python3 && python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+have_cmd dockerd || need+=(docker.io)
+have_cmd docker || need+=(docker.io)
+have_cmd debootstrap || need+=(debootstrap)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+have_cmd gpgv || need+=(gpgv)
+have_cmd runsc || need+=(runsc)
+have_cmd ip || need+=(iproute2)
+have_cmd flock || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+    mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+    log "installing ${need[*]}"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Register gVisor (ptrace platform, no network) as runtime "runsc".
-if command -v runsc >/dev/null 2>&1; then
-    mkdir -p /etc/docker
-    want='{"runtimes": {"runsc": {"path": "'"$(command -v runsc)"'", "runtimeArgs": ["--network=none", "--platform=ptrace"]}}}'
-    if [ ! -f /etc/docker/daemon.json ] || ! grep -q '"runsc"' /etc/docker/daemon.json; then
-        log "registering runsc in /etc/docker/daemon.json"
-        printf '%s\n' "$want" > /etc/docker/daemon.json
-        if engine_answers && [ -f /var/run/docker.pid ]; then
-            kill -HUP "$(cat /var/run/docker.pid)" || true
-            sleep 1
+# -- gVisor runtime ----------------------------------------------------------------------
+# Merge into daemon.json rather than overwrite it: other keys (mirrors, storage driver,
+# log options) belong to whoever runs this machine. Prints "changed" when it wrote.
+register_runsc() {
+    python3 - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
+import json, os, sys, tempfile
+
+path, runsc = sys.argv[1], sys.argv[2]
+want = {"path": runsc, "runtimeArgs": ["--network=none", "--platform=ptrace"]}
+try:
+    with open(path) as f:
+        text = f.read()
+except FileNotFoundError:
+    text = ""
+try:
+    config = json.loads(text) if text.strip() else {}
+except json.JSONDecodeError as exc:
+    sys.exit(f"{path} is not valid JSON ({exc}); fix it by hand, nothing was changed")
+if not isinstance(config, dict):
+    sys.exit(f"{path} does not hold a JSON object; nothing was changed")
+runtimes = config.setdefault("runtimes", {})
+if runtimes.get("runsc") == want:
+    sys.exit(0)
+runtimes["runsc"] = want
+os.makedirs(os.path.dirname(path), exist_ok=True)
+fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".daemon.json.")
+with os.fdopen(fd, "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+os.chmod(tmp, 0o644)
+os.replace(tmp, path)
+print("changed")
+PY
+}
+
+daemon_changed=0
+registered="$(register_runsc)" || die "could not register runsc in $DAEMON_JSON"
+if [ "$registered" = changed ]; then
+    log "registered runsc in $DAEMON_JSON"
+    daemon_changed=1
+fi
+
+# -- Docker engine -----------------------------------------------------------------------
+dockerd_pid() {
+    local pid
+    pid="$(cat /var/run/docker.pid 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+if engine_answers; then
+    if [ "$daemon_changed" = 1 ]; then
+        # runtimes are among the options dockerd reloads on SIGHUP, no restart needed.
+        if pid="$(dockerd_pid)"; then
+            log "reloading dockerd ($pid) for the new runtime"
+            kill -HUP "$pid"
+        elif have_cmd systemctl && [ -d /run/systemd/system ]; then
+            systemctl reload docker || systemctl restart docker
         fi
     fi
-fi
-
-if ! engine_answers; then
-    log "starting dockerd"
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        systemctl start docker || true
-    fi
-    if ! engine_answers; then
-        rm -f /var/run/docker.pid
-        nohup dockerd >/var/log/sandbox-dockerd.log 2>&1 &
-    fi
+else
+    # A dockerd that is still shutting down keeps its pid file for a moment: wait for
+    # it to answer or to go away, and start one only when none is left.
+    started=""
     for _ in $(seq 1 60); do
         engine_answers && break
-        sleep 1
+        if [ -z "$started" ] && ! dockerd_pid >/dev/null; then
+            if have_cmd systemctl && [ -d /run/systemd/system ]; then
+                log "starting docker (systemd)"
+                systemctl start docker
+                started=systemd
+            else
+                log "starting dockerd (log: $DOCKERD_LOG)"
+                rm -f /var/run/docker.pid
+                # setsid + nohup: the engine must outlive this script and its process group.
+                setsid nohup dockerd </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
+                started=$!
+            fi
+        elif [ -n "$started" ] && [ "$started" != systemd ] && ! kill -0 "$started" 2>/dev/null; then
+            tail -n 20 "$DOCKERD_LOG" >&2 || true
+            die "dockerd exited right after starting; see $DOCKERD_LOG"
+        fi
+        sleep 0.5
     done
-    engine_answers || { log "dockerd did not come up; see /var/log/sandbox-dockerd.log"; tail -20 /var/log/sandbox-dockerd.log >&2; exit 1; }
+    if ! engine_answers; then
+        tail -n 20 "$DOCKERD_LOG" >&2 2>/dev/null || true
+        die "dockerd did not answer within 30 s; see $DOCKERD_LOG"
+    fi
+    log "engine is up"
 fi
+engine_has_runsc() { docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; }
+if [ "$daemon_changed" = 1 ]; then
+    # A reload is asynchronous; give it a moment before judging.
+    for _ in $(seq 1 20); do engine_has_runsc && break; sleep 0.5; done
+fi
+engine_has_runsc || log "warning: the engine does not list runsc; gVisor sandboxes will be refused"
 
-if [ ! -x "$VENV/bin/python" ]; then
+# -- virtualenv --------------------------------------------------------------------------
+if ! "$VENV/bin/python" -c '' 2>/dev/null; then
     log "creating virtualenv $VENV"
+    rm -rf "$VENV"
     python3 -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-    log "installing the project into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+# Re-install when the dependency list changes; the stamp names the pyproject it matches.
+stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ ! -x "$VENV/bin/sandboxd" ]; then
+    log "installing the project into $VENV (pip install -e .[dev])"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[dev]"
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
 
-if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    log "making base image $BASE_IMAGE offline (debootstrap)"
-    "$VENV/bin/sandboxd" bootstrap-image --tag "$BASE_IMAGE"
+# -- base image --------------------------------------------------------------------------
+role="$(docker image inspect --format '{{index .Config.Labels "sandbox.role"}}' "$BASE_IMAGE" \
+    2>/dev/null || true)"
+if [ "$role" != base ]; then
+    [ -z "$role" ] || log "$BASE_IMAGE exists but is not a sandbox base image; replacing it"
+    log "making base image $BASE_IMAGE offline (debootstrap from $MIRROR, about a minute)"
+    start=$SECONDS
+    "$VENV/bin/sandboxd" bootstrap-image --tag "$BASE_IMAGE" --mirror "$MIRROR" 9>&-
+    log "base image made in $((SECONDS - start)) s"
 fi
 log "ready: engine up, venv $VENV, base image $BASE_IMAGE"
