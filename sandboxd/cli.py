@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=10.0, help="seconds running calls get at shutdown"
     )
+    serve.add_argument(
+        "--tokens", type=Path, help="bearer tokens for TCP callers: 'TOKEN CLIENT_NAME' per line"
+    )
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TCP")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM) for TCP")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
 
     boot = sub.add_parser("bootstrap-image", help="make the offline base image (debootstrap)")
     boot.add_argument("--tag", default=DEFAULT_BASE_IMAGE)
@@ -270,7 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = load_config(args.config)
+        overrides = {}
+        if args.command == "serve":
+            overrides = {
+                "tokens_file": args.tokens,
+                "tls_cert": args.tls_cert,
+                "tls_key": args.tls_key,
+                "tls_client_ca": args.tls_client_ca,
+            }
+        config = load_config(args.config, **overrides)
         return COMMANDS[args.command](args, config)
     except errors.SandboxError as exc:
         print(f"sandboxd: error: {exc.message}", file=sys.stderr)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.config import ServerConfig
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
@@ -29,6 +30,7 @@ from sandboxd.service import ImageServicer, SandboxServicer
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
@@ -64,6 +66,10 @@ class Service:
     ) -> None:
         self.config = config
         self.core = make_core(config, runtime)
+        tokens = load_tokens(config.tokens_file) if config.tokens_file else None
+        self.authenticated = tokens is not None or config.tls_client_ca is not None
+        # Always installed: even without credentials it drops a client-sent owner header.
+        self.auth = AuthInterceptor(tokens, tls_names=config.tls_client_ca is not None)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandboxd-rpc"),
             options=[
@@ -72,6 +78,7 @@ class Service:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=max_workers * 4,
+            interceptors=[self.auth],
         )
         pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
         pb_grpc.add_SandboxServiceServicer_to_server(
@@ -105,11 +112,23 @@ class Service:
                 os.umask(old)
             self.address = f"unix:{path}"
         else:
+            host = address.rsplit(":", 1)[0]
+            if not self.authenticated and host.strip("[]") not in LOOPBACK:
+                raise InvalidArgument(
+                    f"refusing to serve {address} without authentication: give --tokens FILE "
+                    "(and/or --tls-client-ca), or listen on 127.0.0.1 or a unix socket"
+                )
+            cfg = self.config
             try:
-                port = self.server.add_insecure_port(address)
+                if cfg.tls_cert and cfg.tls_key:
+                    creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                    port = self.server.add_secure_port(address, creds)
+                elif cfg.tls_cert or cfg.tls_key or cfg.tls_client_ca:
+                    raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+                else:
+                    port = self.server.add_insecure_port(address)
             except RuntimeError as exc:
                 raise InvalidArgument(f"cannot listen on {address}: {exc}") from None
-            host = address.rsplit(":", 1)[0]
             self.address = f"{host}:{port}"
         return self.address
 
