@@ -59,6 +59,14 @@ class ServerConfig:
     admission_timeout_seconds: float = 30.0
     #: Upper bound on the sum of live sandboxes' memory limits; 0 means the host's memory.
     memory_budget_bytes: int = 0
+    #: Warm containers kept per distinct request (0 turns the pool off).
+    pool_max_per_key: int = max(2, (os.cpu_count() or 2) * 2)
+    #: Upper bound on the memory limits of all warm containers; 0 means a quarter of the budget.
+    pool_memory_budget_bytes: int = 0
+    #: A pool nobody asked from for this long is emptied.
+    pool_idle_seconds: float = 30.0
+    #: Containers created in parallel to fill pools.
+    pool_workers: int = max(2, os.cpu_count() or 2)
     #: Identifies this service's containers; a restart gets a new one.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     docker_host: str | None = None

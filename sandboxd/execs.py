@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import queue
@@ -13,9 +12,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from sandboxd import processes
 from sandboxd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from sandboxd.paths import check_sandbox_path, check_tar
-from sandboxd.runtime.base import CgroupSample, ExecProcess
+from sandboxd.runtime.base import CgroupSample
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, check_env
 from sandboxd.verdicts import Judgement, Observation, judge
 
@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 MAX_ARGV_BYTES = 256 * 1024
 MAX_STDIN = 32 * 1024 * 1024
-#: Output arrives in chunks of at most this size, so a client sees progress.
-CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,7 @@ class ExecRequest:
     output_limit_bytes: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str = ""
+    attach_preload: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,10 @@ def check_exec(req: ExecRequest, record: SandboxRecord) -> tuple[float, int]:
     Raises:
         InvalidArgument: empty argv, NUL bytes, oversized input, limits above the sandbox's.
     """
-    if not req.argv or not req.argv[0]:
+    if req.attach_preload:
+        if req.argv:
+            raise InvalidArgument("argv: leave it empty when attaching to the preloaded command")
+    elif not req.argv or not req.argv[0]:
         raise InvalidArgument("argv: give the command to run")
     if any("\x00" in a for a in req.argv):
         raise InvalidArgument("argv: arguments cannot contain NUL bytes")
@@ -122,30 +124,33 @@ class Executor:
         output_limit: int,
         cancelled: threading.Event | None = None,
     ) -> Iterator[Output | ExecOutcome]:
-        sandbox_id = record.id
-        before = self.runtime.sample(record.container_id)
-        self.runtime.reset_peak(record.container_id)
-        started = time.monotonic()
-        try:
-            proc = self.runtime.exec(
-                record.container_id,
-                req.argv,
-                env=req.env,
-                workdir=req.workdir or record.workdir,
-                user=record.user,
-                stdin=bool(req.stdin),
-            )
-        except NotFound:
-            raise FailedPrecondition(f"sandbox {sandbox_id} is no longer running") from None
-        events: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=64)
-        reader = threading.Thread(
-            target=_pump, args=(proc, events), daemon=True, name="exec-reader"
-        )
-        reader.start()
-        if req.stdin:
-            threading.Thread(
-                target=_feed, args=(proc, req.stdin), daemon=True, name="exec-stdin"
-            ).start()
+        if req.attach_preload:
+            run = self.manager.take_preload(record)
+            # Counters for the verdict stay from the preload's start (a memory kill while it
+            # waited still counts); CPU and wall time count from the attach.
+            cpu_before = self.runtime.sample(record.container_id)
+            self.runtime.reset_peak(record.container_id)
+            started = time.monotonic()
+            if req.stdin:
+                run.feed(req.stdin, close=False)
+        else:
+            try:
+                run = processes.start(
+                    self.runtime,
+                    record.container_id,
+                    req.argv,
+                    env=req.env,
+                    workdir=req.workdir or record.workdir,
+                    user=record.user,
+                    stdin=bool(req.stdin),
+                )
+            except NotFound:
+                raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
+            cpu_before, started = run.before, run.started
+            if req.stdin:
+                run.feed(req.stdin)
+        proc, events = run.proc, run.events
+        before = run.before
 
         deadline = started + timeout
         timed_out = truncated = False
@@ -182,7 +187,7 @@ class Executor:
         finally:
             if not finished:
                 proc.kill()
-                _drain(events, reader)
+                run.drain()
             proc.close()
         wall = time.monotonic() - started
         exit_code = proc.exit_code()
@@ -207,7 +212,7 @@ class Executor:
         yield ExecOutcome(
             judgement=judgement,
             wall_seconds=wall,
-            cpu_seconds=_cpu_seconds(before, after),
+            cpu_seconds=_cpu_seconds(cpu_before, after),
             peak_memory_bytes=after.memory_peak_bytes or 0,
             output_truncated=truncated,
             stdout_bytes=sizes[1],
@@ -309,36 +314,6 @@ class Executor:
                 raise FailedPrecondition(
                     f"reading {full} failed: {detail or event.judgement.message}"
                 )
-
-
-def _pump(proc: ExecProcess, events: queue.Queue[tuple[int, bytes] | None]) -> None:
-    try:
-        for stream, data in proc.output():
-            for i in range(0, len(data), CHUNK):
-                events.put((stream, data[i : i + CHUNK]))
-    except Exception:
-        log.debug("exec output ended with an error", exc_info=True)
-    finally:
-        events.put(None)
-
-
-def _feed(proc: ExecProcess, data: bytes) -> None:
-    try:
-        view = memoryview(data)
-        for i in range(0, len(view), CHUNK):
-            proc.write_stdin(bytes(view[i : i + CHUNK]))
-    except OSError:
-        pass  # the command ended before reading all of its input
-    finally:
-        proc.close_stdin()
-
-
-def _drain(events: queue.Queue[tuple[int, bytes] | None], reader: threading.Thread) -> None:
-    """Unblock the reader after a kill so its thread ends."""
-    end = time.monotonic() + 5
-    while reader.is_alive() and time.monotonic() < end:
-        with contextlib.suppress(queue.Empty):
-            events.get(timeout=0.1)
 
 
 def _delta(before: int | None, after: int | None) -> int:

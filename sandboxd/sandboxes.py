@@ -10,13 +10,15 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sandboxd import instances
+from sandboxd import instances, processes
 from sandboxd.config import Profile, ServerConfig
 from sandboxd.errors import (
     EngineUnavailable,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -25,11 +27,11 @@ from sandboxd.errors import (
 )
 from sandboxd.images import ImageStore
 from sandboxd.limits import Limits, check_ttl, format_size, resolve
+from sandboxd.pool import WarmPool
 from sandboxd.runtime.base import (
     LABEL_EXPIRES,
     LABEL_INSTANCE,
     LABEL_MANAGED,
-    LABEL_OWNER,
     LABEL_SANDBOX,
     ContainerSpec,
     Runtime,
@@ -57,6 +59,22 @@ class SandboxRequest:
     profile: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     owner: str = ""
+    preload_argv: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, resolved: equal values can share warm containers."""
+
+    image_ref: str
+    image_digest: str
+    limits: Limits
+    profile: Profile
+    runtime: str
+    workdir: str
+    env: tuple[tuple[str, str], ...]
+    labels: tuple[tuple[str, str], ...]
+    preload_argv: tuple[str, ...]
 
 
 @dataclass
@@ -79,6 +97,7 @@ class SandboxRecord:
     from_pool: bool = False
     state: State = "running"
     owner: str = ""
+    preload: processes.Started | None = None
 
 
 def check_env(env: Mapping[str, str], *, field: str = "env") -> dict[str, str]:
@@ -121,6 +140,11 @@ class SandboxManager:
         self._runtimes: set[str] | None = None
         self.admission_timeout = config.admission_timeout_seconds
         self.memory_budget = config.memory_budget_bytes or _host_memory()
+        # Removing a container takes the engine ~0.1 s; nobody should wait for that.
+        self._removals = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbox-remove")
+        self.pool: WarmPool | None = None
+        if config.pool_max_per_key > 0:
+            self.pool = WarmPool(self, config)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -133,11 +157,14 @@ class SandboxManager:
         self._reaper.start()
 
     def stop(self) -> None:
-        """Destroy every sandbox of this instance and stop reaping."""
+        """Destroy every sandbox of this instance (pooled ones too) and stop reaping."""
         self._stop.set()
+        if self.pool is not None:
+            self.pool.stop()
         for record in self.list():
             with contextlib.suppress(SandboxError):
                 self.destroy(record.id)
+        self._removals.shutdown(wait=True)
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self._instance_lock.release()
@@ -172,7 +199,10 @@ class SandboxManager:
                 # Ours but forgotten (a destroy that met a lost engine); the age check keeps
                 # us off containers whose create() has not recorded them yet.
                 with self._lock:
-                    known = info.labels.get(LABEL_SANDBOX, "") in self._sandboxes
+                    sid = info.labels.get(LABEL_SANDBOX, "")
+                    known = sid in self._sandboxes or (
+                        self.pool is not None and self.pool.knows(sid)
+                    )
                 if known or now - info.created_unix < 120:
                     continue
                 with contextlib.suppress(SandboxError):
@@ -257,8 +287,118 @@ class SandboxManager:
             return "runc"
         return profile.runtime or "runc"
 
+    def prepare(self, req: SandboxRequest) -> Prepared:
+        """Validate a request and resolve everything a container for it needs.
+
+        Raises:
+            InvalidArgument: bad limits, env, labels, workdir, runtime, preload or TTL.
+            NotFound: unknown image.
+            PermissionDenied: profile not usable.
+        """
+        cfg = self.config
+        profile = cfg.profile(req.profile)
+        limits = resolve(req.limits, cfg.defaults, cfg.caps)
+        if limits.network and not profile.allow_network:
+            raise PermissionDenied(f"profile {profile.name!r} does not allow network access")
+        check_ttl(req.ttl_seconds, cfg.default_ttl_seconds, cfg.caps)
+        env = check_env(req.env, field="spec.env")
+        for key, value in req.labels.items():
+            if not _LABEL.match(key) or len(value) > 256 or "\x00" in value:
+                raise InvalidArgument(f"spec.labels: {key[:40]!r} is not a usable label")
+        if any("\x00" in a for a in req.preload_argv) or (
+            req.preload_argv and not req.preload_argv[0]
+        ):
+            raise InvalidArgument("spec.preload_argv: not a usable command")
+        workdir = req.workdir or cfg.workdir
+        if not workdir.startswith("/") or ".." in workdir.split("/") or "\x00" in workdir:
+            raise InvalidArgument(
+                f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'"
+            )
+        runtime_name = self._choose_runtime(req.runtime, profile)
+        image_ref, digest = self.images.resolve_ref(req.image)
+        return Prepared(
+            image_ref=image_ref,
+            image_digest=digest,
+            limits=limits,
+            profile=profile,
+            runtime=runtime_name,
+            workdir=workdir,
+            env=tuple(sorted(env.items())),
+            labels=tuple(sorted(req.labels.items())),
+            preload_argv=tuple(req.preload_argv),
+        )
+
+    def launch(self, prep: Prepared) -> SandboxRecord:
+        """Create and start a container for `prep` (and its preload); not yet handed out."""
+        cfg = self.config
+        sandbox_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        # The label carries the longest life any sandbox may have; the real TTL is kept in
+        # memory, since a pooled container learns it only when it is handed out.
+        labels = {
+            **{f"user.{k}": v for k, v in prep.labels},
+            LABEL_MANAGED: "1",
+            LABEL_INSTANCE: cfg.instance_id,
+            LABEL_SANDBOX: sandbox_id,
+            LABEL_EXPIRES: f"{now + cfg.caps.ttl_seconds:.0f}",
+        }
+        base_env = {
+            "HOME": prep.workdir,
+            "USER": "sandbox",
+            "TZ": "UTC",
+            "LANG": "C.UTF-8",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "TMPDIR": "/tmp",
+        }
+        limits = prep.limits
+        spec = ContainerSpec(
+            image=prep.image_ref,
+            name=f"sandbox-{sandbox_id}",
+            labels=labels,
+            env={**base_env, **dict(prep.env)},
+            user=prep.profile.user,
+            workdir=prep.workdir,
+            nano_cpus=int(limits.cpus * 1e9),
+            memory_bytes=limits.memory_bytes,
+            pids=limits.pids,
+            scratch={"/tmp": limits.scratch_bytes, prep.workdir: limits.scratch_bytes},
+            network=limits.network,
+            runtime=None if prep.runtime == "runc" else prep.runtime,
+            ulimits={name: (soft, hard) for name, soft, hard in prep.profile.ulimits},
+        )
+        container_id = self.runtime.create_container(spec)
+        record = SandboxRecord(
+            id=sandbox_id,
+            container_id=container_id,
+            request=SandboxRequest(),
+            limits=limits,
+            image_ref=prep.image_ref,
+            image_digest=prep.image_digest,
+            runtime=prep.runtime,
+            profile=prep.profile,
+            workdir=prep.workdir,
+            user=prep.profile.user,
+            created_unix=now,
+            expires_unix=now + cfg.caps.ttl_seconds,
+        )
+        if prep.preload_argv:
+            try:
+                record.preload = processes.start(
+                    self.runtime,
+                    container_id,
+                    list(prep.preload_argv),
+                    env={},
+                    workdir=prep.workdir,
+                    user=prep.profile.user,
+                    stdin=True,
+                )
+            except BaseException:
+                self._remove_now(container_id)
+                raise
+        return record
+
     def create(self, req: SandboxRequest) -> SandboxRecord:
-        """Create and start a sandbox.
+        """Hand out a sandbox: a warm one from the pool when there is one, else a new one.
 
         Raises:
             InvalidArgument: bad limits, env, labels, workdir, runtime or TTL.
@@ -268,89 +408,50 @@ class SandboxManager:
             EngineUnavailable: the engine cannot be reached.
         """
         started = time.monotonic()
-        cfg = self.config
-        profile = cfg.profile(req.profile)
-        limits = resolve(req.limits, cfg.defaults, cfg.caps)
-        if limits.network and not profile.allow_network:
-            raise PermissionDenied(f"profile {profile.name!r} does not allow network access")
-        ttl = check_ttl(req.ttl_seconds, cfg.default_ttl_seconds, cfg.caps)
-        env = check_env(req.env, field="spec.env")
-        for key, value in req.labels.items():
-            if not _LABEL.match(key) or len(value) > 256 or "\x00" in value:
-                raise InvalidArgument(f"spec.labels: {key[:40]!r} is not a usable label")
-        workdir = req.workdir or cfg.workdir
-        if not workdir.startswith("/") or ".." in workdir.split("/") or "\x00" in workdir:
-            raise InvalidArgument(
-                f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'"
-            )
-        runtime_name = self._choose_runtime(req.runtime, profile)
-        image_ref, digest = self.images.resolve_ref(req.image)
-
-        self._admit(req.owner, limits.memory_bytes)
+        prep = self.prepare(req)
+        ttl = check_ttl(req.ttl_seconds, self.config.default_ttl_seconds, self.config.caps)
+        self._admit(req.owner, prep.limits.memory_bytes)
         try:
-            sandbox_id = uuid.uuid4().hex[:16]
+            record = self.pool.take(prep) if self.pool is not None else None
+            if record is None:
+                record = self.launch(prep)
+                if self.pool is not None:
+                    self.pool.missed(prep)
+            else:
+                record.from_pool = True
             now = time.time()
-            expires = now + ttl
-            labels = {
-                **{f"user.{k}": v for k, v in req.labels.items()},
-                LABEL_MANAGED: "1",
-                LABEL_INSTANCE: cfg.instance_id,
-                LABEL_SANDBOX: sandbox_id,
-                LABEL_EXPIRES: f"{expires:.0f}",
-            }
-            if req.owner:
-                labels[LABEL_OWNER] = req.owner
-            base_env = {
-                "HOME": workdir,
-                "USER": "sandbox",
-                "TZ": "UTC",
-                "LANG": "C.UTF-8",
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "TMPDIR": "/tmp",
-            }
-            spec = ContainerSpec(
-                image=image_ref,
-                name=f"sandbox-{sandbox_id}",
-                labels=labels,
-                env={**base_env, **env},
-                user=profile.user,
-                workdir=workdir,
-                nano_cpus=int(limits.cpus * 1e9),
-                memory_bytes=limits.memory_bytes,
-                pids=limits.pids,
-                scratch={"/tmp": limits.scratch_bytes, workdir: limits.scratch_bytes},
-                network=limits.network,
-                runtime=None if runtime_name == "runc" else runtime_name,
-                ulimits={name: (soft, hard) for name, soft, hard in profile.ulimits},
-            )
-            container_id = self.runtime.create_container(spec)
-            record = SandboxRecord(
-                id=sandbox_id,
-                container_id=container_id,
-                request=req,
-                limits=limits,
-                image_ref=image_ref,
-                image_digest=digest,
-                runtime=runtime_name,
-                profile=profile,
-                workdir=workdir,
-                user=profile.user,
-                created_unix=now,
-                expires_unix=expires,
-                create_seconds=time.monotonic() - started,
-                owner=req.owner,
-            )
+            record.request = req
+            record.owner = req.owner
+            record.created_unix = now
+            record.expires_unix = now + ttl
+            record.create_seconds = time.monotonic() - started
             with self._lock:
-                self._sandboxes[sandbox_id] = record
+                self._sandboxes[record.id] = record
             log.info(
-                "sandbox %s created (%s, %.0f ms)",
-                sandbox_id,
-                image_ref,
+                "sandbox %s handed out (%s, %.1f ms%s)",
+                record.id,
+                record.image_ref,
                 record.create_seconds * 1e3,
+                ", warm" if record.from_pool else "",
             )
             return record
         finally:
-            self._release_pending(limits.memory_bytes)
+            self._release_pending(prep.limits.memory_bytes)
+
+    def take_preload(self, record: SandboxRecord) -> processes.Started:
+        """The sandbox's waiting preload command, once.
+
+        Raises:
+            FailedPrecondition: there is none (not asked for, or already attached to).
+        """
+        with self._lock:
+            run, record.preload = record.preload, None
+        if run is None:
+            raise FailedPrecondition(
+                f"sandbox {record.id} has no preloaded command waiting "
+                "(none was given in spec.preload_argv, or it was attached to already)"
+            )
+        return run
 
     def get(self, sandbox_id: str, owner: str = "") -> SandboxRecord:
         """The sandbox with this id, if the caller may see it.
@@ -385,12 +486,25 @@ class SandboxManager:
                 return
             self._slots.notify_all()
         record.state = "destroyed"
+        self.discard(record)
+
+    def discard(self, record: SandboxRecord) -> None:
+        """Kill and remove the container in the background; callers need not wait for it."""
+        if record.preload is not None:
+            record.preload.proc.close()
         try:
-            self.runtime.remove_container(record.container_id)
+            self._removals.submit(self._remove_now, record.container_id)
+        except RuntimeError:  # shutting down: remove it right here
+            self._remove_now(record.container_id)
+
+    def _remove_now(self, container_id: str) -> None:
+        try:
+            self.runtime.remove_container(container_id)
         except EngineUnavailable:
-            # The container is still labelled; the reaper removes it when the engine is back.
-            log.warning("engine unavailable while destroying %s; the reaper will retry", sandbox_id)
-            raise
+            # The container keeps its labels; the reaper removes it when the engine is back.
+            log.warning("engine unavailable while removing %s; the reaper will retry", container_id)
+        except SandboxError as exc:
+            log.warning("removing %s: %s", container_id, exc)
 
     def alive(self, record: SandboxRecord) -> bool:
         return self.runtime.container_running(record.container_id)

@@ -137,6 +137,7 @@ def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
         profile=spec.profile,
         labels=dict(spec.labels),
         owner=owner,
+        preload_argv=tuple(spec.preload_argv),
     )
 
 
@@ -153,6 +154,7 @@ def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
             ttl_seconds=req.ttl_seconds,
             profile=req.profile,
             labels=dict(req.labels),
+            preload_argv=list(req.preload_argv),
         ),
         limits=limits_to_pb(r.limits),
         image_digest=r.image_digest,
@@ -163,6 +165,7 @@ def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
         runtime=r.runtime,
         create_seconds=r.create_seconds,
         from_pool=r.from_pool,
+        preloaded=r.preload is not None,
     )
 
 
@@ -190,6 +193,7 @@ def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
         output_limit_bytes=m.output_limit_bytes,
         env=dict(m.env),
         workdir=m.workdir,
+        attach_preload=m.attach_preload,
     )
 
 

@@ -1,0 +1,174 @@
+"""Warm containers, created and started (preload running) before anyone asks for them.
+
+A sandbox handed out is never handed out again: the client destroys it after use
+and the pool refills in the background. Each distinct resolved request is its own
+pool; it grows by one for every request it could not serve (up to a cap and a
+memory budget) and shrinks to zero once nobody has asked for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandboxd.config import ServerConfig
+    from sandboxd.sandboxes import Prepared, SandboxManager, SandboxRecord
+
+log = logging.getLogger(__name__)
+
+
+class WarmPool:
+    def __init__(self, manager: SandboxManager, config: ServerConfig) -> None:
+        self._manager = manager
+        self.max_per_key = config.pool_max_per_key
+        self.memory_budget = config.pool_memory_budget_bytes or manager.memory_budget // 4
+        self.idle_seconds = config.pool_idle_seconds
+        self._lock = threading.Lock()
+        self._ready: dict[Prepared, deque[SandboxRecord]] = {}
+        self._target: dict[Prepared, int] = {}
+        self._inflight: dict[Prepared, int] = {}
+        self._last_use: dict[Prepared, float] = {}
+        self._ids: set[str] = set()
+        self._stopped = threading.Event()
+        self._fillers = ThreadPoolExecutor(
+            max_workers=config.pool_workers, thread_name_prefix="pool-fill"
+        )
+        self._janitor: threading.Thread | None = None
+
+    # -- what the manager calls ---------------------------------------------
+
+    def take(self, prep: Prepared) -> SandboxRecord | None:
+        """A warm sandbox for `prep`, or None. Schedules a replacement."""
+        stale: list[SandboxRecord] = []
+        record = None
+        with self._lock:
+            self._last_use[prep] = time.monotonic()
+            ready = self._ready.get(prep)
+            while ready:
+                candidate = ready.popleft()
+                self._ids.discard(candidate.id)
+                if candidate.preload is not None and candidate.preload.ended():
+                    stale.append(candidate)  # its worker died while waiting
+                    continue
+                record = candidate
+                break
+        for dead in stale:
+            log.warning("warm sandbox %s lost its preload; discarding", dead.id)
+            self._manager.discard(dead)
+        if record is not None:
+            self._schedule(prep)
+        return record
+
+    def missed(self, prep: Prepared) -> None:
+        """A request had to wait for a new container: grow this pool by one."""
+        with self._lock:
+            self._target[prep] = min(self.max_per_key, self._target.get(prep, 0) + 1)
+            self._last_use[prep] = time.monotonic()
+        self._ensure_janitor()
+        self._schedule(prep)
+
+    def knows(self, sandbox_id: str) -> bool:
+        with self._lock:
+            return sandbox_id in self._ids
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "ready": sum(len(q) for q in self._ready.values()),
+                "inflight": sum(self._inflight.values()),
+                "target": sum(self._target.values()),
+            }
+
+    def stop(self) -> None:
+        """Stop filling and remove every warm container."""
+        self._stopped.set()
+        self._fillers.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            records = [r for q in self._ready.values() for r in q]
+            self._ready.clear()
+            self._ids.clear()
+        for record in records:
+            self._manager.discard(record)
+
+    # -- filling and shrinking ----------------------------------------------
+
+    def _warm_memory(self) -> int:
+        total = sum(p.limits.memory_bytes * len(q) for p, q in self._ready.items())
+        return total + sum(p.limits.memory_bytes * n for p, n in self._inflight.items())
+
+    def _schedule(self, prep: Prepared) -> None:
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            have = len(self._ready.get(prep, ())) + self._inflight.get(prep, 0)
+            deficit = self._target.get(prep, 0) - have
+            room = self.memory_budget - self._warm_memory()
+            count = max(0, min(deficit, room // max(prep.limits.memory_bytes, 1)))
+            self._inflight[prep] = self._inflight.get(prep, 0) + count
+        for _ in range(count):
+            try:
+                self._fillers.submit(self._fill, prep)
+            except RuntimeError:  # shut down meanwhile
+                with self._lock:
+                    self._inflight[prep] -= 1
+
+    def _fill(self, prep: Prepared) -> None:
+        try:
+            record = self._manager.launch(prep)
+        except Exception as exc:
+            # Stop warming this key: a failing launch would otherwise retry in a hot loop.
+            log.warning("warming a sandbox failed (%s); pool for it stops growing", exc)
+            with self._lock:
+                self._inflight[prep] -= 1
+                self._target[prep] = 0
+            return
+        with self._lock:
+            self._inflight[prep] -= 1
+            keep = not self._stopped.is_set() and self._target.get(prep, 0) > 0
+            if keep:
+                self._ready.setdefault(prep, deque()).append(record)
+                self._ids.add(record.id)
+        if not keep:
+            self._manager.discard(record)
+
+    def _ensure_janitor(self) -> None:
+        with self._lock:
+            if self._janitor is not None:
+                return
+            self._janitor = threading.Thread(
+                target=self._shrink_loop, name="pool-janitor", daemon=True
+            )
+        self._janitor.start()
+
+    def _shrink_loop(self) -> None:
+        period = max(0.5, min(5.0, self.idle_seconds / 4))
+        while not self._stopped.wait(period):
+            self.shrink_idle()
+
+    def shrink_idle(self, now: float | None = None) -> int:
+        """Empty the pools nobody has asked from for `idle_seconds`; return how many went."""
+        now = time.monotonic() if now is None else now
+        victims: list[SandboxRecord] = []
+        with self._lock:
+            for prep, last in list(self._last_use.items()):
+                if now - last < self.idle_seconds:
+                    continue
+                self._target[prep] = 0
+                queue = self._ready.pop(prep, deque())
+                for record in queue:
+                    self._ids.discard(record.id)
+                victims.extend(queue)
+                if not self._inflight.get(prep):
+                    self._last_use.pop(prep, None)
+                    self._target.pop(prep, None)
+                    self._inflight.pop(prep, None)
+        for record in victims:
+            self._manager.discard(record)
+        if victims:
+            log.info("pool: removed %d idle warm sandboxes", len(victims))
+        return len(victims)
