@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, ServerConfig, load_config
+from sandboxd.errors import InvalidArgument
+from sandboxd.limits import Caps, GiB, Limits, MiB
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config()
+    assert cfg.base_image == "sandbox-base:bookworm"
+    assert cfg.defaults == Limits()
+    assert cfg.caps == Caps()
+    assert len(cfg.instance_id) == 12
+
+
+def test_each_config_gets_its_own_instance_id() -> None:
+    assert ServerConfig().instance_id != ServerConfig().instance_id
+
+
+def test_file_sets_defaults_caps_and_settings(tmp_path: Path) -> None:
+    path = tmp_path / "sandboxd.toml"
+    path.write_text(
+        'base_image = "python:3.12-slim"\n'
+        'instance_id = "abc123"\n'
+        'state_dir = "/var/lib/sandboxd"\n'
+        "reap_interval_seconds = 5.0\n"
+        "[defaults]\n"
+        'memory_bytes = "256m"\n'
+        "pids = 64\n"
+        "[caps]\n"
+        'memory_bytes = "2g"\n'
+        "sandboxes = 8\n"
+    )
+    cfg = load_config(path)
+    assert cfg.base_image == "python:3.12-slim"
+    assert cfg.instance_id == "abc123"
+    assert cfg.state_dir == Path("/var/lib/sandboxd")
+    assert cfg.reap_interval_seconds == 5.0
+    assert cfg.defaults.memory_bytes == 256 * MiB
+    assert cfg.defaults.pids == 64
+    assert cfg.defaults.cpus == Limits().cpus
+    assert cfg.caps.memory_bytes == 2 * GiB
+    assert cfg.caps.sandboxes == 8
+
+
+def test_overrides_win_over_the_file_and_none_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('docker_host = "unix:///a.sock"\n')
+    assert load_config(path, docker_host="unix:///b.sock").docker_host == "unix:///b.sock"
+    assert load_config(path, docker_host=None).docker_host == "unix:///a.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ("[caps]\nmemory = 1\n", r"caps.memory: unknown setting"),
+        ('[defaults]\nmemory_bytes = "lots"\n', "defaults.memory_bytes: expected a size"),
+        ("this is not toml", "c.toml"),
+    ],
+)
+def test_bad_files_are_refused_with_the_place(tmp_path: Path, text: str, why: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=why):
+        load_config(path)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"missing.toml"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_profiles() -> None:
+    cfg = ServerConfig()
+    assert cfg.profile("") is DEFAULT_PROFILE
+    assert cfg.profile("untrusted") is UNTRUSTED_PROFILE
+    assert UNTRUSTED_PROFILE.user != "0:0" and not UNTRUSTED_PROFILE.allow_network
+    with pytest.raises(
+        InvalidArgument, match=r"spec.profile: unknown profile 'x' \(known: default, untrusted\)"
+    ):
+        cfg.profile("x")

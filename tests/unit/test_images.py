@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fake_runtime import FakeRuntime
+
+from sandboxd.errors import BuildFailed, InvalidArgument, NotFound
+from sandboxd.images import (
+    MAX_FRAGMENT,
+    BuildOutcome,
+    ContextFile,
+    ImageStore,
+    check_build_input,
+    image_key,
+)
+from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED
+
+BASE = "sandbox-base:bookworm"
+FRAGMENT = "RUN echo hi > /hi"
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    rt = FakeRuntime()
+    rt.add_image(BASE)
+    return rt
+
+
+@pytest.fixture
+def store(runtime: FakeRuntime) -> ImageStore:
+    return ImageStore(runtime, BASE)
+
+
+def build(
+    store: ImageStore, fragment: str = FRAGMENT, **kw: object
+) -> tuple[list[str], BuildOutcome]:
+    lines: list[str] = []
+    outcome = None
+    for item in store.build(kw.pop("base", ""), fragment, kw.pop("context", []), **kw):  # type: ignore[arg-type]
+        if isinstance(item, BuildOutcome):
+            outcome = item
+        else:
+            lines.append(item)
+    assert outcome is not None
+    return lines, outcome
+
+
+def test_key_is_stable_and_content_addressed() -> None:
+    ctx = [ContextFile("a.txt", b"x")]
+    key = image_key("sha256:base", FRAGMENT, ctx)
+    assert len(key) == 64
+    assert image_key("sha256:base", FRAGMENT, list(ctx)) == key
+    assert image_key("sha256:base", FRAGMENT + "  \n\n", ctx) == key
+    assert image_key("sha256:other", FRAGMENT, ctx) != key
+    assert image_key("sha256:base", "RUN echo bye", ctx) != key
+    assert image_key("sha256:base", FRAGMENT, [ContextFile("a.txt", b"y")]) != key
+    assert image_key("sha256:base", FRAGMENT, [ContextFile("a.txt", b"x", 0o755)]) != key
+
+
+def test_key_ignores_context_order() -> None:
+    a, b = ContextFile("a", b"1"), ContextFile("b", b"2")
+    assert image_key("base", "", [a, b]) == image_key("base", "", [b, a])
+
+
+def test_first_build_calls_the_engine_with_from_base(
+    store: ImageStore, runtime: FakeRuntime
+) -> None:
+    lines, outcome = build(store, context=[ContextFile("data/f.txt", b"abc", 0o600)])
+    assert not outcome.cache_hit
+    assert lines == ["Step 1/2 : FROM base", "Successfully built"]
+    assert len(runtime.builds) == 1
+    dockerfile, context, tag = runtime.builds[0]
+    assert dockerfile == f"FROM {BASE}\n{FRAGMENT}\n"
+    assert context == {"data/f.txt": (b"abc", 0o600)}
+    assert tag == f"sandbox/img:{outcome.image.key[:32]}"
+    labels = runtime.images[outcome.image.digest].labels
+    assert labels[LABEL_KEY] == outcome.image.key
+    assert labels[LABEL_MANAGED] == "1"
+
+
+def test_second_build_of_same_key_is_a_cache_hit_without_engine_build(
+    store: ImageStore, runtime: FakeRuntime
+) -> None:
+    _, first = build(store)
+    lines, second = build(store, fragment=FRAGMENT + "\n\n")
+    assert second.cache_hit
+    assert lines == []
+    assert second.image.digest == first.image.digest
+    assert len(runtime.builds) == 1
+
+
+def test_cache_survives_a_restart_through_engine_labels(runtime: FakeRuntime) -> None:
+    _, first = build(ImageStore(runtime, BASE))
+    _, again = build(ImageStore(runtime, BASE))
+    assert again.cache_hit
+    assert again.image.key == first.image.key
+    assert len(runtime.builds) == 1
+
+
+def test_an_image_removed_behind_our_back_is_rebuilt(
+    store: ImageStore, runtime: FakeRuntime
+) -> None:
+    _, first = build(store)
+    runtime.remove_image(first.image.tag)
+    _, second = build(store)
+    assert not second.cache_hit
+    assert len(runtime.builds) == 2
+
+
+def test_concurrent_builds_of_one_key_build_once(store: ImageStore, runtime: FakeRuntime) -> None:
+    results: list[bool] = []
+
+    def worker() -> None:
+        results.append(build(store)[1].cache_hit)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runtime.builds) == 1
+    assert sorted(results) == [False] + [True] * 7
+
+
+def test_build_failure_propagates_with_message(store: ImageStore, runtime: FakeRuntime) -> None:
+    runtime.build_error = "The command '/bin/sh -c nope' returned a non-zero code: 127"
+    with pytest.raises(BuildFailed, match=r"returned a non-zero code: 127"):
+        build(store, fragment="RUN nope")
+    runtime.build_error = None
+    _, outcome = build(store, fragment="RUN nope")
+    assert not outcome.cache_hit
+
+
+def test_unknown_base_is_keyed_by_reference(store: ImageStore) -> None:
+    ref, identity = store.resolve_base("python:3.12-slim")
+    assert (ref, identity) == ("python:3.12-slim", "ref:python:3.12-slim")
+    assert store.resolve_base("")[0] == BASE
+
+
+@pytest.mark.parametrize(
+    ("fragment", "context", "why"),
+    [
+        ("FROM debian\nRUN true", [], "FROM is not allowed"),
+        ("RUN true\n  from x", [], "FROM is not allowed"),
+        ("RUN true\x00", [], "NUL byte"),
+        ("#" * (MAX_FRAGMENT + 1), [], "above the limit"),
+        ("", [ContextFile("Dockerfile", b"")], "reserved for the fragment"),
+        ("", [ContextFile("../x", b"")], "climbs out"),
+        ("", [ContextFile("/abs", b"")], "must be relative"),
+        ("", [ContextFile("a", b""), ContextFile("./a", b"")], "given twice"),
+        ("", [ContextFile("a", b"", 0o17777)], "not a permission mode"),
+    ],
+)
+def test_bad_build_input_is_refused(fragment: str, context: list[ContextFile], why: str) -> None:
+    with pytest.raises(InvalidArgument, match=why):
+        check_build_input(fragment, context)
+
+
+def test_get_list_delete(store: ImageStore, runtime: FakeRuntime) -> None:
+    _, outcome = build(store)
+    key = outcome.image.key
+    assert store.get(key).digest == outcome.image.digest
+    assert [r.key for r in store.list()] == [key]
+    store.delete(key)
+    assert outcome.image.digest not in runtime.images
+    with pytest.raises(NotFound, match=r"no image with key"):
+        store.get(key)
+    with pytest.raises(NotFound):
+        store.delete(key)
+
+
+def test_get_refuses_a_malformed_key(store: ImageStore) -> None:
+    with pytest.raises(InvalidArgument, match=r"not an image key"):
+        store.get("abc")
+
+
+def test_resolve_ref_takes_keys_tags_and_the_base(store: ImageStore, runtime: FakeRuntime) -> None:
+    _, outcome = build(store)
+    assert store.resolve_ref(outcome.image.key) == (outcome.image.tag, outcome.image.digest)
+    assert store.resolve_ref(BASE)[0] == BASE
+    assert store.resolve_ref("")[0] == BASE
+
+
+def test_resolve_ref_missing_base_hints_at_bootstrap(runtime: FakeRuntime) -> None:
+    store = ImageStore(runtime, "sandbox-base:missing")
+    with pytest.raises(NotFound, match=r"sandboxd bootstrap-image"):
+        store.resolve_ref("")
+    with pytest.raises(NotFound, match=r"build it first"):
+        store.resolve_ref("nope:latest")
