@@ -155,12 +155,12 @@ def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import instances
-    from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
+    from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY
     from sandboxd.runtime.docker import DockerRuntime
 
     runtime = DockerRuntime(config.docker_host)
     removed = 0
-    for info in runtime.list_containers(LABEL_MANAGED):
+    for info in runtime.list_containers(LABEL_INSTANCE):
         if args.all or not instances.is_alive(info.labels.get(LABEL_INSTANCE, "")):
             runtime.remove_container(info.id)
             removed += 1

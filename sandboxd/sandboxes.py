@@ -132,6 +132,7 @@ class SandboxManager:
         self._lock = threading.Lock()
         self._slots = threading.Condition(self._lock)
         self._pending = 0
+        self._pending_by_owner: dict[str, int] = {}
         self._pending_memory = 0
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._stop = threading.Event()
@@ -193,7 +194,9 @@ class SandboxManager:
         """Remove labelled containers whose instance is dead, or that outlived their TTL."""
         removed = 0
         now = time.time()
-        for info in self.runtime.list_containers(LABEL_MANAGED):
+        # Only containers with an instance label are sandboxes: image labels (managed=1
+        # included) are inherited by every container made from the image, a build's too.
+        for info in self.runtime.list_containers(LABEL_INSTANCE):
             owner = info.labels.get(LABEL_INSTANCE, "")
             if owner == self.config.instance_id:
                 # Ours but forgotten (a destroy that met a lost engine); the age check keeps
@@ -235,6 +238,17 @@ class SandboxManager:
             )
         deadline = time.monotonic() + self.admission_timeout
         with self._slots:
+            per_client = self.config.max_sandboxes_per_client
+            if owner and per_client:
+                held = self._pending_by_owner.get(owner, 0) + sum(
+                    1 for r in self._sandboxes.values() if r.owner == owner
+                )
+                if held >= per_client:
+                    raise ResourceExhausted(
+                        f"client {owner!r} holds {held} sandboxes, its limit is {per_client}; "
+                        "destroy one first",
+                        retry_after=5.0,
+                    )
             while True:
                 full = len(self._sandboxes) + self._pending >= self.config.caps.sandboxes
                 committed = self._pending_memory + sum(
@@ -254,11 +268,17 @@ class SandboxManager:
                 self._slots.wait(timeout=left)
             self._pending += 1
             self._pending_memory += memory
+            if owner:
+                self._pending_by_owner[owner] = self._pending_by_owner.get(owner, 0) + 1
 
-    def _release_pending(self, memory: int) -> None:
+    def _release_pending(self, memory: int, owner: str = "") -> None:
         with self._slots:
             self._pending -= 1
             self._pending_memory -= memory
+            if owner:
+                left = self._pending_by_owner.pop(owner, 1) - 1
+                if left:
+                    self._pending_by_owner[owner] = left
             # notify_all: a freed slot may fit a smaller request than the first waiter's.
             self._slots.notify_all()
 
@@ -315,7 +335,7 @@ class SandboxManager:
                 f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'"
             )
         runtime_name = self._choose_runtime(req.runtime, profile)
-        image_ref, digest = self.images.resolve_ref(req.image)
+        image_ref, digest = self.images.resolve_ref(req.image, req.owner)
         return Prepared(
             image_ref=image_ref,
             image_digest=digest,
@@ -436,7 +456,7 @@ class SandboxManager:
             )
             return record
         finally:
-            self._release_pending(prep.limits.memory_bytes)
+            self._release_pending(prep.limits.memory_bytes, req.owner)
 
     def take_preload(self, record: SandboxRecord) -> processes.Started:
         """The sandbox's waiting preload command, once.
@@ -464,14 +484,16 @@ class SandboxManager:
             record = self._sandboxes.get(sandbox_id)
         if record is None:
             raise NotFound(f"no sandbox {sandbox_id[:40]!r} (destroyed, expired, or never created)")
-        if owner and record.owner and record.owner != owner:
+        # A client never reaches the operator's unowned sandboxes either; the operator ("")
+        # reaches every one.
+        if owner and record.owner != owner:
             raise PermissionDenied(f"sandbox {sandbox_id} belongs to another client")
         return record
 
     def list(self, owner: str = "") -> list[SandboxRecord]:
         with self._lock:
             records = list(self._sandboxes.values())
-        return [r for r in records if not owner or not r.owner or r.owner == owner]
+        return [r for r in records if not owner or r.owner == owner]
 
     def destroy(self, sandbox_id: str, owner: str = "") -> None:
         """Remove the sandbox's container and forget it.
