@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sandboxd.errors import InvalidArgument, NotFound
+from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
 from sandboxd.paths import check_relative
 from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Runtime
 
@@ -110,6 +110,9 @@ class ImageStore:
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._cache: dict[str, ImageRecord] = {}
+        # Clients other than the image's owner that built the same content themselves: knowing
+        # every input, they learn nothing by using it. In memory only; a rebuild grants again.
+        self._grants: dict[str, set[str]] = {}
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -144,10 +147,15 @@ class ImageStore:
         check_build_input(fragment, context)
         started = time.monotonic()
         base_ref, base_id = self.resolve_base(base)
+        if not base_id.startswith("ref:"):
+            self._check_ref(base_ref, base_id, owner)  # building FROM it would expose it too
         key = image_key(base_id, fragment, context)
         with self._key_lock(key):
             cached = self._lookup(key)
             if cached is not None:
+                if owner and cached.owner != owner:
+                    with self._lock:
+                        self._grants.setdefault(key, set()).add(owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
                 return
             tag = f"{TAG_REPO}:{key[:32]}"
@@ -196,20 +204,32 @@ class ImageStore:
             created_unix=time.time(),
         )
 
-    def get(self, key: str) -> ImageRecord:
-        """The image with this key.
+    def may_use(self, record: ImageRecord, owner: str) -> bool:
+        """Whether `owner` may see and run the image: the operator ("") and unowned images
+        (the base, operator builds) always; otherwise its builder or a client granted it."""
+        if not owner or not record.owner or record.owner == owner:
+            return True
+        with self._lock:
+            return owner in self._grants.get(record.key, ())
+
+    def get(self, key: str, owner: str = "") -> ImageRecord:
+        """The image with this key, if `owner` may use it.
 
         Raises:
             NotFound: no such image.
+            PermissionDenied: another client's image.
         """
         if not _KEY.match(key):
             raise InvalidArgument(f"key: {key!r} is not an image key (64 hex digits)")
         record = self._lookup(key)
         if record is None:
             raise NotFound(f"no image with key {key[:12]}...; build it first")
+        if not self.may_use(record, owner):
+            raise PermissionDenied(f"image {key[:12]} belongs to another client")
         return record
 
-    def list(self) -> list[ImageRecord]:
+    def list(self, owner: str = "") -> list[ImageRecord]:
+        """The service's images that `owner` may use."""
         out = []
         for image_id, tags, labels, size in self._runtime.list_images(LABEL_KEY):
             key = labels.get(LABEL_KEY, "")
@@ -225,30 +245,34 @@ class ImageStore:
                     owner=labels.get(LABEL_OWNER, ""),
                 )
             )
-        return out
+        return [r for r in out if self.may_use(r, owner)]
 
-    def delete(self, key: str) -> None:
-        """Remove the image for `key`.
+    def delete(self, key: str, owner: str = "") -> None:
+        """Remove the image for `key`; a client may delete only images it built.
 
         Raises:
             NotFound: no such image.
+            PermissionDenied: the image is not the caller's.
         """
-        record = self.get(key)
+        record = self.get(key, owner)
+        if owner and record.owner != owner:
+            raise PermissionDenied(f"image {key[:12]} belongs to another client")
         with self._lock:
             self._cache.pop(key, None)
         self._runtime.remove_image(record.tag)
 
-    def resolve_ref(self, ref: str) -> tuple[str, str]:
+    def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
         """(engine reference, digest) for a key, tag or reference given by a client.
 
         Raises:
             NotFound: the engine has no such image.
+            PermissionDenied: the reference names another client's image.
         """
         ref = ref or self.base_image
         if "\x00" in ref or len(ref) > 512:
             raise InvalidArgument("spec.image: not an image reference")
         if _KEY.match(ref):
-            record = self.get(ref)
+            record = self.get(ref, owner)
             return record.tag, record.digest
         digest = self._runtime.image_id(ref)
         if digest is None:
@@ -258,4 +282,17 @@ class ImageStore:
                 else "build it first or check the name"
             )
             raise NotFound(f"image {ref!r} is not in the engine; {hint}")
+        self._check_ref(ref, digest, owner)
         return ref, digest
+
+    def _check_ref(self, ref: str, digest: str, owner: str) -> None:
+        """A tag or id of one of our builds is checked like its key: no way around by name."""
+        if not owner:
+            return
+        labels = self._runtime.image_labels(ref)
+        record = ImageRecord(
+            key=labels.get(LABEL_KEY, ""), digest=digest, tag=ref, base="",
+            owner=labels.get(LABEL_OWNER, ""),
+        )  # fmt: skip
+        if not self.may_use(record, owner):
+            raise PermissionDenied(f"image {ref[:80]!r} belongs to another client")

@@ -237,28 +237,21 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
 
     @unary
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
-        return image_to_pb(self.images.get(request.key))
+        return image_to_pb(self.images.get(request.key, owner_of(context)))
 
     @unary
     def ListImages(
         self, request: pb.ListImagesRequest, context: grpc.ServicerContext
     ) -> pb.ListImagesResponse:
-        owner = owner_of(context)
         return pb.ListImagesResponse(
-            images=[
-                image_to_pb(r) for r in self.images.list() if not owner or r.owner in ("", owner)
-            ]
+            images=[image_to_pb(r) for r in self.images.list(owner_of(context))]
         )
 
     @unary
     def DeleteImage(
         self, request: pb.DeleteImageRequest, context: grpc.ServicerContext
     ) -> pb.DeleteImageResponse:
-        owner = owner_of(context)
-        record = self.images.get(request.key)
-        if owner and record.owner and record.owner != owner:
-            raise errors.PermissionDenied(f"image {request.key[:12]} belongs to another client")
-        self.images.delete(request.key)
+        self.images.delete(request.key, owner_of(context))
         return pb.DeleteImageResponse()
 
 
