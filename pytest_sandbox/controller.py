@@ -1,0 +1,266 @@
+"""Takes routed tests out of the normal loop, runs them in sandboxes, replays their reports.
+
+Like pytest-xdist's DSession: the session keeps one pytest_runtestloop; routed
+items go to pool threads group by group, unrouted items run here as usual, and
+every report is fired on the main thread through the item's own hooks, so the
+terminal, -x, --lf and junitxml see nothing unusual.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from _pytest.config import builtin_plugins
+
+from pytest_sandbox import snapshot
+from pytest_sandbox.arguments import worker_args
+from pytest_sandbox.client import Connection, connect
+from pytest_sandbox.reports import kill_reports, remap_paths
+from pytest_sandbox.runner import (
+    Group,
+    GroupDone,
+    GroupRunner,
+    ImageCache,
+    ItemResult,
+    Kept,
+    Registry,
+    RunSettings,
+)
+from pytest_sandbox.spec import SandboxSpec
+from sandboxd import errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: str  # "marked" or "all"
+    address: str | None
+    jobs: int
+    keep_failed: bool
+
+
+def make_groups(
+    items: Iterable[pytest.Item], specs: dict[str, SandboxSpec], rootdir: Path
+) -> list[Group]:
+    """Group routed items by (spec, scope key), in order of first appearance."""
+    buckets: dict[tuple[object, ...], list[pytest.Item]] = {}
+    for item in items:
+        spec = specs[item.nodeid]
+        if spec.scope == "test":
+            key: tuple[object, ...] = (spec, item.nodeid)
+        elif spec.scope == "module":
+            key = (spec, str(item.path))
+        else:
+            key = (spec,)
+        buckets.setdefault(key, []).append(item)
+    groups = []
+    for key, members in buckets.items():
+        files = dict.fromkeys(_relpath(it.path, rootdir) for it in members)
+        groups.append(
+            Group(spec=key[0], nodeids=tuple(it.nodeid for it in members), files=tuple(files))  # type: ignore[arg-type]
+        )
+    return groups
+
+
+def _relpath(path: Path, rootdir: Path) -> str:
+    try:
+        return path.relative_to(rootdir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class Controller:
+    config: pytest.Config
+    options: Options
+    specs: dict[str, SandboxSpec] = field(default_factory=dict)
+    kept: list[Kept] = field(default_factory=list)
+    connection: Connection | None = None
+    _events: queue.Queue[object] = field(default_factory=queue.Queue)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _registry: Registry = field(default_factory=Registry)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
+        if session.testsfailed and not session.config.option.continue_on_collection_errors:
+            return None  # the default loop reports collection errors
+        if session.config.option.collectonly:
+            return None
+        routed = [it for it in session.items if it.nodeid in self.specs]
+        if not routed:
+            return None
+        local = [it for it in session.items if it.nodeid not in self.specs]
+        by_id = {it.nodeid: it for it in routed}
+        rootdir = self.config.rootpath
+        groups = make_groups(routed, self.specs, rootdir)
+        try:
+            snap = snapshot.take(rootdir)
+            self.connection = connect(self.options.address)
+        except (errors.SandboxError, snapshot.SnapshotTooLarge, OSError) as exc:
+            raise pytest.UsageError(f"sandbox: {exc}") from None
+        threads = self._start_pool(snap, groups)
+        try:
+            self._loop(session, local, by_id, len(groups))
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._stop.set()
+            for _ in threads:
+                self._work.put(None)
+            self._registry.destroy_all(self.connection.client)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        return True
+
+    def _settings(self, snap: snapshot.Snapshot) -> RunSettings:
+        config = self.config
+        cwd = (
+            snapshot.sandbox_path(config.invocation_params.dir, config.rootpath) or snapshot.PROJECT
+        )
+        args = ["-p", "no:cacheprovider", "--continue-on-collection-errors", "--junitxml="]
+        args += ["--rootdir", snapshot.PROJECT]
+        args += worker_args(config.invocation_params.args, plugin_ok=builtin_plugins.__contains__)
+        env = {
+            "PYTHONPATH": snap.pythonpath(),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONHASHSEED": "0",
+        }
+        return RunSettings(
+            args=tuple(args),
+            cwd=cwd,
+            env=env,
+            keep_failed=self.options.keep_failed,
+            echo_output=config.getoption("capture") == "no",
+            drop_unfinished=bool(config.getoption("maxfail")),
+            labels={"pytest-sandbox.session": secrets.token_hex(6)},
+        )
+
+    def _start_pool(self, snap: snapshot.Snapshot, groups: list[Group]) -> list[threading.Thread]:
+        assert self.connection is not None
+        client = self.connection.client
+        runner = GroupRunner(
+            client,
+            ImageCache(client, snap),
+            self._settings(snap),
+            self._registry,
+            self._events.put,
+            self._stop,
+        )
+        self._work: queue.Queue[Group | None] = queue.Queue()
+        for group in groups:
+            self._work.put(group)
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                group = self._work.get()
+                if group is None or self._stop.is_set():
+                    return
+                runner.run(group)
+
+        threads = [
+            threading.Thread(target=serve, name=f"sandbox-{i}", daemon=True)
+            for i in range(max(1, min(self.options.jobs, len(groups))))
+        ]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _loop(
+        self,
+        session: pytest.Session,
+        local: list[pytest.Item],
+        by_id: dict[str, pytest.Item],
+        outstanding: int,
+    ) -> None:
+        for i, item in enumerate(local):
+            nextitem = local[i + 1] if i + 1 < len(local) else None
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if session.shouldfail or session.shouldstop:
+                return
+            outstanding -= self._drain(session, by_id, block=False)
+            if session.shouldfail or session.shouldstop:
+                return
+        while outstanding > 0:
+            outstanding -= self._drain(session, by_id, block=True)
+            if session.shouldfail or session.shouldstop:
+                return
+
+    def _drain(self, session: pytest.Session, by_id: dict[str, pytest.Item], *, block: bool) -> int:
+        """Fire what the pool has finished; returns how many groups completed."""
+        finished = 0
+        while True:
+            try:
+                # A short timeout keeps the main thread responsive to Ctrl-C.
+                event = self._events.get(timeout=0.2) if block else self._events.get_nowait()
+            except queue.Empty:
+                if block and finished == 0:
+                    continue
+                return finished
+            block = False
+            if isinstance(event, GroupDone):
+                finished += 1
+            elif isinstance(event, Kept):
+                self.kept.append(event)
+            elif isinstance(event, ItemResult):
+                self._fire(by_id[event.nodeid], event)
+                if session.shouldfail or session.shouldstop:
+                    return finished
+
+    def _fire(self, item: pytest.Item, result: ItemResult) -> None:
+        config = self.config
+        rootdir = str(config.rootpath)
+        reports: list[pytest.TestReport] = []
+        for data in result.reports:
+            rep = config.hook.pytest_report_from_serializable(
+                config=config, data=remap_paths(data, rootdir)
+            )
+            if rep is not None:
+                reports.append(rep)
+        if result.failure is not None:
+            reports += kill_reports(item, reports, result.failure, result.sections)
+        spec = self.specs[item.nodeid]
+        props: list[tuple[str, object]] = []
+        if result.placement is not None:
+            props.append(("sandbox_image", result.placement.image_digest))
+        props += spec.properties()
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for rep in reports:
+            rep.user_properties = [*rep.user_properties, *props]
+            ihook.pytest_runtest_logreport(report=rep)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+    def _abort(self) -> None:
+        """Ctrl-C or an internal error: no sandbox of this session may outlive it."""
+        self._stop.set()
+        if self.connection is not None:
+            self._registry.destroy_all(self.connection.client)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            # Kept containers outlive an embedded service only if it is not stopped.
+            self.connection.close(stop_embedded=not self.kept)
+            self.connection = None
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        for kept in self.kept:
+            lines.append(f"kept the sandbox of {', '.join(kept.nodeids)}:")
+            lines.append(f"    docker exec -it {kept.container_id} bash")
+        return lines
+
+
+def default_jobs() -> int:
+    return os.cpu_count() or 1

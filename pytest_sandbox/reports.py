@@ -1,0 +1,105 @@
+"""Reports from the sandbox, made native: paths mapped back, limits recorded, kills failed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import pytest
+
+from pytest_sandbox.snapshot import PROJECT
+
+
+class _Writer(Protocol):
+    def line(self, s: str = "", **markup: bool) -> None: ...
+
+
+class _Crash:
+    """What the summary line and junitxml read from a failed report's longrepr."""
+
+    def __init__(self, path: str, lineno: int, message: str) -> None:
+        self.path = path
+        self.lineno = lineno
+        self.message = message
+
+
+class SandboxFailure:
+    """The longrepr of a test the sandbox ended: a message, no plugin traceback."""
+
+    def __init__(self, message: str, location: tuple[str, int | None, str]) -> None:
+        self.message = message
+        self.reprcrash = _Crash(location[0], (location[1] or 0) + 1, message.splitlines()[0])
+
+    def toterminal(self, tw: _Writer) -> None:
+        for line in self.message.splitlines():
+            tw.line(line, red=True, bold=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def remap_paths(data: Any, rootdir: str) -> Any:
+    """Replace the sandbox's project path with the host's rootdir in report paths."""
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            if key == "path" and isinstance(value, str) and value.startswith(PROJECT):
+                value = rootdir + value[len(PROJECT) :]
+            elif key == "longrepr" and isinstance(value, list) and len(value) == 3:
+                # a skip's (path, lineno, reason)
+                path = value[0]
+                if isinstance(path, str) and path.startswith(PROJECT):
+                    path = rootdir + path[len(PROJECT) :]
+                # JSON made the tuple a list; the terminal insists on a tuple
+                value = (path, value[1], value[2])
+            else:
+                value = remap_paths(value, rootdir)
+            out[key] = value
+        return out
+    if isinstance(data, list):
+        return [remap_paths(v, rootdir) for v in data]
+    return data
+
+
+def kill_reports(
+    item: pytest.Item,
+    got: Sequence[pytest.TestReport],
+    message: str,
+    sections: Sequence[tuple[str, str]],
+) -> list[pytest.TestReport]:
+    """Reports completing an item whose sandbox ended mid-test.
+
+    The phase that was running fails with the message; a teardown report
+    follows so the item's report sequence looks like a local failure.
+    """
+    mains = [r for r in got if type(r) is pytest.TestReport]
+    whens = {r.when for r in mains}
+    setup_passed = any(r.when == "setup" and r.passed for r in mains)
+    if "setup" not in whens:
+        phase = "setup"
+    elif setup_passed and "call" not in whens:
+        phase = "call"
+    else:
+        phase = "teardown"
+    keywords: dict[str, Any] = {k: 1 for k in item.keywords}
+    sections = [(name, text.replace(PROJECT, str(item.config.rootpath))) for name, text in sections]
+    named = [
+        (f"{name} {phase}" if name.startswith("Captured") else name, text)
+        for name, text in sections
+    ]
+    out = [
+        pytest.TestReport(
+            item.nodeid,
+            item.location,
+            keywords,
+            "failed",
+            SandboxFailure(message, item.location),  # type: ignore[arg-type]
+            phase,  # type: ignore[arg-type]
+            named,
+        )
+    ]
+    if phase != "teardown":
+        out.append(
+            pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown")
+        )
+    return out

@@ -1,0 +1,180 @@
+"""What a routed test asks for: the resolved marker, ini and command-line settings."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytest
+
+Scope = Literal["test", "module", "session"]
+SCOPES: tuple[Scope, ...] = ("test", "module", "session")
+
+MARKER_KWARGS = (
+    "image",
+    "dockerfile",
+    "cpus",
+    "memory",
+    "pids",
+    "timeout",
+    "network",
+    "scope",
+    "env",
+    "runtime",
+    "profile",
+)
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_memory(value: object) -> int:
+    """Bytes for `512m`, `64MiB`, `1g` or a plain integer, with Docker's binary units.
+
+    Raises:
+        ValueError: the value is not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = _MEMORY.match(str(value))
+    if match is None:
+        raise ValueError(f"not a memory size: {value!r} (use e.g. 512m, 1g, 67108864)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_memory(n: int) -> str:
+    """Human form used in user_properties: whole MiB when exact."""
+    mib = 1024 * 1024
+    return f"{n // mib}MiB" if n % mib == 0 else f"{n}B"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Session-wide defaults from ini keys and options; the marker overrides them."""
+
+    image: str = ""
+    dockerfile: str = ""
+    cpus: float = 1.0
+    memory: int = 512 * 1024 * 1024
+    pids: int = 256
+    timeout: float = 60.0
+    scope: Scope = "test"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything that decides which image a test runs in and with what limits.
+
+    Frozen and hashable: tests with equal specs (and scope key) share a sandbox.
+    """
+
+    image: str = ""
+    dockerfile: str = ""
+    cpus: float = 1.0
+    memory: int = 512 * 1024 * 1024
+    pids: int = 256
+    timeout: float = 60.0
+    network: bool = False
+    scope: Scope = "test"
+    env: tuple[tuple[str, str], ...] = field(default=())
+    runtime: str = ""
+    profile: str = ""
+
+    @property
+    def build_key(self) -> tuple[str, str]:
+        """Specs with equal build keys share one image."""
+        return (self.image, self.dockerfile)
+
+    def properties(self) -> list[tuple[str, object]]:
+        return [
+            ("sandbox_cpus", self.cpus),
+            ("sandbox_memory", format_memory(self.memory)),
+            ("sandbox_pids", self.pids),
+            ("sandbox_timeout", self.timeout),
+            ("sandbox_network", self.network),
+            ("sandbox_scope", self.scope),
+        ]
+
+
+def _scope(value: object) -> Scope:
+    if value not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {value!r}")
+    return value
+
+
+def _env(value: object, host_env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A dict sets values; a list of names forwards those host variables (if set)."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Iterable):
+        names = [str(n) for n in value]
+        return tuple(sorted((n, host_env[n]) for n in names if n in host_env))
+    raise ValueError(f"env must be a dict or a list of variable names, not {value!r}")
+
+
+def marker_kwargs(item: pytest.Item) -> dict[str, Any] | None:
+    """The merged kwargs of the item's sandbox markers (closest wins), None if unmarked.
+
+    Raises:
+        pytest.UsageError: a marker has positional or unknown arguments.
+    """
+    markers = list(item.iter_markers("sandbox"))
+    if not markers:
+        return None
+    merged: dict[str, Any] = {}
+    for mark in reversed(markers):  # iter_markers yields closest first
+        if mark.args:
+            raise pytest.UsageError(
+                f"{item.nodeid}: sandbox marker takes keyword arguments only, got {mark.args!r}"
+            )
+        unknown = set(mark.kwargs) - set(MARKER_KWARGS)
+        if unknown:
+            raise pytest.UsageError(
+                f"{item.nodeid}: unknown sandbox marker argument(s): {', '.join(sorted(unknown))}"
+            )
+        merged.update(mark.kwargs)
+    return merged
+
+
+def resolve(
+    kwargs: Mapping[str, Any], defaults: Defaults, host_env: Mapping[str, str] | None = None
+) -> SandboxSpec:
+    """Marker kwargs over session defaults.
+
+    Raises:
+        ValueError: a value has the wrong type or is out of range.
+    """
+    host_env = os.environ if host_env is None else host_env
+
+    def get(name: str, default: Any) -> Any:
+        value = kwargs.get(name)
+        return default if value is None else value
+
+    cpus = float(get("cpus", defaults.cpus))
+    pids = int(get("pids", defaults.pids))
+    timeout = float(get("timeout", defaults.timeout))
+    if cpus <= 0 or pids <= 0 or timeout <= 0:
+        raise ValueError("cpus, pids and timeout must be positive")
+    return SandboxSpec(
+        image=str(get("image", defaults.image)),
+        dockerfile=str(get("dockerfile", defaults.dockerfile)).strip(),
+        cpus=cpus,
+        memory=parse_memory(get("memory", defaults.memory)),
+        pids=pids,
+        timeout=timeout,
+        network=bool(get("network", False)),
+        scope=_scope(get("scope", defaults.scope)),
+        env=_env(kwargs.get("env"), host_env),
+        runtime=str(get("runtime", "")),
+        profile=str(get("profile", "")),
+    )

@@ -1,0 +1,345 @@
+"""Runs INSIDE the sandbox: pytest in-process on the tests the controller names.
+
+Stand-alone on purpose: it is copied into the image next to pytest and imports
+nothing from the controller side.
+
+Protocol. stdin carries one JSON request: {"nonce", "args", "files", "nodeids",
+"cwd", "capture_dir", "timeout"}. Records leave as lines `<nonce> <json>` on a
+private duplicate of the original stdout; fds 1 and 2 both point at stderr while
+tests run, so nothing a test prints can forge or break a record. Records:
+hello, start{nodeid}, report{report}, finish{nodeid}, collect{report},
+missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import itertools
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Generator
+from typing import IO, Any
+
+import pytest
+
+# Output a killed test printed is recovered from these files (the capture
+# plugin's temporary files, given names so they survive the worker).
+CAPTURE_NAMES = ("stdout", "stderr")
+# faulthandler's hard exit catches tests that hold the GIL past the watchdog.
+HARD_TIMEOUT_GRACE = 5.0
+
+
+class Channel:
+    """The private result channel; only the worker's own process may write to it."""
+
+    def __init__(self, fd: int, nonce: str) -> None:
+        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
+        self._nonce = nonce
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def send(self, kind: str, **data: Any) -> None:
+        if os.getpid() != self._pid:  # a test's forked child must not speak for us
+            return
+        data["t"] = kind
+        line = json.dumps(data, default=repr, separators=(",", ":"))
+        with self._lock:
+            self._file.write(f"{self._nonce} {line}\n")
+            self._file.flush()
+
+
+class Cgroup:
+    """Counters of the sandbox's own cgroup (v2 unified, or v1 per controller)."""
+
+    def __init__(self, root: str = "/sys/fs/cgroup") -> None:
+        v2 = os.path.exists(f"{root}/cgroup.controllers")
+        if v2:
+            self.oom_file, self.oom_key = f"{root}/memory.events", "oom_kill"
+            self.pids_file = f"{root}/pids.events"
+            self.mem_limit_file, self.pids_limit_file = f"{root}/memory.max", f"{root}/pids.max"
+        else:
+            self.oom_file, self.oom_key = f"{root}/memory/memory.oom_control", "oom_kill"
+            self.pids_file = f"{root}/pids/pids.events"
+            self.mem_limit_file = f"{root}/memory/memory.limit_in_bytes"
+            self.pids_limit_file = f"{root}/pids/pids.max"
+
+    @staticmethod
+    def _read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _counter(self, path: str, key: str) -> int:
+        for line in self._read(path).splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+        return 0
+
+    def counters(self) -> tuple[int, int]:
+        return self._counter(self.oom_file, self.oom_key), self._counter(self.pids_file, "max")
+
+    def explain(self, before: tuple[int, int], after: tuple[int, int]) -> str | None:
+        """The limit that was hit between two counter readings, in the service's words."""
+        if after[0] > before[0]:
+            limit = self._read(self.mem_limit_file).strip()
+            if limit.isdigit():
+                return f"out of memory (limit {int(limit) // (1024 * 1024)} MiB)"
+            return "out of memory"
+        if after[1] > before[1]:
+            return f"process limit ({self._read(self.pids_limit_file).strip()}) reached"
+        return None
+
+
+def reap_strays() -> None:
+    """Kill every other process of ours in the sandbox, so the exec can end.
+
+    A test's background processes hold the output pipes open; left alone they
+    would keep the exec (and the controller) waiting.
+    """
+    keep = {1, os.getpid(), os.getppid()}
+    uid = os.getuid()
+    for _ in range(50):
+        victims = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in keep:
+                try:
+                    if os.stat(f"/proc/{entry}").st_uid == uid:
+                        victims.append(int(entry))
+                except OSError:
+                    pass
+        for pid in victims:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        if not victims:
+            return
+        time.sleep(0.02)
+
+
+def read_capture(capture_dir: str) -> dict[str, str]:
+    out = {}
+    for name in CAPTURE_NAMES:
+        try:
+            with open(os.path.join(capture_dir, name), "rb") as f:
+                out[name] = f.read().decode("utf-8", "replace")
+        except OSError:
+            out[name] = ""
+    return out
+
+
+class Watchdog:
+    """Ends the worker when one test runs past its timeout, after saying so."""
+
+    def __init__(self, on_expire: Callable[[str, float], None]) -> None:
+        self._on_expire = on_expire
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._nodeid = ""
+        self._seconds = 0.0
+        threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True).start()
+
+    def arm(self, nodeid: str, seconds: float) -> None:
+        with self._cond:
+            self._nodeid, self._seconds = nodeid, seconds
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+        faulthandler.dump_traceback_later(seconds + HARD_TIMEOUT_GRACE, exit=True)
+
+    def disarm(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        with self._cond:
+            self._deadline = None
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._deadline is None or time.monotonic() < self._deadline:
+                    wait = None if self._deadline is None else self._deadline - time.monotonic()
+                    self._cond.wait(wait)
+                nodeid, seconds = self._nodeid, self._seconds
+            self._on_expire(nodeid, seconds)
+
+
+class WorkerPlugin:
+    """Streams each report as soon as its test ends; keeps only the requested tests."""
+
+    def __init__(self, channel: Channel, request: dict[str, Any]) -> None:
+        self.channel = channel
+        self.wanted: list[str] = request["nodeids"]
+        self.timeout = float(request["timeout"])
+        self.capture_dir = request["capture_dir"]
+        self.real_stdout: IO[str] | None = None
+        self.cgroup = Cgroup()
+        self.config: Any = None
+        self._counters = (0, 0)
+        self.watchdog = Watchdog(self._expired)
+
+    # The host's ini file and addopts come along with the project; accept the
+    # plugin's own names here so they are not unknown options inside.
+    def pytest_addoption(self, parser: Any) -> None:
+        group = parser.getgroup("sandbox")
+        for opt, kwargs in (
+            ("--sandbox", {"nargs": "?", "const": "marked", "default": None}),
+            ("--sandbox-scope", {}),
+            ("--sandbox-address", {}),
+            ("--sandbox-jobs", {}),
+            ("--sandbox-keep-failed", {"action": "store_true"}),
+        ):
+            with contextlib.suppress(ValueError):
+                group.addoption(opt, **kwargs)
+        for name in [
+            "image",
+            "scope",
+            "dockerfile",
+            "cpus",
+            "memory",
+            "pids",
+            "timeout",
+            "address",
+            "jobs",
+            "required",
+        ]:
+            with contextlib.suppress(ValueError):
+                parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
+
+    def pytest_configure(self, config: Any) -> None:
+        self.config = config
+        config.addinivalue_line("markers", "sandbox(**kwargs): run in a sandbox (host side)")
+        if config.getoption("capture") == "no" and self.real_stdout is not None:
+            sys.stdout = self.real_stdout  # -s: test output goes to the exec's stderr live
+
+    def _serialize(self, report: Any) -> dict[str, Any]:
+        data: dict[str, Any] = self.config.hook.pytest_report_to_serializable(
+            config=self.config, report=report
+        )
+        return data
+
+    def pytest_collection_modifyitems(self, session: Any, config: Any, items: list[Any]) -> None:
+        order = {nodeid: i for i, nodeid in enumerate(self.wanted)}
+        keep = sorted((it for it in items if it.nodeid in order), key=lambda it: order[it.nodeid])
+        dropped = [it for it in items if it.nodeid not in order]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+        found = {it.nodeid for it in keep}
+        missing = [n for n in self.wanted if n not in found]
+        if missing:
+            self.channel.send("missing", nodeids=missing)
+
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.channel.send("collect", report=self._serialize(report))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> Generator[None, object, object]:
+        self.channel.send("start", nodeid=item.nodeid)
+        self._counters = self.cgroup.counters()
+        self.watchdog.arm(item.nodeid, self.timeout)
+        try:
+            return (yield)
+        finally:
+            self.watchdog.disarm()
+            if self.cgroup.counters()[1] > self._counters[1]:
+                reap_strays()  # a fork bomb's leftovers would starve the next test
+            self.channel.send("finish", nodeid=item.nodeid)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.failed:
+            reason = self.cgroup.explain(self._counters, self.cgroup.counters())
+            if reason is not None:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                if crash is not None:
+                    crash.message = f"{reason}; {crash.message}"
+                report.sections.append(("sandbox limit", reason))
+        self.channel.send("report", report=self._serialize(report))
+
+    def _expired(self, nodeid: str, seconds: float) -> None:
+        frames = sys._current_frames()
+        main = frames.get(threading.main_thread().ident or 0)
+        # Only the test's own frames: pytest's and the worker's say nothing new.
+        summary = traceback.extract_stack(main) if main is not None else traceback.StackSummary()
+        lib = os.path.dirname(os.path.abspath(__file__))
+        own = [f for f in summary if not f.filename.startswith(lib + os.sep)]
+        stack = "".join(traceback.format_list(own or list(summary)[-5:]))
+        captured = read_capture(self.capture_dir)
+        self.channel.send(
+            "timeout",
+            nodeid=nodeid,
+            seconds=seconds,
+            stack=stack,
+            stdout=captured["stdout"],
+            stderr=captured["stderr"],
+        )
+        reap_strays()
+        os._exit(124)
+
+
+def _name_capture_files(capture_dir: str) -> None:
+    """Give the global capture's two temporary files known names (stdout, stderr).
+
+    The capture plugin creates them first, in that order; later ones (capfd and
+    friends) stay anonymous. Without the hook the worker still works; only the
+    output of a killed test is lost.
+    """
+    try:
+        import _pytest.capture as capmod
+    except ImportError:
+        return
+    original = getattr(capmod, "TemporaryFile", None)  # pytest imports it by name
+    if original is None:
+        return
+    counter = itertools.count()
+
+    def named(*args: Any, **kwargs: Any) -> Any:
+        n = next(counter)
+        if n >= len(CAPTURE_NAMES):
+            return original(*args, **kwargs)
+        return open(os.path.join(capture_dir, CAPTURE_NAMES[n]), "w+b", buffering=0)
+
+    capmod.TemporaryFile = named  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.buffer.read())
+    channel = Channel(os.dup(1), request["nonce"])
+    os.dup2(2, 1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    real_stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stdout = real_stdout
+    os.makedirs(request["capture_dir"], exist_ok=True)
+    os.chdir(request["cwd"])
+    channel.send("hello", pid=os.getpid())
+    code = 3
+    try:
+        _name_capture_files(request["capture_dir"])
+        plugin = WorkerPlugin(channel, request)
+        plugin.real_stdout = real_stdout
+        # The worker's own terminal output is noise; reports travel as records.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=[plugin]))
+    except BaseException:
+        channel.send("error", text=traceback.format_exc())
+    channel.send("exit", code=code)
+    reap_strays()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
