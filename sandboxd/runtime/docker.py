@@ -357,10 +357,12 @@ class DockerRuntime:
 
     def sample(self, container_id: str) -> CgroupSample:
         dirs = self._cgroup_dirs(container_id)
-        if "" in dirs:
-            return _sample_v2(dirs[""])
+        # v1 first: on a v1 host gVisor's sandbox process also lists an empty v2 hierarchy
+        # ("0::/"), which would point the v2 reader at the root and measure nothing.
         if "memory" in dirs:
             return _sample_v1(dirs)
+        if "" in dirs:
+            return _sample_v2(dirs[""])
         return self._sample_stats(container_id)
 
     def _sample_stats(self, container_id: str) -> CgroupSample:
