@@ -7,6 +7,8 @@ Calls that are safe to repeat are retried on UNAVAILABLE with backoff.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import io
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,7 +32,15 @@ T = TypeVar("T")
 
 OutputCallback = Callable[[int, bytes], None]
 CHUNK = 256 * 1024
+DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _backoff() -> wait_exponential_jitter:
+    """0.1 s doubling to 2 s; tenacity 9 renamed `initial` (now deprecated) to `multiplier`."""
+    params = inspect.signature(wait_exponential_jitter).parameters
+    first = "multiplier" if "multiplier" in params else "initial"
+    return wait_exponential_jitter(max=2.0, **{first: 0.1})
 
 
 def channel_target(address: str) -> str:
@@ -48,9 +58,21 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
     if name == "UNAVAILABLE" and not details:
         details = "sandboxd is not reachable"
     kind = errors.BY_CODE.get(name, errors.SandboxError)
-    err = kind(details or name)
+    err = kind(details or name, retry_after=_retry_after(exc))
     err.code = name
     return err
+
+
+def _retry_after(exc: grpc.RpcError) -> float | None:
+    """The service's "retry-after" trailer (seconds), if it sent one."""
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for item in trailers or ():
+        if item.key == "retry-after":
+            try:
+                return float(item.value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,7 @@ class SandboxClient:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._retry_seconds = retry_seconds
+        self._digests: dict[int, tuple[bytes, str]] = {}
         self.images = pb_grpc.ImageServiceStub(self._channel)
         self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -111,7 +134,7 @@ class SandboxClient:
         retry = Retrying(
             retry=retry_if_exception_type(errors.EngineUnavailable),
             stop=stop_after_delay(self._retry_seconds),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=_backoff(),
             reraise=True,
         )
         return retry(fn)
@@ -135,6 +158,18 @@ class SandboxClient:
 
     # -- images -------------------------------------------------------------
 
+    def _digest(self, content: bytes) -> str:
+        """SHA-256 of build content, remembered per object: a session offers the same
+        snapshot many times. The cache holds the object, so its id cannot be reused."""
+        hit = self._digests.get(id(content))
+        if hit is not None and hit[0] is content:
+            return hit[1]
+        if len(self._digests) > 50_000:
+            self._digests.clear()
+        digest = hashlib.sha256(content).hexdigest()
+        self._digests[id(content)] = (content, digest)
+        return digest
+
     def build_image(
         self,
         fragment: str = "",
@@ -149,24 +184,47 @@ class SandboxClient:
         files = []
         for path, value in (context_files or {}).items():
             content, mode = value if isinstance(value, tuple) else (value, 0)
-            files.append(pb.ContextFile(path=path, content=content, mode=mode))
-        request = pb.BuildImageRequest(
-            base=base, fragment=fragment, context_files=files, label=label
-        )
+            files.append((path, content, mode, self._digest(content)))
+        # A large context is offered as digests first: on a cache hit (the usual case) the
+        # service needs nothing more, and megabytes stay on this side.
+        digests_first = sum(len(f[1]) for f in files) > DIGESTS_FIRST_ABOVE
 
-        def once() -> BuildResult:
+        def request(with_content: bool) -> pb.BuildImageRequest:
+            return pb.BuildImageRequest(
+                base=base,
+                fragment=fragment,
+                context_files=[
+                    pb.ContextFile(path=p, content=c if with_content else b"", mode=m, sha256=d)
+                    for p, c, m, d in files
+                ],
+                label=label,
+            )
+
+        def attempt(with_content: bool) -> BuildResult | None:
             try:
                 for event in self.images.BuildImage(
-                    request, metadata=self._metadata, timeout=timeout
+                    request(with_content), metadata=self._metadata, timeout=timeout
                 ):
                     if event.HasField("result"):
                         r = event.result
+                        if r.needs_content:
+                            return None
                         return BuildResult(r.image, r.cache_hit, r.build_seconds)
                     if on_log is not None:
                         on_log(event.log_line)
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from None
             raise errors.SandboxError("build stream ended without a result")
+
+        def once() -> BuildResult:
+            if digests_first:
+                found = attempt(with_content=False)
+                if found is not None:
+                    return found
+            found = attempt(with_content=True)
+            if found is None:
+                raise errors.SandboxError("the service asked for build content it was given")
+            return found
 
         return self._retrying(once)
 

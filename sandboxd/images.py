@@ -22,6 +22,8 @@ MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
 _FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+#: How long a base reference's resolved id is trusted before asking the engine again.
+BASE_TTL = 5.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,26 @@ class ContextFile:
     path: str
     content: bytes
     mode: int = 0o644
+    #: Hex SHA-256 of the content; given alone (content empty), it keys a cache lookup.
+    sha256: str = ""
+
+    def digest(self) -> str:
+        return (
+            self.sha256
+            if self.sha256 and not self.content
+            else hashlib.sha256(self.content).hexdigest()
+        )
+
+    @property
+    def digest_only(self) -> bool:
+        return bool(self.sha256) and not self.content
+
+
+@dataclass(frozen=True)
+class NeedsContent:
+    """The key is not cached and the request carried digests only."""
+
+    key: str
 
 
 def image_key(base_id: str, fragment: str, context: list[ContextFile]) -> str:
@@ -57,7 +79,7 @@ def image_key(base_id: str, fragment: str, context: list[ContextFile]) -> str:
         json.dumps({"v": 1, "base": base_id, "fragment": normalize_fragment(fragment)}).encode()
     )
     for f in sorted(context, key=lambda c: c.path):
-        h.update(json.dumps([f.path, f.mode, hashlib.sha256(f.content).hexdigest()]).encode())
+        h.update(json.dumps([f.path, f.mode or 0o644, f.digest()]).encode())
     return h.hexdigest()
 
 
@@ -94,6 +116,10 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         seen.add(name)
         if f.mode > 0o7777:
             raise InvalidArgument(f"context_files.mode: {oct(f.mode)} is not a permission mode")
+        if f.sha256 and not _KEY.match(f.sha256):
+            raise InvalidArgument(f"context_files.sha256: {name!r} has no hex SHA-256 digest")
+        if f.sha256 and f.content and hashlib.sha256(f.content).hexdigest() != f.sha256:
+            raise InvalidArgument(f"context_files.sha256: {name!r} does not match its content")
         total += len(f.content)
     if total > MAX_CONTEXT:
         raise InvalidArgument(
@@ -110,6 +136,7 @@ class ImageStore:
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._cache: dict[str, ImageRecord] = {}
+        self._bases: dict[str, tuple[str, float]] = {}
         # Clients other than the image's owner that built the same content themselves: knowing
         # every input, they learn nothing by using it. In memory only; a rebuild grants again.
         self._grants: dict[str, set[str]] = {}
@@ -123,10 +150,19 @@ class ImageStore:
         base = base or self.base_image
         if "\x00" in base or len(base) > 512 or not base.strip():
             raise InvalidArgument(f"base: {base!r} is not an image reference")
+        now = time.monotonic()
+        with self._lock:
+            hit = self._bases.get(base)
+        if hit is not None and now - hit[1] < BASE_TTL:
+            return base, hit[0]
         image_id = self._runtime.image_id(base)
         # A base the engine does not have yet (e.g. python:3.12-slim elsewhere) is keyed by
         # its reference; the engine pulls it during the build if it can.
-        return base, image_id or f"ref:{base}"
+        identity = image_id or f"ref:{base}"
+        if image_id:
+            with self._lock:
+                self._bases[base] = (identity, now)
+        return base, identity
 
     def build(
         self,
@@ -136,7 +172,7 @@ class ImageStore:
         *,
         label: str = "",
         owner: str = "",
-    ) -> Iterator[str | BuildOutcome]:
+    ) -> Iterator[str | BuildOutcome | NeedsContent]:
         """Yield build log lines, then one BuildOutcome.
 
         Raises:
@@ -157,6 +193,9 @@ class ImageStore:
                     with self._lock:
                         self._grants.setdefault(key, set()).add(owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
+                return
+            if any(f.digest_only for f in context):
+                yield NeedsContent(key)
                 return
             tag = f"{TAG_REPO}:{key[:32]}"
             dockerfile = f"FROM {base_ref}\n{fragment}\n"

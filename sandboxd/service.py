@@ -15,7 +15,7 @@ from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
-from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore
+from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
 from sandboxd.limits import Limits
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
 
@@ -216,7 +216,9 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = [ContextFile(f.path, f.content, f.mode) for f in request.context_files]
+        context_files = [
+            ContextFile(f.path, f.content, f.mode, f.sha256) for f in request.context_files
+        ]
         for item in self.images.build(
             request.base,
             request.fragment,
@@ -224,7 +226,9 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
             label=request.label,
             owner=owner_of(context),
         ):
-            if isinstance(item, BuildOutcome):
+            if isinstance(item, NeedsContent):
+                yield pb.BuildImageEvent(result=pb.BuildImageResult(needs_content=True))
+            elif isinstance(item, BuildOutcome):
                 yield pb.BuildImageEvent(
                     result=pb.BuildImageResult(
                         image=image_to_pb(item.image),
@@ -345,8 +349,12 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         cache_hit = False
         if request.HasField("build"):
             b = request.build
-            files = [ContextFile(f.path, f.content, f.mode) for f in b.context_files]
+            files = [ContextFile(f.path, f.content, f.mode, f.sha256) for f in b.context_files]
             for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
+                if isinstance(item, NeedsContent):
+                    raise errors.InvalidArgument(
+                        "build.context_files: give the content, not just digests, in a Run"
+                    )
                 if isinstance(item, BuildOutcome):
                     image_pb, cache_hit = image_to_pb(item.image), item.cache_hit
                 else:

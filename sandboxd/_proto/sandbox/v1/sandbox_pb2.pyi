@@ -103,21 +103,28 @@ class ContextFile(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Relative POSIX path inside the build context; no "..", not absolute."""
     content: _builtins.bytes
     mode: _builtins.int
     """Unix permission bits; 0 means 0644."""
+    sha256: _builtins.str
+    """Hex SHA-256 of the content. A request may send only digests (content
+    empty): on a cache hit that is all the service needs; otherwise it answers
+    with needs_content and the client sends the files.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         content: _builtins.bytes = ...,
         mode: _builtins.int = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "mode", b"mode", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "mode", b"mode", "path", b"path", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,8 +234,13 @@ class BuildImageResult(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     BUILD_SECONDS_FIELD_NUMBER: _builtins.int
+    NEEDS_CONTENT_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
     build_seconds: _builtins.float
+    needs_content: _builtins.bool
+    """Not in the cache, and the request carried digests without content:
+    send it again with the content.
+    """
     @_builtins.property
     def image(self) -> Global___Image: ...
     def __init__(
@@ -237,10 +249,11 @@ class BuildImageResult(_message.Message):
         image: Global___Image | None = ...,
         cache_hit: _builtins.bool = ...,
         build_seconds: _builtins.float = ...,
+        needs_content: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_seconds", b"build_seconds", "cache_hit", b"cache_hit", "image", b"image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_seconds", b"build_seconds", "cache_hit", b"cache_hit", "image", b"image", "needs_content", b"needs_content"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
