@@ -387,9 +387,12 @@ class DockerRuntime:
     def kill_exec_tree(self, container_id: str, exec_id: str) -> bool:
         """Kill an exec'd process and its descendants from the host; False if impossible."""
         try:
-            pid = int(self._call(lambda: self.api.exec_inspect(exec_id)).get("Pid") or 0)
+            info = self._call(lambda: self.api.exec_inspect(exec_id))
         except SandboxError:
             return False
+        if not info.get("Running"):
+            return True  # already ended: nothing to kill, and the container must be spared
+        pid = int(info.get("Pid") or 0)
         if pid <= 0 or not Path(f"/proc/{pid}").exists():
             return False
         # Several passes: a forking process may add children while we kill.
@@ -413,6 +416,7 @@ class DockerExec:
         self.exec_id = exec_id
         self._sock = sock
         self._raw: socket.socket | None = getattr(sock, "_sock", None)
+        self._killed = False
 
     def write_stdin(self, data: bytes) -> None:
         if self._raw is not None:
@@ -443,6 +447,9 @@ class DockerExec:
         return None
 
     def kill(self) -> None:
+        if self._killed:
+            return  # a second kill would find the process gone and kill the whole container
+        self._killed = True
         if not self._runtime.kill_exec_tree(self.container_id, self.exec_id):
             # Not local (remote engine): the only sure way is to kill the container.
             self._runtime.kill_container(self.container_id)
