@@ -240,6 +240,9 @@ class GroupRunner:
             profile=spec.profile,
             ttl_seconds=min(self._deadline(spec, count) + 300.0, MAX_TTL_SECONDS),
             labels=dict(self.settings.labels),
+            # The worker starts (and imports pytest) as soon as the container is up, or
+            # even earlier in the service's warm pool; the exec below attaches to it.
+            preload_argv=["python3", WORKER],
         )
 
     @staticmethod
@@ -315,8 +318,10 @@ class GroupRunner:
         try:
             result = self.client.exec(
                 placement.sandbox_id,
-                ["python3", WORKER],
-                stdin=json.dumps(request).encode(),
+                [],
+                attach_preload=True,
+                # One line: a preloaded worker's stdin may stay open after it.
+                stdin=json.dumps(request).encode() + b"\n",
                 timeout=self._deadline(spec, len(pending)),
                 on_output=on_output,
             )

@@ -273,8 +273,13 @@ class SandboxClient:
         output_limit: int = 0,
         env: Mapping[str, str] | None = None,
         workdir: str = "",
+        attach_preload: bool = False,
     ) -> Iterator[pb.ExecEvent]:
-        """Yield output chunks as they come and the result last."""
+        """Yield output chunks as they come and the result last.
+
+        With `attach_preload`, argv must be empty: stdin goes to the sandbox's preloaded
+        command, which is already running.
+        """
         request = pb.ExecRequest(
             sandbox_id=sandbox_id,
             argv=list(argv),
@@ -283,6 +288,7 @@ class SandboxClient:
             output_limit_bytes=output_limit,
             env=dict(env or {}),
             workdir=workdir,
+            attach_preload=attach_preload,
         )
         # The call deadline leaves room for the service to kill and measure.
         deadline = timeout + 60.0 if timeout else None

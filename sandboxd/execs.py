@@ -131,8 +131,7 @@ class Executor:
             cpu_before = self.runtime.sample(record.container_id)
             self.runtime.reset_peak(record.container_id)
             started = time.monotonic()
-            if req.stdin:
-                run.feed(req.stdin, close=False)
+            run.feed(req.stdin)  # closing stdin tells a waiting command its input is complete
         else:
             try:
                 run = processes.start(

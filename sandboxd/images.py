@@ -22,6 +22,7 @@ MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
 _FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 #: How long a base reference's resolved id is trusted before asking the engine again.
 BASE_TTL = 5.0
 
@@ -62,7 +63,9 @@ class ContextFile:
 
     @property
     def digest_only(self) -> bool:
-        return bool(self.sha256) and not self.content
+        # An empty file sent with its content is indistinguishable from "digest only" but
+        # for its digest, which is that of no bytes.
+        return bool(self.sha256) and not self.content and self.sha256 != EMPTY_SHA256
 
 
 @dataclass(frozen=True)
