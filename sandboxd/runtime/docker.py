@@ -262,8 +262,13 @@ class DockerRuntime:
     def remove_container(self, container_id: str) -> None:
         self._pids.pop(container_id, None)
         self._cgroup_paths.pop(container_id, None)
-        with contextlib.suppress(NotFound):
+        try:
             self._safe(lambda: self.api.remove_container(container_id, force=True, v=True))
+        except NotFound:
+            pass
+        except SandboxError as exc:
+            if "already in progress" not in str(exc):  # someone else is removing it: fine
+                raise
 
     def kill_container(self, container_id: str) -> None:
         with contextlib.suppress(NotFound, SandboxError):
