@@ -154,8 +154,10 @@ class Service:
         self._stopped.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         done = self.server.stop(grace)
-        self.core.manager.stop()
+        # Sandboxes go only after the calls using them have finished or been cancelled:
+        # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
+        self.core.manager.stop()
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 Path(self.address[len("unix:") :]).unlink()
