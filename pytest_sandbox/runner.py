@@ -369,7 +369,8 @@ class GroupRunner:
                         list(current.get("reports", [])),
                         placement,
                         failure=message,
-                        sections=self._recovered(placement, capture_dir, timeout),
+                        sections=self._recovered(placement, capture_dir, timeout)
+                        + ([("Captured sandbox log", stderr.text())] if stderr.text() else []),
                     )
                 )
             elif not done:  # no progress at all: a retry would fail the same way

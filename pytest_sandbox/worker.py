@@ -3,7 +3,7 @@
 Stand-alone on purpose: it is copied into the image next to pytest and imports
 nothing from the controller side.
 
-Protocol. stdin carries one JSON request: {"nonce", "args", "files", "nodeids",
+Protocol. stdin carries one JSON request line: {"nonce", "args", "files", "nodeids",
 "cwd", "capture_dir", "timeout"}. Records leave as lines `<nonce> <json>` on a
 private duplicate of the original stdout; fds 1 and 2 both point at stderr while
 tests run, so nothing a test prints can forge or break a record. Records:
@@ -99,23 +99,45 @@ class Cgroup:
         return None
 
 
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[3])
+
+
+def _ours() -> list[int]:
+    """Processes the tests started: our descendants, or orphans still in our session."""
+    me = os.getpid()
+    sid = os.getsid(0)
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            info = _stat(int(entry))
+            if info is not None:
+                table[int(entry)] = info
+    found = []
+    for pid, (ppid, session) in table.items():
+        chain, seen = ppid, 0
+        while chain not in (me, 0, 1) and chain in table and seen < 64:
+            chain, seen = table[chain][0], seen + 1
+        if pid != 1 and (chain == me or (sid > 0 and session == sid)):
+            found.append(pid)
+    return found
+
+
 def reap_strays() -> None:
-    """Kill every other process of ours in the sandbox, so the exec can end.
+    """Kill what the tests left running, so the exec can end.
 
     A test's background processes hold the output pipes open; left alone they
-    would keep the exec (and the controller) waiting.
+    would keep the exec (and the controller) waiting. The container's own
+    processes are in another session and are never touched.
     """
-    keep = {1, os.getpid(), os.getppid()}
-    uid = os.getuid()
     for _ in range(50):
-        victims = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) not in keep:
-                try:
-                    if os.stat(f"/proc/{entry}").st_uid == uid:
-                        victims.append(int(entry))
-                except OSError:
-                    pass
+        victims = _ours()
         for pid in victims:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -315,7 +337,8 @@ def _name_capture_files(capture_dir: str) -> None:
 
 
 def main() -> int:
-    request = json.loads(sys.stdin.buffer.read())
+    # One line, not EOF: a preloaded worker's stdin can stay open after the request.
+    request = json.loads(sys.stdin.buffer.readline())
     channel = Channel(os.dup(1), request["nonce"])
     os.dup2(2, 1)
     null = os.open(os.devnull, os.O_RDONLY)
