@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -122,10 +123,13 @@ def make_base_image(
     )
     root = Path(tempfile.mkdtemp(prefix="sandbox-base-", dir=parent))
     try:
+        started = time.monotonic()
         _debootstrap(debootstrap, root, mirror, suite, packages, emit)
         _customize(root)
-        emit(f"importing {root} as {tag}")
+        emit(f"debootstrap took {time.monotonic() - started:.1f} s; importing as {tag}")
+        started = time.monotonic()
         image_id = _import(runtime, root, tag)
+        emit(f"import took {time.monotonic() - started:.1f} s")
     finally:
         _remove_tree(root)
     emit(f"base image {tag} is {image_id}")
