@@ -13,7 +13,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import processes
-from sandboxd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from sandboxd.errors import (
+    EngineUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SandboxError,
+)
 from sandboxd.paths import check_sandbox_path, check_tar
 from sandboxd.runtime.base import CgroupSample
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, check_env
@@ -145,6 +152,16 @@ class Executor:
                 )
             except NotFound:
                 raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
+            except EngineUnavailable:
+                raise
+            except SandboxError:
+                # The engine refuses execs into a stopped container with a conflict, not a 404.
+                if self.manager.alive(record):
+                    raise
+                record.state = "exited"
+                raise FailedPrecondition(
+                    f"sandbox {record.id} is no longer running (its container stopped)"
+                ) from None
             cpu_before, started = run.before, run.started
             if req.stdin:
                 run.feed(req.stdin)
@@ -192,6 +209,14 @@ class Executor:
         exit_code = proc.exit_code()
         after = self.runtime.sample(record.container_id)
         alive = self.manager.alive(record)
+        if alive and exit_code == 128 + 9 and not (timed_out or truncated):
+            # A container killed from outside takes its execs down a moment before the
+            # engine reports it stopped; look again before calling this a plain SIGKILL.
+            for _ in range(10):
+                time.sleep(0.1)
+                alive = self.manager.alive(record)
+                if not alive:
+                    break
         judgement = judge(
             Observation(
                 exit_code=exit_code,
