@@ -270,13 +270,12 @@ def report(r: dict[str, object]) -> None:
     for name, value, note in rows:
         print(f"{name:40} {value:8.2f}  {value / n * 1e3:11.1f}  {note}")
     print()
-    print(
-        f"(f) CreateSandbox warm   p50 {fw['p50'] * 1e3:7.1f} ms  p95 {fw['p95'] * 1e3:7.1f} ms  [target p50 < 20]"
-    )
-    print(f"(f) CreateSandbox cold   p50 {fc['p50'] * 1e3:7.1f} ms  p95 {fc['p95'] * 1e3:7.1f} ms")
-    print(
-        f"(g) BuildImage cache hit p50 {g['p50'] * 1e3:7.1f} ms  p95 {g['p95'] * 1e3:7.1f} ms  [target p50 < 20]"
-    )
+    for name, m, note in (
+        ("(f) CreateSandbox warm  ", fw, "[target p50 < 20]"),
+        ("(f) CreateSandbox cold  ", fc, ""),
+        ("(g) BuildImage cache hit", g, "[target p50 < 20]"),
+    ):
+        print(f"{name} p50 {m['p50'] * 1e3:7.1f} ms  p95 {m['p95'] * 1e3:7.1f} ms  {note}")
     print(f"first routed test starts {first['seconds']:.2f} s after launch  [target <= 1.5]")
 
 
