@@ -42,7 +42,8 @@ class DockerRuntime:
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self._timeout = timeout
         self._api: docker.APIClient | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: `api` reports a failed connect through `_unavailable`, which takes it too.
+        self._lock = threading.RLock()
         self._pids: dict[str, int] = {}
         self._cgroup_paths: dict[str, dict[str, Path]] = {}
 
