@@ -115,13 +115,17 @@ def test_snapshot_skips_vcs_venvs_caches_and_build_output(tmp_path: object) -> N
     from pathlib import Path
 
     root = Path(str(tmp_path))
-    for rel in ["src/pkg/__init__.py", "tests/test_a.py", ".git/HEAD", "build/x.py",
-                "myenv/pyvenv.cfg", "myenv/lib/y.py", "pkg/__pycache__/a.pyc", "run.sh"]:  # fmt: skip
+    skipped = [".git/HEAD", "build/x.py", "myenv/pyvenv.cfg", "pkg/__pycache__/a.pyc"]
+    for rel in ["src/pkg/__init__.py", "tests/test_a.py", "run.sh", *skipped]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     (root / "run.sh").chmod(0o755)
     files = project_files(root)
-    assert sorted(files) == ["project/run.sh", "project/src/pkg/__init__.py", "project/tests/test_a.py"]
+    assert sorted(files) == [
+        "project/run.sh",
+        "project/src/pkg/__init__.py",
+        "project/tests/test_a.py",
+    ]
     assert files["project/run.sh"][1] == 0o755
     snap = Snapshot(context=files, has_src=True)
     assert snap.pythonpath().split(":")[1] == f"{PROJECT}/src"
