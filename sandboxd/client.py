@@ -34,6 +34,8 @@ OutputCallback = Callable[[int, bytes], None]
 CHUNK = 256 * 1024
 DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
+#: The longest exec a server allows by default (Caps.timeout_seconds); bounds call deadlines.
+MAX_EXEC_SECONDS = 3600.0
 
 
 def _backoff() -> wait_exponential_jitter:
@@ -291,7 +293,9 @@ class SandboxClient:
             attach_preload=attach_preload,
         )
         # The call deadline leaves room for the service to kill and measure.
-        deadline = timeout + 60.0 if timeout else None
+        # timeout 0 means the sandbox's own limit, which is at most the server's cap; a call
+        # without any deadline could wait forever on a service that stopped answering.
+        deadline = (timeout or MAX_EXEC_SECONDS) + 60.0
         try:
             yield from self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline)
         except grpc.RpcError as exc:
@@ -344,7 +348,7 @@ class SandboxClient:
         return bytes(out)
 
     def run_stream(
-        self, request: pb.RunRequest, timeout: float | None = None
+        self, request: pb.RunRequest, timeout: float | None = 2 * MAX_EXEC_SECONDS
     ) -> Iterator[pb.RunEvent]:
         try:
             yield from self.sandboxes.Run(request, metadata=self._metadata, timeout=timeout)
