@@ -43,6 +43,8 @@ State = Literal["running", "exited", "destroyed"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 MAX_ENV = 256
+GVISOR_PIDS_OVERHEAD = 256
+GVISOR_PIDS_PER_PROCESS = 16
 MAX_ENV_BYTES = 128 * 1024
 
 
@@ -371,6 +373,15 @@ class SandboxManager:
             "TMPDIR": "/tmp",
         }
         limits = prep.limits
+        ulimits = {name: (soft, hard) for name, soft, hard in prep.profile.ulimits}
+        host_pids = limits.pids
+        if prep.runtime == "runsc":
+            # gVisor's own threads and its per-process ptrace stubs count in the host's pids
+            # cgroup (about 55 idle, up to 14 per guest process), and the sandbox dies when that
+            # cgroup is full. The guest's process limit is RLIMIT_NPROC instead, which
+            # gVisor's kernel enforces per sandbox; the cgroup stays as a backstop.
+            ulimits["nproc"] = (limits.pids, limits.pids)
+            host_pids = GVISOR_PIDS_OVERHEAD + GVISOR_PIDS_PER_PROCESS * limits.pids
         spec = ContainerSpec(
             image=prep.image_ref,
             name=f"sandbox-{sandbox_id}",
@@ -380,11 +391,11 @@ class SandboxManager:
             workdir=prep.workdir,
             nano_cpus=int(limits.cpus * 1e9),
             memory_bytes=limits.memory_bytes,
-            pids=limits.pids,
+            pids=host_pids,
             scratch={"/tmp": limits.scratch_bytes, prep.workdir: limits.scratch_bytes},
             network=limits.network,
             runtime=None if prep.runtime == "runc" else prep.runtime,
-            ulimits={name: (soft, hard) for name, soft, hard in prep.profile.ulimits},
+            ulimits=ulimits,
         )
         container_id = self.runtime.create_container(spec)
         record = SandboxRecord(
