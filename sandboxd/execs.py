@@ -169,6 +169,7 @@ class Executor:
         before = run.before
 
         deadline = started + timeout
+        next_check = started + 1.0
         timed_out = truncated = False
         sizes = {1: 0, 2: 0}
         finished = False
@@ -185,6 +186,13 @@ class Executor:
                 try:
                     item = events.get(timeout=min(left, 0.5))
                 except queue.Empty:
+                    # A container that died as a whole (gVisor's sandbox killed for memory)
+                    # can leave the exec's stream open for many seconds: look, now and then.
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + 1.0
+                        if not self.manager.alive(record):
+                            proc.close()  # unblocks the reader, so the drain is quick
+                            break
                     continue
                 if item is None:
                     finished = True

@@ -12,6 +12,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -366,10 +367,25 @@ class DockerRuntime:
         # v1 first: on a v1 host gVisor's sandbox process also lists an empty v2 hierarchy
         # ("0::/"), which would point the v2 reader at the root and measure nothing.
         if "memory" in dirs:
-            return _sample_v1(dirs)
-        if "" in dirs:
-            return _sample_v2(dirs[""])
-        return self._sample_stats(container_id)
+            sample = _sample_v1(dirs)
+        elif "" in dirs:
+            sample = _sample_v2(dirs[""])
+        else:
+            sample = self._sample_stats(container_id)
+        if sample.oom_kills is None:
+            sample = self._with_dead_oom(container_id, sample)
+        return sample
+
+    def _with_dead_oom(self, container_id: str, sample: CgroupSample) -> CgroupSample:
+        """A container killed as a whole (gVisor's sandbox process at its memory limit) takes
+        its cgroup with it; the engine still records that the kill was for memory."""
+        try:
+            state = self.container_state(container_id)
+        except SandboxError:
+            return sample
+        if state.get("Running"):
+            return sample
+        return replace(sample, oom_kills=1 if state.get("OOMKilled") else 0)
 
     def _sample_stats(self, container_id: str) -> CgroupSample:
         """Fallback through the stats API when the cgroup files are not ours to read."""
@@ -445,7 +461,10 @@ class DockerExec:
 
     def exit_code(self) -> int | None:
         for _ in range(100):
-            info = self._runtime._call(lambda: self._runtime.api.exec_inspect(self.exec_id))
+            try:
+                info = self._runtime._call(lambda: self._runtime.api.exec_inspect(self.exec_id))
+            except NotFound:
+                return None  # the container died (e.g. gVisor's sandbox was OOM-killed)
             if not info.get("Running"):
                 code = info.get("ExitCode")
                 return int(code) if code is not None else None
