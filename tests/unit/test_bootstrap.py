@@ -270,11 +270,19 @@ def test_real_base_image_has_python_tar_and_the_sandbox_user() -> None:
         )
     script = "import sys, os, pwd; print(sys.version_info[0], pwd.getpwuid(os.getuid()).pw_dir)"
     out = _docker(
-        "run", "--rm", "--network=none", "--user=1000", BASE_IMAGE, "python3", "-c", script
+        "run",
+        "--rm",
+        "--pull=never",
+        "--network=none",
+        "--user=1000",
+        BASE_IMAGE,
+        "python3",
+        "-c",
+        script,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "/sandbox/work"]
-    out = _docker("run", "--rm", "--network=none", BASE_IMAGE, "tar", "--version")
+    out = _docker("run", "--rm", "--pull=never", "--network=none", BASE_IMAGE, "tar", "--version")
     assert out.returncode == 0, out.stderr
     assert "GNU tar" in out.stdout
     labels = _docker("image", "inspect", "--format", "{{json .Config.Labels}}", BASE_IMAGE)
