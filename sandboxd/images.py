@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
+from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
 from sandboxd.paths import check_relative
 from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Runtime
 
@@ -209,7 +209,10 @@ class ImageStore:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
             log.info("building image %s on %s", key[:12], base_ref)
-            yield from self._runtime.build_image(dockerfile, files, tag, labels)
+            try:
+                yield from self._runtime.build_image(dockerfile, files, tag, labels)
+            except BuildFailed as exc:
+                raise BuildFailed(_in_fragment_terms(exc.message, fragment)) from None
             record = self._record(tag, key)
             if record is None:
                 raise NotFound(f"image {tag} vanished right after its build")
@@ -338,3 +341,19 @@ class ImageStore:
         )  # fmt: skip
         if not self.may_use(record, owner):
             raise PermissionDenied(f"image {ref[:80]!r} belongs to another client")
+
+
+_DOCKERFILE_LINE = re.compile(r"parse error (?:on )?line (\d+)")
+
+
+def _in_fragment_terms(message: str, fragment: str) -> str:
+    """Point a parse error at the user's fragment: the engine counts lines of the
+    Dockerfile we wrote, whose first line is our FROM."""
+    match = _DOCKERFILE_LINE.search(message)
+    if match is None:
+        return message
+    number = int(match.group(1)) - 1
+    lines = fragment.replace("\r\n", "\n").split("\n")
+    if not 1 <= number <= len(lines):
+        return message
+    return f"{message}\n--- fragment line {number} ---\n{lines[number - 1][:200]}"

@@ -78,7 +78,7 @@ def test_fragment_syntax_error_is_failed_precondition_naming_the_line(
     err = rpc_error(lambda: client.images.BuildImage(request, timeout=60))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "unknown instruction" in err.details()
-    assert "NOTACOMMAND" in err.details()
+    assert "--- fragment line 2 ---\nNOTACOMMAND foo" in err.details()
 
 
 def test_failing_step_is_failed_precondition_with_the_log_tail(client: SandboxClient) -> None:

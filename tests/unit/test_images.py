@@ -188,3 +188,17 @@ def test_resolve_ref_missing_base_hints_at_bootstrap(runtime: FakeRuntime) -> No
         store.resolve_ref("")
     with pytest.raises(NotFound, match=r"build it first"):
         store.resolve_ref("nope:latest")
+
+
+def test_parse_errors_point_at_the_fragment_line(store: ImageStore, runtime: FakeRuntime) -> None:
+    runtime.build_error = "dockerfile parse error line 3: unknown instruction: NOTACOMMAND"
+    with pytest.raises(BuildFailed) as info:
+        build(store, fragment="RUN true\nNOTACOMMAND foo")
+    assert "--- fragment line 2 ---\nNOTACOMMAND foo" in info.value.message
+
+
+def test_step_failures_are_left_as_the_engine_said(store: ImageStore, runtime: FakeRuntime) -> None:
+    runtime.build_error = "returned a non-zero code: 1\nsh: line 1: nope: not found"
+    with pytest.raises(BuildFailed) as info:
+        build(store, fragment="RUN nope")
+    assert info.value.message == "image build failed: " + runtime.build_error
