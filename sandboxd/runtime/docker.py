@@ -11,6 +11,7 @@ import socket
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Environment variable that marks every process of one exec, so they can be found inside.
+EXEC_TAG = "SANDBOXD_EXEC"
 
 _CONNECTION_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -319,6 +322,7 @@ class DockerRuntime:
         stdin: bool,
     ) -> DockerExec:
         api = self.api
+        tag = uuid.uuid4().hex
         created = self._call(
             lambda: api.exec_create(
                 container_id,
@@ -326,14 +330,33 @@ class DockerRuntime:
                 stdin=stdin,
                 stdout=True,
                 stderr=True,
-                environment=dict(env),
+                environment={**env, EXEC_TAG: tag},
                 workdir=workdir or None,
                 user=user,
             )
         )
         exec_id = str(created["Id"])
         sock = self._call(lambda: api.exec_start(exec_id, socket=True))
-        return DockerExec(self, container_id, exec_id, sock)
+        return DockerExec(self, container_id, exec_id, sock, tag=tag, user=user)
+
+    def kill_tagged(self, container_id: str, tag: str, user: str) -> None:
+        """Kill, from inside, every process of the container that carries an exec's tag.
+
+        Under gVisor an exec's processes are not host processes, so killing the host side
+        of the exec leaves them running; they inherit the tag in their environment.
+        """
+        script = (
+            "for _ in 1 2 3; do for d in /proc/[0-9]*; do "
+            f"grep -qsa {EXEC_TAG}={tag} $d/environ && kill -9 ${{d#/proc/}} 2>/dev/null; "
+            "done; done; exit 0"
+        )
+        try:
+            created = self._call(
+                lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
+            )
+            self._call(lambda: self.api.exec_start(str(created["Id"])))
+        except SandboxError as exc:
+            log.debug("killing tagged processes in %s: %s", container_id[:12], exc)
 
     # -- measurements -------------------------------------------------------
 
@@ -432,8 +455,19 @@ class DockerRuntime:
 class DockerExec:
     """One running `docker exec`, its multiplexed output read from the hijacked socket."""
 
-    def __init__(self, runtime: DockerRuntime, container_id: str, exec_id: str, sock: Any) -> None:
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        container_id: str,
+        exec_id: str,
+        sock: Any,
+        *,
+        tag: str = "",
+        user: str = "",
+    ) -> None:
         self._runtime = runtime
+        self._tag = tag
+        self._user = user
         self.container_id = container_id
         self.exec_id = exec_id
         self._sock = sock
@@ -478,6 +512,8 @@ class DockerExec:
         if not self._runtime.kill_exec_tree(self.container_id, self.exec_id):
             # Not local (remote engine): the only sure way is to kill the container.
             self._runtime.kill_container(self.container_id)
+        elif self._tag:
+            self._runtime.kill_tagged(self.container_id, self._tag, self._user)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
