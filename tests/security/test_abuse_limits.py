@@ -1,0 +1,146 @@
+"""Code that tries to starve the host: every limit holds and is named in the verdict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from abuse import run, verdict
+
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.client import SandboxClient
+from sandboxd.limits import MiB
+
+Box = Callable[..., AbstractContextManager[pb.Sandbox]]
+
+# Every process forks until a fork fails, then dies of the error.
+FORK_BOMB = """
+import os
+while True:
+    os.fork()
+"""
+
+MEMORY_BOMB = """
+chunks = []
+while True:
+    chunks.append(bytearray(8 << 20))
+"""
+
+ZOMBIES = """
+import os, sys
+n = int(sys.argv[1])
+for _ in range(n):
+    if os.fork() == 0:
+        os._exit(0)
+# Children exit at once and are never waited for: they stay zombies until we exit.
+import time; time.sleep(0.5)
+zombies = 0
+for pid in os.listdir("/proc"):
+    try:
+        if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            zombies += 1
+    except OSError:
+        pass
+print(zombies)
+"""
+
+COUNT_PROCS = "import os; print(sum(p.isdigit() for p in os.listdir('/proc')))"
+# Processes still running the spin loop (the base image has no ps).
+SPINNERS = """
+import os
+print(sum(
+    b"while True" in open(f"/proc/{p}/cmdline", "rb").read()
+    for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()
+))
+"""
+# The count once it drops below 8, or after 5 s.
+SETTLED_PROCS = """
+import os, time
+for _ in range(50):
+    n = sum(p.isdigit() for p in os.listdir("/proc"))
+    if n < 8:
+        break
+    time.sleep(0.1)
+print(n)
+"""
+
+
+def test_fork_bomb_hits_the_process_limit(operator: SandboxClient, box: Box, runtime: str) -> None:
+    with box(pids=32, memory_bytes=512 * MiB) as sandbox:
+        _, err, result = run(operator, sandbox.id, FORK_BOMB, argv0="python3", timeout=8.0)
+        if runtime == "runc":
+            assert verdict(result) == "pids_exhausted", result
+            assert "process limit (32) reached" in result.message
+        else:
+            # gVisor's kernel refuses the fork itself (RLIMIT_NPROC, per sandbox); the host's
+            # pids cgroup, sized for gVisor's own threads, is never reached, so the service
+            # sees the bomb fail rather than the cgroup fill.
+            assert verdict(result) == "nonzero_exit", result
+            assert b"Resource temporarily unavailable" in err
+        # The sandbox is still usable, and the bomb's last processes die of their failed forks.
+        out, _, after = run(operator, sandbox.id, SETTLED_PROCS, argv0="python3")
+        assert verdict(after) == "ok", after
+        assert int(out) < 8, out
+
+
+def test_memory_bomb_is_out_of_memory(operator: SandboxClient, box: Box) -> None:
+    with box(memory_bytes=64 * MiB) as sandbox:
+        _, _, result = run(operator, sandbox.id, MEMORY_BOMB, argv0="python3", timeout=10.0)
+        assert verdict(result) == "out_of_memory", result
+        assert result.message == "out of memory (limit 64 MiB)"
+        assert result.peak_memory_bytes <= 64 * MiB + 4 * MiB
+
+
+def test_cpu_spin_is_timed_out_and_stopped(operator: SandboxClient, box: Box) -> None:
+    with box(cpus=0.5) as sandbox:
+        _, _, result = run(operator, sandbox.id, "while True: pass", argv0="python3", timeout=2.0)
+        assert verdict(result) == "timed_out", result
+        assert result.message == "timed out after 2.0s"
+        assert result.wall_seconds < 6
+        # Half a CPU: the cgroup, not the code, decides how much it got.
+        assert result.cpu_seconds <= 0.5 * result.wall_seconds + 0.5, result
+        out, _, _ = run(operator, sandbox.id, SPINNERS, argv0="python3")
+        assert out.strip() == b"0", out
+
+
+def test_filling_the_scratch_dir_stops_at_its_size(operator: SandboxClient, box: Box) -> None:
+    with box(scratch_bytes=8 * MiB) as sandbox:
+        script = "dd if=/dev/zero of=big bs=1M count=64 2>&1; echo rc=$?; wc -c < big"
+        out, _, result = run(operator, sandbox.id, script)
+        assert verdict(result) == "ok", result
+        text = out.decode()
+        assert "No space left on device" in text, text
+        assert "rc=1" in text
+        assert int(text.split()[-1]) <= 8 * MiB
+        # /tmp has its own cap too, and the root is read-only.
+        out, _, _ = run(
+            operator, sandbox.id, "dd if=/dev/zero of=/tmp/big bs=1M count=64 2>&1; touch /x 2>&1"
+        )
+        assert b"No space left on device" in out, out
+        # runc says the root is read-only; gVisor checks the permission first.
+        assert b"Read-only file system" in out or b"Permission denied" in out, out
+
+
+def test_100_mb_of_output_is_cut_at_the_cap(operator: SandboxClient, box: Box) -> None:
+    with box(output_bytes=1 * MiB) as sandbox:
+        out, err, result = run(operator, sandbox.id, "head -c 100000000 /dev/zero; sleep 30")
+        assert verdict(result) == "output_truncated", result
+        assert result.output_truncated
+        assert len(out) + len(err) <= 1 * MiB
+        assert result.wall_seconds < 10
+
+
+def test_thousands_of_zombies_are_reaped_by_init(
+    operator: SandboxClient, box: Box, runtime: str
+) -> None:
+    # A fork costs about 13 ms under gVisor's ptrace platform: fewer there, to stay quick.
+    count = 3000 if runtime == "runc" else 400
+    with box(pids=count + 50, memory_bytes=256 * MiB) as sandbox:
+        out, err, result = run(
+            operator, sandbox.id, ZOMBIES.replace("sys.argv[1]", str(count)), argv0="python3"
+        )
+        assert verdict(result) == "ok", (result, err[-500:])
+        assert int(out) >= count, out
+        # Their parent is gone: the sandbox's init reaped every one of them.
+        after, _, _ = run(operator, sandbox.id, COUNT_PROCS, argv0="python3")
+        assert int(after) < 8, after
