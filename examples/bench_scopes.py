@@ -16,7 +16,10 @@ from pathlib import Path
 
 MODULE = "\n".join(
     ["import pytest", ""]
-    + [f"def test_{i:02d}():\n    assert sum(range({i})) == {i * (i - 1) // 2}\n" for i in range(50)]
+    + [
+        f"def test_{i:02d}():\n    assert sum(range({i})) == {i * (i - 1) // 2}\n"
+        for i in range(50)
+    ]  # noqa: E501
 )
 
 

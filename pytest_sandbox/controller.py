@@ -117,6 +117,7 @@ class Controller:
             self._stop.set()
             for _ in threads:
                 self._work.put(None)
+            self._runner.close()
             self._registry.destroy_all(self.connection.client)
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
@@ -150,7 +151,7 @@ class Controller:
     def _start_pool(self, snap: snapshot.Snapshot, groups: list[Group]) -> list[threading.Thread]:
         assert self.connection is not None
         client = self.connection.client
-        runner = GroupRunner(
+        runner = self._runner = GroupRunner(
             client,
             ImageCache(client, snap),
             self._settings(snap),

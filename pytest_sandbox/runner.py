@@ -15,7 +15,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,7 @@ class GroupRunner:
         self.registry = registry
         self.emit = emit
         self.stop = stop
+        self._destroyer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sandbox-rm")
 
     def run(self, group: Group) -> None:
         try:
@@ -217,11 +218,20 @@ class GroupRunner:
                     self.emit(Kept(sandbox.container_id, tuple(failed)))
             finally:
                 if not kept:
-                    self.registry.discard(sandbox.id)
-                    try:
-                        self.client.destroy_sandbox(sandbox.id)
-                    except errors.SandboxError as exc:
-                        log.warning("could not destroy sandbox %s: %s", sandbox.id, exc)
+                    # Off this thread: the next group need not wait for the engine's rm.
+                    self._destroyer.submit(self._destroy, sandbox.id)
+
+    def _destroy(self, sandbox_id: str) -> None:
+        try:
+            self.client.destroy_sandbox(sandbox_id)
+        except errors.SandboxError as exc:
+            log.warning("could not destroy sandbox %s: %s", sandbox_id, exc)
+        finally:
+            self.registry.discard(sandbox_id)
+
+    def close(self) -> None:
+        """Wait for pending destroys."""
+        self._destroyer.shutdown(wait=True)
 
     def _sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> pb.SandboxSpec:
         env = dict(self.settings.env)
