@@ -202,7 +202,13 @@ class ImageStore:
                 return
             tag = f"{TAG_REPO}:{key[:32]}"
             dockerfile = f"FROM {base_ref}\n{fragment}\n"
-            labels = {LABEL_MANAGED: "1", LABEL_KEY: key, "sandbox.base": base_ref}
+            # role overrides the "base" role a derived image would inherit from its base.
+            labels = {
+                LABEL_MANAGED: "1",
+                LABEL_KEY: key,
+                "sandbox.base": base_ref,
+                "sandbox.role": "image",
+            }
             if label:
                 labels["sandbox.label"] = label
             if owner:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import difflib
+import os
 import re
 import shutil
 import sys
@@ -39,7 +39,9 @@ def generate(dest: Path) -> None:
     # protoc writes imports relative to the proto root; make them package-absolute.
     for path in dest.rglob("*.py*"):
         text = path.read_text()
-        text = re.sub(r"^from sandbox\.v1 import", f"from {PACKAGE}.sandbox.v1 import", text, flags=re.M)
+        text = re.sub(
+            r"^from sandbox\.v1 import", f"from {PACKAGE}.sandbox.v1 import", text, flags=re.M
+        )
         text = re.sub(r"^import sandbox\.v1\.", f"import {PACKAGE}.sandbox.v1.", text, flags=re.M)
         path.write_text(text)
     for d in [dest, *(p for p in dest.rglob("*") if p.is_dir())]:
@@ -56,7 +58,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the committed stubs are stale"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp) / "_proto"
