@@ -516,8 +516,17 @@ class DockerExec:
             self._runtime.kill_tagged(self.container_id, self._tag, self._user)
 
     def close(self) -> None:
+        # Closing the SocketIO wrapper alone leaves the socket's fd open until the
+        # garbage collector finds the HTTP response that still refers to it.
         with contextlib.suppress(OSError):
             self._sock.close()
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.close()
+        response = getattr(self._sock, "_response", None)
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.close()
 
 
 def _explain(exc: BaseException) -> str:
