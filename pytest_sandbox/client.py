@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from sandboxd import errors
@@ -22,11 +23,12 @@ class Connection:
     def where(self) -> str:
         return "embedded sandboxd" if self.embedded is not None else self.client.address
 
-    def close(self, *, stop_embedded: bool = True) -> None:
+    def close(self, *, keep: Collection[str] = ()) -> None:
+        """Close; an embedded service removes its sandboxes, except those in `keep`."""
         self.client.close()
-        if self.embedded is not None and stop_embedded:
+        if self.embedded is not None:
             try:
-                self.embedded.stop()
+                self.embedded.stop(keep=keep)
             except Exception:  # shutting down: report, do not mask the session's outcome
                 log.exception("stopping the embedded sandboxd failed")
 

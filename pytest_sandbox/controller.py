@@ -251,8 +251,7 @@ class Controller:
 
     def close(self) -> None:
         if self.connection is not None:
-            # Kept containers outlive an embedded service only if it is not stopped.
-            self.connection.close(stop_embedded=not self.kept)
+            self.connection.close(keep=[k.sandbox_id for k in self.kept])
             self.connection = None
 
     def summary_lines(self) -> list[str]:
@@ -260,6 +259,8 @@ class Controller:
         for kept in self.kept:
             lines.append(f"kept the sandbox of {', '.join(kept.nodeids)}:")
             lines.append(f"    docker exec -it {kept.container_id} bash")
+        if lines:
+            lines.append("(kept until the next sandboxd start or `sandboxd gc` removes them)")
         return lines
 
 

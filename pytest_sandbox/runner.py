@@ -68,6 +68,7 @@ class ItemResult:
 class Kept:
     container_id: str
     nodeids: tuple[str, ...]
+    sandbox_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ class GroupRunner:
                 pending, failed = self._attempt(group, pending, placement)
                 if failed and self.settings.keep_failed and not self.stop.is_set():
                     kept = True
-                    self.emit(Kept(sandbox.container_id, tuple(failed)))
+                    self.emit(Kept(sandbox.container_id, tuple(failed), sandbox.id))
             finally:
                 if not kept:
                     # Off this thread: the next group need not wait for the engine's rm.

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -159,12 +159,19 @@ class SandboxManager:
         self._reaper = threading.Thread(target=self._reap_loop, name="sandbox-reaper", daemon=True)
         self._reaper.start()
 
-    def stop(self) -> None:
-        """Destroy every sandbox of this instance (pooled ones too) and stop reaping."""
+    def stop(self, keep: Collection[str] = ()) -> None:
+        """Destroy every sandbox of this instance (pooled ones too) and stop reaping.
+
+        Sandboxes named in `keep` stay for inspection; as leftovers of an instance that is
+        gone, the next start of any sandboxd (or `sandboxd gc`) removes them.
+        """
         self._stop.set()
         if self.pool is not None:
             self.pool.stop()
         for record in self.list():
+            if record.id in keep:
+                log.info("keeping sandbox %s (container %s)", record.id, record.container_id)
+                continue
             with contextlib.suppress(SandboxError):
                 self.destroy(record.id)
         self._removals.shutdown(wait=True)

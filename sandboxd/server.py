@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Collection
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,9 @@ class Service:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop taking calls, give running ones `grace` seconds, remove every sandbox."""
+    def stop(self, grace: float = 5.0, keep: Collection[str] = ()) -> None:
+        """Stop taking calls, give running ones `grace` seconds, remove every sandbox
+        except those in `keep`."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -157,7 +159,7 @@ class Service:
         # Sandboxes go only after the calls using them have finished or been cancelled:
         # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
-        self.core.manager.stop()
+        self.core.manager.stop(keep)
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 Path(self.address[len("unix:") :]).unlink()
@@ -185,8 +187,8 @@ class Embedded:
         self.config = config or ServerConfig()
         self.service, self.address = create_server(self.config, f"unix:{self._tmp}/sandboxd.sock")
 
-    def stop(self, grace: float = 5.0) -> None:
-        self.service.stop(grace)
+    def stop(self, grace: float = 5.0, keep: Collection[str] = ()) -> None:
+        self.service.stop(grace, keep)
         with contextlib.suppress(OSError):
             os.rmdir(self._tmp)
 
