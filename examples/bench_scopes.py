@@ -19,7 +19,7 @@ MODULE = "\n".join(
     + [
         f"def test_{i:02d}():\n    assert sum(range({i})) == {i * (i - 1) // 2}\n"
         for i in range(50)
-    ]  # noqa: E501
+    ]
 )
 
 
