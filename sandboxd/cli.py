@@ -1,4 +1,4 @@
-"""`sandboxd serve | build | run | gc | bootstrap-image`."""
+"""`sandboxd serve | build | run | grade | gc | bootstrap-image`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    grade = sub.add_parser("grade", help="run a pytest suite against every submission")
+    grade.add_argument("--tests", type=Path, required=True, help="the course's tests dir")
+    grade.add_argument(
+        "--submissions", type=Path, required=True, help="one sub-folder or .zip per submission"
+    )
+    grade.add_argument("--profile", default="untrusted", help="security profile (%(default)s)")
+    grade.add_argument("--runtime", default="", help="container runtime (default: the profile's)")
+    grade.add_argument("--jobs", type=int, default=2, help="sandboxes at once (%(default)s)")
+    grade.add_argument(
+        "--cpu-time", type=float, default=10.0, help="CPU seconds per submission (%(default)s)"
+    )
+    grade.add_argument(
+        "--timeout", type=float, default=60.0, help="wall seconds per submission (%(default)s)"
+    )
+    grade.add_argument("--memory", default="256m", help="memory per submission (%(default)s)")
+    grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
+    grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     return p
 
 
@@ -257,12 +275,41 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     return code
 
 
+def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd import grading
+    from sandboxd.client import SandboxClient
+
+    settings = grading.GradeSettings(
+        profile=args.profile,
+        runtime=args.runtime,
+        cpu_seconds=args.cpu_time,
+        timeout_seconds=args.timeout,
+        memory_bytes=parse_size(args.memory, field="--memory"),
+        jobs=args.jobs,
+    )
+    submissions = grading.load_submissions(args.submissions)
+    print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
+    with _client(args.address, config) as client:
+        assert isinstance(client, SandboxClient)
+        document = grading.grade_all(
+            client,
+            args.tests,
+            submissions,
+            settings,
+            grading.junit_dir_for(args.out),
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    grading.write_results(document, args.out)
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "bootstrap-image": cmd_bootstrap,
     "build": cmd_build,
     "gc": cmd_gc,
     "run": cmd_run,
+    "grade": cmd_grade,
 }
 
 
@@ -272,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else logging.WARNING
-        if args.command == "run"
+        if args.command in ("run", "grade")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
