@@ -1,0 +1,98 @@
+"""Grading without an engine: reading submissions, parsing JUnit XML, judging a run."""
+
+from __future__ import annotations
+
+import signal
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sandboxd import errors
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.grading import judge_run, load_submissions, parse_junit, pytest_files
+
+JUNIT = b"""<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="4">
+<testcase classname="test_a" name="test_ok" time="0.1"/>
+<testcase classname="test_a" name="test_bad" time="0.1"><failure message="x"/></testcase>
+<testcase classname="test_b" name="test_skip[1]" time="0"><skipped message="s"/></testcase>
+<testcase classname="test_b" name="test_err" time="0"><error message="e"/></testcase>
+<testcase classname="test_b" name="test_err" time="0"/>
+</testsuite></testsuites>"""
+
+
+def test_parse_junit_outcomes_sorted_and_worst_kept() -> None:
+    assert parse_junit(JUNIT) == {
+        "test_a::test_bad": "failed",
+        "test_a::test_ok": "passed",
+        "test_b::test_err": "error",
+        "test_b::test_skip[1]": "skipped",
+    }
+    with pytest.raises(errors.InvalidArgument):
+        parse_junit(b"<not xml")
+
+
+def _result(**kw: object) -> pb.ExecResult:
+    return pb.ExecResult(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("result", "tests", "verdict"),
+    [
+        (_result(verdict=pb.VERDICT_OK), {"t::a": "passed"}, "passed"),
+        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1), {"t::a": "failed"}, "failed"),
+        (_result(verdict=pb.VERDICT_TIMED_OUT, message="timed out after 2.0s"), None, "timed_out"),
+        (_result(verdict=pb.VERDICT_OUT_OF_MEMORY), None, "out_of_memory"),
+        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=139, signal=11), None, "crashed"),
+        (
+            _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=152, signal=signal.SIGXCPU),
+            None,
+            "timed_out",
+        ),
+        (
+            _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=137, signal=9, cpu_seconds=5.1),
+            None,
+            "timed_out",
+        ),
+        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=2), None, "error"),
+        (_result(verdict=pb.VERDICT_OK), None, "error"),  # exit 0 but no results written
+        # Results that contradict the exit status: a forged file without a matching exit.
+        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1), {"t::a": "passed"}, "inconsistent"),
+        (_result(verdict=pb.VERDICT_OK), {"t::a": "failed"}, "inconsistent"),
+        (_result(verdict=pb.VERDICT_OK), {}, "inconsistent"),
+    ],
+)
+def test_judge_run(result: pb.ExecResult, tests: dict[str, str] | None, verdict: str) -> None:
+    assert judge_run(result, tests, cpu_limit=4)[0] == verdict  # type: ignore[arg-type]
+
+
+def test_load_submissions_folders_and_zips_safely(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "calc.py").write_text("x = 1\n")
+    (tmp_path / "b" / "__pycache__").mkdir()
+    (tmp_path / "b" / "__pycache__" / "calc.pyc").write_bytes(b"\0")
+    (tmp_path / "b" / "link.py").symlink_to("/etc/passwd")
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("a/calc.py", "x = 2\n")
+        zf.writestr("a/pkg/mod.py", "y = 3\n")
+    (tmp_path / "notes.txt").write_text("ignored")
+    subs = load_submissions(tmp_path)
+    assert [(s.name, dict(s.files)) for s in subs] == [
+        ("a", {"calc.py": b"x = 2\n", "pkg/mod.py": b"y = 3\n"}),
+        ("b", {"calc.py": b"x = 1\n"}),
+    ]
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
+        zf.writestr("../../escape.py", "boom")
+    with pytest.raises(errors.InvalidArgument, match=r"\.\."):
+        load_submissions(tmp_path)
+
+
+def test_pytest_files_are_pure_python_with_metadata() -> None:
+    files = pytest_files()
+    names = set(files)
+    assert "grader/lib/_pytest/main.py" in names and "grader/lib/pluggy/__init__.py" in names
+    assert any(
+        n.startswith("grader/lib/pytest-") and n.endswith("/entry_points.txt") for n in names
+    )
+    assert not any(n.endswith((".so", ".pyc")) for n in names)
