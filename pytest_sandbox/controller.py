@@ -88,6 +88,38 @@ class Controller:
     _events: queue.Queue[object] = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
     _registry: Registry = field(default_factory=Registry)
+    _early: threading.Thread | None = None
+    _early_result: dict[str, object] = field(default_factory=dict)
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Read the project and start (or reach) the service while pytest collects:
+        both take a while and neither depends on what is collected."""
+
+        def work() -> None:
+            try:
+                self._early_result["snap"] = snapshot.take(self.config.rootpath)
+                self._early_result["conn"] = connect(self.options.address)
+            except BaseException as exc:  # re-raised on the main thread
+                self._early_result["error"] = exc
+
+        self._early = threading.Thread(target=work, name="sandbox-early", daemon=True)
+        self._early.start()
+
+    def _early_ready(self) -> snapshot.Snapshot:
+        """Wait for the early work; the connection is kept either way, so close() ends it."""
+        if self._early is None:
+            self.pytest_sessionstart(None)  # type: ignore[arg-type]
+        assert self._early is not None
+        self._early.join()
+        conn = self._early_result.get("conn")
+        if isinstance(conn, Connection):
+            self.connection = conn
+        error = self._early_result.get("error")
+        if isinstance(error, BaseException):
+            raise error
+        snap = self._early_result["snap"]
+        assert isinstance(snap, snapshot.Snapshot)
+        return snap
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
@@ -103,8 +135,7 @@ class Controller:
         rootdir = self.config.rootpath
         groups = make_groups(routed, self.specs, rootdir)
         try:
-            snap = snapshot.take(rootdir)
-            self.connection = connect(self.options.address)
+            snap = self._early_ready()
         except (errors.SandboxError, snapshot.SnapshotTooLarge, OSError) as exc:
             raise pytest.UsageError(f"sandbox: {exc}") from None
         threads = self._start_pool(snap, groups)
@@ -118,7 +149,8 @@ class Controller:
             for _ in threads:
                 self._work.put(None)
             self._runner.close()
-            self._registry.destroy_all(self.connection.client)
+            if self.connection is not None:
+                self._registry.destroy_all(self.connection.client)
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
         if session.shouldstop:
@@ -250,6 +282,12 @@ class Controller:
             self._registry.destroy_all(self.connection.client)
 
     def close(self) -> None:
+        if self.connection is None and self._early is not None:
+            # The session ended before it needed the service: stop what was started early.
+            self._early.join()
+            conn = self._early_result.pop("conn", None)
+            if isinstance(conn, Connection):
+                self.connection = conn
         if self.connection is not None:
             self.connection.close(keep=[k.sandbox_id for k in self.kept])
             self.connection = None
