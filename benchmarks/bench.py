@@ -50,6 +50,8 @@ def make_project(n: int) -> Path:
     root = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
     tests = "\n".join(f"def test_{i}():\n    assert {i} + 1 == {i + 1}\n" for i in range(n))
     (root / "test_trivial.py").write_text(tests)
+    double = "\n".join(f"def test_{i}():\n    assert {i} + 1 == {i + 1}\n" for i in range(2 * n))
+    (root / "test_double.py").write_text(double)
     (root / "test_first.py").write_text(
         textwrap.dedent(
             """
@@ -202,11 +204,15 @@ def main() -> int:
         ]
         for nodeid in nodeids
     ]
+    # The naive way as a loop runs it (one container after the other), and at (e)'s best
+    # parallelism, its fastest form.
+    results["b_naive_serial"] = {"wall": docker_run_all(naive_cmds, 1), "parallelism": 1}
     results["b_naive"] = {"wall": docker_run_all(naive_cmds, best_p), "parallelism": best_p}
 
     # (a) local.
     local, _ = timed([*PYTEST, "test_trivial.py"], project)
     results["a_local"] = {"wall": local}
+    results["a_local_2n"] = {"wall": timed([*PYTEST, "test_double.py"], project)[0]}
 
     # (c)/(d) through the plugin; one untimed run first so the image is a cache hit.
     jobs = str(best_p)
@@ -223,6 +229,9 @@ def main() -> int:
             project,
         )
         results[f"sandbox_{scope}"] = {"wall": wall}
+    # Twice the tests in one module: the difference is the marginal cost of a test.
+    wall, _ = timed([*PYTEST, "--sandbox=all", "--sandbox-scope=module", "test_double.py"], project)
+    results["sandbox_module_2n"] = {"wall": wall}
 
     # First routed test: launch to start, read back from the junit xml.
     xml = project / "first.xml"
@@ -248,27 +257,30 @@ def report(r: dict[str, object]) -> None:
 
     n = int(r["n"])  # type: ignore[call-overload]
     a, b, e = wall("a_local"), wall("b_naive"), wall("e_churn")
+    bs, a2, dm2 = wall("b_naive_serial"), wall("a_local_2n"), wall("sandbox_module_2n")
     c, dm, ds = wall("sandbox_test"), wall("sandbox_module"), wall("sandbox_session")
     g, fw, fc = r["g_build_cache_hit"], r["f_create_warm"], r["f_create_cold"]
     first = r["first_test_start"]
     assert isinstance(g, dict) and isinstance(fw, dict) and isinstance(fc, dict)
     assert isinstance(first, dict)
+    bp = r["b_naive"]["parallelism"]  # type: ignore[index]
+    marginal = ((dm2 - dm) - (a2 - a)) / n * 1e3
     rows = [
-        ("(a) local pytest", a, ""),
-        ("(b) naive docker run per test", b, f"(c) is {b / c:.2f}x faster  [target >= 1.8x]"),
-        ("(c) --sandbox scope=test", c, f"{c / e:.2f}x of (e)  [target <= 1.3x]"),
-        (
-            "(d) --sandbox scope=module",
-            dm,
-            f"{(dm - a) / n * 1e3:+.1f} ms/test over (a)  [target <= 5]",
-        ),
-        ("(d) --sandbox scope=session", ds, f"{(ds - a) / n * 1e3:+.1f} ms/test over (a)"),
-        ("(e) engine churn, best parallelism", e, f"{e / n * 1e3:.0f} ms/container"),
+        ("(a) local pytest", a, n, ""),
+        ("(a) local pytest, 2N tests", a2, 2 * n, ""),
+        ("(b) naive docker run, one at a time", bs, n, f"(c) is {bs / c:.2f}x faster [>= 1.8x]"),
+        (f"(b) naive docker run, {bp} at once", b, n, f"(c) is {b / c:.2f}x faster"),
+        ("(c) --sandbox scope=test", c, n, f"{c / e:.2f}x of (e)  [<= 1.3x]"),
+        ("(d) --sandbox scope=module", dm, n, f"{(dm - a) / n * 1e3:+.1f} ms/test over (a)"),
+        ("(d) --sandbox scope=module, 2N tests", dm2, 2 * n, f"marginal {marginal:+.1f} ms/test"),
+        ("(d) --sandbox scope=session", ds, n, f"{(ds - a) / n * 1e3:+.1f} ms/test over (a)"),
+        ("(e) engine churn, best parallelism", e, n, ""),
     ]
     print(f"\nN = {n} trivial tests, {r['cpus']} CPUs\n")
     print(f"{'':40} {'wall s':>8}  {'per test ms':>11}  note")
-    for name, value, note in rows:
-        print(f"{name:40} {value:8.2f}  {value / n * 1e3:11.1f}  {note}")
+    for name, value, count, note in rows:
+        print(f"{name:40} {value:8.2f}  {value / count * 1e3:11.1f}  {note}")
+    print("(d)'s marginal cost: ((d with 2N) - (d with N)) - ((a with 2N) - (a with N)), per test")
     print()
     for name, m, note in (
         ("(f) CreateSandbox warm  ", fw, "[target p50 < 20]"),
