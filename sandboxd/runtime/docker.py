@@ -27,6 +27,8 @@ from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound, SandboxErr
 from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
 
 log = logging.getLogger(__name__)
+#: How long killing an exec's processes from inside the sandbox may take.
+KILL_WAIT_SECONDS = 5.0
 T = TypeVar("T")
 #: Environment variable that marks every process of one exec, so they can be found inside.
 EXEC_TAG = "SANDBOXD_EXEC"
@@ -354,7 +356,19 @@ class DockerRuntime:
             created = self._call(
                 lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
             )
-            self._call(lambda: self.api.exec_start(str(created["Id"])))
+            kill_id = str(created["Id"])
+            # Detached and polled: an attached start can wait forever on a sandbox whose
+            # processes are wedged, and this is the call that must not hang.
+            self._call(lambda: self.api.exec_start(kill_id, detach=True))
+            deadline = time.monotonic() + KILL_WAIT_SECONDS
+            while time.monotonic() < deadline:
+                if not self._call(lambda: self.api.exec_inspect(kill_id)).get("Running"):
+                    return
+                time.sleep(0.05)
+            log.warning(
+                "killing inside %s did not finish; killing the container", container_id[:12]
+            )
+            self.kill_container(container_id)
         except SandboxError as exc:
             log.debug("killing tagged processes in %s: %s", container_id[:12], exc)
 
