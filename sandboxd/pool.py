@@ -72,6 +72,37 @@ class WarmPool:
         self._ensure_janitor()
         self._schedule(prep)
 
+    def has_ready(self, prep: Prepared) -> bool:
+        with self._lock:
+            return bool(self._ready.get(prep))
+
+    def warm_memory(self) -> int:
+        """Memory limits of the warm containers, ready or being made."""
+        with self._lock:
+            return self._warm_memory()
+
+    def evict(self, needed: int, keep: Prepared | None = None) -> int:
+        """Remove ready containers (others' first, oldest pools first) until `needed` bytes
+        are free; return how many bytes went. Live sandboxes need the memory more."""
+        victims: list[SandboxRecord] = []
+        freed = 0
+        with self._lock:
+            order = sorted(self._ready, key=lambda p: (p == keep, self._last_use.get(p, 0.0)))
+            for prep in order:
+                queue = self._ready[prep]
+                while queue and freed < needed:
+                    record = queue.popleft()
+                    self._ids.discard(record.id)
+                    # Shrink the target too, or the pool would refill right away.
+                    self._target[prep] = max(0, self._target.get(prep, 0) - 1)
+                    victims.append(record)
+                    freed += prep.limits.memory_bytes
+        for record in victims:
+            self._manager.discard(record)
+        if victims:
+            log.info("pool: evicted %d warm sandboxes for live ones", len(victims))
+        return freed
+
     def knows(self, sandbox_id: str) -> bool:
         with self._lock:
             return sandbox_id in self._ids
@@ -102,12 +133,14 @@ class WarmPool:
         return total + sum(p.limits.memory_bytes * n for p, n in self._inflight.items())
 
     def _schedule(self, prep: Prepared) -> None:
+        # Live sandboxes come first: the pool fills only what the service-wide budget leaves.
+        free = self._manager.memory_budget - self._manager.committed_memory()
         with self._lock:
             if self._stopped.is_set():
                 return
             have = len(self._ready.get(prep, ())) + self._inflight.get(prep, 0)
             deficit = self._target.get(prep, 0) - have
-            room = self.memory_budget - self._warm_memory()
+            room = min(self.memory_budget, free) - self._warm_memory()
             count = max(0, min(deficit, room // max(prep.limits.memory_bytes, 1)))
             self._inflight[prep] = self._inflight.get(prep, 0) + count
         for _ in range(count):

@@ -232,7 +232,14 @@ class SandboxManager:
 
     # -- admission ----------------------------------------------------------
 
-    def _admit(self, owner: str, memory: int) -> None:
+    def committed_memory(self) -> int:
+        """Memory limits of the live sandboxes and of those being created."""
+        with self._lock:
+            return self._pending_memory + sum(
+                r.limits.memory_bytes for r in self._sandboxes.values()
+            )
+
+    def _admit(self, owner: str, memory: int, prep: Prepared | None = None) -> None:
         """Wait for a free slot and `memory` bytes of the budget, for a bounded time.
 
         Raises:
@@ -263,6 +270,16 @@ class SandboxManager:
                 committed = self._pending_memory + sum(
                     r.limits.memory_bytes for r in self._sandboxes.values()
                 )
+                if self.pool is not None:
+                    # Warm containers count; one this request will take moves, not adds.
+                    warm = self.pool.warm_memory()
+                    if prep is not None and self.pool.has_ready(prep):
+                        warm -= memory
+                    over = committed + warm + memory - budget
+                    if over > 0 and warm > 0:
+                        self.pool.evict(over, keep=prep)
+                        warm = self.pool.warm_memory()
+                    committed += max(0, warm)
                 if not full and committed + memory <= budget:
                     break
                 left = deadline - time.monotonic()
@@ -448,7 +465,7 @@ class SandboxManager:
         started = time.monotonic()
         prep = self.prepare(req)
         ttl = check_ttl(req.ttl_seconds, self.config.default_ttl_seconds, self.config.caps)
-        self._admit(req.owner, prep.limits.memory_bytes)
+        self._admit(req.owner, prep.limits.memory_bytes, prep)
         try:
             record = self.pool.take(prep) if self.pool is not None else None
             if record is None:
