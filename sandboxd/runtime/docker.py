@@ -350,21 +350,19 @@ class DockerRuntime:
         script = (
             "for _ in 1 2 3; do for d in /proc/[0-9]*; do "
             f"grep -qsa {EXEC_TAG}={tag} $d/environ && kill -9 ${{d#/proc/}} 2>/dev/null; "
-            "done; done; exit 0"
+            "done; done; echo killed"
         )
         try:
             created = self._call(
                 lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
             )
             kill_id = str(created["Id"])
-            # Detached and polled: an attached start can wait forever on a sandbox whose
-            # processes are wedged, and this is the call that must not hang.
-            self._call(lambda: self.api.exec_start(kill_id, detach=True))
-            deadline = time.monotonic() + KILL_WAIT_SECONDS
-            while time.monotonic() < deadline:
-                if not self._call(lambda: self.api.exec_inspect(kill_id)).get("Running"):
-                    return
-                time.sleep(0.05)
+            # The script's own word says it is done: under gVisor a finished exec can be
+            # reported as running for many seconds, and an attached start can wait forever
+            # on a wedged sandbox, so neither the exec's state nor its end is waited for.
+            sock = self._call(lambda: self.api.exec_start(kill_id, socket=True))
+            if _read_until(sock, b"killed", KILL_WAIT_SECONDS):
+                return
             log.warning(
                 "killing inside %s did not finish; killing the container", container_id[:12]
             )
@@ -541,6 +539,28 @@ class DockerExec:
         if response is not None:
             with contextlib.suppress(Exception):
                 response.close()
+
+
+def _read_until(sock: Any, word: bytes, seconds: float) -> bool:
+    """Whether `word` arrives on an exec's output within `seconds`; the socket is closed."""
+    raw: socket.socket | None = getattr(sock, "_sock", None)
+    seen = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while raw is not None and time.monotonic() < deadline:
+            raw.settimeout(max(0.05, deadline - time.monotonic()))
+            data = raw.recv(4096)
+            if not data:
+                break
+            seen = (seen + data)[-256:]
+            if word in seen:
+                return True
+    except (OSError, ValueError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    return word in seen
 
 
 def _explain(exc: BaseException) -> str:
