@@ -23,7 +23,14 @@ import requests.exceptions
 from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound, SandboxError
+from sandboxd.errors import (
+    BuildFailed,
+    EngineUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SandboxError,
+)
 from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,16 @@ class DockerRuntime:
             raise NotFound(_explain(exc)) from None
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
+        except docker.errors.APIError as exc:
+            # The engine refused what we passed on from a client (e.g. a malformed image
+            # reference): that is the client's input, not an engine failure.
+            if exc.status_code == 400:
+                raise InvalidArgument(f"the container engine refused it: {_explain(exc)}") from None
+            if exc.status_code == 409:
+                raise FailedPrecondition(
+                    f"the container engine refused it: {_explain(exc)}"
+                ) from None
+            raise SandboxError(f"container engine error: {_explain(exc)}") from None
         except docker.errors.DockerException as exc:
             if "Connection" in str(exc) or "connection" in str(exc):
                 raise self._unavailable(exc) from None
@@ -451,7 +468,10 @@ class DockerRuntime:
             return True  # already ended: nothing to kill, and the container must be spared
         pid = int(info.get("Pid") or 0)
         if pid <= 0 or not Path(f"/proc/{pid}").exists():
-            return False
+            # Gone between the two looks (it ended), or never visible here (a remote
+            # engine): the container's own init tells which.
+            init = self._init_pid(container_id)
+            return init > 0 and Path(f"/proc/{init}").exists()
         # Several passes: a forking process may add children while we kill.
         for _ in range(10):
             victims = _descendants(pid)
