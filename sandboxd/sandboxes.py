@@ -43,6 +43,8 @@ State = Literal["running", "exited", "destroyed"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 MAX_ENV = 256
+#: How long a start waits for leftovers of dead instances to be removed before serving.
+STARTUP_REAP_SECONDS = 10.0
 GVISOR_PIDS_OVERHEAD = 256
 GVISOR_PIDS_PER_PROCESS = 16
 MAX_ENV_BYTES = 128 * 1024
@@ -154,10 +156,15 @@ class SandboxManager:
     def start(self) -> None:
         """Take this instance's liveness lock, reap leftovers, start the reaper thread."""
         self._instance_lock.acquire()
-        with contextlib.suppress(EngineUnavailable):
-            self.reap_orphans()
-        self._reaper = threading.Thread(target=self._reap_loop, name="sandbox-reaper", daemon=True)
+        first_pass = threading.Event()
+        self._reaper = threading.Thread(
+            target=self._reap_loop, args=(first_pass,), name="sandbox-reaper", daemon=True
+        )
         self._reaper.start()
+        # Leftovers usually go before the first call is served; but one wedged container
+        # in the engine must not keep the service from starting.
+        if not first_pass.wait(STARTUP_REAP_SECONDS):
+            log.warning("reaping leftovers takes long; serving meanwhile")
 
     def stop(self, keep: Collection[str] = ()) -> None:
         """Destroy every sandbox of this instance (pooled ones too) and stop reaping.
@@ -179,7 +186,15 @@ class SandboxManager:
             self._reaper.join(timeout=5)
         self._instance_lock.release()
 
-    def _reap_loop(self) -> None:
+    def _reap_loop(self, first_pass: threading.Event) -> None:
+        try:
+            self.reap_orphans()
+        except SandboxError as exc:
+            log.warning("reaper: %s", exc)
+        except Exception:
+            log.exception("reaper failed; will try again")
+        finally:
+            first_pass.set()
         while not self._stop.wait(self.config.reap_interval_seconds):
             try:
                 self.reap_expired()
