@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ class SandboxClient:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.address = address
+        # A service that wants a token (TCP listeners with --tokens) gets it from here
+        # unless the caller passes one: the CLI and the plugin both just work.
+        token = token if token is not None else os.environ.get("SANDBOXD_TOKEN") or None
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
