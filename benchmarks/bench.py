@@ -234,7 +234,7 @@ def main() -> int:
     results["sandbox_module_2n"] = {"wall": wall}
 
     # First routed test: launch to start, read back from the junit xml.
-    xml = project / "first.xml"
+    xml = project.parent / f"{project.name}-first.xml"
     launched = time.time()
     timed([*PYTEST, "--sandbox=all", f"--junitxml={xml}", "test_first.py"], project)
     started_prop = next(

@@ -97,10 +97,16 @@ class Controller:
 
         def work() -> None:
             try:
-                self._early_result["snap"] = snapshot.take(self.config.rootpath)
-                self._early_result["conn"] = connect(self.options.address)
+                xmlpath = getattr(self.config.option, "xmlpath", None)
+                outputs = [Path(xmlpath)] if xmlpath else []
+                snap = snapshot.take(self.config.rootpath, exclude=outputs)
+                self._early_result["snap"] = snap
+                conn = connect(self.options.address)
+                self._early_result["conn"] = conn
             except BaseException as exc:  # re-raised on the main thread
                 self._early_result["error"] = exc
+                return
+            self._runner = self._make_runner(conn, snap)
 
         self._early = threading.Thread(target=work, name="sandbox-early", daemon=True)
         self._early.start()
@@ -180,10 +186,9 @@ class Controller:
             labels={"pytest-sandbox.session": secrets.token_hex(6)},
         )
 
-    def _start_pool(self, snap: snapshot.Snapshot, groups: list[Group]) -> list[threading.Thread]:
-        assert self.connection is not None
-        client = self.connection.client
-        runner = self._runner = GroupRunner(
+    def _make_runner(self, conn: Connection, snap: snapshot.Snapshot) -> GroupRunner:
+        client = conn.client
+        return GroupRunner(
             client,
             ImageCache(client, snap),
             self._settings(snap),
@@ -191,6 +196,12 @@ class Controller:
             self._events.put,
             self._stop,
         )
+
+    def _start_pool(self, snap: snapshot.Snapshot, groups: list[Group]) -> list[threading.Thread]:
+        assert self.connection is not None
+        runner = getattr(self, "_runner", None)
+        if runner is None:
+            runner = self._runner = self._make_runner(self.connection, snap)
         self._work: queue.Queue[Group | None] = queue.Queue()
         for group in groups:
             self._work.put(group)

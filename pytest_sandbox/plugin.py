@@ -8,12 +8,19 @@ makes running a marked test locally a usage error.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import pytest
 
-from pytest_sandbox.controller import Controller, Options, default_jobs
-from pytest_sandbox.spec import SCOPES, Defaults, marker_kwargs, parse_memory, resolve
+from pytest_sandbox.spec import SCOPES, marker_kwargs, resolve, session_defaults
 
-controller_key = pytest.StashKey[Controller]()
+if TYPE_CHECKING:
+    # The controller pulls in grpc and the client (~0.25 s): only sessions that route
+    # tests pay for that import, not every pytest run on a machine with the plugin.
+    from pytest_sandbox.controller import Controller, Options
+
+controller_key: pytest.StashKey[Controller] = pytest.StashKey()
 
 MARKER = (
     "sandbox(image=None, dockerfile=None, cpus=1.0, memory='512m', pids=256, timeout=60.0, "
@@ -68,28 +75,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"sandbox_{name}", help_text, type=kind, default=default)  # type: ignore[arg-type]
 
 
-def _defaults(config: pytest.Config) -> Defaults:
-    def ini(name: str) -> str:
-        return str(config.getini(f"sandbox_{name}")).strip()
-
-    scope = config.getoption("sandbox_scope") or ini("scope") or "test"
-    if scope not in SCOPES:
-        raise pytest.UsageError(f"sandbox_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    try:
-        return Defaults(
-            image=ini("image"),
-            dockerfile=ini("dockerfile"),
-            cpus=float(ini("cpus") or 1.0),
-            memory=parse_memory(ini("memory") or "512m"),
-            pids=int(ini("pids") or 256),
-            timeout=float(ini("timeout") or 60.0),
-            scope=scope,
-        )
-    except ValueError as exc:
-        raise pytest.UsageError(f"sandbox ini settings: {exc}") from None
-
-
 def _options(config: pytest.Config, mode: str) -> Options:
+    from pytest_sandbox.controller import Options
+
     if mode not in ("marked", "all"):
         raise pytest.UsageError(f"--sandbox takes no value or `all`, not {mode!r}")
     jobs = config.getoption("sandbox_jobs") or int(str(config.getini("sandbox_jobs")) or 0)
@@ -98,7 +86,7 @@ def _options(config: pytest.Config, mode: str) -> Options:
         address=config.getoption("sandbox_address")
         or str(config.getini("sandbox_address"))
         or None,
-        jobs=jobs or default_jobs(),
+        jobs=jobs or os.cpu_count() or 1,
         keep_failed=bool(config.getoption("sandbox_keep_failed")),
     )
 
@@ -108,6 +96,8 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = config.getoption("sandbox")
     if mode is None or hasattr(config, "workerinput"):  # xdist workers never route
         return
+    from pytest_sandbox.controller import Controller
+
     controller = Controller(config, _options(config, mode))
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "sandbox-controller")
@@ -134,7 +124,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     + (f" and {len(marked) - 5} more" if len(marked) > 5 else "")
                 )
         return
-    defaults = _defaults(config)
+    defaults = session_defaults(config)
     route_all = controller.options.mode == "all"
     for item in items:
         kwargs = marker_kwargs(item)

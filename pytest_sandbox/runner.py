@@ -203,7 +203,7 @@ class GroupRunner:
         pending = list(group.nodeids)
         while pending and not self.stop.is_set():
             try:
-                sandbox = self.client.create_sandbox(self._sandbox_spec(build, spec, len(pending)))
+                sandbox = self.client.create_sandbox(self.sandbox_spec(build, spec, len(pending)))
             except errors.SandboxError as exc:
                 self._fail_all(pending, f"could not create a sandbox: {exc}", None)
                 return
@@ -234,7 +234,7 @@ class GroupRunner:
         """Wait for pending destroys."""
         self._destroyer.shutdown(wait=True)
 
-    def _sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> pb.SandboxSpec:
+    def sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> pb.SandboxSpec:
         env = dict(self.settings.env)
         env.update(spec.env)
         return pb.SandboxSpec(

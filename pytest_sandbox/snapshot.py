@@ -10,7 +10,7 @@ import importlib.metadata as metadata
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +75,20 @@ def _mode(st: os.stat_result) -> int:
     return 0o755 if st.st_mode & stat.S_IXUSR else 0o644
 
 
-def project_files(root: Path, prefix: str = "project") -> ContextFiles:
-    """Regular files under `root` minus VCS data, venvs, caches and build output.
+def project_files(
+    root: Path, prefix: str = "project", exclude: Collection[Path] = ()
+) -> ContextFiles:
+    """Regular files under `root` minus VCS data, venvs, caches, build output and `exclude`.
 
     Raises:
         SnapshotTooLarge: the files add up to more than one build context can carry.
     """
     files: ContextFiles = {}
     total = 0
+    skip = {p.resolve() for p in exclude}
     for path in _walk(root):
+        if skip and path.resolve() in skip:
+            continue
         try:
             st = path.stat()
         except OSError:
@@ -165,10 +170,13 @@ class Snapshot:
         # The user's lines come first so their (slow) layers stay cached in the
         # engine when only the project's files change.
         lines = [user_fragment.strip()] if user_fragment.strip() else []
+        # The worker's libs change only with the host's pytest, the project every edit:
+        # separate layers keep a project change from recompiling pytest.
         lines += [
             f"COPY lib {LIB}",
+            f"RUN python3 -m compileall -q {LIB} || true",
             f"COPY project {PROJECT}",
-            f"RUN python3 -m compileall -q {LIB} {PROJECT} || true",
+            f"RUN python3 -m compileall -q {PROJECT} || true",
         ]
         return "\n".join(lines) + "\n"
 
@@ -177,14 +185,17 @@ class Snapshot:
         return ":".join(paths)
 
 
-def take(rootdir: Path) -> Snapshot:
+def take(rootdir: Path, exclude: Collection[Path] = ()) -> Snapshot:
     """Read the project and the worker's deps once for the session.
+
+    `exclude` names files the session itself writes (a --junitxml report): taking them
+    would change the image, and force a build, on every run.
 
     Raises:
         SnapshotTooLarge: see project_files.
     """
     context = lib_files()
-    context.update(project_files(rootdir))
+    context.update(project_files(rootdir, exclude=exclude))
     return Snapshot(context=context, has_src=(rootdir / "src").is_dir())
 
 

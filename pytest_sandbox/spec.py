@@ -178,3 +178,29 @@ def resolve(
         runtime=str(get("runtime", "")),
         profile=str(get("profile", "")),
     )
+
+
+def session_defaults(config: pytest.Config) -> Defaults:
+    """The session's defaults from --sandbox-scope and the ini keys.
+
+    Raises:
+        pytest.UsageError: a bad scope or ini value.
+    """
+    def ini(name: str) -> str:
+        return str(config.getini(f"sandbox_{name}")).strip()
+
+    scope = config.getoption("sandbox_scope") or ini("scope") or "test"
+    if scope not in SCOPES:
+        raise pytest.UsageError(f"sandbox_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    try:
+        return Defaults(
+            image=ini("image"),
+            dockerfile=ini("dockerfile"),
+            cpus=float(ini("cpus") or 1.0),
+            memory=parse_memory(ini("memory") or "512m"),
+            pids=int(ini("pids") or 256),
+            timeout=float(ini("timeout") or 60.0),
+            scope=scope,
+        )
+    except ValueError as exc:
+        raise pytest.UsageError(f"sandbox ini settings: {exc}") from None

@@ -252,6 +252,12 @@ class SandboxClient:
             lambda: self._call(self.sandboxes.CreateSandbox, request, timeout=timeout)
         )
 
+    def prewarm(self, spec: pb.SandboxSpec, count: int = 1) -> None:
+        """Ask the service to keep `count` more sandboxes of `spec` warm (a hint)."""
+        request = pb.CreateSandboxRequest(spec=spec, prewarm=True)
+        for _ in range(count):
+            self._call(self.sandboxes.CreateSandbox, request, timeout=30.0)
+
     def get_sandbox(self, sandbox_id: str) -> pb.Sandbox:
         return self._call(self.sandboxes.GetSandbox, pb.GetSandboxRequest(sandbox_id=sandbox_id))
 

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long a request waits for a warm container already being made before making its own.
+INFLIGHT_WAIT_SECONDS = 1.0
+
 
 class WarmPool:
     def __init__(self, manager: SandboxManager, config: ServerConfig) -> None:
@@ -29,6 +32,7 @@ class WarmPool:
         self.memory_budget = config.pool_memory_budget_bytes or manager.memory_budget // 4
         self.idle_seconds = config.pool_idle_seconds
         self._lock = threading.Lock()
+        self._filled = threading.Condition(self._lock)
         self._ready: dict[Prepared, deque[SandboxRecord]] = {}
         self._target: dict[Prepared, int] = {}
         self._inflight: dict[Prepared, int] = {}
@@ -48,6 +52,13 @@ class WarmPool:
         record = None
         with self._lock:
             self._last_use[prep] = time.monotonic()
+            # One already on its way is usually ready sooner than a new one would be.
+            deadline = time.monotonic() + INFLIGHT_WAIT_SECONDS
+            while not self._ready.get(prep) and self._inflight.get(prep, 0) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._filled.wait(left)
             ready = self._ready.get(prep)
             while ready:
                 candidate = ready.popleft()
@@ -159,6 +170,7 @@ class WarmPool:
             with self._lock:
                 self._inflight[prep] -= 1
                 self._target[prep] = 0
+                self._filled.notify_all()
             return
         with self._lock:
             self._inflight[prep] -= 1
@@ -166,6 +178,7 @@ class WarmPool:
             if keep:
                 self._ready.setdefault(prep, deque()).append(record)
                 self._ids.add(record.id)
+            self._filled.notify_all()
         if not keep:
             self._manager.discard(record)
 

@@ -508,6 +508,16 @@ class SandboxManager:
         finally:
             self._release_pending(prep.limits.memory_bytes, req.owner)
 
+    def prewarm(self, req: SandboxRequest) -> None:
+        """Grow the warm pool for this request by one, if there is a pool.
+
+        Raises:
+            The same as `prepare`: a prewarm of a bad request fails like its create would.
+        """
+        prep = self.prepare(req)
+        if self.pool is not None:
+            self.pool.missed(prep)
+
     def take_preload(self, record: SandboxRecord) -> processes.Started:
         """The sandbox's waiting preload command, once.
 

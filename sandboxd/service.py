@@ -269,6 +269,9 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def CreateSandbox(
         self, request: pb.CreateSandboxRequest, context: grpc.ServicerContext
     ) -> pb.Sandbox:
+        if request.prewarm:
+            self.manager.prewarm(request_from_pb(request.spec, owner_of(context)))
+            return pb.Sandbox()
         record = self.manager.create(request_from_pb(request.spec, owner_of(context)))
         if not context.is_active():  # the client gave up while we were creating
             self.manager.destroy(record.id)

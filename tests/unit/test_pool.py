@@ -77,6 +77,13 @@ def test_a_miss_starts_warming_and_the_next_request_is_served_warm(
     assert len(runtime.containers) >= made
 
 
+def test_prewarm_warms_without_handing_out(manager: SandboxManager) -> None:
+    manager.prewarm(SandboxRequest())
+    assert manager.list() == []
+    assert eventually(lambda: ready(manager) == 1)
+    assert manager.create(SandboxRequest()).from_pool
+
+
 def test_a_warm_sandbox_is_handed_out_once(manager: SandboxManager) -> None:
     manager.create(SandboxRequest())
     assert eventually(lambda: ready(manager) == 1)

@@ -499,16 +499,23 @@ class CreateSandboxRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    PREWARM_FIELD_NUMBER: _builtins.int
+    prewarm: _builtins.bool
+    """Only a hint: keep one more sandbox of this spec warm (created, started,
+    preload running) for a create that will follow. Nothing is handed out; the
+    answer is an empty Sandbox.
+    """
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     def __init__(
         self,
         *,
         spec: Global___SandboxSpec | None = ...,
+        prewarm: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prewarm", b"prewarm", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
