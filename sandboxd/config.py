@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
+import tomllib
 import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from sandboxd.errors import InvalidArgument
 from sandboxd.limits import Caps, Limits, parse_size

@@ -5,14 +5,14 @@ green while the message is shown; the run below is the same as running
 `pytest --sandbox` on a project holding just the hog.
 """
 
-HOG = '''
+HOG = """
 import pytest
 
 @pytest.mark.sandbox(memory="64m")
 def test_memory_hog():
     print("allocating 512 MiB under a 64 MiB limit")
     blob = bytearray(512 * 1024 * 1024)
-'''
+"""
 
 
 def test_memory_kill_is_reported_as_failed(pytester):
