@@ -216,7 +216,10 @@ class Executor:
         wall = time.monotonic() - started
         exit_code = proc.exit_code()
         after = self.runtime.sample(record.container_id)
-        alive = self.manager.alive(record)
+        # A command that exited on its own says its container was alive: asking the engine
+        # costs a call per exec, so ask only when the end looks like a kill.
+        ended_normally = exit_code is not None and 0 <= exit_code < 128
+        alive = ended_normally or self.manager.alive(record)
         if alive and exit_code == 128 + 9 and not (timed_out or truncated):
             # A container killed from outside takes its execs down a moment before the
             # engine reports it stopped; look again before calling this a plain SIGKILL.

@@ -140,6 +140,7 @@ class ImageStore:
         self._building: dict[str, threading.Lock] = {}
         self._cache: dict[str, ImageRecord] = {}
         self._bases: dict[str, tuple[str, float]] = {}
+        self._verified: dict[str, float] = {}
         # Clients other than the image's owner that built the same content themselves: knowing
         # every input, they learn nothing by using it. In memory only; a rebuild grants again.
         self._grants: dict[str, set[str]] = {}
@@ -226,16 +227,26 @@ class ImageStore:
                 self._cache[key] = record
             yield BuildOutcome(record, False, time.monotonic() - started)
 
-    def _lookup(self, key: str) -> ImageRecord | None:
+    def _lookup(self, key: str, *, trust_recent: bool = False) -> ImageRecord | None:
         """A cached image for `key`, checking the engine still has it."""
+        now = time.monotonic()
         with self._lock:
             record = self._cache.get(key)
-        if record is not None and self._runtime.image_id(record.tag) == record.digest:
+            fresh = trust_recent and now - self._verified.get(key, -BASE_TTL) < BASE_TTL
+        # Every create names its image: within BASE_TTL of the last look, trust the cache
+        # rather than ask the engine again (a removed image then fails the create itself).
+        if record is not None and (fresh or self._runtime.image_id(record.tag) == record.digest):
+            if not fresh:
+                with self._lock:
+                    self._verified[key] = now
             return record
         record = self._record(f"{TAG_REPO}:{key[:32]}", key)
-        if record is not None:
-            with self._lock:
+        with self._lock:
+            if record is not None:
                 self._cache[key] = record
+                self._verified[key] = now
+            else:
+                self._verified.pop(key, None)
         return record
 
     def _record(self, tag: str, key: str) -> ImageRecord | None:
@@ -272,7 +283,7 @@ class ImageStore:
         """
         if not _KEY.match(key):
             raise InvalidArgument(f"key: {key!r} is not an image key (64 hex digits)")
-        record = self._lookup(key)
+        record = self._lookup(key, trust_recent=True)
         if record is None:
             raise NotFound(f"no image with key {key[:12]}...; build it first")
         if not self.may_use(record, owner):
@@ -310,6 +321,7 @@ class ImageStore:
             raise PermissionDenied(f"image {key[:12]} belongs to another client")
         with self._lock:
             self._cache.pop(key, None)
+            self._verified.pop(key, None)
         self._runtime.remove_image(record.tag)
 
     def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
