@@ -22,7 +22,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.limits import MiB
-from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_MANAGED
+from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
 from sandboxd.server import Service, create_server
 
 BASE_IMAGE = "sandbox-base:bookworm"
@@ -83,6 +83,27 @@ def _no_labelled_container_left() -> Iterator[None]:
     for cid, _, _ in left:
         docker("rm", "-f", cid)  # clean up so the next run starts clean, then report
     assert not left, f"labelled containers left behind by this test session: {left}"
+
+
+def built_images() -> set[str]:
+    """Ids of the images the service built (its cache), whoever built them."""
+    out = docker("images", "-q", "--no-trunc", "--filter", f"label={LABEL_KEY}")
+    return set(out.stdout.split())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_images_this_session_built() -> Iterator[None]:
+    """The suite builds dozens of images (every pytester project is one); the build
+    cache is for users, so the session removes what it added and leaves the rest."""
+    try:
+        before = built_images()
+    except (OSError, subprocess.SubprocessError):
+        before = None
+    yield
+    if before is None:
+        return
+    for image in sorted(built_images() - before):
+        docker("rmi", "-f", image)
 
 
 @pytest.fixture(scope="session")
