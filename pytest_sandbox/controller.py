@@ -23,7 +23,7 @@ from _pytest.config import builtin_plugins
 from pytest_sandbox import snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.client import Connection, connect
-from pytest_sandbox.reports import kill_reports, remap_paths
+from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import (
     Group,
     GroupDone,
@@ -266,12 +266,15 @@ class Controller:
         config = self.config
         rootdir = str(config.rootpath)
         reports: list[pytest.TestReport] = []
+        datas = []
         for data in result.reports:
             rep = config.hook.pytest_report_from_serializable(
                 config=config, data=remap_paths(data, rootdir)
             )
             if rep is not None:
                 reports.append(rep)
+                datas.append(data)
+        adopt_subtests(config, reports, datas)
         if result.failure is not None:
             reports += kill_reports(item, reports, result.failure, result.sections)
         spec = self.specs[item.nodeid]

@@ -103,3 +103,27 @@ def kill_reports(
             pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown")
         )
     return out
+
+
+def adopt_subtests(config: pytest.Config, reports: Sequence[Any], datas: Sequence[Any]) -> None:
+    """Give replayed subtest reports what a local run would have.
+
+    pytest's subtests count failures in the worker's config stash, and the top-level
+    test is failed by the terminal's status hook from that count: the host needs the
+    count too. Its context kwargs are already reprs; deserializing repr's them again.
+    """
+    try:
+        from _pytest.subtests import SubtestReport, failed_subtests_key
+    except ImportError:  # pytest without built-in subtests
+        return
+    top = next(
+        (r for r in reports if r.when == "call" and not isinstance(r, SubtestReport)), None
+    )
+    for report, data in zip(reports, datas, strict=True):
+        if not isinstance(report, SubtestReport):
+            continue
+        context = data.get("_subtest.context") if isinstance(data, dict) else None
+        if isinstance(context, dict) and isinstance(context.get("kwargs"), dict):
+            object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
+        if report.failed and top is not None:
+            config.stash[failed_subtests_key][top.id] += 1

@@ -169,6 +169,49 @@ def test_exitfirst_stops_at_the_first_routed_failure(
     result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
 
 
+SUBTESTS = """
+import pytest
+
+def test_with_subtests(subtests):
+    for i in range(3):
+        with subtests.test(msg="case", i=i):
+            assert i != 1
+
+def test_xfails():
+    pytest.xfail("known")
+
+@pytest.mark.xfail(strict=True)
+def test_xpass_strict():
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(pytest, "Subtests"), reason="pytest has no built-in subtests before 9.0"
+)
+def test_subtests_and_xfail_replay_like_a_local_run(
+    pytester: pytest.Pytester, no_leftovers: None
+) -> None:
+    pytester.makepyfile(test_sub=SUBTESTS)
+    local = pytester.runpytest_subprocess("-rA", "-p", "no:cacheprovider")
+    routed = pytester.runpytest_subprocess(
+        "-rA", "-p", "no:cacheprovider", "--sandbox=all", "--sandbox-scope=module"
+    )
+
+    def summary(result: pytest.RunResult) -> list[str]:
+        lines = result.stdout.lines
+        start = next(i for i, line in enumerate(lines) if "short test summary info" in line)
+        return sorted(line for line in lines[start + 1 :] if not line.startswith("="))
+
+    assert summary(routed) == summary(local)
+    assert routed.ret == local.ret
+    routed.stdout.fnmatch_lines(["*SUBFAILED*(i=1) test_sub.py::test_with_subtests*"])
+    routed.stdout.fnmatch_lines(["*FAILED test_sub.py::test_with_subtests - contains 1 failed*"])
+
+
 def test_ctrl_c_leaves_no_sandbox_behind(
     pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
 ) -> None:
