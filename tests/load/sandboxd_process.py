@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 BASE_IMAGE = os.environ.get("SANDBOXD_TEST_BASE_IMAGE", "sandbox-base:bookworm")
 
@@ -195,3 +199,52 @@ class SandboxdProcess:
         leftovers = containers_of(self.instance_id)
         if leftovers:
             subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True, check=False)
+
+
+# Fixtures shared by the load and fault tests; each conftest imports them (and may
+# override `sandboxd_defaults`).
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engine_and_base_image() -> None:
+    """Fail (never skip) with a clear message when the engine or the base image is missing."""
+    info = subprocess.run(["docker", "info"], capture_output=True, text=True, check=False)
+    assert info.returncode == 0, f"the Docker engine does not answer: {info.stderr.strip()}"
+    image = subprocess.run(
+        ["docker", "image", "inspect", BASE_IMAGE], capture_output=True, check=False
+    )
+    assert image.returncode == 0, (
+        f"base image {BASE_IMAGE} is missing; run `sandboxd bootstrap-image` first"
+    )
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sbx-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sandboxd_defaults() -> dict[str, Any]:
+    """Settings every `sandboxd` child of a directory gets unless a test says otherwise."""
+    return {}
+
+
+@pytest.fixture
+def sandboxd(
+    short_dir: Path, sandboxd_defaults: dict[str, Any]
+) -> Iterator[Callable[..., SandboxdProcess]]:
+    """Factory: `sandboxd(settings, grace=..)` starts a child; all are ended at teardown."""
+    started: list[SandboxdProcess] = []
+
+    def start(settings: dict[str, Any] | None = None, **kwargs: Any) -> SandboxdProcess:
+        merged = {**sandboxd_defaults, **(settings or {})}
+        proc = SandboxdProcess(short_dir, merged or settings, name=f"sbx{len(started)}", **kwargs)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.close()
