@@ -65,6 +65,7 @@ class Defaults:
     pids: int = 256
     timeout: float = 60.0
     scope: Scope = "test"
+    profile: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def resolve(
         scope=_scope(get("scope", defaults.scope)),
         env=_env(kwargs.get("env"), host_env),
         runtime=str(get("runtime", "")),
-        profile=str(get("profile", "")),
+        profile=str(get("profile", defaults.profile)),
     )
 
 
@@ -201,6 +202,7 @@ def session_defaults(config: pytest.Config) -> Defaults:
             pids=int(ini("pids") or 256),
             timeout=float(ini("timeout") or 60.0),
             scope=scope,
+            profile=ini("profile"),
         )
     except ValueError as exc:
         raise pytest.UsageError(f"sandbox ini settings: {exc}") from None

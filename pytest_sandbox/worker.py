@@ -234,6 +234,7 @@ class WorkerPlugin:
             "address",
             "jobs",
             "required",
+            "profile",
         ]:
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
