@@ -218,7 +218,10 @@ class GroupRunner:
                     kept = True
                     self.emit(Kept(sandbox.container_id, tuple(failed), sandbox.id))
             finally:
-                if not kept:
+                if kept:
+                    # Out of the registry, or the session's final sweep would remove it.
+                    self.registry.discard(sandbox.id)
+                else:
                     # Off this thread: the next group need not wait for the engine's rm.
                     self._destroyer.submit(self._destroy, sandbox.id)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -238,3 +239,81 @@ def test_ctrl_c_leaves_no_sandbox_behind(
     out, err = proc.communicate(timeout=60)
     assert b"KeyboardInterrupt" in out + err
     assert b"INTERNALERROR" not in out + err
+
+
+def test_keep_failed_keeps_only_the_failed_tests_sandbox(
+    pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.sandbox
+        def test_fails():
+            open("/sandbox/work/evidence", "w").write("left for inspection")
+            assert False
+
+        @pytest.mark.sandbox
+        def test_passes():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--sandbox", "--sandbox-keep-failed", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*kept the sandbox of*test_fails*", "*docker exec -it * bash*"])
+    kept = plugin_containers()
+    try:
+        assert len(kept) == 1, kept
+        inside = subprocess.run(
+            ["docker", "exec", kept[0], "cat", "/sandbox/work/evidence"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert inside.stdout == "left for inspection", inside.stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", *kept], capture_output=True, check=False)
+
+
+def test_last_failed_reruns_only_the_routed_failure(
+    pytester: pytest.Pytester, no_leftovers: None
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.sandbox
+        def test_ok():
+            pass
+
+        @pytest.mark.sandbox
+        def test_broken():
+            assert 1 == 2
+        """
+    )
+    first = pytester.runpytest_subprocess("--sandbox")
+    first.assert_outcomes(passed=1, failed=1)
+    again = pytester.runpytest_subprocess("--sandbox", "--lf", "-v")
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines(["*test_broken FAILED*"])
+    again.stdout.no_fnmatch_line("*test_ok PASSED*")
+
+
+def test_sandbox_required_refuses_to_run_marked_tests_locally(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nsandbox_required = true\n")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.sandbox
+        def test_marked():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*sandbox_required is set but --sandbox was not given*"])
