@@ -9,10 +9,14 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandboxd import errors
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
 from sandboxd.limits import parse_size
+
+if TYPE_CHECKING:
+    from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
 
@@ -106,7 +110,7 @@ def _fragment(value: str) -> str:
 
 
 @contextlib.contextmanager
-def _client(address: str | None, config: ServerConfig) -> Iterator[object]:
+def _client(address: str | None, config: ServerConfig) -> Iterator[SandboxClient]:
     from sandboxd.client import SandboxClient
     from sandboxd.server import start_embedded
 
@@ -148,10 +152,7 @@ def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd.client import SandboxClient
-
     with _client(args.address, config) as client:
-        assert isinstance(client, SandboxClient)
         result = client.build_image(
             _fragment(args.dockerfile),
             base=args.base,
@@ -193,7 +194,6 @@ def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-    from sandboxd.client import SandboxClient
 
     argv = list(args.argv)
     if argv and argv[0] == "--":
@@ -215,7 +215,6 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     )
     fragment = _fragment(args.dockerfile)
     with _client(args.address, config) as client:
-        assert isinstance(client, SandboxClient)
         image = args.image
         digest = ""
         if fragment:
@@ -277,7 +276,6 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import grading
-    from sandboxd.client import SandboxClient
 
     settings = grading.GradeSettings(
         profile=args.profile,
@@ -290,7 +288,6 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     submissions = grading.load_submissions(args.submissions)
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
     with _client(args.address, config) as client:
-        assert isinstance(client, SandboxClient)
         document = grading.grade_all(
             client,
             args.tests,

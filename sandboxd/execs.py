@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import shlex
@@ -361,17 +360,3 @@ def _cpu_seconds(before: CgroupSample, after: CgroupSample) -> float:
     if before.cpu_ns is None or after.cpu_ns is None:
         return 0.0
     return max(0, after.cpu_ns - before.cpu_ns) / 1e9
-
-
-def tar_bytes(files: Mapping[str, bytes]) -> bytes:
-    """A small tar archive, for callers that hold files in memory."""
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()

@@ -250,9 +250,10 @@ class SandboxManager:
     def committed_memory(self) -> int:
         """Memory limits of the live sandboxes and of those being created."""
         with self._lock:
-            return self._pending_memory + sum(
-                r.limits.memory_bytes for r in self._sandboxes.values()
-            )
+            return self._committed_locked()
+
+    def _committed_locked(self) -> int:
+        return self._pending_memory + sum(r.limits.memory_bytes for r in self._sandboxes.values())
 
     def _admit(self, owner: str, memory: int, prep: Prepared | None = None) -> None:
         """Wait for a free slot and `memory` bytes of the budget, for a bounded time.
@@ -282,9 +283,7 @@ class SandboxManager:
                     )
             while True:
                 full = len(self._sandboxes) + self._pending >= self.config.caps.sandboxes
-                committed = self._pending_memory + sum(
-                    r.limits.memory_bytes for r in self._sandboxes.values()
-                )
+                committed = self._committed_locked()
                 if self.pool is not None:
                     # Warm containers count; one this request will take moves, not adds.
                     warm = self.pool.warm_memory()

@@ -185,6 +185,10 @@ def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
     )
 
 
+def context_from_pb(request: pb.BuildImageRequest) -> list[ContextFile]:
+    return [ContextFile(f.path, f.content, f.mode, f.sha256) for f in request.context_files]
+
+
 def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
     return ExecRequest(
         argv=list(m.argv),
@@ -216,9 +220,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = [
-            ContextFile(f.path, f.content, f.mode, f.sha256) for f in request.context_files
-        ]
+        context_files = context_from_pb(request)
         for item in self.images.build(
             request.base,
             request.fragment,
@@ -352,7 +354,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         cache_hit = False
         if request.HasField("build"):
             b = request.build
-            files = [ContextFile(f.path, f.content, f.mode, f.sha256) for f in b.context_files]
+            files = context_from_pb(b)
             for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
                 if isinstance(item, NeedsContent):
                     raise errors.InvalidArgument(
