@@ -6,26 +6,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fake_runtime import FakeRuntime
+from fake_runtime import BASE, FakeRuntime
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import PermissionDenied, ResourceExhausted
 from sandboxd.images import BuildOutcome, ImageRecord, ImageStore
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
-
-BASE = "sandbox-base:bookworm"
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    rt = FakeRuntime()
-    rt.add_image(BASE)
-    return rt
-
-
-@pytest.fixture
-def store(runtime: FakeRuntime) -> ImageStore:
-    return ImageStore(runtime, BASE)
 
 
 def build(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fake_runtime import FakeRuntime
+from fake_runtime import BASE, FakeRuntime
 
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound
 from sandboxd.images import (
@@ -16,20 +16,7 @@ from sandboxd.images import (
 )
 from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED
 
-BASE = "sandbox-base:bookworm"
 FRAGMENT = "RUN echo hi > /hi"
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    rt = FakeRuntime()
-    rt.add_image(BASE)
-    return rt
-
-
-@pytest.fixture
-def store(runtime: FakeRuntime) -> ImageStore:
-    return ImageStore(runtime, BASE)
 
 
 def build(

@@ -4,34 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from fake_runtime import FakeRuntime
+from fake_runtime import BASE, FakeRuntime, eventually
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import EngineUnavailable, ResourceExhausted
 from sandboxd.images import ImageStore
 from sandboxd.limits import Limits, MiB
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
-
-BASE = "sandbox-base:bookworm"
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    rt = FakeRuntime()
-    rt.add_image(BASE)
-    return rt
 
 
 def start(runtime: FakeRuntime, **kw: object) -> SandboxManager:

@@ -3,10 +3,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from fake_runtime import FakeRuntime
+from fake_runtime import BASE, FakeRuntime, eventually
 
 from sandboxd import instances
 from sandboxd.config import ServerConfig
@@ -27,18 +27,9 @@ from sandboxd.runtime.base import (
 )
 from sandboxd.sandboxes import SandboxManager, SandboxRequest, check_env
 
-BASE = "sandbox-base:bookworm"
-
 
 def new_id() -> str:
     return "unit" + uuid.uuid4().hex[:8]
-
-
-@pytest.fixture
-def runtime() -> FakeRuntime:
-    rt = FakeRuntime()
-    rt.add_image(BASE)
-    return rt
 
 
 def make_manager(runtime: FakeRuntime, **kw: object) -> SandboxManager:
@@ -47,16 +38,6 @@ def make_manager(runtime: FakeRuntime, **kw: object) -> SandboxManager:
     settings.update(kw)
     config = ServerConfig(instance_id=new_id(), **settings)  # type: ignore[arg-type]
     return SandboxManager(config, runtime, ImageStore(runtime, BASE))
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Removal runs in the background: poll for its effect."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
