@@ -90,8 +90,12 @@ class Controller:
     _registry: Registry = field(default_factory=Registry)
     _early: threading.Thread | None = None
     _early_result: dict[str, object] = field(default_factory=dict)
+    _runner: GroupRunner | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._start_early()
+
+    def _start_early(self) -> None:
         """Read the project and start (or reach) the service while pytest collects:
         both take a while and neither depends on what is collected."""
 
@@ -114,7 +118,7 @@ class Controller:
     def _early_ready(self) -> snapshot.Snapshot:
         """Wait for the early work; the connection is kept either way, so close() ends it."""
         if self._early is None:
-            self.pytest_sessionstart(None)  # type: ignore[arg-type]
+            self._start_early()
         assert self._early is not None
         self._early.join()
         conn = self._early_result.get("conn")
@@ -154,7 +158,8 @@ class Controller:
             self._stop.set()
             for _ in threads:
                 self._work.put(None)
-            self._runner.close()
+            if self._runner is not None:
+                self._runner.close()
             if self.connection is not None:
                 self._registry.destroy_all(self.connection.client)
         if session.shouldfail:
@@ -199,7 +204,7 @@ class Controller:
 
     def _start_pool(self, snap: snapshot.Snapshot, groups: list[Group]) -> list[threading.Thread]:
         assert self.connection is not None
-        runner = getattr(self, "_runner", None)
+        runner = self._runner
         if runner is None:
             runner = self._runner = self._make_runner(self.connection, snap)
         self._work: queue.Queue[Group | None] = queue.Queue()

@@ -116,9 +116,7 @@ def adopt_subtests(config: pytest.Config, reports: Sequence[Any], datas: Sequenc
         from _pytest.subtests import SubtestReport, failed_subtests_key
     except ImportError:  # pytest without built-in subtests
         return
-    top = next(
-        (r for r in reports if r.when == "call" and not isinstance(r, SubtestReport)), None
-    )
+    top = next((r for r in reports if r.when == "call" and not isinstance(r, SubtestReport)), None)
     for report, data in zip(reports, datas, strict=True):
         if not isinstance(report, SubtestReport):
             continue

@@ -187,6 +187,7 @@ def session_defaults(config: pytest.Config) -> Defaults:
     Raises:
         pytest.UsageError: a bad scope or ini value.
     """
+
     def ini(name: str) -> str:
         return str(config.getini(f"sandbox_{name}")).strip()
 
