@@ -86,7 +86,7 @@ _RECREATE = ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial")
 
 
 class ImageImporter(Protocol):
-    """The one engine call this module needs (satisfied by the Docker runtime)."""
+    """The one engine call this module needs (satisfied by every engine)."""
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: dict[str, str], changes: list[str]
@@ -94,7 +94,7 @@ class ImageImporter(Protocol):
 
 
 def make_base_image(
-    runtime: ImageImporter,
+    engine: ImageImporter,
     tag: str = DEFAULT_TAG,
     mirror: str = DEFAULT_MIRROR,
     suite: str = DEFAULT_SUITE,
@@ -128,7 +128,7 @@ def make_base_image(
         _customize(root)
         emit(f"debootstrap took {time.monotonic() - started:.1f} s; importing as {tag}")
         started = time.monotonic()
-        image_id = _import(runtime, root, tag)
+        image_id = _import(engine, root, tag)
         emit(f"import took {time.monotonic() - started:.1f} s")
     finally:
         _remove_tree(root)
@@ -333,7 +333,7 @@ def _set_entry(path: Path, name: str, entry: str, numeric_id: int | None = None)
     os.chmod(path, mode)
 
 
-def _import(runtime: ImageImporter, root: Path, tag: str) -> str:
+def _import(engine: ImageImporter, root: Path, tag: str) -> str:
     # --numeric-owner: the image's uids must not be re-mapped through the host's names;
     # --one-file-system: never archive a file system debootstrap left mounted.
     argv = ["tar", "-C", str(root), "--numeric-owner", "--one-file-system", "-c", "."]
@@ -345,7 +345,7 @@ def _import(runtime: ImageImporter, root: Path, tag: str) -> str:
     ):
         assert tar.stdout is not None
         try:
-            image_id = runtime.import_image(tar.stdout, tag, dict(LABELS), list(CHANGES))
+            image_id = engine.import_image(tar.stdout, tag, dict(LABELS), list(CHANGES))
         except BaseException:
             tar.kill()
             raise

@@ -138,10 +138,10 @@ def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.bootstrap import make_base_image
-    from sandboxd.runtime.docker import DockerRuntime
+    from sandboxd.engine import make_engine
 
     image = make_base_image(
-        DockerRuntime(config.docker_host),
+        make_engine(config),
         tag=args.tag,
         mirror=args.mirror,
         suite=args.suite,
@@ -174,19 +174,19 @@ def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import instances
-    from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY
-    from sandboxd.runtime.docker import DockerRuntime
+    from sandboxd.engine import make_engine
+    from sandboxd.engine.base import LABEL_INSTANCE, LABEL_KEY
 
-    runtime = DockerRuntime(config.docker_host)
+    engine = make_engine(config)
     removed = 0
-    for info in runtime.list_containers(LABEL_INSTANCE):
+    for info in engine.list_containers(LABEL_INSTANCE):
         if args.all or not instances.is_alive(info.labels.get(LABEL_INSTANCE, "")):
-            runtime.remove_container(info.id)
+            engine.remove_container(info.id)
             removed += 1
     images = 0
     if args.images:
-        for image_id, _, _, _ in runtime.list_images(LABEL_KEY):
-            runtime.remove_image(image_id)
+        for image_id, _, _, _ in engine.list_images(LABEL_KEY):
+            engine.remove_image(image_id)
             images += 1
     print(f"removed {removed} containers, {images} images")
     return 0

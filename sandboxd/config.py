@@ -68,6 +68,9 @@ class ServerConfig:
     pool_workers: int = max(2, os.cpu_count() or 2)
     #: Identifies this service's containers; a restart gets a new one.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    #: Which container engine runs the sandboxes (see sandboxd.engine.ENGINES).
+    engine: str = "docker"
+    #: The engine's API address; None means the engine's own default (DOCKER_HOST or its socket).
     docker_host: str | None = None
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"

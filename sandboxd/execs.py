@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import processes
+from sandboxd.engine.base import CgroupSample
 from sandboxd.errors import (
     EngineUnavailable,
     FailedPrecondition,
@@ -21,7 +22,6 @@ from sandboxd.errors import (
     SandboxError,
 )
 from sandboxd.paths import check_sandbox_path, check_tar
-from sandboxd.runtime.base import CgroupSample
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, check_env
 from sandboxd.verdicts import Judgement, Observation, judge
 
@@ -104,7 +104,7 @@ class Executor:
 
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
-        self.runtime = manager.runtime
+        self.engine = manager.engine
 
     def run(
         self,
@@ -134,14 +134,14 @@ class Executor:
             run = self.manager.take_preload(record)
             # Counters for the verdict stay from the preload's start (a memory kill while it
             # waited still counts); CPU and wall time count from the attach.
-            cpu_before = self.runtime.sample(record.container_id)
-            self.runtime.reset_peak(record.container_id)
+            cpu_before = self.engine.sample(record.container_id)
+            self.engine.reset_peak(record.container_id)
             started = time.monotonic()
             run.feed(req.stdin)  # closing stdin tells a waiting command its input is complete
         else:
             try:
                 run = processes.start(
-                    self.runtime,
+                    self.engine,
                     record.container_id,
                     req.argv,
                     env=req.env,
@@ -214,7 +214,7 @@ class Executor:
             proc.close()
         wall = time.monotonic() - started
         exit_code = proc.exit_code()
-        after = self.runtime.sample(record.container_id)
+        after = self.engine.sample(record.container_id)
         # A command that exited on its own says its container was alive: asking the engine
         # costs a call per exec, so ask only when the end looks like a kill.
         ended_normally = exit_code is not None and 0 <= exit_code < 128

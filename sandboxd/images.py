@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
 from sandboxd.paths import check_relative
-from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,10 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
 
 
 class ImageStore:
-    """Builds images through the runtime; answers repeated keys from the cache."""
+    """Builds images through the engine; answers repeated keys from the cache."""
 
-    def __init__(self, runtime: Runtime, base_image: str) -> None:
-        self._runtime = runtime
+    def __init__(self, engine: Engine, base_image: str) -> None:
+        self._engine = engine
         self.base_image = base_image
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
@@ -159,7 +159,7 @@ class ImageStore:
             hit = self._bases.get(base)
         if hit is not None and now - hit[1] < BASE_TTL:
             return base, hit[0]
-        image_id = self._runtime.image_id(base)
+        image_id = self._engine.image_id(base)
         # A base the engine does not have yet (e.g. python:3.12-slim elsewhere) is keyed by
         # its reference; the engine pulls it during the build if it can.
         identity = image_id or f"ref:{base}"
@@ -217,7 +217,7 @@ class ImageStore:
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
             log.info("building image %s on %s", key[:12], base_ref)
             try:
-                yield from self._runtime.build_image(dockerfile, files, tag, labels)
+                yield from self._engine.build_image(dockerfile, files, tag, labels)
             except BuildFailed as exc:
                 raise BuildFailed(_in_fragment_terms(exc.message, fragment)) from None
             record = self._record(tag, key)
@@ -235,7 +235,7 @@ class ImageStore:
             fresh = trust_recent and now - self._verified.get(key, -BASE_TTL) < BASE_TTL
         # Every create names its image: within BASE_TTL of the last look, trust the cache
         # rather than ask the engine again (a removed image then fails the create itself).
-        if record is not None and (fresh or self._runtime.image_id(record.tag) == record.digest):
+        if record is not None and (fresh or self._engine.image_id(record.tag) == record.digest):
             if not fresh:
                 with self._lock:
                     self._verified[key] = now
@@ -250,10 +250,10 @@ class ImageStore:
         return record
 
     def _record(self, tag: str, key: str) -> ImageRecord | None:
-        digest = self._runtime.image_id(tag)
+        digest = self._engine.image_id(tag)
         if digest is None:
             return None
-        labels = self._runtime.image_labels(tag)
+        labels = self._engine.image_labels(tag)
         if labels.get(LABEL_KEY) != key:
             return None
         return ImageRecord(
@@ -293,7 +293,7 @@ class ImageStore:
     def list(self, owner: str = "") -> list[ImageRecord]:
         """The service's images that `owner` may use."""
         out = []
-        for image_id, tags, labels, size in self._runtime.list_images(LABEL_KEY):
+        for image_id, tags, labels, size in self._engine.list_images(LABEL_KEY):
             key = labels.get(LABEL_KEY, "")
             tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0] if tags else "")
             out.append(
@@ -322,7 +322,7 @@ class ImageStore:
         with self._lock:
             self._cache.pop(key, None)
             self._verified.pop(key, None)
-        self._runtime.remove_image(record.tag)
+        self._engine.remove_image(record.tag)
 
     def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
         """(engine reference, digest) for a key, tag or reference given by a client.
@@ -337,7 +337,7 @@ class ImageStore:
         if _KEY.match(ref):
             record = self.get(ref, owner)
             return record.tag, record.digest
-        digest = self._runtime.image_id(ref)
+        digest = self._engine.image_id(ref)
         if digest is None:
             hint = (
                 "run `sandboxd bootstrap-image` to make it"
@@ -352,7 +352,7 @@ class ImageStore:
         """A tag or id of one of our builds is checked like its key: no way around by name."""
         if not owner:
             return
-        labels = self._runtime.image_labels(ref)
+        labels = self._engine.image_labels(ref)
         record = ImageRecord(
             key=labels.get(LABEL_KEY, ""), digest=digest, tag=ref, base="",
             owner=labels.get(LABEL_OWNER, ""),

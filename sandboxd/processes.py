@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sandboxd.runtime.base import CgroupSample, ExecProcess, Runtime
+from sandboxd.engine.base import CgroupSample, Engine, ExecProcess
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Started:
 
 
 def start(
-    runtime: Runtime,
+    engine: Engine,
     container_id: str,
     argv: list[str],
     *,
@@ -62,10 +62,10 @@ def start(
     stdin: bool,
 ) -> Started:
     """Sample the cgroup counters, reset the peak, start the command and its reader."""
-    before = runtime.sample(container_id)
-    runtime.reset_peak(container_id)
+    before = engine.sample(container_id)
+    engine.reset_peak(container_id)
     started = time.monotonic()
-    proc = runtime.exec(container_id, argv, env=env, workdir=workdir, user=user, stdin=stdin)
+    proc = engine.exec(container_id, argv, env=env, workdir=workdir, user=user, stdin=stdin)
     events: OutputQueue = queue.Queue(maxsize=QUEUE_CHUNKS)
     finished = threading.Event()
     reader = threading.Thread(

@@ -16,6 +16,14 @@ from typing import Literal
 
 from sandboxd import instances, processes
 from sandboxd.config import Profile, ServerConfig
+from sandboxd.engine.base import (
+    LABEL_EXPIRES,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_SANDBOX,
+    ContainerSpec,
+    Engine,
+)
 from sandboxd.errors import (
     EngineUnavailable,
     FailedPrecondition,
@@ -28,14 +36,6 @@ from sandboxd.errors import (
 from sandboxd.images import ImageStore
 from sandboxd.limits import Limits, check_ttl, format_size, resolve
 from sandboxd.pool import WarmPool
-from sandboxd.runtime.base import (
-    LABEL_EXPIRES,
-    LABEL_INSTANCE,
-    LABEL_MANAGED,
-    LABEL_SANDBOX,
-    ContainerSpec,
-    Runtime,
-)
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def check_env(env: Mapping[str, str], *, field: str = "env") -> dict[str, str]:
 class SandboxManager:
     """Owns every sandbox of this instance. Thread-safe; no grpc in here."""
 
-    def __init__(self, config: ServerConfig, runtime: Runtime, images: ImageStore) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, images: ImageStore) -> None:
         self.config = config
-        self.runtime = runtime
+        self.engine = engine
         self.images = images
         self._lock = threading.Lock()
         self._slots = threading.Condition(self._lock)
@@ -220,7 +220,7 @@ class SandboxManager:
         now = time.time()
         # Only containers with an instance label are sandboxes: image labels (managed=1
         # included) are inherited by every container made from the image, a build's too.
-        for info in self.runtime.list_containers(LABEL_INSTANCE):
+        for info in self.engine.list_containers(LABEL_INSTANCE):
             owner = info.labels.get(LABEL_INSTANCE, "")
             if owner == self.config.instance_id:
                 # Ours but forgotten (a destroy that met a lost engine); the age check keeps
@@ -233,7 +233,7 @@ class SandboxManager:
                 if known or now - info.created_unix < 120:
                     continue
                 with contextlib.suppress(SandboxError):
-                    self.runtime.remove_container(info.id)
+                    self.engine.remove_container(info.id)
                     removed += 1
                 continue
             expires = _float(info.labels.get(LABEL_EXPIRES, ""))
@@ -241,7 +241,7 @@ class SandboxManager:
                 continue
             log.info("reaping %s left by instance %s", info.name, owner or "?")
             with contextlib.suppress(SandboxError):
-                self.runtime.remove_container(info.id)
+                self.engine.remove_container(info.id)
                 removed += 1
         return removed
 
@@ -326,7 +326,7 @@ class SandboxManager:
 
     def _choose_runtime(self, requested: str, profile: Profile) -> str:
         if self._runtimes is None:
-            self._runtimes = self.runtime.runtimes()
+            self._runtimes = self.engine.runtimes()
         if requested:
             if requested not in self._runtimes:
                 raise InvalidArgument(
@@ -435,7 +435,7 @@ class SandboxManager:
             runtime=None if prep.runtime == "runc" else prep.runtime,
             ulimits=ulimits,
         )
-        container_id = self.runtime.create_container(spec)
+        container_id = self.engine.create_container(spec)
         record = SandboxRecord(
             id=sandbox_id,
             container_id=container_id,
@@ -453,7 +453,7 @@ class SandboxManager:
         if prep.preload_argv:
             try:
                 record.preload = processes.start(
-                    self.runtime,
+                    self.engine,
                     container_id,
                     list(prep.preload_argv),
                     env={},
@@ -580,7 +580,7 @@ class SandboxManager:
 
     def _remove_now(self, container_id: str) -> None:
         try:
-            self.runtime.remove_container(container_id)
+            self.engine.remove_container(container_id)
         except EngineUnavailable:
             # The container keeps its labels; the reaper removes it when the engine is back.
             log.warning("engine unavailable while removing %s; the reaper will retry", container_id)
@@ -588,7 +588,7 @@ class SandboxManager:
             log.warning("removing %s: %s", container_id, exc)
 
     def alive(self, record: SandboxRecord) -> bool:
-        return self.runtime.container_running(record.container_id)
+        return self.engine.container_running(record.container_id)
 
 
 def _host_memory() -> int:

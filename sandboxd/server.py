@@ -1,4 +1,4 @@
-"""Wiring: runtime, core, servicers, health, reflection, shutdown."""
+"""Wiring: engine, core, servicers, health, reflection, shutdown."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.config import ServerConfig
+from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
-from sandboxd.runtime.base import Runtime
 from sandboxd.sandboxes import SandboxManager
 from sandboxd.service import ImageServicer, SandboxServicer
 
@@ -43,30 +43,28 @@ class Core:
     """The plain-Python side of one service instance."""
 
     config: ServerConfig
-    runtime: Runtime
+    engine: Engine
     images: ImageStore
     manager: SandboxManager
     executor: Executor
 
 
-def make_core(config: ServerConfig, runtime: Runtime | None = None) -> Core:
-    if runtime is None:
-        from sandboxd.runtime.docker import DockerRuntime
-
-        runtime = DockerRuntime(config.docker_host)
-    images = ImageStore(runtime, config.base_image)
-    manager = SandboxManager(config, runtime, images)
-    return Core(config, runtime, images, manager, Executor(manager))
+def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
+    if engine is None:
+        engine = make_engine(config)
+    images = ImageStore(engine, config.base_image)
+    manager = SandboxManager(config, engine, images)
+    return Core(config, engine, images, manager, Executor(manager))
 
 
 class Service:
     """A running sandboxd: one gRPC server over one core."""
 
     def __init__(
-        self, config: ServerConfig, runtime: Runtime | None = None, max_workers: int = 64
+        self, config: ServerConfig, engine: Engine | None = None, max_workers: int = 64
     ) -> None:
         self.config = config
-        self.core = make_core(config, runtime)
+        self.core = make_core(config, engine)
         tokens = load_tokens(config.tokens_file) if config.tokens_file else None
         self.authenticated = tokens is not None or config.tls_client_ca is not None
         # Always installed: even without credentials it drops a client-sent owner header.
@@ -136,7 +134,7 @@ class Service:
     def start(self) -> None:
         """Reap leftovers of dead instances, then serve."""
         try:
-            self.core.runtime.ping()
+            self.core.engine.ping()
         except EngineUnavailable as exc:
             log.warning("%s; serving anyway, calls fail with UNAVAILABLE until it is back", exc)
         self.core.manager.start()
@@ -170,10 +168,10 @@ class Service:
 
 
 def create_server(
-    config: ServerConfig, address: str, runtime: Runtime | None = None
+    config: ServerConfig, address: str, engine: Engine | None = None
 ) -> tuple[Service, str]:
     """A started service listening on `address`, and the address it bound."""
-    service = Service(config, runtime)
+    service = Service(config, engine)
     bound = service.listen(address)
     service.start()
     return service, bound

@@ -21,8 +21,8 @@ import pytest
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
+from sandboxd.engine.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
 from sandboxd.limits import MiB
-from sandboxd.runtime.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
 from sandboxd.server import Service, create_server
 
 BASE_IMAGE = "sandbox-base:bookworm"

@@ -14,7 +14,7 @@ from abuse import SecureService
 
 from sandboxd import cli, grading
 from sandboxd.client import SandboxClient
-from sandboxd.runtime.base import LABEL_INSTANCE
+from sandboxd.engine.base import LABEL_INSTANCE
 
 TESTS = {
     "test_calc.py": """

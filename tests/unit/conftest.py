@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from fake_runtime import BASE, FakeRuntime
+from fake_engine import BASE, FakeEngine
 
 from sandboxd.images import ImageStore
 
 
 @pytest.fixture
-def runtime() -> FakeRuntime:
-    rt = FakeRuntime()
+def engine() -> FakeEngine:
+    rt = FakeEngine()
     rt.add_image(BASE)
     return rt
 
 
 @pytest.fixture
-def store(runtime: FakeRuntime) -> ImageStore:
-    return ImageStore(runtime, BASE)
+def store(engine: FakeEngine) -> ImageStore:
+    return ImageStore(engine, BASE)

@@ -209,7 +209,7 @@ class _NoEngine:
 
 
 def test_service_unix_socket_is_owner_only(tmp_path: Path) -> None:
-    service = Service(ServerConfig(state_dir=tmp_path), runtime=_NoEngine())  # type: ignore[arg-type]
+    service = Service(ServerConfig(state_dir=tmp_path), engine=_NoEngine())  # type: ignore[arg-type]
     try:
         address = service.listen(f"unix:{tmp_path}/run/sandboxd.sock")
         mode = stat.S_IMODE(os.stat(address.removeprefix("unix:")).st_mode)
@@ -219,7 +219,7 @@ def test_service_unix_socket_is_owner_only(tmp_path: Path) -> None:
 
 
 def test_service_refuses_unauthenticated_non_loopback_tcp(tmp_path: Path) -> None:
-    service = Service(ServerConfig(state_dir=tmp_path), runtime=_NoEngine())  # type: ignore[arg-type]
+    service = Service(ServerConfig(state_dir=tmp_path), engine=_NoEngine())  # type: ignore[arg-type]
     try:
         with pytest.raises(InvalidArgument, match="without authentication"):
             service.listen("0.0.0.0:0")

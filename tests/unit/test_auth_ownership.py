@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fake_runtime import BASE, FakeRuntime
+from fake_engine import BASE, FakeEngine
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import PermissionDenied, ResourceExhausted
@@ -54,13 +54,13 @@ def test_building_the_same_content_grants_use_but_not_deletion(store: ImageStore
 
 
 @pytest.fixture
-def manager(runtime: FakeRuntime) -> Iterator[SandboxManager]:
+def manager(engine: FakeEngine) -> Iterator[SandboxManager]:
     config = ServerConfig(
         instance_id="unit" + uuid.uuid4().hex[:8],
         reap_interval_seconds=3600.0,
         max_sandboxes_per_client=2,
     )
-    m = SandboxManager(config, runtime, ImageStore(runtime, BASE))
+    m = SandboxManager(config, engine, ImageStore(engine, BASE))
     m.start()
     try:
         yield m

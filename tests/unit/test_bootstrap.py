@@ -65,7 +65,7 @@ FAKE_DEBOOTSTRAP = textwrap.dedent(
 )
 
 
-class FakeRuntime:
+class FakeEngine:
     """Reads the streamed archive like the engine would and remembers what it got."""
 
     def __init__(self, fail: bool = False) -> None:
@@ -115,11 +115,11 @@ def leftovers(fake: Path) -> list[Path]:
 
 @needs_root
 def test_builds_trimmed_tree_with_sandbox_user(fake: Path) -> None:
-    runtime = FakeRuntime()
+    engine = FakeEngine()
     lines: list[str] = []
 
     image = bootstrap.make_base_image(
-        runtime, tag="base:test", include=("curl", "python3"), on_log=lines.append
+        engine, tag="base:test", include=("curl", "python3"), on_log=lines.append
     )
 
     assert image.startswith("sha256:")
@@ -130,31 +130,31 @@ def test_builds_trimmed_tree_with_sandbox_user(fake: Path) -> None:
     assert argv[-1] == "http://deb.debian.org/debian"
     assert "I: Base system installed successfully." in lines
 
-    [(tag, labels, changes)] = runtime.calls
+    [(tag, labels, changes)] = engine.calls
     assert tag == "base:test"
     assert labels == {"sandbox.managed": "1", "sandbox.role": "base"}
     assert 'CMD ["python3"]' in changes
     assert "ENV LANG=C.UTF-8" in changes
 
-    names = set(runtime.members)
+    names = set(engine.members)
     assert {"usr/bin/python3", "usr/bin/tar", "usr/share/doc/libc6/copyright"} <= names
     assert {"var/cache/apt/archives/partial", "var/lib/apt/lists/partial"} <= names
     assert "etc/resolv.conf" not in names
     assert not any(n.endswith((".deb", ".bin", "changelog.gz", ".mo", "-old")) for n in names)
     assert not any(n.startswith(("usr/share/man/", "var/lib/apt/lists/deb")) for n in names)
-    assert runtime.contents["var/cache/debconf/config.dat"] == b"keep"
-    assert runtime.contents["var/log/dpkg.log"] == b""
+    assert engine.contents["var/cache/debconf/config.dat"] == b"keep"
+    assert engine.contents["var/log/dpkg.log"] == b""
 
-    passwd = runtime.contents["etc/passwd"].decode().splitlines()
+    passwd = engine.contents["etc/passwd"].decode().splitlines()
     assert "sandbox:x:1000:1000:sandbox:/sandbox/work:/bin/sh" in passwd
     assert not any(line.startswith("old:") for line in passwd)
-    assert "sandbox:x:1000:" in runtime.contents["etc/group"].decode().splitlines()
-    assert runtime.contents["etc/shadow"].decode().endswith("sandbox:!:19000:0:99999:7:::\n")
-    assert runtime.members["etc/shadow"].mode == 0o640
-    home = runtime.members["sandbox/work"]
+    assert "sandbox:x:1000:" in engine.contents["etc/group"].decode().splitlines()
+    assert engine.contents["etc/shadow"].decode().endswith("sandbox:!:19000:0:99999:7:::\n")
+    assert engine.members["etc/shadow"].mode == 0o640
+    home = engine.members["sandbox/work"]
     assert home.isdir()
     assert (home.uid, home.gid, home.mode) == (1000, 1000, 0o755)
-    assert runtime.members["sandbox"].uid == 0
+    assert engine.members["sandbox"].uid == 0
     assert leftovers(fake) == []
 
 
@@ -163,12 +163,12 @@ def test_unreachable_mirror_names_the_mirror_and_cleans_up(
     fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", "unreachable")
-    runtime = FakeRuntime()
+    engine = FakeEngine()
 
     with pytest.raises(BuildFailed, match=r"(?s)cannot download.*http://mirror\.invalid/debian"):
-        bootstrap.make_base_image(runtime, mirror="http://mirror.invalid/debian")
+        bootstrap.make_base_image(engine, mirror="http://mirror.invalid/debian")
 
-    assert runtime.calls == []
+    assert engine.calls == []
     assert leftovers(fake) == []
 
 
@@ -176,7 +176,7 @@ def test_unreachable_mirror_names_the_mirror_and_cleans_up(
 def test_unknown_suite_is_invalid_argument(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_MODE", "noscript")
     with pytest.raises(InvalidArgument, match="does not know 'nosuchsuite'"):
-        bootstrap.make_base_image(FakeRuntime(), suite="nosuchsuite")
+        bootstrap.make_base_image(FakeEngine(), suite="nosuchsuite")
     assert leftovers(fake) == []
 
 
@@ -184,14 +184,14 @@ def test_unknown_suite_is_invalid_argument(fake: Path, monkeypatch: pytest.Monke
 def test_tree_without_python_is_refused(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_MODE", "nopython")
     with pytest.raises(BuildFailed, match="usr/bin/python3 is missing"):
-        bootstrap.make_base_image(FakeRuntime())
+        bootstrap.make_base_image(FakeEngine())
     assert leftovers(fake) == []
 
 
 @needs_root
 def test_engine_failure_propagates_and_cleans_up(fake: Path) -> None:
     with pytest.raises(bootstrap.SandboxError, match="engine said no"):
-        bootstrap.make_base_image(FakeRuntime(fail=True))
+        bootstrap.make_base_image(FakeEngine(fail=True))
     assert leftovers(fake) == []
 
 
@@ -201,7 +201,7 @@ def test_failing_log_callback_stops_debootstrap_and_cleans_up(fake: Path) -> Non
         raise RuntimeError("callback broke")
 
     with pytest.raises(RuntimeError, match="callback broke"):
-        bootstrap.make_base_image(FakeRuntime(), on_log=explode)
+        bootstrap.make_base_image(FakeEngine(), on_log=explode)
     assert leftovers(fake) == []
 
 
@@ -210,7 +210,7 @@ def test_missing_debootstrap_says_how_to_install(
 ) -> None:
     monkeypatch.setenv("PATH", str(fake / "work"))
     with pytest.raises(FailedPrecondition, match=r"apt-get install debootstrap"):
-        bootstrap.make_base_image(FakeRuntime())
+        bootstrap.make_base_image(FakeEngine())
 
 
 def test_missing_keyring_refuses_unverified_downloads(
@@ -218,13 +218,13 @@ def test_missing_keyring_refuses_unverified_downloads(
 ) -> None:
     monkeypatch.setattr(bootstrap, "KEYRING", fake / "absent.gpg")
     with pytest.raises(FailedPrecondition, match="debian-archive-keyring"):
-        bootstrap.make_base_image(FakeRuntime())
+        bootstrap.make_base_image(FakeEngine())
 
 
 def test_non_root_is_told_to_run_as_root(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(FailedPrecondition, match="needs root"):
-        bootstrap.make_base_image(FakeRuntime())
+        bootstrap.make_base_image(FakeEngine())
     assert leftovers(fake) == []
 
 
@@ -243,7 +243,7 @@ def test_bad_arguments_are_refused_before_anything_runs(
     fake: Path, kwargs: dict[str, object], field: str
 ) -> None:
     with pytest.raises(InvalidArgument, match=f"^{field}:"):
-        bootstrap.make_base_image(FakeRuntime(), **kwargs)  # type: ignore[arg-type]
+        bootstrap.make_base_image(FakeEngine(), **kwargs)  # type: ignore[arg-type]
     assert not (fake / "argv").exists()
 
 

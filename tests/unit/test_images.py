@@ -3,8 +3,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fake_runtime import BASE, FakeRuntime
+from fake_engine import BASE, FakeEngine
 
+from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound
 from sandboxd.images import (
     MAX_FRAGMENT,
@@ -14,7 +15,6 @@ from sandboxd.images import (
     check_build_input,
     image_key,
 )
-from sandboxd.runtime.base import LABEL_KEY, LABEL_MANAGED
 
 FRAGMENT = "RUN echo hi > /hi"
 
@@ -50,52 +50,48 @@ def test_key_ignores_context_order() -> None:
     assert image_key("base", "", [a, b]) == image_key("base", "", [b, a])
 
 
-def test_first_build_calls_the_engine_with_from_base(
-    store: ImageStore, runtime: FakeRuntime
-) -> None:
+def test_first_build_calls_the_engine_with_from_base(store: ImageStore, engine: FakeEngine) -> None:
     lines, outcome = build(store, context=[ContextFile("data/f.txt", b"abc", 0o600)])
     assert not outcome.cache_hit
     assert lines == ["Step 1/2 : FROM base", "Successfully built"]
-    assert len(runtime.builds) == 1
-    dockerfile, context, tag = runtime.builds[0]
+    assert len(engine.builds) == 1
+    dockerfile, context, tag = engine.builds[0]
     assert dockerfile == f"FROM {BASE}\n{FRAGMENT}\n"
     assert context == {"data/f.txt": (b"abc", 0o600)}
     assert tag == f"sandbox/img:{outcome.image.key[:32]}"
-    labels = runtime.images[outcome.image.digest].labels
+    labels = engine.images[outcome.image.digest].labels
     assert labels[LABEL_KEY] == outcome.image.key
     assert labels[LABEL_MANAGED] == "1"
 
 
 def test_second_build_of_same_key_is_a_cache_hit_without_engine_build(
-    store: ImageStore, runtime: FakeRuntime
+    store: ImageStore, engine: FakeEngine
 ) -> None:
     _, first = build(store)
     lines, second = build(store, fragment=FRAGMENT + "\n\n")
     assert second.cache_hit
     assert lines == []
     assert second.image.digest == first.image.digest
-    assert len(runtime.builds) == 1
+    assert len(engine.builds) == 1
 
 
-def test_cache_survives_a_restart_through_engine_labels(runtime: FakeRuntime) -> None:
-    _, first = build(ImageStore(runtime, BASE))
-    _, again = build(ImageStore(runtime, BASE))
+def test_cache_survives_a_restart_through_engine_labels(engine: FakeEngine) -> None:
+    _, first = build(ImageStore(engine, BASE))
+    _, again = build(ImageStore(engine, BASE))
     assert again.cache_hit
     assert again.image.key == first.image.key
-    assert len(runtime.builds) == 1
+    assert len(engine.builds) == 1
 
 
-def test_an_image_removed_behind_our_back_is_rebuilt(
-    store: ImageStore, runtime: FakeRuntime
-) -> None:
+def test_an_image_removed_behind_our_back_is_rebuilt(store: ImageStore, engine: FakeEngine) -> None:
     _, first = build(store)
-    runtime.remove_image(first.image.tag)
+    engine.remove_image(first.image.tag)
     _, second = build(store)
     assert not second.cache_hit
-    assert len(runtime.builds) == 2
+    assert len(engine.builds) == 2
 
 
-def test_concurrent_builds_of_one_key_build_once(store: ImageStore, runtime: FakeRuntime) -> None:
+def test_concurrent_builds_of_one_key_build_once(store: ImageStore, engine: FakeEngine) -> None:
     results: list[bool] = []
 
     def worker() -> None:
@@ -106,15 +102,15 @@ def test_concurrent_builds_of_one_key_build_once(store: ImageStore, runtime: Fak
         t.start()
     for t in threads:
         t.join()
-    assert len(runtime.builds) == 1
+    assert len(engine.builds) == 1
     assert sorted(results) == [False] + [True] * 7
 
 
-def test_build_failure_propagates_with_message(store: ImageStore, runtime: FakeRuntime) -> None:
-    runtime.build_error = "The command '/bin/sh -c nope' returned a non-zero code: 127"
+def test_build_failure_propagates_with_message(store: ImageStore, engine: FakeEngine) -> None:
+    engine.build_error = "The command '/bin/sh -c nope' returned a non-zero code: 127"
     with pytest.raises(BuildFailed, match=r"returned a non-zero code: 127"):
         build(store, fragment="RUN nope")
-    runtime.build_error = None
+    engine.build_error = None
     _, outcome = build(store, fragment="RUN nope")
     assert not outcome.cache_hit
 
@@ -144,13 +140,13 @@ def test_bad_build_input_is_refused(fragment: str, context: list[ContextFile], w
         check_build_input(fragment, context)
 
 
-def test_get_list_delete(store: ImageStore, runtime: FakeRuntime) -> None:
+def test_get_list_delete(store: ImageStore, engine: FakeEngine) -> None:
     _, outcome = build(store)
     key = outcome.image.key
     assert store.get(key).digest == outcome.image.digest
     assert [r.key for r in store.list()] == [key]
     store.delete(key)
-    assert outcome.image.digest not in runtime.images
+    assert outcome.image.digest not in engine.images
     with pytest.raises(NotFound, match=r"no image with key"):
         store.get(key)
     with pytest.raises(NotFound):
@@ -162,30 +158,30 @@ def test_get_refuses_a_malformed_key(store: ImageStore) -> None:
         store.get("abc")
 
 
-def test_resolve_ref_takes_keys_tags_and_the_base(store: ImageStore, runtime: FakeRuntime) -> None:
+def test_resolve_ref_takes_keys_tags_and_the_base(store: ImageStore, engine: FakeEngine) -> None:
     _, outcome = build(store)
     assert store.resolve_ref(outcome.image.key) == (outcome.image.tag, outcome.image.digest)
     assert store.resolve_ref(BASE)[0] == BASE
     assert store.resolve_ref("")[0] == BASE
 
 
-def test_resolve_ref_missing_base_hints_at_bootstrap(runtime: FakeRuntime) -> None:
-    store = ImageStore(runtime, "sandbox-base:missing")
+def test_resolve_ref_missing_base_hints_at_bootstrap(engine: FakeEngine) -> None:
+    store = ImageStore(engine, "sandbox-base:missing")
     with pytest.raises(NotFound, match=r"sandboxd bootstrap-image"):
         store.resolve_ref("")
     with pytest.raises(NotFound, match=r"build it first"):
         store.resolve_ref("nope:latest")
 
 
-def test_parse_errors_point_at_the_fragment_line(store: ImageStore, runtime: FakeRuntime) -> None:
-    runtime.build_error = "dockerfile parse error line 3: unknown instruction: NOTACOMMAND"
+def test_parse_errors_point_at_the_fragment_line(store: ImageStore, engine: FakeEngine) -> None:
+    engine.build_error = "dockerfile parse error line 3: unknown instruction: NOTACOMMAND"
     with pytest.raises(BuildFailed) as info:
         build(store, fragment="RUN true\nNOTACOMMAND foo")
     assert "--- fragment line 2 ---\nNOTACOMMAND foo" in info.value.message
 
 
-def test_step_failures_are_left_as_the_engine_said(store: ImageStore, runtime: FakeRuntime) -> None:
-    runtime.build_error = "returned a non-zero code: 1\nsh: line 1: nope: not found"
+def test_step_failures_are_left_as_the_engine_said(store: ImageStore, engine: FakeEngine) -> None:
+    engine.build_error = "returned a non-zero code: 1\nsh: line 1: nope: not found"
     with pytest.raises(BuildFailed) as info:
         build(store, fragment="RUN nope")
-    assert info.value.message == "image build failed: " + runtime.build_error
+    assert info.value.message == "image build failed: " + engine.build_error

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fake_runtime import BASE, FakeRuntime, eventually
+from fake_engine import BASE, FakeEngine, eventually
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import EngineUnavailable, ResourceExhausted
@@ -16,7 +16,7 @@ from sandboxd.limits import Limits, MiB
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
 
 
-def start(runtime: FakeRuntime, **kw: object) -> SandboxManager:
+def start(engine: FakeEngine, **kw: object) -> SandboxManager:
     settings: dict[str, object] = {
         "reap_interval_seconds": 3600.0,
         "pool_max_per_key": 2,
@@ -25,14 +25,14 @@ def start(runtime: FakeRuntime, **kw: object) -> SandboxManager:
     }
     settings.update(kw)
     config = ServerConfig(instance_id="unit" + uuid.uuid4().hex[:8], **settings)  # type: ignore[arg-type]
-    manager = SandboxManager(config, runtime, ImageStore(runtime, BASE))
+    manager = SandboxManager(config, engine, ImageStore(engine, BASE))
     manager.start()
     return manager
 
 
 @pytest.fixture
-def manager(runtime: FakeRuntime) -> Iterator[SandboxManager]:
-    m = start(runtime)
+def manager(engine: FakeEngine) -> Iterator[SandboxManager]:
+    m = start(engine)
     try:
         yield m
     finally:
@@ -45,18 +45,18 @@ def ready(manager: SandboxManager) -> int:
 
 
 def test_a_miss_starts_warming_and_the_next_request_is_served_warm(
-    manager: SandboxManager, runtime: FakeRuntime
+    manager: SandboxManager, engine: FakeEngine
 ) -> None:
     first = manager.create(SandboxRequest())
     assert not first.from_pool
     assert eventually(lambda: ready(manager) == 1)
-    made = len(runtime.containers)
+    made = len(engine.containers)
     second = manager.create(SandboxRequest())
     assert second.from_pool
     assert second.id != first.id
     # Handing out did not create a container on the request's path; a refill follows.
     assert eventually(lambda: ready(manager) >= 1)
-    assert len(runtime.containers) >= made
+    assert len(engine.containers) >= made
 
 
 def test_prewarm_warms_without_handing_out(manager: SandboxManager) -> None:
@@ -81,8 +81,8 @@ def test_different_requests_do_not_share_warm_containers(manager: SandboxManager
     assert other.request.env == {"A": "2"}
 
 
-def test_idle_pools_shrink_to_zero(runtime: FakeRuntime) -> None:
-    manager = start(runtime)
+def test_idle_pools_shrink_to_zero(engine: FakeEngine) -> None:
+    manager = start(engine)
     try:
         manager.create(SandboxRequest())
         assert eventually(lambda: ready(manager) == 1)
@@ -95,19 +95,19 @@ def test_idle_pools_shrink_to_zero(runtime: FakeRuntime) -> None:
         manager.stop()
 
 
-def test_stop_removes_warm_containers(runtime: FakeRuntime) -> None:
-    manager = start(runtime)
+def test_stop_removes_warm_containers(engine: FakeEngine) -> None:
+    manager = start(engine)
     live = manager.create(SandboxRequest())
     assert eventually(lambda: ready(manager) == 1)
     manager.stop()
-    assert live.container_id not in runtime.containers
-    assert runtime.containers == {}
+    assert live.container_id not in engine.containers
+    assert engine.containers == {}
 
 
-def test_the_pool_stays_inside_the_memory_budget(runtime: FakeRuntime) -> None:
+def test_the_pool_stays_inside_the_memory_budget(engine: FakeEngine) -> None:
     # Room for three 100 MiB sandboxes in all: one live, so at most two warm.
     manager = start(
-        runtime,
+        engine,
         memory_budget_bytes=300 * MiB,
         pool_memory_budget_bytes=300 * MiB,
         pool_max_per_key=5,
@@ -126,9 +126,9 @@ def test_the_pool_stays_inside_the_memory_budget(runtime: FakeRuntime) -> None:
         manager.stop()
 
 
-def test_live_requests_evict_warm_containers_of_other_requests(runtime: FakeRuntime) -> None:
+def test_live_requests_evict_warm_containers_of_other_requests(engine: FakeEngine) -> None:
     manager = start(
-        runtime,
+        engine,
         memory_budget_bytes=200 * MiB,
         pool_memory_budget_bytes=200 * MiB,
         pool_max_per_key=1,
@@ -151,23 +151,23 @@ def test_live_requests_evict_warm_containers_of_other_requests(runtime: FakeRunt
         manager.stop()
 
 
-def test_a_failing_launch_stops_the_pool_growing(runtime: FakeRuntime) -> None:
-    manager = start(runtime)
+def test_a_failing_launch_stops_the_pool_growing(engine: FakeEngine) -> None:
+    manager = start(engine)
     try:
         manager.create(SandboxRequest())
-        runtime.down = True
+        engine.down = True
         assert manager.pool is not None
         assert eventually(
             lambda: manager.pool is not None and manager.pool.stats()["inflight"] == 0
         )
-        runtime.down = False
+        engine.down = False
         # Whatever was warmed before the failure may be used; no hot retry loop followed.
-        made = len(runtime.containers)
+        made = len(engine.containers)
         time.sleep(0.2)
-        assert len(runtime.containers) == made
+        assert len(engine.containers) == made
         with pytest.raises(EngineUnavailable):
-            runtime.down = True
+            engine.down = True
             manager.create(SandboxRequest(env={"NEW": "1"}))
     finally:
-        runtime.down = False
+        engine.down = False
         manager.stop()

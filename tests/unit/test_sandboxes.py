@@ -6,10 +6,16 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fake_runtime import BASE, FakeRuntime, eventually
+from fake_engine import BASE, FakeEngine, eventually
 
 from sandboxd import instances
 from sandboxd.config import ServerConfig
+from sandboxd.engine.base import (
+    LABEL_EXPIRES,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_SANDBOX,
+)
 from sandboxd.errors import (
     EngineUnavailable,
     InvalidArgument,
@@ -19,12 +25,6 @@ from sandboxd.errors import (
 )
 from sandboxd.images import ImageStore
 from sandboxd.limits import Caps, Limits, MiB
-from sandboxd.runtime.base import (
-    LABEL_EXPIRES,
-    LABEL_INSTANCE,
-    LABEL_MANAGED,
-    LABEL_SANDBOX,
-)
 from sandboxd.sandboxes import SandboxManager, SandboxRequest, check_env
 
 
@@ -32,17 +32,17 @@ def new_id() -> str:
     return "unit" + uuid.uuid4().hex[:8]
 
 
-def make_manager(runtime: FakeRuntime, **kw: object) -> SandboxManager:
+def make_manager(engine: FakeEngine, **kw: object) -> SandboxManager:
     """A manager without a warm pool, so every create is one container."""
     settings: dict[str, object] = {"reap_interval_seconds": 3600.0, "pool_max_per_key": 0}
     settings.update(kw)
     config = ServerConfig(instance_id=new_id(), **settings)  # type: ignore[arg-type]
-    return SandboxManager(config, runtime, ImageStore(runtime, BASE))
+    return SandboxManager(config, engine, ImageStore(engine, BASE))
 
 
 @pytest.fixture
-def manager(runtime: FakeRuntime) -> Iterator[SandboxManager]:
-    m = make_manager(runtime)
+def manager(engine: FakeEngine) -> Iterator[SandboxManager]:
+    m = make_manager(engine)
     m.start()
     try:
         yield m
@@ -51,7 +51,7 @@ def manager(runtime: FakeRuntime) -> Iterator[SandboxManager]:
 
 
 def test_create_gives_a_locked_down_labelled_container(
-    manager: SandboxManager, runtime: FakeRuntime
+    manager: SandboxManager, engine: FakeEngine
 ) -> None:
     record = manager.create(
         SandboxRequest(
@@ -61,7 +61,7 @@ def test_create_gives_a_locked_down_labelled_container(
             ttl_seconds=60.0,
         )
     )
-    spec = runtime.containers[record.container_id].spec
+    spec = engine.containers[record.container_id].spec
     assert spec.image == BASE
     assert spec.read_only and not spec.network
     assert spec.user == "1000:1000"
@@ -100,14 +100,14 @@ def test_create_gives_a_locked_down_labelled_container(
 )
 def test_bad_requests_are_refused_before_any_container(
     manager: SandboxManager,
-    runtime: FakeRuntime,
+    engine: FakeEngine,
     request_: SandboxRequest,
     kind: type[Exception],
     why: str,
 ) -> None:
     with pytest.raises(kind, match=why):
         manager.create(request_)
-    assert runtime.containers == {}
+    assert engine.containers == {}
 
 
 def test_check_env_bounds() -> None:
@@ -118,8 +118,8 @@ def test_check_env_bounds() -> None:
         check_env({"BIG": "x" * 200_000})
 
 
-def test_admission_refuses_past_the_cap_with_a_retry_hint(runtime: FakeRuntime) -> None:
-    m = make_manager(runtime, caps=Caps(sandboxes=2), admission_timeout_seconds=0.2)
+def test_admission_refuses_past_the_cap_with_a_retry_hint(engine: FakeEngine) -> None:
+    m = make_manager(engine, caps=Caps(sandboxes=2), admission_timeout_seconds=0.2)
     m.start()
     try:
         first = m.create(SandboxRequest())
@@ -127,16 +127,16 @@ def test_admission_refuses_past_the_cap_with_a_retry_hint(runtime: FakeRuntime) 
         with pytest.raises(ResourceExhausted, match=r"all 2 sandbox slots") as info:
             m.create(SandboxRequest())
         assert info.value.retry_after is not None
-        assert len(runtime.containers) == 2
+        assert len(engine.containers) == 2
         m.destroy(first.id)
         m.create(SandboxRequest())
-        assert eventually(lambda: len(runtime.containers) == 2)
+        assert eventually(lambda: len(engine.containers) == 2)
     finally:
         m.stop()
 
 
-def test_a_waiting_create_is_admitted_when_a_slot_frees(runtime: FakeRuntime) -> None:
-    m = make_manager(runtime, caps=Caps(sandboxes=1), admission_timeout_seconds=10.0)
+def test_a_waiting_create_is_admitted_when_a_slot_frees(engine: FakeEngine) -> None:
+    m = make_manager(engine, caps=Caps(sandboxes=1), admission_timeout_seconds=10.0)
     m.start()
     try:
         first = m.create(SandboxRequest())
@@ -153,24 +153,24 @@ def test_a_waiting_create_is_admitted_when_a_slot_frees(runtime: FakeRuntime) ->
 
 
 def test_ttl_reap_destroys_expired_sandboxes_only(
-    manager: SandboxManager, runtime: FakeRuntime
+    manager: SandboxManager, engine: FakeEngine
 ) -> None:
     short = manager.create(SandboxRequest(ttl_seconds=0.05))
     long = manager.create(SandboxRequest(ttl_seconds=600))
     time.sleep(0.1)
     assert manager.reap_expired() == 1
-    assert eventually(lambda: short.container_id not in runtime.containers)
-    assert long.container_id in runtime.containers
+    assert eventually(lambda: short.container_id not in engine.containers)
+    assert long.container_id in engine.containers
     with pytest.raises(NotFound):
         manager.get(short.id)
 
 
-def test_the_reaper_thread_reaps_without_a_client(runtime: FakeRuntime) -> None:
-    m = make_manager(runtime, reap_interval_seconds=0.05)
+def test_the_reaper_thread_reaps_without_a_client(engine: FakeEngine) -> None:
+    m = make_manager(engine, reap_interval_seconds=0.05)
     m.start()
     try:
         record = m.create(SandboxRequest(ttl_seconds=0.1))
-        assert eventually(lambda: record.container_id not in runtime.containers)
+        assert eventually(lambda: record.container_id not in engine.containers)
     finally:
         m.stop()
 
@@ -182,89 +182,89 @@ def _labels(instance: str, expires: float | None = None, sandbox: str = "s1") ->
     return labels
 
 
-def test_orphan_reap_removes_containers_of_dead_instances(runtime: FakeRuntime) -> None:
-    dead = runtime.add_container(_labels(new_id(), time.time() + 3600))
-    unlabelled = runtime.add_container({"other": "1"})
-    m = make_manager(runtime)
+def test_orphan_reap_removes_containers_of_dead_instances(engine: FakeEngine) -> None:
+    dead = engine.add_container(_labels(new_id(), time.time() + 3600))
+    unlabelled = engine.add_container({"other": "1"})
+    m = make_manager(engine)
     m.start()  # start reaps
     try:
-        assert dead not in runtime.containers
-        assert unlabelled in runtime.containers
+        assert dead not in engine.containers
+        assert unlabelled in engine.containers
     finally:
         m.stop()
 
 
-def test_orphan_reap_spares_live_instances_until_their_ttl(runtime: FakeRuntime) -> None:
+def test_orphan_reap_spares_live_instances_until_their_ttl(engine: FakeEngine) -> None:
     other = instances.InstanceLock(new_id())
     other.acquire()
     try:
-        alive = runtime.add_container(_labels(other.instance_id, time.time() + 3600))
-        expired = runtime.add_container(_labels(other.instance_id, time.time() - 10))
-        m = make_manager(runtime)
+        alive = engine.add_container(_labels(other.instance_id, time.time() + 3600))
+        expired = engine.add_container(_labels(other.instance_id, time.time() - 10))
+        m = make_manager(engine)
         m.start()
         try:
-            assert alive in runtime.containers
-            assert expired not in runtime.containers
+            assert alive in engine.containers
+            assert expired not in engine.containers
         finally:
             m.stop()
     finally:
         other.release()
-    m = make_manager(runtime)
+    m = make_manager(engine)
     assert m.reap_orphans() == 1  # its instance is gone now
-    assert alive not in runtime.containers
+    assert alive not in engine.containers
 
 
 def test_orphan_reap_removes_our_forgotten_containers_but_not_fresh_ones(
-    manager: SandboxManager, runtime: FakeRuntime
+    manager: SandboxManager, engine: FakeEngine
 ) -> None:
     ours = manager.config.instance_id
     known = manager.create(SandboxRequest())
-    forgotten = runtime.add_container(_labels(ours, sandbox="gone"), created_unix=time.time() - 600)
-    fresh = runtime.add_container(_labels(ours, sandbox="new"), created_unix=time.time())
+    forgotten = engine.add_container(_labels(ours, sandbox="gone"), created_unix=time.time() - 600)
+    fresh = engine.add_container(_labels(ours, sandbox="new"), created_unix=time.time())
     assert manager.reap_orphans() == 1
-    assert forgotten not in runtime.containers
-    assert fresh in runtime.containers
-    assert known.container_id in runtime.containers
+    assert forgotten not in engine.containers
+    assert fresh in engine.containers
+    assert known.container_id in engine.containers
 
 
-def test_stop_destroys_everything_and_releases_the_instance(runtime: FakeRuntime) -> None:
-    m = make_manager(runtime)
+def test_stop_destroys_everything_and_releases_the_instance(engine: FakeEngine) -> None:
+    m = make_manager(engine)
     m.start()
     assert instances.is_alive(m.config.instance_id)
     m.create(SandboxRequest())
     m.create(SandboxRequest())
     m.stop()
-    assert runtime.containers == {}  # stop waits for the removals
+    assert engine.containers == {}  # stop waits for the removals
     assert not instances.is_alive(m.config.instance_id)
 
 
 def test_destroy_with_the_engine_down_forgets_and_leaves_it_to_the_reaper(
-    manager: SandboxManager, runtime: FakeRuntime
+    manager: SandboxManager, engine: FakeEngine
 ) -> None:
     record = manager.create(SandboxRequest())
-    runtime.down = True
+    engine.down = True
     manager.destroy(record.id)  # removal is in the background and meets the lost engine
-    assert eventually(lambda: runtime.failed_removals > 0)
-    runtime.down = False
-    assert record.container_id in runtime.containers
+    assert eventually(lambda: engine.failed_removals > 0)
+    engine.down = False
+    assert record.container_id in engine.containers
     with pytest.raises(NotFound):
         manager.get(record.id)
-    runtime.containers[record.container_id].created_unix = time.time() - 600
+    engine.containers[record.container_id].created_unix = time.time() - 600
     assert manager.reap_orphans() == 1
-    assert record.container_id not in runtime.containers
+    assert record.container_id not in engine.containers
 
 
-def test_create_with_the_engine_down_frees_its_slot(runtime: FakeRuntime) -> None:
-    m = make_manager(runtime, caps=Caps(sandboxes=1), admission_timeout_seconds=0.1)
+def test_create_with_the_engine_down_frees_its_slot(engine: FakeEngine) -> None:
+    m = make_manager(engine, caps=Caps(sandboxes=1), admission_timeout_seconds=0.1)
     m.start()
     try:
         m._runtimes = {"runc"}
         image_ok = m.images.resolve_ref("")
         assert image_ok[0] == BASE
-        runtime.down = True
+        engine.down = True
         with pytest.raises(EngineUnavailable):
             m.create(SandboxRequest())
-        runtime.down = False
+        engine.down = False
         m.create(SandboxRequest())  # the failed create did not keep the only slot
     finally:
         m.stop()

@@ -1,4 +1,4 @@
-"""A small in-memory container engine satisfying sandboxd.runtime.base.Runtime."""
+"""A small in-memory container engine satisfying sandboxd.engine.base.Engine."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
+from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
-from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
 
 
 @dataclass
@@ -27,7 +27,7 @@ class FakeContainer:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-class FakeRuntime:
+class FakeEngine:
     """Records what the core asked of the engine; images and containers live in dicts."""
 
     def __init__(self) -> None:
@@ -64,7 +64,7 @@ class FakeRuntime:
                 return image
         return None
 
-    # -- Runtime ------------------------------------------------------------
+    # -- Engine ------------------------------------------------------------
 
     def ping(self) -> None:
         self._check()

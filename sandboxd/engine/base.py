@@ -81,7 +81,7 @@ class ExecProcess(Protocol):
     def close(self) -> None: ...
 
 
-class Runtime(Protocol):
+class Engine(Protocol):
     """The container engine. Raises EngineUnavailable when it cannot be reached."""
 
     def ping(self) -> None: ...

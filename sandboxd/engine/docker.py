@@ -1,4 +1,4 @@
-"""The Docker Engine runtime: the only module that imports docker-py."""
+"""The Docker Engine adapter: the only module that imports docker-py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import requests.exceptions
 from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import (
     BuildFailed,
     EngineUnavailable,
@@ -31,7 +32,6 @@ from sandboxd.errors import (
     NotFound,
     SandboxError,
 )
-from sandboxd.runtime.base import CgroupSample, ContainerInfo, ContainerSpec
 
 log = logging.getLogger(__name__)
 #: How long killing an exec's processes from inside the sandbox may take.
@@ -48,7 +48,7 @@ _CONNECTION_ERRORS = (
 )
 
 
-class DockerRuntime:
+class DockerEngine:
     """Talks to one Docker Engine; measures containers through their cgroups when local."""
 
     def __init__(self, base_url: str | None = None, timeout: float = 120.0) -> None:
@@ -489,7 +489,7 @@ class DockerExec:
 
     def __init__(
         self,
-        runtime: DockerRuntime,
+        engine: DockerEngine,
         container_id: str,
         exec_id: str,
         sock: Any,
@@ -497,7 +497,7 @@ class DockerExec:
         tag: str = "",
         user: str = "",
     ) -> None:
-        self._runtime = runtime
+        self._engine = engine
         self._tag = tag
         self._user = user
         self.container_id = container_id
@@ -528,7 +528,7 @@ class DockerExec:
     def exit_code(self) -> int | None:
         for _ in range(100):
             try:
-                info = self._runtime._call(lambda: self._runtime.api.exec_inspect(self.exec_id))
+                info = self._engine._call(lambda: self._engine.api.exec_inspect(self.exec_id))
             except NotFound:
                 return None  # the container died (e.g. gVisor's sandbox was OOM-killed)
             if not info.get("Running"):
@@ -541,11 +541,11 @@ class DockerExec:
         if self._killed:
             return  # a second kill would find the process gone and kill the whole container
         self._killed = True
-        if not self._runtime.kill_exec_tree(self.container_id, self.exec_id):
+        if not self._engine.kill_exec_tree(self.container_id, self.exec_id):
             # Not local (remote engine): the only sure way is to kill the container.
-            self._runtime.kill_container(self.container_id)
+            self._engine.kill_container(self.container_id)
         elif self._tag:
-            self._runtime.kill_tagged(self.container_id, self._tag, self._user)
+            self._engine.kill_tagged(self.container_id, self._tag, self._user)
 
     def close(self) -> None:
         # Closing the SocketIO wrapper alone leaves the socket's fd open until the

@@ -1,0 +1,47 @@
+"""The container engine behind one Protocol (`Engine`), and the factory that picks one.
+
+`docker.py` is the Docker Engine adapter and the only module that imports docker-py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sandboxd.engine.base import (
+    CgroupSample,
+    ContainerInfo,
+    ContainerSpec,
+    Engine,
+    ExecProcess,
+)
+from sandboxd.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from sandboxd.config import ServerConfig
+
+#: Engine names a config may choose.
+ENGINES = ("docker",)
+
+
+def make_engine(config: ServerConfig) -> Engine:
+    """The engine the config names, connected lazily (no call is made here).
+
+    Raises:
+        InvalidArgument: unknown engine name.
+    """
+    if config.engine == "docker":
+        from sandboxd.engine.docker import DockerEngine
+
+        return DockerEngine(config.docker_host)
+    raise InvalidArgument(f"engine: unknown engine {config.engine!r} (known: {', '.join(ENGINES)})")
+
+
+__all__ = [
+    "ENGINES",
+    "CgroupSample",
+    "ContainerInfo",
+    "ContainerSpec",
+    "Engine",
+    "ExecProcess",
+    "make_engine",
+]
