@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 # Interpreter start, pytest import and collection, on a busy machine.
 STARTUP_SECONDS = 60.0
 PER_TEST_GRACE = 6.0  # the worker's hard backstop fires 5 s after a test's timeout
-# The service's default caps; asking for more is refused, never lowered.
-MAX_EXEC_SECONDS = 3600.0
-MAX_TTL_SECONDS = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -252,17 +249,20 @@ class GroupRunner:
             env=env,
             runtime=spec.runtime,
             profile=spec.profile,
-            ttl_seconds=min(self._deadline(spec, count) + 300.0, MAX_TTL_SECONDS),
+            ttl_seconds=min(
+                self._deadline(spec, count) + 300.0, self.client.server_info().caps.ttl_seconds
+            ),
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
             preload_argv=["python3", WORKER],
         )
 
-    @staticmethod
-    def _deadline(spec: SandboxSpec, count: int) -> float:
-        """The exec's backstop; the worker's per-test watchdog normally acts long before."""
-        return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), MAX_EXEC_SECONDS)
+    def _deadline(self, spec: SandboxSpec, count: int) -> float:
+        """The exec's backstop; the worker's per-test watchdog normally acts long before.
+        Asking past the server's cap is refused, never lowered, so stay under it."""
+        cap = self.client.server_info().caps.timeout_seconds
+        return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), cap)
 
     def _attempt(
         self, group: Group, pending: list[str], placement: Placement

@@ -1,9 +1,10 @@
-"""`sandboxd serve | build | run | grade | gc | bootstrap-image`."""
+"""`sandboxd serve | build | run | grade | info | gc | bootstrap-image`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -14,13 +15,12 @@ from typing import TYPE_CHECKING
 from sandboxd import errors
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
 from sandboxd.limits import parse_size
+from sandboxd.verdicts import by_wire
 
 if TYPE_CHECKING:
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
-
-VERDICT_EXIT = {"timed_out": 124, "out_of_memory": 137}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
+    info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
 
     grade = sub.add_parser("grade", help="run a pytest suite against every submission")
     grade.add_argument("--tests", type=Path, required=True, help="the course's tests dir")
@@ -240,9 +243,13 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
             result = client.exec(sandbox.id, argv, on_output=show)
         finally:
             client.destroy_sandbox(sandbox.id)
-    verdict = pb.Verdict.Name(result.verdict).removeprefix("VERDICT_").lower()
-    code = VERDICT_EXIT.get(verdict, result.exit_code if result.exit_code >= 0 else 1)
-    if verdict not in ("ok", "nonzero_exit"):
+    info = by_wire(result.verdict)
+    if info is None:
+        raise errors.SandboxError(f"the server sent verdict {result.verdict}, unknown here")
+    verdict = info.name
+    own = result.exit_code if result.exit_code >= 0 else 1
+    code = info.cli_exit if info.cli_exit is not None else own
+    if not info.finished:
         print(f"sandboxd: {result.message}", file=sys.stderr)
     if args.json:
         sys.stdout.write(
@@ -272,6 +279,13 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
             + "\n"
         )
     return code
+
+
+def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
+    with _client(args.address, config) as client:
+        info = client.server_info()
+    print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
+    return 0
 
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
@@ -307,6 +321,7 @@ COMMANDS = {
     "gc": cmd_gc,
     "run": cmd_run,
     "grade": cmd_grade,
+    "info": cmd_info,
 }
 
 
@@ -316,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else logging.WARNING
-        if args.command in ("run", "grade")
+        if args.command in ("run", "grade", "info")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,

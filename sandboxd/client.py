@@ -28,6 +28,8 @@ from tenacity import (
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.info import ProfileInfo, ServerInfo
+from sandboxd.limits import Caps, Limits
 
 T = TypeVar("T")
 
@@ -35,8 +37,8 @@ OutputCallback = Callable[[int, bytes], None]
 CHUNK = 256 * 1024
 DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
-#: The longest exec a server allows by default (Caps.timeout_seconds); bounds call deadlines.
-MAX_EXEC_SECONDS = 3600.0
+#: Room past an exec's own timeout for the service to kill and measure it.
+DEADLINE_SLACK = 60.0
 
 
 def _backoff() -> wait_exponential_jitter:
@@ -114,9 +116,11 @@ class SandboxClient:
         )
         self._retry_seconds = retry_seconds
         self._digests: dict[int, tuple[bytes, str]] = {}
+        self._info: ServerInfo | None = None
         self.images = pb_grpc.ImageServiceStub(self._channel)
         self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._about = pb_grpc.InfoServiceStub(self._channel)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -161,6 +165,22 @@ class SandboxClient:
                 f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
             ) from None
         self._retrying(lambda: self.health())
+
+    # -- server -------------------------------------------------------------
+
+    def server_info(self, *, refresh: bool = False) -> ServerInfo:
+        """Caps, defaults, profiles, runtimes and versions; asked once per client."""
+        if self._info is None or refresh:
+            m = self._retrying(
+                lambda: self._call(self._about.GetServerInfo, pb.GetServerInfoRequest())
+            )
+            self._info = info_from_pb(m)
+        return self._info
+
+    def _exec_deadline(self, timeout: float) -> float:
+        """A call deadline: the exec's timeout (0: the server's cap) plus room to measure.
+        A call without any deadline could wait forever on a service that stopped answering."""
+        return (timeout or self.server_info().caps.timeout_seconds) + DEADLINE_SLACK
 
     # -- images -------------------------------------------------------------
 
@@ -302,10 +322,7 @@ class SandboxClient:
             workdir=workdir,
             attach_preload=attach_preload,
         )
-        # The call deadline leaves room for the service to kill and measure.
-        # timeout 0 means the sandbox's own limit, which is at most the server's cap; a call
-        # without any deadline could wait forever on a service that stopped answering.
-        deadline = (timeout or MAX_EXEC_SECONDS) + 60.0
+        deadline = self._exec_deadline(timeout)
         try:
             yield from self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline)
         except grpc.RpcError as exc:
@@ -358,12 +375,54 @@ class SandboxClient:
         return bytes(out)
 
     def run_stream(
-        self, request: pb.RunRequest, timeout: float | None = 2 * MAX_EXEC_SECONDS
+        self, request: pb.RunRequest, timeout: float | None = None
     ) -> Iterator[pb.RunEvent]:
+        """Run's events; the default deadline covers a build and the longest exec."""
+        if timeout is None:
+            timeout = 2 * self._exec_deadline(0.0)
         try:
             yield from self.sandboxes.Run(request, metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+def limits_from_pb(m: pb.Limits) -> Limits:
+    return Limits(
+        cpus=m.cpus,
+        memory_bytes=m.memory_bytes,
+        pids=m.pids,
+        scratch_bytes=m.scratch_bytes,
+        network=m.network,
+        timeout_seconds=m.timeout_seconds,
+        output_bytes=m.output_bytes,
+    )
+
+
+def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
+    c = m.caps
+    return ServerInfo(
+        api_version=m.api_version,
+        server_version=m.server_version,
+        engine=m.engine,
+        engine_version=m.engine_version,
+        defaults=limits_from_pb(m.default_limits),
+        caps=Caps(
+            cpus=c.cpus,
+            memory_bytes=c.memory_bytes,
+            pids=c.pids,
+            scratch_bytes=c.scratch_bytes,
+            network=c.network,
+            timeout_seconds=c.timeout_seconds,
+            output_bytes=c.output_bytes,
+            ttl_seconds=c.ttl_seconds,
+            sandboxes=c.sandboxes,
+        ),
+        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
+        default_profile=m.default_profile,
+        runtimes=tuple(m.runtimes),
+        base_image=m.base_image,
+        default_ttl_seconds=m.default_ttl_seconds,
+    )
 
 
 def tar_of(files: Mapping[str, bytes | str], mode: int = 0o644) -> bytes:

@@ -33,7 +33,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from packaging.requirements import Requirement
 
@@ -41,6 +41,7 @@ from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.client import SandboxClient, tar_of
 from sandboxd.paths import check_relative
+from sandboxd.verdicts import StoppedVerdict, by_wire
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,16 @@ MAX_SUBMISSION_BYTES = 16 * 1024 * 1024
 MAX_JUNIT_BYTES = 4 * 1024 * 1024
 SKIP_PARTS = frozenset({"__pycache__", ".git", ".pytest_cache", "__MACOSX"})
 
+#: A submission's verdict: what pytest's results say, or the service's verdict when it
+#: stopped the run (a limit, or a crash: pytest itself died or the sandbox did).
 Verdict = Literal[
     "passed",  # every test passed
     "failed",  # tests ran, some failed
     "error",  # pytest could not run the tests (collection error, no tests, bad usage)
     "inconsistent",  # the JUnit XML contradicts pytest's exit status
-    "timed_out",
-    "out_of_memory",
-    "pids_exhausted",
-    "output_truncated",
-    "crashed",  # pytest itself died (signal) or the sandbox did
+    StoppedVerdict,
 ]
 Outcome = Literal["passed", "failed", "error", "skipped"]
-_LIMIT_VERDICTS = {
-    pb.VERDICT_TIMED_OUT: "timed_out",
-    pb.VERDICT_OUT_OF_MEMORY: "out_of_memory",
-    pb.VERDICT_PIDS_EXHAUSTED: "pids_exhausted",
-    pb.VERDICT_OUTPUT_TRUNCATED: "output_truncated",
-    pb.VERDICT_CRASHED: "crashed",
-}
 
 
 @dataclass(frozen=True)
@@ -281,13 +273,23 @@ def _untar_one(data: bytes) -> bytes | None:
     return None
 
 
+def _stopped(wire: int) -> StoppedVerdict | None:
+    """The service's verdict when it, not pytest, ended the run."""
+    info = by_wire(wire)
+    if info is None:
+        return "crashed"  # a verdict newer than this grader: the run did not finish
+    if info.finished:
+        return None
+    return cast(StoppedVerdict, info.name)
+
+
 def judge_run(
     result: pb.ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
 ) -> tuple[Verdict, str]:
     """The submission's verdict from the service's result and the parsed JUnit XML."""
-    limit = _LIMIT_VERDICTS.get(result.verdict)
-    if limit is not None:
-        return limit, result.message  # type: ignore[return-value]
+    stopped = _stopped(result.verdict)
+    if stopped is not None:
+        return stopped, result.message
     code = result.exit_code
     # The kernel ends a process at its CPU limit with SIGXCPU (SIGKILL past the hard limit).
     if result.signal == signal.SIGXCPU or (
@@ -369,7 +371,7 @@ def grade_one(
         result = client.exec(sandbox.id, argv, env=env, timeout=settings.timeout_seconds)
         raw: bytes | None = None
         tests: dict[str, Outcome] | None = None
-        if result.verdict in (pb.VERDICT_OK, pb.VERDICT_NONZERO_EXIT):
+        if _stopped(result.verdict) is None:
             try:
                 raw = _untar_one(
                     client.get_files(sandbox.id, junit_path, max_bytes=MAX_JUNIT_BYTES)

@@ -25,8 +25,9 @@ from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
+from sandboxd.info import describe_server
 from sandboxd.sandboxes import SandboxManager
-from sandboxd.service import ImageServicer, SandboxServicer
+from sandboxd.service import ImageServicer, InfoServicer, SandboxServicer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
+    pb.DESCRIPTOR.services_by_name["InfoService"].full_name,
 )
 
 
@@ -82,6 +84,9 @@ class Service:
         pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
         pb_grpc.add_SandboxServiceServicer_to_server(
             SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
+        )
+        pb_grpc.add_InfoServiceServicer_to_server(
+            InfoServicer(lambda: describe_server(config, self.core.engine)), self.server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

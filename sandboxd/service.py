@@ -16,8 +16,10 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
-from sandboxd.limits import Limits
+from sandboxd.info import ServerInfo
+from sandboxd.limits import Caps, Limits
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+from sandboxd.verdicts import VERDICTS
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,15 +27,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Metadata key an authenticating interceptor sets to the caller's client name.
 OWNER_KEY = "x-sandbox-client"
 
-_VERDICTS = {
-    "ok": pb.VERDICT_OK,
-    "nonzero_exit": pb.VERDICT_NONZERO_EXIT,
-    "timed_out": pb.VERDICT_TIMED_OUT,
-    "out_of_memory": pb.VERDICT_OUT_OF_MEMORY,
-    "pids_exhausted": pb.VERDICT_PIDS_EXHAUSTED,
-    "output_truncated": pb.VERDICT_OUTPUT_TRUNCATED,
-    "crashed": pb.VERDICT_CRASHED,
-}
 _STATES = {
     "running": pb.SANDBOX_STATE_RUNNING,
     "exited": pb.SANDBOX_STATE_EXITED,
@@ -126,6 +119,39 @@ def limits_to_pb(limits: Limits) -> pb.Limits:
     )
 
 
+def caps_to_pb(caps: Caps) -> pb.Caps:
+    return pb.Caps(
+        cpus=caps.cpus,
+        memory_bytes=caps.memory_bytes,
+        pids=caps.pids,
+        scratch_bytes=caps.scratch_bytes,
+        network=caps.network,
+        timeout_seconds=caps.timeout_seconds,
+        output_bytes=caps.output_bytes,
+        ttl_seconds=caps.ttl_seconds,
+        sandboxes=caps.sandboxes,
+    )
+
+
+def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
+    return pb.ServerInfo(
+        api_version=info.api_version,
+        server_version=info.server_version,
+        engine=info.engine,
+        engine_version=info.engine_version,
+        default_limits=limits_to_pb(info.defaults),
+        caps=caps_to_pb(info.caps),
+        profiles=[
+            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
+            for p in info.profiles
+        ],
+        default_profile=info.default_profile,
+        runtimes=list(info.runtimes),
+        base_image=info.base_image,
+        default_ttl_seconds=info.default_ttl_seconds,
+    )
+
+
 def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
     return SandboxRequest(
         image=spec.image,
@@ -174,7 +200,7 @@ def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
     return pb.ExecResult(
         exit_code=j.exit_code,
         signal=j.signal,
-        verdict=_VERDICTS[j.verdict],
+        verdict=pb.Verdict.ValueType(VERDICTS[j.verdict].wire),
         wall_seconds=o.wall_seconds,
         cpu_seconds=o.cpu_seconds,
         peak_memory_bytes=o.peak_memory_bytes,
@@ -210,6 +236,17 @@ def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
     event = threading.Event()
     context.add_callback(event.set)
     return event
+
+
+class InfoServicer(pb_grpc.InfoServiceServicer):
+    def __init__(self, describe: Callable[[], ServerInfo]) -> None:
+        self.describe = describe
+
+    @unary
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ServerInfo:
+        return info_to_pb(self.describe())
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):

@@ -112,6 +112,10 @@ class Engine(Protocol):
 
     def runtimes(self) -> set[str]: ...
 
+    def version(self) -> str:
+        """The engine's own version string, as it reports it."""
+        ...
+
     def create_container(self, spec: ContainerSpec) -> str:
         """Create and start; return the container id."""
         ...

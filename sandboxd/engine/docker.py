@@ -122,6 +122,9 @@ class DockerEngine:
         info = self._safe(lambda: self.api.info())
         return set((info.get("Runtimes") or {}).keys()) | {"runc"}
 
+    def version(self) -> str:
+        return str(self._safe(lambda: self.api.version()).get("Version", ""))
+
     def cgroup_version(self) -> int:
         info = self._safe(lambda: self.api.info())
         return int(info.get("CgroupVersion") or 1)

@@ -120,6 +120,10 @@ class FakeEngine:
         self._check()
         return {"runc"}
 
+    def version(self) -> str:
+        self._check()
+        return "0-fake"
+
     def create_container(self, spec: ContainerSpec) -> str:
         self._check()
         self._n += 1

@@ -95,7 +95,7 @@ def test_kill_messages_name_the_cause() -> None:
     late = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1)
     assert describe_kill(late, spec, elapsed=7.5) == "timed out after 2.0s"
     crash = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=139, signal=11)
-    assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal 11")
+    assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal SIGSEGV")
     assert describe_kill(None, spec, error="gone").startswith("sandbox error: gone")
 
 
