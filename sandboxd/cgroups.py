@@ -54,6 +54,7 @@ def reset_peak(dirs: CgroupDirs) -> None:
 
 
 def process_exists(pid: int, *, proc: Path = PROC) -> bool:
+    """Whether `pid` is a process this host can see (False for another host's)."""
     return pid > 0 and (proc / str(pid)).exists()
 
 

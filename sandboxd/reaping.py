@@ -59,6 +59,7 @@ class Reaper:
             log.warning("reaping leftovers takes long; serving meanwhile")
 
     def stop(self) -> None:
+        """Stop the periodic passes; a pass under way finishes first."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

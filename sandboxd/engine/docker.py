@@ -1,4 +1,9 @@
-"""The Docker Engine adapter: the only module that imports docker-py."""
+"""The Docker Engine adapter: the only module that imports docker-py.
+
+Longer than the house's ~450 lines on purpose: keeping docker-py in one module means the
+engine calls, the exec stream (`DockerExec`) and the kill paths that need both live here.
+Host cgroup and /proc reading is in `sandboxd.cgroups`.
+"""
 
 from __future__ import annotations
 
