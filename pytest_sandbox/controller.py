@@ -9,7 +9,6 @@ terminal, -x, --lf and junitxml see nothing unusual.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -22,19 +21,11 @@ from _pytest.config import builtin_plugins
 
 from pytest_sandbox import snapshot
 from pytest_sandbox.arguments import worker_args
-from pytest_sandbox.client import Connection, connect
+from pytest_sandbox.connection import Connection, connect
+from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
-from pytest_sandbox.runner import (
-    Group,
-    GroupDone,
-    GroupRunner,
-    ImageCache,
-    ItemResult,
-    Kept,
-    Registry,
-    RunSettings,
-)
-from pytest_sandbox.spec import SandboxSpec
+from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
+from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
 
 log = logging.getLogger(__name__)
@@ -49,7 +40,7 @@ class Options:
 
 
 def make_groups(
-    items: Iterable[pytest.Item], specs: dict[str, SandboxSpec], rootdir: Path
+    items: Iterable[pytest.Item], specs: dict[str, RouteSpec], rootdir: Path
 ) -> list[Group]:
     """Group routed items by (spec, scope key), in order of first appearance."""
     buckets: dict[tuple[object, ...], list[pytest.Item]] = {}
@@ -82,7 +73,7 @@ def _relpath(path: Path, rootdir: Path) -> str:
 class Controller:
     config: pytest.Config
     options: Options
-    specs: dict[str, SandboxSpec] = field(default_factory=dict)
+    specs: dict[str, RouteSpec] = field(default_factory=dict)
     kept: list[Kept] = field(default_factory=list)
     connection: Connection | None = None
     _events: queue.Queue[object] = field(default_factory=queue.Queue)
@@ -319,7 +310,3 @@ class Controller:
         if lines:
             lines.append("(kept until the next sandboxd start or `sandboxd gc` removes them)")
         return lines
-
-
-def default_jobs() -> int:
-    return os.cpu_count() or 1

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pytest_sandbox.spec import SandboxSpec
+from pytest_sandbox.spec import RouteSpec
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.verdicts import VERDICTS, Facts, by_wire
 
 
 def describe_kill(
     result: pb.ExecResult | None,
-    spec: SandboxSpec,
+    spec: RouteSpec,
     *,
     error: str = "",
     elapsed: float | None = None,

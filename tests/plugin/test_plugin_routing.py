@@ -141,7 +141,7 @@ def test_third_fails():
         assert {"sandbox_memory", "sandbox_cpus", "sandbox_pids", "sandbox_timeout"} <= set(props)
     assert {p.get("name"): p.get("value") for p in cases["test_sees_its_limits"].iter("property")}[
         "sandbox_memory"
-    ] == "96MiB"
+    ] == "96 MiB"
     assert "out of memory" in cases["test_oom"].find("failure").get("message")
 
 

@@ -9,7 +9,7 @@ from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.reports import remap_paths
 from pytest_sandbox.snapshot import PROJECT, Snapshot, project_files
-from pytest_sandbox.spec import Defaults, parse_memory, resolve
+from pytest_sandbox.spec import Defaults, resolve
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 
 MiB = 1024 * 1024
@@ -19,14 +19,14 @@ MiB = 1024 * 1024
     ("text", "expected"),
     [("512m", 512 * MiB), ("64MiB", 64 * MiB), ("1g", 1024 * MiB), (4096, 4096), ("10k", 10240)],
 )
-def test_parse_memory(text: object, expected: int) -> None:
-    assert parse_memory(text) == expected
+def test_memory_takes_the_services_size_syntax(text: object, expected: int) -> None:
+    assert resolve({"memory": text}, Defaults(), {}).memory == expected
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1m", True, "1x"])
-def test_parse_memory_refuses_nonsense(bad: object) -> None:
-    with pytest.raises(ValueError):
-        parse_memory(bad)
+def test_memory_refuses_nonsense(bad: object) -> None:
+    with pytest.raises(ValueError, match="memory"):
+        resolve({"memory": bad}, Defaults(), {})
 
 
 def test_marker_overrides_defaults_and_env_forwards_only_what_is_named() -> None:

@@ -19,10 +19,6 @@ class Connection:
         self.client = client
         self.embedded = embedded
 
-    @property
-    def where(self) -> str:
-        return "embedded sandboxd" if self.embedded is not None else self.client.address
-
     def close(self, *, keep: Collection[str] = ()) -> None:
         """Close; an embedded service removes its sandboxes, except those in `keep`."""
         self.client.close()
