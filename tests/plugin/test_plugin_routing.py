@@ -317,3 +317,29 @@ def test_sandbox_required_refuses_to_run_marked_tests_locally(
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*sandbox_required is set but --sandbox was not given*"])
+
+
+def test_a_path_after_the_flag_is_a_path_to_test(
+    pytester: pytest.Pytester, no_leftovers: None
+) -> None:
+    routed = """
+        import os
+        import pytest
+
+        @pytest.mark.sandbox
+        def test_marked():
+            assert os.path.isdir("/sandbox")
+
+        def test_unmarked():
+            assert not os.path.isdir("/sandbox")
+    """
+    pytester.makepyfile(**{"sub/test_sub.py": routed, "test_elsewhere.py": "def test_x(): pass"})
+    result = pytester.runpytest_subprocess("--sandbox", "sub/", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["sandbox: tests marked sandbox via*", "*test_marked PASSED*"])
+    result.stdout.no_fnmatch_line("*test_elsewhere*")
+    every = pytester.runpytest_subprocess("--sandbox=all", "sub/", "-p", "no:cacheprovider")
+    every.assert_outcomes(passed=1, failed=1)
+    every.stdout.fnmatch_lines(
+        ["sandbox: every test via*", "*FAILED sub/test_sub.py::test_unmarked*"]
+    )
