@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -32,6 +33,20 @@ _STATES = {
     "exited": pb.SANDBOX_STATE_EXITED,
     "destroyed": pb.SANDBOX_STATE_DESTROYED,
 }
+
+
+@contextlib.contextmanager
+def temporary_sandbox(manager: SandboxManager, request: SandboxRequest) -> Iterator[SandboxRecord]:
+    """Create, use, always destroy, on the server side (the client's `sandbox()` twin):
+    a failed destroy is logged, not raised over the call's own outcome."""
+    record = manager.create(request)
+    try:
+        yield record
+    finally:
+        try:
+            manager.destroy(record.id)
+        except errors.SandboxError as exc:
+            log.warning("destroying %s after use: %s", record.id, exc)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -405,8 +420,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             spec = pb.SandboxSpec()
             spec.CopyFrom(request.spec)
             spec.image = image_pb.key
-        record = self.manager.create(request_from_pb(spec, owner))
-        try:
+        with temporary_sandbox(self.manager, request_from_pb(spec, owner)) as record:
             if request.files_tar:
                 self.executor.put_files(record.id, "", [request.files_tar], owner)
             result = None
@@ -432,8 +446,3 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     collected_tar=collected,
                 )
             )
-        finally:
-            try:
-                self.manager.destroy(record.id)
-            except errors.SandboxError as exc:
-                log.warning("destroying %s after Run: %s", record.id, exc)
