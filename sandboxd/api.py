@@ -2,7 +2,8 @@
 
 `SandboxClient` (client.py) turns the wire messages into these and back, so the CLI,
 the grader and the pytest plugin speak the same types whichever side of the wire they
-are on. Requests reuse the core's own records (`SandboxRequest`, `Limits`).
+are on. Where the core has the record already (`SandboxRequest`, `Limits`, an image's
+`ImageRecord`), the client uses it; the server fills in `owner`, never the client.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from sandboxd.images import ImageRecord as Image
 from sandboxd.limits import Limits
 from sandboxd.sandboxes import SandboxRequest
 from sandboxd.verdicts import VERDICTS, Verdict, VerdictInfo
@@ -39,19 +41,6 @@ def requested_limits(**given: Any) -> Limits:
     """
     zero = {f.name: False if f.type == "bool" else 0 for f in fields(Limits)}
     return Limits(**{**zero, **given})
-
-
-@dataclass(frozen=True)
-class Image:
-    #: Content key: sha256 over base digest, fragment and context files.
-    key: str
-    #: Engine image id (sha256:...).
-    digest: str
-    tag: str
-    base: str
-    size_bytes: int = 0
-    created_unix: float = 0.0
-    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,16 +77,16 @@ class OutputChunk:
 
 @dataclass(frozen=True)
 class ExecResult:
-    exit_code: int
-    #: Signal that ended the command, 0 if it exited normally.
-    signal: int
     verdict: Verdict
-    wall_seconds: float
-    cpu_seconds: float
-    peak_memory_bytes: int
-    output_truncated: bool
+    exit_code: int = 0
+    #: Signal that ended the command, 0 if it exited normally.
+    signal: int = 0
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    output_truncated: bool = False
     #: A sentence for a person: "timed out after 2.0s", "out of memory (limit 64 MiB)".
-    message: str
+    message: str = ""
     stdout_bytes: int = 0
     stderr_bytes: int = 0
 

@@ -33,43 +33,30 @@ def test_parse_junit_outcomes_sorted_and_worst_kept() -> None:
         parse_junit(b"<not xml")
 
 
-def _result(**kw: object) -> ExecResult:
-    values: dict[str, object] = {
-        "exit_code": 0,
-        "signal": 0,
-        "wall_seconds": 0.0,
-        "cpu_seconds": 0.0,
-        "peak_memory_bytes": 0,
-        "output_truncated": False,
-        "message": "",
-    }
-    return ExecResult(**{**values, **kw})  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("result", "tests", "verdict"),
     [
-        (_result(verdict="ok"), {"t::a": "passed"}, "passed"),
-        (_result(verdict="nonzero_exit", exit_code=1), {"t::a": "failed"}, "failed"),
-        (_result(verdict="timed_out", message="timed out after 2.0s"), None, "timed_out"),
-        (_result(verdict="out_of_memory"), None, "out_of_memory"),
-        (_result(verdict="nonzero_exit", exit_code=139, signal=11), None, "crashed"),
+        (ExecResult(verdict="ok"), {"t::a": "passed"}, "passed"),
+        (ExecResult(verdict="nonzero_exit", exit_code=1), {"t::a": "failed"}, "failed"),
+        (ExecResult(verdict="timed_out", message="timed out after 2.0s"), None, "timed_out"),
+        (ExecResult(verdict="out_of_memory"), None, "out_of_memory"),
+        (ExecResult(verdict="nonzero_exit", exit_code=139, signal=11), None, "crashed"),
         (
-            _result(verdict="nonzero_exit", exit_code=152, signal=signal.SIGXCPU),
+            ExecResult(verdict="nonzero_exit", exit_code=152, signal=signal.SIGXCPU),
             None,
             "timed_out",
         ),
         (
-            _result(verdict="nonzero_exit", exit_code=137, signal=9, cpu_seconds=5.1),
+            ExecResult(verdict="nonzero_exit", exit_code=137, signal=9, cpu_seconds=5.1),
             None,
             "timed_out",
         ),
-        (_result(verdict="nonzero_exit", exit_code=2), None, "error"),
-        (_result(verdict="ok"), None, "error"),  # exit 0 but no results written
+        (ExecResult(verdict="nonzero_exit", exit_code=2), None, "error"),
+        (ExecResult(verdict="ok"), None, "error"),  # exit 0 but no results written
         # Results that contradict the exit status: a forged file without a matching exit.
-        (_result(verdict="nonzero_exit", exit_code=1), {"t::a": "passed"}, "inconsistent"),
-        (_result(verdict="ok"), {"t::a": "failed"}, "inconsistent"),
-        (_result(verdict="ok"), {}, "inconsistent"),
+        (ExecResult(verdict="nonzero_exit", exit_code=1), {"t::a": "passed"}, "inconsistent"),
+        (ExecResult(verdict="ok"), {"t::a": "failed"}, "inconsistent"),
+        (ExecResult(verdict="ok"), {}, "inconsistent"),
     ],
 )
 def test_judge_run(result: ExecResult, tests: dict[str, str] | None, verdict: str) -> None:

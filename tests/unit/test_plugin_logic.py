@@ -84,29 +84,17 @@ def test_tail_keeps_the_end() -> None:
     assert tail.text() == "[...]\ncdef"
 
 
-def _result(**kw: object) -> ExecResult:
-    values: dict[str, object] = {
-        "exit_code": 0,
-        "signal": 0,
-        "wall_seconds": 0.0,
-        "cpu_seconds": 0.0,
-        "peak_memory_bytes": 0,
-        "output_truncated": False,
-        "message": "",
-    }
-    return ExecResult(**{**values, **kw})  # type: ignore[arg-type]
-
-
 def test_kill_messages_name_the_cause() -> None:
     spec = resolve({"memory": "64m", "pids": 32, "timeout": 2}, Defaults(), {})
-    oom = _result(verdict="out_of_memory", message="out of memory (limit 64 MiB)")
+    oom = ExecResult(verdict="out_of_memory", message="out of memory (limit 64 MiB)")
     assert describe_kill(oom, spec) == "out of memory (limit 64 MiB)"
-    assert describe_kill(_result(verdict="pids_exhausted"), spec) == ("process limit (32) reached")
+    pids = ExecResult(verdict="pids_exhausted")
+    assert describe_kill(pids, spec) == "process limit (32) reached"
     assert describe_kill(None, spec, watchdog_timeout=2.0) == "timed out after 2.0s"
     # the worker's hard backstop exits 1 after the timeout: still a timeout
-    late = _result(verdict="nonzero_exit", exit_code=1)
+    late = ExecResult(verdict="nonzero_exit", exit_code=1)
     assert describe_kill(late, spec, elapsed=7.5) == "timed out after 2.0s"
-    crash = _result(verdict="nonzero_exit", exit_code=139, signal=11)
+    crash = ExecResult(verdict="nonzero_exit", exit_code=139, signal=11)
     assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal SIGSEGV")
     assert describe_kill(None, spec, error="gone").startswith("sandbox error: gone")
 
