@@ -24,8 +24,8 @@ from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.snapshot import WORKER, Snapshot
 from pytest_sandbox.spec import SandboxSpec
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import BuildResult, SandboxClient
+from sandboxd.api import BuildResult, ExecResult, SandboxRequest, Stream, requested_limits
+from sandboxd.client import SandboxClient
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,12 @@ class GroupRunner:
         """Wait for pending destroys."""
         self._destroyer.shutdown(wait=True)
 
-    def sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> pb.SandboxSpec:
+    def sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> SandboxRequest:
         env = dict(self.settings.env)
         env.update(spec.env)
-        return pb.SandboxSpec(
+        return SandboxRequest(
             image=build.image.key or build.image.tag,
-            limits=pb.Limits(
+            limits=requested_limits(
                 cpus=spec.cpus,
                 memory_bytes=spec.memory,
                 pids=spec.pids,
@@ -255,7 +255,7 @@ class GroupRunner:
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
-            preload_argv=["python3", WORKER],
+            preload_argv=("python3", WORKER),
         )
 
     def _deadline(self, spec: SandboxSpec, count: int) -> float:
@@ -318,8 +318,8 @@ class GroupRunner:
             elif kind == "error":
                 stderr.add(str(rec.get("text", "")).encode())
 
-        def on_output(stream: int, data: bytes) -> None:
-            if stream == pb.STREAM_STDOUT:
+        def on_output(stream: Stream, data: bytes) -> None:
+            if stream == "stdout":
                 for rec in reader.feed(data):
                     on_record(rec)
             else:
@@ -327,7 +327,7 @@ class GroupRunner:
                 if self.settings.echo_output:
                     sys.stderr.write(data.decode("utf-8", "replace"))
 
-        result: pb.ExecResult | None = None
+        result: ExecResult | None = None
         error = ""
         try:
             result = self.client.exec(
