@@ -21,12 +21,12 @@ from _pytest.config import builtin_plugins
 
 from pytest_sandbox import snapshot
 from pytest_sandbox.arguments import worker_args
-from pytest_sandbox.connection import Connection, connect
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
+from sandboxd.connection import Connection, connect
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Controller:
                 outputs = [Path(xmlpath)] if xmlpath else []
                 snap = snapshot.take(self.config.rootpath, exclude=outputs)
                 self._early_result["snap"] = snap
-                conn = connect(self.options.address)
+                conn = connect(self.options.address, address_option="--sandbox-address")
                 self._early_result["conn"] = conn
             except BaseException as exc:  # re-raised on the main thread
                 self._early_result["error"] = exc

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pytest_sandbox.spec import RouteSpec
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.verdicts import VERDICTS, Facts, by_wire
+from sandboxd.api import ExecResult
+from sandboxd.verdicts import VERDICTS, Facts
 
 
 def describe_kill(
-    result: pb.ExecResult | None,
+    result: ExecResult | None,
     spec: RouteSpec,
     *,
     error: str = "",
@@ -32,11 +32,11 @@ def describe_kill(
         pids_limit=spec.pids,
         timeout_seconds=spec.timeout,
     )
-    info = by_wire(result.verdict)
+    info = result.info
     timed_out = elapsed is not None and elapsed >= spec.timeout
-    if info is not None and info.limit_kill and info.name != "timed_out":
+    if info.limit_kill and info.name != "timed_out":
         return result.message or info.sentence(facts)
-    if timed_out or (info is not None and info.name == "timed_out"):
+    if timed_out or info.name == "timed_out":
         return VERDICTS["timed_out"].sentence(facts)
     message = VERDICTS["crashed"].sentence(facts)
     if result.message and result.message not in message:

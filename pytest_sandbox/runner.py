@@ -23,8 +23,8 @@ from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.snapshot import WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import BuildResult, SandboxClient
+from sandboxd.api import BuildResult, ExecResult, SandboxRequest, Stream, requested_limits
+from sandboxd.client import SandboxClient
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +179,12 @@ class GroupRunner:
         """Wait for pending destroys."""
         self._destroyer.shutdown(wait=True)
 
-    def sandbox_spec(self, build: BuildResult, spec: RouteSpec, count: int) -> pb.SandboxSpec:
+    def sandbox_spec(self, build: BuildResult, spec: RouteSpec, count: int) -> SandboxRequest:
         env = dict(self.settings.env)
         env.update(spec.env)
-        return pb.SandboxSpec(
+        return SandboxRequest(
             image=build.image.key or build.image.tag,
-            limits=pb.Limits(
+            limits=requested_limits(
                 cpus=spec.cpus,
                 memory_bytes=spec.memory,
                 pids=spec.pids,
@@ -200,7 +200,7 @@ class GroupRunner:
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
-            preload_argv=["python3", WORKER],
+            preload_argv=("python3", WORKER),
         )
 
     def _deadline(self, spec: RouteSpec, count: int) -> float:
@@ -217,10 +217,10 @@ class GroupRunner:
         capture_dir = f"/tmp/.pytest-sandbox-{nonce}"
         collector = Collector(nonce, pending, placement, self.settings, self.emit)
 
-        def on_output(stream: int, data: bytes) -> None:
-            (collector.feed if stream == pb.STREAM_STDOUT else collector.log)(data)
+        def on_output(stream: Stream, data: bytes) -> None:
+            (collector.feed if stream == "stdout" else collector.log)(data)
 
-        result: pb.ExecResult | None = None
+        result: ExecResult | None = None
         error = ""
         try:
             result = self.client.exec(

@@ -38,10 +38,11 @@ from typing import Any, Literal, cast
 from packaging.requirements import Requirement
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import SandboxClient, tar_of
+from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
+from sandboxd.client import SandboxClient, SandboxHandle
 from sandboxd.paths import check_relative
-from sandboxd.verdicts import StoppedVerdict, by_wire
+from sandboxd.verdicts import VERDICTS, StoppedVerdict
+from sandboxd.verdicts import Verdict as ExecVerdict
 
 log = logging.getLogger(__name__)
 
@@ -273,18 +274,13 @@ def _untar_one(data: bytes) -> bytes | None:
     return None
 
 
-def _stopped(wire: int) -> StoppedVerdict | None:
+def _stopped(verdict: ExecVerdict) -> StoppedVerdict | None:
     """The service's verdict when it, not pytest, ended the run."""
-    info = by_wire(wire)
-    if info is None:
-        return "crashed"  # a verdict newer than this grader: the run did not finish
-    if info.finished:
-        return None
-    return cast(StoppedVerdict, info.name)
+    return None if VERDICTS[verdict].finished else cast(StoppedVerdict, verdict)
 
 
 def judge_run(
-    result: pb.ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
+    result: ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
 ) -> tuple[Verdict, str]:
     """The submission's verdict from the service's result and the parsed JUnit XML."""
     stopped = _stopped(result.verdict)
@@ -327,30 +323,22 @@ def _write_junit(path: Path, name: str, data: bytes | None, verdict: str, messag
     path.write_bytes(data)
 
 
-def grade_one(
-    client: SandboxClient,
-    submission: Submission,
-    image: pb.Image,
-    settings: GradeSettings,
-    junit_dir: Path,
-) -> Grade:
-    """Run the suite against one submission in a fresh sandbox, destroyed afterwards."""
-    limits = pb.Limits(
-        cpus=settings.cpus,
-        memory_bytes=settings.memory_bytes,
-        pids=settings.pids,
-        timeout_seconds=settings.timeout_seconds,
-    )
-    spec = pb.SandboxSpec(
-        image=image.key,
-        limits=limits,
-        profile=settings.profile,
-        runtime=settings.runtime,
-        labels={"grading": "1"},
-    )
-    # A fresh name per run: the submission does not know it before it runs.
-    results_dir = f"/tmp/{secrets.token_hex(12)}"
-    junit_path = f"{results_dir}/junit.xml"
+def _fetch_junit(box: SandboxHandle, path: str) -> tuple[bytes | None, dict[str, Outcome] | None]:
+    """The JUnit XML pytest wrote and its parse; (None, None) when missing or unusable."""
+    try:
+        raw = _untar_one(box.get_files(path, max_bytes=MAX_JUNIT_BYTES))
+    except (errors.NotFound, errors.ResourceExhausted):
+        return None, None
+    if raw is None:
+        return None, None
+    try:
+        return raw, parse_junit(raw)
+    except errors.InvalidArgument:
+        return None, None
+
+
+def _pytest_argv(settings: GradeSettings, junit_path: str) -> tuple[list[str], int]:
+    """The command that runs the course's tests under a CPU-time limit, and that limit."""
     pytest = (
         f"python3 -m pytest {GRADER}/tests -q -p no:cacheprovider --junitxml={junit_path} "
         f"-o junit_family=xunit2 --rootdir={GRADER}/tests"
@@ -358,36 +346,46 @@ def grade_one(
     cpu_limit = max(1, math.ceil(settings.cpu_seconds))
     # Soft limit: SIGXCPU; one second later the hard limit's SIGKILL, should it be ignored.
     limit = f"ulimit -St {cpu_limit} && ulimit -Ht {cpu_limit + 1}"
-    argv = ["sh", "-c", f"{limit} && exec {pytest}"]
+    return ["sh", "-c", f"{limit} && exec {pytest}"], cpu_limit
+
+
+def grade_one(
+    client: SandboxClient,
+    submission: Submission,
+    image: Image,
+    settings: GradeSettings,
+    junit_dir: Path,
+) -> Grade:
+    """Run the suite against one submission in a fresh sandbox, destroyed afterwards."""
+    request = SandboxRequest(
+        image=image.key,
+        limits=requested_limits(
+            cpus=settings.cpus,
+            memory_bytes=settings.memory_bytes,
+            pids=settings.pids,
+            timeout_seconds=settings.timeout_seconds,
+        ),
+        profile=settings.profile,
+        runtime=settings.runtime,
+        labels={"grading": "1"},
+    )
+    # A fresh name per run: the submission does not know it before it runs.
+    junit_path = f"/tmp/{secrets.token_hex(12)}/junit.xml"
+    argv, cpu_limit = _pytest_argv(settings, junit_path)
     env = {
         "PYTHONPATH": f"{GRADER}/lib:{WORKDIR}",
         "PYTHONHASHSEED": "0",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    sandbox = client.create_sandbox(spec)
-    try:
+    raw: bytes | None = None
+    tests: dict[str, Outcome] | None = None
+    with client.sandbox(request) as box:
         if submission.files:
-            client.put_files(sandbox.id, WORKDIR, tar_of(dict(submission.files)))
-        result = client.exec(sandbox.id, argv, env=env, timeout=settings.timeout_seconds)
-        raw: bytes | None = None
-        tests: dict[str, Outcome] | None = None
+            box.put_files(WORKDIR, dict(submission.files))
+        result = box.exec(argv, env=env, timeout=settings.timeout_seconds)
         if _stopped(result.verdict) is None:
-            try:
-                raw = _untar_one(
-                    client.get_files(sandbox.id, junit_path, max_bytes=MAX_JUNIT_BYTES)
-                )
-            except errors.NotFound:
-                raw = None
-            except errors.ResourceExhausted:
-                raw = None
-            if raw is not None:
-                try:
-                    tests = parse_junit(raw)
-                except errors.InvalidArgument:
-                    raw, tests = None, None
-        verdict, message = judge_run(result, tests, cpu_limit)
-    finally:
-        client.destroy_sandbox(sandbox.id)
+            raw, tests = _fetch_junit(box, junit_path)
+    verdict, message = judge_run(result, tests, cpu_limit)
     tests = tests or {}
     passed = sum(1 for o in tests.values() if o == "passed")
     total = len(tests)
@@ -406,7 +404,7 @@ def grade_one(
         cpu_seconds=round(result.cpu_seconds, 3),
         peak_memory_bytes=result.peak_memory_bytes,
         wall_seconds=round(result.wall_seconds, 3),
-        image_digest=sandbox.image_digest,
+        image_digest=box.sandbox.image_digest,
         junit=str(junit_file),
     )
 

@@ -1,23 +1,30 @@
-"""The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only."""
+"""The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only.
+
+Conversions both sides of the wire need (limits, sandbox requests) are the client's
+(sandboxd/client.py), so a field added to the API is converted in one place.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 
+from sandboxd import client as client_wire
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
-from sandboxd.limits import Caps, Limits
+from sandboxd.limits import Caps
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
 from sandboxd.verdicts import VERDICTS
 
@@ -32,6 +39,20 @@ _STATES = {
     "exited": pb.SANDBOX_STATE_EXITED,
     "destroyed": pb.SANDBOX_STATE_DESTROYED,
 }
+
+
+@contextlib.contextmanager
+def temporary_sandbox(manager: SandboxManager, request: SandboxRequest) -> Iterator[SandboxRecord]:
+    """Create, use, always destroy, on the server side (the client's `sandbox()` twin):
+    a failed destroy is logged, not raised over the call's own outcome."""
+    record = manager.create(request)
+    try:
+        yield record
+    finally:
+        try:
+            manager.destroy(record.id)
+        except errors.SandboxError as exc:
+            log.warning("destroying %s after use: %s", record.id, exc)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -95,30 +116,6 @@ def image_to_pb(record: ImageRecord) -> pb.Image:
     )
 
 
-def limits_from_pb(m: pb.Limits) -> Limits:
-    return Limits(
-        cpus=m.cpus,
-        memory_bytes=m.memory_bytes,
-        pids=m.pids,
-        scratch_bytes=m.scratch_bytes,
-        network=m.network,
-        timeout_seconds=m.timeout_seconds,
-        output_bytes=m.output_bytes,
-    )
-
-
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpus=limits.cpus,
-        memory_bytes=limits.memory_bytes,
-        pids=limits.pids,
-        scratch_bytes=limits.scratch_bytes,
-        network=limits.network,
-        timeout_seconds=limits.timeout_seconds,
-        output_bytes=limits.output_bytes,
-    )
-
-
 def caps_to_pb(caps: Caps) -> pb.Caps:
     return pb.Caps(
         cpus=caps.cpus,
@@ -139,7 +136,7 @@ def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
         server_version=info.server_version,
         engine=info.engine,
         engine_version=info.engine_version,
-        default_limits=limits_to_pb(info.defaults),
+        default_limits=client_wire.limits_to_pb(info.defaults),
         caps=caps_to_pb(info.caps),
         profiles=[
             pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
@@ -153,36 +150,15 @@ def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
 
 
 def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
-    return SandboxRequest(
-        image=spec.image,
-        limits=limits_from_pb(spec.limits),
-        env=dict(spec.env),
-        workdir=spec.workdir,
-        runtime=spec.runtime,
-        ttl_seconds=spec.ttl_seconds,
-        profile=spec.profile,
-        labels=dict(spec.labels),
-        owner=owner,
-        preload_argv=tuple(spec.preload_argv),
-    )
+    """The owner comes from the caller's credentials, never from the request."""
+    return replace(client_wire.request_from_pb(spec), owner=owner)
 
 
 def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
-    req = r.request
     return pb.Sandbox(
         id=r.id,
-        spec=pb.SandboxSpec(
-            image=req.image,
-            limits=limits_to_pb(req.limits) if req.limits else None,
-            env=dict(req.env),
-            workdir=req.workdir,
-            runtime=req.runtime,
-            ttl_seconds=req.ttl_seconds,
-            profile=req.profile,
-            labels=dict(req.labels),
-            preload_argv=list(req.preload_argv),
-        ),
-        limits=limits_to_pb(r.limits),
+        spec=client_wire.request_to_pb(r.request),
+        limits=client_wire.limits_to_pb(r.limits),
         image_digest=r.image_digest,
         container_id=r.container_id,
         state=_STATES[r.state],
@@ -405,8 +381,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             spec = pb.SandboxSpec()
             spec.CopyFrom(request.spec)
             spec.image = image_pb.key
-        record = self.manager.create(request_from_pb(spec, owner))
-        try:
+        with temporary_sandbox(self.manager, request_from_pb(spec, owner)) as record:
             if request.files_tar:
                 self.executor.put_files(record.id, "", [request.files_tar], owner)
             result = None
@@ -432,8 +407,3 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     collected_tar=collected,
                 )
             )
-        finally:
-            try:
-                self.manager.destroy(record.id)
-            except errors.SandboxError as exc:
-                log.warning("destroying %s after Run: %s", record.id, exc)

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import tarfile
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from sandboxd import cgroups
+from sandboxd.archives import tar_of
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import (
     BuildFailed,
@@ -151,16 +151,7 @@ class DockerEngine:
         tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            files = {"Dockerfile": (dockerfile.encode(), 0o644), **context}
-            for name, (content, mode) in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(content)
-                info.mode = mode or 0o644
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(content))
-        buf.seek(0)
+        buf = io.BytesIO(tar_of({"Dockerfile": (dockerfile.encode(), 0o644), **context}))
         tail: list[str] = []
         stream = self._call(
             lambda: self.api.build(

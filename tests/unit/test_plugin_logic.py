@@ -4,6 +4,7 @@ kill messages."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -13,9 +14,12 @@ from pytest_sandbox.models import ItemResult, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.reports import remap_paths
+from pytest_sandbox.runner import GroupRunner, Registry
 from pytest_sandbox.snapshot import PROJECT, Snapshot, project_files
 from pytest_sandbox.spec import Defaults, resolve
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import BuildResult, ExecResult, Image
+from sandboxd.info import ServerInfo
+from sandboxd.limits import Caps, Limits
 
 MiB = 1024 * 1024
 
@@ -84,22 +88,17 @@ def test_tail_keeps_the_end() -> None:
     assert tail.text() == "[...]\ncdef"
 
 
-def _result(**kw: object) -> pb.ExecResult:
-    return pb.ExecResult(**kw)  # type: ignore[arg-type]
-
-
 def test_kill_messages_name_the_cause() -> None:
     spec = resolve({"memory": "64m", "pids": 32, "timeout": 2}, Defaults(), {})
-    oom = _result(verdict=pb.VERDICT_OUT_OF_MEMORY, message="out of memory (limit 64 MiB)")
+    oom = ExecResult(verdict="out_of_memory", message="out of memory (limit 64 MiB)")
     assert describe_kill(oom, spec) == "out of memory (limit 64 MiB)"
-    assert describe_kill(_result(verdict=pb.VERDICT_PIDS_EXHAUSTED), spec) == (
-        "process limit (32) reached"
-    )
+    pids = ExecResult(verdict="pids_exhausted")
+    assert describe_kill(pids, spec) == "process limit (32) reached"
     assert describe_kill(None, spec, watchdog_timeout=2.0) == "timed out after 2.0s"
     # the worker's hard backstop exits 1 after the timeout: still a timeout
-    late = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1)
+    late = ExecResult(verdict="nonzero_exit", exit_code=1)
     assert describe_kill(late, spec, elapsed=7.5) == "timed out after 2.0s"
-    crash = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=139, signal=11)
+    crash = ExecResult(verdict="nonzero_exit", exit_code=139, signal=11)
     assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal SIGSEGV")
     assert describe_kill(None, spec, error="gone").startswith("sandbox error: gone")
 
@@ -136,6 +135,40 @@ def test_snapshot_skips_vcs_venvs_caches_and_build_output(tmp_path: object) -> N
     assert snap.pythonpath().split(":")[1] == f"{PROJECT}/src"
     fragment = snap.fragment("RUN apt-get install -y jq")
     assert fragment.splitlines()[0] == "RUN apt-get install -y jq"  # user layers first: cached
+
+
+class _InfoOnly:
+    """A client that only answers server_info, with an operator's lowered caps."""
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo(
+            "sandbox.v1", "0", "docker", "0", Limits(), self.caps, (), "default", (), "", 0.0
+        )
+
+
+def test_the_runner_stays_under_the_servers_caps_not_a_copy_of_them() -> None:
+    caps = Caps(timeout_seconds=120.0, ttl_seconds=200.0)
+    runner = GroupRunner(
+        _InfoOnly(caps),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        RunSettings(args=(), cwd=".", env={}),
+        Registry(),
+        lambda event: None,
+        threading.Event(),
+    )
+    try:
+        spec = resolve({"timeout": 30}, Defaults(), {})
+        build = BuildResult(Image("k" * 64, "sha256:x", "t", "b"), False, 0.0)
+        request = runner.sandbox_spec(build, spec, count=50)
+        assert request.limits is not None and request.limits.timeout_seconds == 120.0
+        assert request.ttl_seconds == 200.0
+        small = runner.sandbox_spec(build, spec, count=1)
+        assert small.limits is not None and small.limits.timeout_seconds == 60.0 + 30.0 + 6.0
+    finally:
+        runner.close()
 
 
 def _collector(pending: list[str], **settings: bool) -> tuple[Collector, list[object]]:
