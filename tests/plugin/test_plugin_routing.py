@@ -214,7 +214,7 @@ def test_subtests_and_xfail_replay_like_a_local_run(
 
 
 def test_ctrl_c_leaves_no_sandbox_behind(
-    pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
+    pytester: pytest.Pytester, no_leftovers: None, containers: Any
 ) -> None:
     pytester.makepyfile(
         """
@@ -230,7 +230,7 @@ def test_ctrl_c_leaves_no_sandbox_behind(
         stdin=None,
     )
     deadline = time.monotonic() + 120
-    while not plugin_containers():
+    while not containers.new():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no sandbox appeared"
         time.sleep(0.2)
@@ -242,7 +242,7 @@ def test_ctrl_c_leaves_no_sandbox_behind(
 
 
 def test_keep_failed_keeps_only_the_failed_tests_sandbox(
-    pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
+    pytester: pytest.Pytester, no_leftovers: None, containers: Any
 ) -> None:
     pytester.makepyfile(
         """
@@ -263,7 +263,7 @@ def test_keep_failed_keeps_only_the_failed_tests_sandbox(
     )
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*kept the sandbox of*test_fails*", "*docker exec -it * bash*"])
-    kept = plugin_containers()
+    kept = containers.left()
     try:
         assert len(kept) == 1, kept
         inside = subprocess.run(
