@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_sandbox.models import ItemResult, Placement, RunSettings
+from pytest_sandbox.outcome import timeout_message
 from pytest_sandbox.records import RecordReader, Tail
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,15 @@ Record = dict[str, Any]
 #: Sections with what a killed test printed, given the worker's timeout record (if any).
 Recover = Callable[[Mapping[str, Any] | None], list[tuple[str, str]]]
 SANDBOX_LOG = "Captured sandbox log"
+
+
+def timeout_sections(timeout: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What a timed-out test printed and where it was, from the worker's timeout record."""
+    sections = [(f"Captured {k}", str(timeout.get(k, ""))) for k in ("stdout", "stderr")]
+    sections = [(name, text) for name, text in sections if text]
+    if timeout.get("stack"):
+        sections.append(("Stack of the test when it timed out", str(timeout["stack"])))
+    return sections
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class Collector:
         self.running: Running | None = None
         self.timeout: Record | None = None  # the worker's watchdog fired
         self.exited = False  # the worker reached its end on its own
+        self.recycled = ""  # isolation="fork": why the worker gave its sandbox back early
         self.missing: list[str] = []
         self.collect_errors: list[object] = []
 
@@ -91,7 +102,17 @@ class Collector:
         if running is None or running.nodeid != record["nodeid"]:
             return
         self.done.add(running.nodeid)
-        self._post(ItemResult(running.nodeid, running.reports, self.placement))
+        timeout, self.timeout = self.timeout, None
+        if timeout is not None and timeout.get("nodeid") == running.nodeid:
+            # isolation="fork": the watchdog ended the test's child, the worker lives on.
+            log_text = self.stderr.text()
+            sections = timeout_sections(timeout) + ([(SANDBOX_LOG, log_text)] if log_text else [])
+            message = timeout_message(float(timeout["seconds"]))
+            self._post(
+                ItemResult(running.nodeid, running.reports, self.placement, message, sections)
+            )
+        else:
+            self._post(ItemResult(running.nodeid, running.reports, self.placement))
         self.running = None
 
     def worker_missing(self, record: Record) -> None:
@@ -105,6 +126,10 @@ class Collector:
 
     def worker_exit(self, record: Record) -> None:
         self.exited = True
+
+    def worker_recycle(self, record: Record) -> None:
+        self.recycled = str(record.get("reason") or "recycled")
+        log.debug("sandbox %s recycled: %s", self.placement.sandbox_id, self.recycled)
 
     def worker_error(self, record: Record) -> None:
         self.stderr.add(str(record.get("text", "")).encode())
@@ -128,6 +153,8 @@ class Collector:
         if self.exited:
             self._fail_unreached()
             left: list[str] = []
+        elif self.recycled and self.running is None:
+            left = [n for n in self.pending if n not in self.done]
         else:
             left = self._after_kill(kill_message, recover)
         self._release_held()

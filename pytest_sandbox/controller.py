@@ -40,14 +40,27 @@ class Options:
 
 
 def make_groups(
-    items: Iterable[pytest.Item], specs: dict[str, RouteSpec], rootdir: Path
+    items: Iterable[pytest.Item], specs: dict[str, RouteSpec], rootdir: Path, jobs: int = 1
 ) -> list[Group]:
-    """Group routed items by (spec, scope key), in order of first appearance."""
+    """Group routed items by (spec, scope key), in order of first appearance.
+
+    Fork-isolated tests of one spec share a recycled container per job slot: their
+    spec's tests are cut into up to `jobs` consecutive runs (files stay together).
+    """
     buckets: dict[tuple[object, ...], list[pytest.Item]] = {}
+    forked = [it for it in items if specs[it.nodeid].forks]
+    per_spec: dict[RouteSpec, int] = {}
+    for item in forked:
+        per_spec[specs[item.nodeid]] = per_spec.get(specs[item.nodeid], 0) + 1
+    seen: dict[RouteSpec, int] = {}
     for item in items:
         spec = specs[item.nodeid]
-        if spec.scope == "test":
-            key: tuple[object, ...] = (spec, item.nodeid)
+        if spec.forks:
+            index = seen[spec] = seen.get(spec, -1) + 1
+            size = -(-per_spec[spec] // max(1, jobs))
+            key: tuple[object, ...] = (spec, "fork", index // size)
+        elif spec.scope == "test":
+            key = (spec, item.nodeid)
         elif spec.scope == "module":
             key = (spec, str(item.path))
         else:
@@ -134,7 +147,7 @@ class Controller:
         local = [it for it in session.items if it.nodeid not in self.specs]
         by_id = {it.nodeid: it for it in routed}
         rootdir = self.config.rootpath
-        groups = make_groups(routed, self.specs, rootdir)
+        groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:
             snap = self._early_ready()
         except (errors.SandboxError, snapshot.SnapshotTooLarge, OSError) as exc:
@@ -180,7 +193,15 @@ class Controller:
             echo_output=config.getoption("capture") == "no",
             drop_unfinished=bool(config.getoption("maxfail")),
             labels={"pytest-sandbox.session": secrets.token_hex(6)},
+            recycle_after=self._recycle_after(),
         )
+
+    def _recycle_after(self) -> int:
+        """Raises: pytest.UsageError for a bad `sandbox_recycle` ini value."""
+        value = str(self.config.getini("sandbox_recycle")).strip() or "100"
+        if not value.isdigit() or int(value) < 1:
+            raise pytest.UsageError(f"sandbox_recycle must be a positive integer, not {value!r}")
+        return int(value)
 
     def _make_runner(self, conn: Connection, snap: snapshot.Snapshot) -> GroupRunner:
         client = conn.client

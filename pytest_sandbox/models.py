@@ -31,6 +31,7 @@ class RunSettings:
     echo_output: bool = False  # -s: show the sandbox's live output
     drop_unfinished: bool = False  # -x/--maxfail: a worker stopping early is expected
     labels: Mapping[str, str] = field(default_factory=dict)
+    recycle_after: int = 100  # isolation="fork": tests per container before a fresh one
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ from sandboxd.api import ExecResult
 from sandboxd.verdicts import VERDICTS, Facts
 
 
+def timeout_message(seconds: float) -> str:
+    """The message of a test the worker's watchdog stopped."""
+    return f"timed out after {seconds:.1f}s"
+
+
 def describe_kill(
     result: ExecResult | None,
     spec: RouteSpec,
@@ -22,7 +27,7 @@ def describe_kill(
     backstop, the service's exec deadline) delivered it.
     """
     if watchdog_timeout is not None:
-        return f"timed out after {watchdog_timeout:.1f}s"
+        return timeout_message(watchdog_timeout)
     if result is None:
         return f"sandbox error: {error or 'the exec ended without a result'}"
     facts = Facts(

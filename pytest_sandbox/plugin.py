@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_sandbox.spec import SCOPES, marker_kwargs, resolve, session_defaults
+from pytest_sandbox.spec import ISOLATIONS, SCOPES, marker_kwargs, resolve, session_defaults
 
 if TYPE_CHECKING:
     # The controller pulls in grpc and the client (~0.25 s): only sessions that route
@@ -24,7 +24,7 @@ controller_key: pytest.StashKey[Controller] = pytest.StashKey()
 
 MARKER = (
     "sandbox(image=None, dockerfile=None, cpus=1.0, memory='512m', pids=256, timeout=60.0, "
-    "network=False, scope='test', env=None, runtime=None, profile=None): "
+    "network=False, scope='test', env=None, runtime=None, profile=None, isolation=None): "
     "with --sandbox, run this test in a fresh resource-limited container"
 )
 
@@ -66,6 +66,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sandbox-jobs", type=int, default=None, metavar="N", help="run up to N sandboxes at once"
     )
     group.addoption(
+        "--sandbox-isolation",
+        choices=ISOLATIONS,
+        default=None,
+        help="how scope=test starts pristine: fork (a recycled container, reset and "
+        "verified between tests) or container (a new container per test)",
+    )
+    group.addoption(
         "--sandbox-keep-failed",
         action="store_true",
         default=False,
@@ -83,6 +90,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("jobs", "sandboxes at once (default: number of CPUs)", "string", ""),
         ("required", "fail when a marked test would run locally", "bool", False),
         ("profile", "security profile: default or untrusted", "string", ""),
+        ("isolation", "how scope=test starts pristine: fork or container", "string", ""),
+        ("recycle", "with isolation=fork, tests per container before a fresh one", "string", ""),
     ):
         parser.addini(f"sandbox_{name}", help_text, type=kind, default=default)  # type: ignore[arg-type]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from pytest_sandbox.collector import Collector
+from pytest_sandbox.collector import Collector, timeout_sections
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.snapshot import WORKER, Snapshot
@@ -254,6 +254,8 @@ class GroupRunner:
             "cwd": self.settings.cwd,
             "capture_dir": capture_dir,
             "timeout": group.spec.timeout,
+            "fork": group.spec.forks,
+            "recycle_after": self.settings.recycle_after,
         }
         return json.dumps(request).encode() + b"\n"
 
@@ -261,17 +263,11 @@ class GroupRunner:
         self, placement: Placement, capture_dir: str, timeout: Mapping[str, Any] | None
     ) -> list[tuple[str, str]]:
         """What the killed test printed before the kill, read back from the sandbox."""
-        captured: dict[str, str] = {}
         if timeout is not None:
-            captured = {k: str(timeout.get(k, "")) for k in ("stdout", "stderr")}
-        else:
-            try:
-                captured = read_capture_tar(
-                    self.client.get_files(placement.sandbox_id, capture_dir)
-                )
-            except (errors.SandboxError, tarfile.TarError) as exc:
-                log.debug("no captured output from %s: %s", placement.sandbox_id, exc)
-        sections = [(f"Captured {k}", v) for k, v in captured.items() if v]
-        if timeout is not None and timeout.get("stack"):
-            sections.append(("Stack of the test when it timed out", str(timeout["stack"])))
-        return sections
+            return timeout_sections(timeout)
+        try:
+            captured = read_capture_tar(self.client.get_files(placement.sandbox_id, capture_dir))
+        except (errors.SandboxError, tarfile.TarError) as exc:
+            log.debug("no captured output from %s: %s", placement.sandbox_id, exc)
+            return []
+        return [(f"Captured {k}", v) for k, v in captured.items() if v]

@@ -154,8 +154,9 @@ def lib_files(prefix: str = "lib") -> ContextFiles:
             path = Path(str(dist.locate_file(rel)))
             if path.is_file() and rel.suffix not in (".pyc", ".pyo"):
                 files[f"{prefix}/{rel.as_posix()}"] = (path.read_bytes(), 0o644)
-    worker = Path(__file__).with_name("worker.py")
-    files[f"{prefix}/pytest_sandbox_worker.py"] = (worker.read_bytes(), 0o644)
+    for name in ("worker", "pristine"):  # pristine: the worker's fork-reset (stand-alone too)
+        source = Path(__file__).with_name(f"{name}.py")
+        files[f"{prefix}/pytest_sandbox_{name}.py"] = (source.read_bytes(), 0o644)
     return files
 
 

@@ -14,6 +14,12 @@ from sandboxd.limits import format_size, parse_size
 
 Scope = Literal["test", "module", "session"]
 SCOPES: tuple[Scope, ...] = ("test", "module", "session")
+#: How scope=test is made pristine: a recycled container reset between tests, or a new one.
+Isolation = Literal["fork", "container"]
+ISOLATIONS: tuple[Isolation, ...] = ("fork", "container")
+DEFAULT_ISOLATION: Isolation = "container"
+#: The profile for untrusted code always gets a brand-new container per test.
+CONTAINER_ONLY_PROFILES = frozenset({"untrusted"})
 
 MARKER_KWARGS = (
     "image",
@@ -27,6 +33,7 @@ MARKER_KWARGS = (
     "env",
     "runtime",
     "profile",
+    "isolation",
 )
 
 
@@ -54,6 +61,7 @@ class Defaults:
     timeout: float = 60.0
     scope: Scope = "test"
     profile: str = ""
+    isolation: Isolation = DEFAULT_ISOLATION
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,12 @@ class RouteSpec:
     env: tuple[tuple[str, str], ...] = field(default=())
     runtime: str = ""
     profile: str = ""
+    isolation: Isolation = "container"
+
+    @property
+    def forks(self) -> bool:
+        """Its tests run one fork each in a recycled container (scope=test only)."""
+        return self.scope == "test" and self.isolation == "fork"
 
     @property
     def build_key(self) -> tuple[str, str]:
@@ -88,6 +102,7 @@ class RouteSpec:
             ("sandbox_timeout", self.timeout),
             ("sandbox_network", self.network),
             ("sandbox_scope", self.scope),
+            ("sandbox_isolation", self.isolation),
         ]
 
 
@@ -95,6 +110,12 @@ def _scope(value: object) -> Scope:
     if value not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {value!r}")
     return value
+
+
+def _isolation(value: object, profile: str) -> Isolation:
+    if value not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, not {value!r}")
+    return "container" if profile in CONTAINER_ONLY_PROFILES else value
 
 
 def _env(value: object, host_env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -154,6 +175,7 @@ def resolve(
     timeout = float(get("timeout", defaults.timeout))
     if cpus <= 0 or pids <= 0 or timeout <= 0:
         raise ValueError("cpus, pids and timeout must be positive")
+    profile = str(get("profile", defaults.profile))
     return RouteSpec(
         image=str(get("image", defaults.image)),
         dockerfile=str(get("dockerfile", defaults.dockerfile)).strip(),
@@ -165,7 +187,8 @@ def resolve(
         scope=_scope(get("scope", defaults.scope)),
         env=_env(kwargs.get("env"), host_env),
         runtime=str(get("runtime", "")),
-        profile=str(get("profile", defaults.profile)),
+        profile=profile,
+        isolation=_isolation(get("isolation", defaults.isolation), profile),
     )
 
 
@@ -182,6 +205,11 @@ def session_defaults(config: pytest.Config) -> Defaults:
     scope = config.getoption("sandbox_scope") or ini("scope") or "test"
     if scope not in SCOPES:
         raise pytest.UsageError(f"sandbox_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    isolation = config.getoption("sandbox_isolation") or ini("isolation") or DEFAULT_ISOLATION
+    if isolation not in ISOLATIONS:
+        raise pytest.UsageError(
+            f"sandbox_isolation must be one of {', '.join(ISOLATIONS)}, not {isolation!r}"
+        )
     try:
         return Defaults(
             image=ini("image"),
@@ -192,6 +220,7 @@ def session_defaults(config: pytest.Config) -> Defaults:
             timeout=float(ini("timeout") or 60.0),
             scope=scope,
             profile=ini("profile"),
+            isolation=isolation,
         )
     except ValueError as exc:
         raise pytest.UsageError(f"sandbox ini settings: {exc}") from None

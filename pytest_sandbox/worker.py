@@ -8,7 +8,9 @@ Protocol. stdin carries one JSON request line: {"nonce", "args", "files", "nodei
 private duplicate of the original stdout; fds 1 and 2 both point at stderr while
 tests run, so nothing a test prints can forge or break a record. Records:
 start{nodeid}, report{report}, finish{nodeid}, collect{report},
-missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code}.
+missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code},
+and with "fork" in the request (isolation="fork", see pristine.py) recycle{reason}:
+the worker ends before the rest of its tests, which want a fresh sandbox.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class Channel:
         self._nonce = nonce
         self._lock = threading.Lock()
         self._pid = os.getpid()
+
+    def adopt(self) -> None:
+        """In the worker's own forked test child: that child now speaks for the worker."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
 
     def send(self, kind: str, **data: Any) -> None:
         if os.getpid() != self._pid:  # a test's forked child must not speak for us
@@ -207,8 +214,18 @@ class WorkerPlugin:
         self.real_stdout: IO[str] | None = None
         self.cgroup = Cgroup()
         self.config: Any = None
+        self._nodeid = ""
         self._counters = (0, 0)
-        self.watchdog = Watchdog(self._expired)
+        self.watchdog = Watchdog(self.expired)
+        self.forker: Any = None
+        if request.get("fork"):
+            self.forker = _forker(self, int(request.get("recycle_after") or 0))
+
+    def enter_child(self, on_expire: Callable[[str, float], None]) -> None:
+        """In a forked test child: its own channel and watchdog (threads do not fork)."""
+        self.channel.adopt()
+        self.watchdog = Watchdog(on_expire)
+        self.watchdog.arm(self._nodeid, self.timeout)
 
     # The host's ini file and addopts come along with the project; accept the
     # plugin's own names here so they are not unknown options inside.
@@ -220,6 +237,7 @@ class WorkerPlugin:
             ("--sandbox-address", {}),
             ("--sandbox-jobs", {}),
             ("--sandbox-keep-failed", {"action": "store_true"}),
+            ("--sandbox-isolation", {}),
         ):
             with contextlib.suppress(ValueError):
                 group.addoption(opt, **kwargs)
@@ -235,6 +253,8 @@ class WorkerPlugin:
             "jobs",
             "required",
             "profile",
+            "isolation",
+            "recycle",
         ]:
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
@@ -282,14 +302,18 @@ class WorkerPlugin:
     def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> Generator[None, object, object]:
         self.channel.send("start", nodeid=item.nodeid)
         self._counters = self.cgroup.counters()
-        self.watchdog.arm(item.nodeid, self.timeout)
+        self._nodeid = item.nodeid
+        if self.forker is None:  # with fork, the test's child has the watchdog
+            self.watchdog.arm(item.nodeid, self.timeout)
         try:
             return (yield)
         finally:
             self.watchdog.disarm()
-            if self.cgroup.counters()[1] > self._counters[1]:
+            if self.forker is None and self.cgroup.counters()[1] > self._counters[1]:
                 reap_strays()  # a fork bomb's leftovers would starve the next test
             self.channel.send("finish", nodeid=item.nodeid)
+            if self.forker is not None:
+                self.forker.after(nextitem, self.cgroup.counters() != self._counters)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: Any) -> None:
@@ -302,7 +326,7 @@ class WorkerPlugin:
                 report.sections.append(("sandbox limit", reason))
         self.channel.send("report", report=self._serialize(report))
 
-    def _expired(self, nodeid: str, seconds: float) -> None:
+    def expired(self, nodeid: str, seconds: float) -> None:
         frames = sys._current_frames()
         main = frames.get(threading.main_thread().ident or 0)
         # Only the test's own frames: pytest's and the worker's say nothing new.
@@ -321,6 +345,15 @@ class WorkerPlugin:
         )
         reap_strays()
         os._exit(124)
+
+
+def _forker(worker: WorkerPlugin, recycle_after: int) -> Any:
+    """The fork-per-test plugin, shipped next to this file (or this package's, on a host)."""
+    try:
+        import pytest_sandbox_pristine as pristine  # type: ignore[import-not-found]
+    except ImportError:
+        from pytest_sandbox import pristine
+    return pristine.Forker(worker, recycle_after)
 
 
 def _name_capture_files(capture_dir: str) -> None:
@@ -367,7 +400,8 @@ def main() -> int:
         plugin.real_stdout = real_stdout
         # The worker's own terminal output is noise; reports travel as records.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=[plugin]))
+        plugins = [plugin] if plugin.forker is None else [plugin, plugin.forker]
+        code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=plugins))
     except BaseException:
         channel.send("error", text=traceback.format_exc())
     channel.send("exit", code=code)

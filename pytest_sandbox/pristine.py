@@ -1,0 +1,373 @@
+"""Runs INSIDE the sandbox: the sandbox's pristine state, put back and verified between tests.
+
+Stand-alone like the worker (shipped next to it as `pytest_sandbox_pristine.py`):
+it imports nothing from the controller side. With isolation="fork" the worker
+records the state once, before the first test, and after every test kills what
+the test left running, empties every place the sandbox's user can write and
+removes IPC objects; then it checks the result against the record. What it
+cannot put back (a changed file it has no copy of, a process that will not die)
+is reported, and the worker hands the container back for a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from _pytest import runner as pytest_runner
+
+# Kernel views, not storage; under /dev only these two hold what a test can create.
+SKIP_TREES = ("/proc", "/sys")
+DEV_KEEP = ("/dev/shm", "/dev/mqueue")
+SYSV = {"shm": "shmctl", "sem": "semctl", "msg": "msgctl"}
+IPC_RMID = 0
+KILL_ROUNDS = 200
+
+#: (mode, size, mtime_ns, inode) of a file; directories keep only mode and inode,
+#: since adding and removing an entry changes their size and mtime.
+Entry = tuple[int, int, int, int]
+ProcessKey = tuple[int, str]  # pid and start time: a reused pid is another process
+
+
+def _entry(st: os.stat_result) -> Entry:
+    if stat.S_ISDIR(st.st_mode):
+        return (st.st_mode, 0, 0, st.st_ino)
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _walk(root: str, skip: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every path under root (not root itself), parents first, never following links."""
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                listing = list(entries)
+        except OSError:
+            continue
+        for e in listing:
+            if e.path == skip or e.path.startswith(skip + "/"):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            yield e.path, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(e.path)
+
+
+def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
+    """(directories the sandbox's user can write, writable files in directories it cannot).
+
+    One walk of the image at the first test; read-only mounts and root-owned
+    directories are not writable, so on a hardened sandbox this finds only the scratch.
+    """
+    roots: list[str] = []
+    files: list[str] = []
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        if os.access(current, os.W_OK):
+            roots.append(current)
+            continue
+        try:
+            with os.scandir(current) as entries:
+                listing = list(entries)
+        except OSError:
+            continue
+        for e in listing:
+            if e.path in SKIP_TREES or (current == "/dev" and e.path not in DEV_KEEP):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file(follow_symlinks=False) and os.access(e.path, os.W_OK):
+                files.append(e.path)
+    return sorted(roots), sorted(files)
+
+
+def processes() -> dict[int, ProcessKey]:
+    """Live (non-zombie) processes of the sandbox's pid namespace, by pid."""
+    found: dict[int, ProcessKey] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            found[int(name)] = (int(name), fields[19])
+    return found
+
+
+def _sysv_ids() -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for kind in SYSV:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            rows = []
+        out[kind] = [int(r.split()[1]) for r in rows if r.split()]
+    return out
+
+
+def _listening() -> list[str]:
+    """Listening TCP sockets and abstract unix sockets of the sandbox's network namespace."""
+    found = []
+    for name in ("tcp", "tcp6"):
+        for row in _rows(f"/proc/net/{name}"):
+            if len(row) > 3 and row[3] == "0A":
+                found.append(f"{name} {row[1]}")
+    for row in _rows("/proc/net/unix"):
+        if len(row) > 7 and row[7].startswith("@"):
+            found.append(f"unix {row[7]}")
+    return sorted(found)
+
+
+def _rows(path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [line.split() for line in f.read().splitlines()[1:]]
+    except OSError:
+        return []
+
+
+def _remove(path: str) -> None:
+    """Remove a file or a tree the test made, even one it made unreadable to its owner."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    for dirpath, _dirs, _files in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The sandbox as it was before the first test."""
+
+    me: int
+    processes: frozenset[ProcessKey]
+    roots: tuple[str, ...]
+    trees: dict[str, Entry]  # everything under the writable roots, and the roots
+    files: dict[str, Entry]  # writable files outside them
+    sysv: dict[str, list[int]]
+    listening: tuple[str, ...]
+
+
+class Pristine:
+    """Records the sandbox once; puts it back and checks it after every test."""
+
+    def __init__(self, keep: str) -> None:
+        self.keep = keep  # the worker's own capture files: written by every test
+        self.base = self._record()
+
+    def _record(self) -> Baseline:
+        roots, files = writable_places()
+        trees: dict[str, Entry] = {}
+        for root in roots:
+            with contextlib.suppress(OSError):
+                trees[root] = _entry(os.lstat(root))
+            trees.update((p, _entry(st)) for p, st in _walk(root, self.keep))
+        me = os.getpid()
+        return Baseline(
+            me=me,
+            processes=frozenset(k for pid, k in processes().items() if pid != me),
+            roots=tuple(roots),
+            trees=trees,
+            files={p: _entry(os.lstat(p)) for p in files},
+            sysv=_sysv_ids(),
+            listening=tuple(_listening()),
+        )
+
+    def strangers(self) -> list[int]:
+        """Processes that are neither the worker nor there before the first test."""
+        return [
+            pid
+            for pid, key in processes().items()
+            if pid != self.base.me and key not in self.base.processes
+        ]
+
+    def kill_strangers(self) -> None:
+        """SIGKILL until none is left: setsid'd, double-forked and forking ones too."""
+        for _ in range(KILL_ROUNDS):
+            victims = self.strangers()
+            for pid in victims:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            if not victims:
+                return
+            time.sleep(0.002)
+
+    def reset(self) -> list[str]:
+        """Put the sandbox back; returns what could not be (empty when pristine)."""
+        self.kill_strangers()
+        self._remove_ipc()
+        for root in self.base.roots:
+            for path, _st in list(_walk(root, self.keep)):
+                if path not in self.base.trees:
+                    _remove(path)
+        return self.verify()
+
+    def _remove_ipc(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        for kind, ids in _sysv_ids().items():
+            call = getattr(libc, SYSV[kind])
+            for ident in ids:
+                if ident not in self.base.sysv.get(kind, []):
+                    if kind == "sem":
+                        call(ident, 0, IPC_RMID)
+                    else:
+                        call(ident, IPC_RMID, None)
+
+    def verify(self) -> list[str]:
+        """Differences from the record, in words; empty means pristine."""
+        problems = [f"process {pid} survived" for pid in self.strangers()]
+        seen: dict[str, Entry] = {}
+        for root in self.base.roots:
+            with contextlib.suppress(OSError):
+                seen[root] = _entry(os.lstat(root))
+            seen.update((p, _entry(st)) for p, st in _walk(root, self.keep))
+        for path, entry in self.base.trees.items():
+            now = seen.pop(path, None)
+            if now != entry:
+                problems.append(f"{path} {'changed' if now else 'is gone'}")
+        problems += [f"{path} could not be removed" for path in seen]
+        for path, entry in self.base.files.items():
+            try:
+                changed = _entry(os.lstat(path)) != entry
+            except OSError:
+                changed = True
+            if changed:
+                problems.append(f"{path} changed")
+        if _sysv_ids() != self.base.sysv:
+            problems.append("SysV IPC objects remain")
+        if tuple(_listening()) != self.base.listening:
+            problems.append("a listening socket remains")
+        return problems
+
+
+def _ended(read_fd: int) -> dict[str, object]:
+    """What the child said before it exited; empty if it died first."""
+    os.set_blocking(read_fd, False)
+    data = b""
+    with contextlib.suppress(OSError):
+        data = os.read(read_fd, 65536)
+    os.close(read_fd)
+    try:
+        said = json.loads(data.decode() or "{}")
+    except ValueError:
+        return {}
+    return said if isinstance(said, dict) else {}
+
+
+class Forker:
+    """The worker's per-test fork: the test runs in a child, the worker survives it.
+
+    Registered as a pytest plugin next to the worker's own, only with isolation="fork".
+    The child runs pytest's own protocol with no next item, so every fixture it set up
+    is torn down in the child; the worker never sets up a fixture itself.
+    """
+
+    def __init__(self, worker: Any, recycle_after: int) -> None:
+        self.worker = worker
+        self.recycle_after = max(1, recycle_after)
+        self.pristine: Pristine | None = None
+        self.count = 0
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> bool:
+        if self.pristine is None:
+            self.pristine = Pristine(keep=self.worker.capture_dir)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            self._child(item, write_fd)
+        os.close(write_fd)
+        status = os.waitpid(pid, 0)[1]
+        said = _ended(read_fd)
+        if said.get("end") == "ok":
+            item.session.shouldfail = item.session.shouldfail or said.get("shouldfail") or False
+            item.session.shouldstop = item.session.shouldstop or said.get("shouldstop") or False
+        elif said.get("end") != "timeout":
+            self._die_like(status)
+        return True
+
+    def _child(self, item: Any, pipe: int) -> None:
+        """The test, in the forked child; never returns."""
+        code = 0
+        try:
+            os.setsid()  # the child's own strays, not the worker, are its session
+
+            def expired(nodeid: str, seconds: float) -> None:
+                os.write(pipe, b'{"end": "timeout"}')
+                self.worker.expired(nodeid, seconds)
+
+            self.worker.enter_child(expired)
+            pytest_runner.pytest_runtest_protocol(item, None)
+            self.worker.watchdog.disarm()
+            session = item.session
+            said = {"end": "ok", "shouldfail": session.shouldfail, "shouldstop": session.shouldstop}
+            os.write(pipe, json.dumps(said, default=str).encode())
+        except BaseException:
+            traceback.print_exc()
+            code = 3
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _die_like(self, status: int) -> None:
+        """The child crashed: the worker ends the same way, so the verdict is today's."""
+        assert self.pristine is not None
+        self.pristine.kill_strangers()
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+    def after(self, nextitem: Any, limit_hit: bool) -> None:
+        """Between two tests: reset and verify, or hand the container back for a fresh one."""
+        assert self.pristine is not None
+        problems = self.pristine.reset()
+        if limit_hit:  # the service's own counters for this exec would blame a later test
+            problems.append("a limit was hit")
+        self.count += 1
+        if self.count >= self.recycle_after:
+            problems.append(f"{self.count} tests ran in it")
+        if problems and nextitem is not None:
+            self.worker.channel.send("recycle", reason="; ".join(problems))
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os._exit(0)
