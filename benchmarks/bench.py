@@ -9,7 +9,14 @@
 (e) the engine's churn: N x `docker run --rm IMAGE python3 -c "import pytest"`, best parallelism
 (f) CreateSandbox latency, warm pool and cold
 (g) BuildImage latency on a cache hit
+(h) pytest --sandbox=all, scope test, isolation fork (a recycled container, reset
+    between tests), and (c) again, each on N and 2N tests: the marginal cost per test
+    over local, next to the engine's churn per container
 plus the time from launching `pytest --sandbox` to the first routed test starting.
+
+    .venv/bin/python benchmarks/bench.py --isolation-only [-n 60]
+
+measures (a), (e) at one parallelism and (c)/(h) on N and 2N only.
 """
 
 from __future__ import annotations
@@ -116,11 +123,16 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=60, help="number of trivial tests (default 60)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench.json")
     parser.add_argument("--parallel", default="2,4,8", help="parallelism levels tried for (b)/(e)")
+    parser.add_argument(
+        "--isolation-only", action="store_true", help="only (a), (e), (c) and (h) on N and 2N"
+    )
     args = parser.parse_args()
     n = args.n
     levels = [int(x) for x in args.parallel.split(",")]
     project = make_project(n)
     results: dict[str, object] = {"n": n, "cpus": os.cpu_count()}
+    if args.isolation_only:
+        return isolation_only(project, n, levels[0], results)
 
     emb = start_embedded(ServerConfig())
     client = SandboxClient(emb.address)
@@ -244,11 +256,75 @@ def main() -> int:
     )
     results["first_test_start"] = {"seconds": float(started_prop or "nan") - launched}
 
+    results.update(bench_isolation(project, best_p))
     report(results)
+    report_isolation(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def churn_wall(image: str, pythonpath: str, n: int, parallel: int) -> float:
+    """(e): N x `docker run --rm IMAGE python3 -c "import pytest"` at `parallel` at once."""
+    cmd = ["docker", "run", "--rm", "--network", "none", "-e", f"PYTHONPATH={pythonpath}"]
+    return docker_run_all([[*cmd, image, "python3", "-c", "import pytest"]] * n, parallel)
+
+
+def bench_isolation(project: Path, jobs: int) -> dict[str, object]:
+    """(c) and (h) on N and 2N trivial tests, the image already built."""
+    out: dict[str, object] = {}
+    for isolation in ("container", "fork"):
+        for name, file in (("", "test_trivial.py"), ("_2n", "test_double.py")):
+            args = ["--sandbox=all", "--sandbox-scope=test", f"--sandbox-jobs={jobs}"]
+            wall, _ = timed(
+                [*PYTEST, *args, f"--sandbox-isolation={isolation}", file],
+                project,
+            )
+            out[f"isolation_{isolation}{name}"] = {"wall": wall}
+    return out
+
+
+def isolation_only(project: Path, n: int, parallel: int, results: dict[str, object]) -> int:
+    """The per-test isolation figures alone: (a), (e) at one parallelism, (c) and (h)."""
+    emb = start_embedded(ServerConfig())
+    client = SandboxClient(emb.address)
+    try:
+        image, pythonpath = bench_image(client, project)
+    finally:
+        client.close()
+        emb.stop()
+    results["e_churn"] = {"wall": churn_wall(image, pythonpath, n, parallel)}
+    results["a_local"] = {"wall": timed([*PYTEST, "test_trivial.py"], project)[0]}
+    results["a_local_2n"] = {"wall": timed([*PYTEST, "test_double.py"], project)[0]}
+    timed([*PYTEST, "--sandbox=all", "--sandbox-scope=session", "test_first.py"], project)
+    results.update(bench_isolation(project, parallel))
+    report_isolation(results)
+    return 0
+
+
+def report_isolation(r: dict[str, object]) -> None:
+    """Marginal cost per test over local: (x with 2N - x with N) - (a with 2N - a with N)."""
+
+    def wall(key: str) -> float:
+        value = r[key]
+        assert isinstance(value, dict)
+        return float(value["wall"])
+
+    n = int(r["n"])  # type: ignore[call-overload]
+    local = wall("a_local_2n") - wall("a_local")
+    churn = wall("e_churn") / n * 1e3
+    print(f"\nper-test isolation, N = {n} vs 2N trivial tests, {r['cpus']} CPUs")
+    for label, key, target in (
+        ("(h) isolation=fork", "isolation_fork", "[target <= 25 ms]"),
+        ("(c) isolation=container", "isolation_container", ""),
+    ):
+        marginal = ((wall(f"{key}_2n") - wall(key)) - local) / n * 1e3
+        print(
+            f"{label:26} marginal {marginal:7.1f} ms/test over local  "
+            f"{marginal / churn:5.2f}x of (e)  {target}"
+        )
+    print(f"{'(e) engine churn':26} {churn:7.1f} ms/container (the fresh-container floor)")
 
 
 def report(r: dict[str, object]) -> None:

@@ -70,6 +70,35 @@ def _walk(root: str, skip: str) -> Iterator[tuple[str, os.stat_result]]:
                 stack.append(e.path)
 
 
+def trees(roots: tuple[str, ...] | list[str], keep: str) -> dict[str, Entry]:
+    """Every path under the roots, and the roots themselves, except `keep`'s tree."""
+    found: dict[str, Entry] = {}
+    for root in roots:
+        with contextlib.suppress(OSError):
+            found[root] = _entry(os.lstat(root))
+        found.update((p, _entry(st)) for p, st in _walk(root, keep))
+    return found
+
+
+def scrub(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> None:
+    """Remove what was not there at the record (parents first, so whole new trees go)."""
+    for root in roots:
+        for path, _st in list(_walk(root, keep)):
+            if path not in base:
+                _remove(path)
+
+
+def tree_problems(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> list[str]:
+    """How the roots differ from the record: changed, gone or unremovable paths."""
+    seen = trees(roots, keep)
+    problems = []
+    for path, entry in base.items():
+        now = seen.pop(path, None)
+        if now != entry:
+            problems.append(f"{path} {'changed' if now else 'is gone'}")
+    return problems + [f"{path} could not be removed" for path in seen]
+
+
 def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
     """(directories the sandbox's user can write, writable files in directories it cannot).
 
@@ -116,15 +145,7 @@ def processes() -> dict[int, ProcessKey]:
 
 
 def _sysv_ids() -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for kind in SYSV:
-        try:
-            with open(f"/proc/sysvipc/{kind}") as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            rows = []
-        out[kind] = [int(r.split()[1]) for r in rows if r.split()]
-    return out
+    return {kind: [int(r[1]) for r in _rows(f"/proc/sysvipc/{kind}") if r] for kind in SYSV}
 
 
 def _listening() -> list[str]:
@@ -186,17 +207,12 @@ class Pristine:
 
     def _record(self) -> Baseline:
         roots, files = writable_places()
-        trees: dict[str, Entry] = {}
-        for root in roots:
-            with contextlib.suppress(OSError):
-                trees[root] = _entry(os.lstat(root))
-            trees.update((p, _entry(st)) for p, st in _walk(root, self.keep))
         me = os.getpid()
         return Baseline(
             me=me,
             processes=frozenset(k for pid, k in processes().items() if pid != me),
             roots=tuple(roots),
-            trees=trees,
+            trees=trees(roots, self.keep),
             files={p: _entry(os.lstat(p)) for p in files},
             sysv=_sysv_ids(),
             listening=tuple(_listening()),
@@ -228,10 +244,7 @@ class Pristine:
         """Put the sandbox back; returns what could not be (empty when pristine)."""
         self.kill_strangers()
         self._remove_ipc()
-        for root in self.base.roots:
-            for path, _st in list(_walk(root, self.keep)):
-                if path not in self.base.trees:
-                    _remove(path)
+        scrub(self.base.roots, self.base.trees, self.keep)
         return self.verify()
 
     def _remove_ipc(self) -> None:
@@ -248,16 +261,7 @@ class Pristine:
     def verify(self) -> list[str]:
         """Differences from the record, in words; empty means pristine."""
         problems = [f"process {pid} survived" for pid in self.strangers()]
-        seen: dict[str, Entry] = {}
-        for root in self.base.roots:
-            with contextlib.suppress(OSError):
-                seen[root] = _entry(os.lstat(root))
-            seen.update((p, _entry(st)) for p, st in _walk(root, self.keep))
-        for path, entry in self.base.trees.items():
-            now = seen.pop(path, None)
-            if now != entry:
-                problems.append(f"{path} {'changed' if now else 'is gone'}")
-        problems += [f"{path} could not be removed" for path in seen]
+        problems += tree_problems(self.base.roots, self.base.trees, self.keep)
         for path, entry in self.base.files.items():
             try:
                 changed = _entry(os.lstat(path)) != entry

@@ -348,12 +348,10 @@ class WorkerPlugin:
 
 
 def _forker(worker: WorkerPlugin, recycle_after: int) -> Any:
-    """The fork-per-test plugin, shipped next to this file (or this package's, on a host)."""
-    try:
-        import pytest_sandbox_pristine as pristine  # type: ignore[import-not-found]
-    except ImportError:
-        from pytest_sandbox import pristine
-    return pristine.Forker(worker, recycle_after)
+    """The fork-per-test plugin (pristine.py), shipped next to this file into the sandbox."""
+    import pytest_sandbox_pristine  # type: ignore[import-not-found]
+
+    return pytest_sandbox_pristine.Forker(worker, recycle_after)
 
 
 def _name_capture_files(capture_dir: str) -> None:

@@ -116,7 +116,8 @@ def test_ipc_is_gone():
 
 def test_leave_sockets():
     server = "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(); "
-    server += "u = socket.socket(socket.AF_UNIX); u.bind('\\0leak-socket'); u.listen(); time.sleep(1000)"
+    server += "u = socket.socket(socket.AF_UNIX); u.bind('\\0leak-socket'); u.listen(); "
+    server += "time.sleep(1000)"
     spawn("leak-server", "-c", server % PORT, program=sys.executable)
     for _ in range(100):
         try:

@@ -248,3 +248,28 @@ def test_collector_holds_results_for_keep_failed_and_adds_the_log() -> None:
     assert posted == []
     assert collector.settle("unused", _no_output) == ([], ["a"])
     assert posted[0].sections == [("Captured sandbox log", "teardown noise")]  # type: ignore[attr-defined]
+
+
+def test_collector_under_fork_fails_a_timed_out_test_and_goes_on() -> None:
+    collector, posted = _collector(["a", "b"])
+    timeout = {"t": "timeout", "nodeid": "a", "seconds": 2.0, "stack": "s", "stdout": "o"}
+    collector.feed(_records({"t": "start", "nodeid": "a"}, timeout))
+    collector.feed(_records({"t": "finish", "nodeid": "a"}, {"t": "start", "nodeid": "b"}))
+    collector.feed(_records({"t": "finish", "nodeid": "b"}, {"t": "exit", "code": 1}))
+    assert [(r.nodeid, r.failure) for r in posted] == [  # type: ignore[attr-defined]
+        ("a", "timed out after 2.0s"),
+        ("b", None),
+    ]
+    assert posted[0].sections == [  # type: ignore[attr-defined]
+        ("Captured stdout", "o"),
+        ("Stack of the test when it timed out", "s"),
+    ]
+    assert collector.settle("unused", _no_output) == ([], ["a"])
+
+
+def test_collector_sends_the_rest_to_a_fresh_sandbox_after_a_recycle() -> None:
+    collector, posted = _collector(["a", "b", "c"])
+    collector.feed(_records({"t": "start", "nodeid": "a"}, {"t": "finish", "nodeid": "a"}))
+    collector.feed(_records({"t": "recycle", "reason": "/tmp changed"}))
+    assert collector.settle("sandbox crashed: exit code 0", _no_output) == (["b", "c"], [])
+    assert [(r.nodeid, r.failure) for r in posted] == [("a", None)]  # type: ignore[attr-defined]

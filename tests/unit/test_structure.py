@@ -123,11 +123,12 @@ def test_grpc_stops_at_the_adapters_and_auth() -> None:
     assert users <= GRPC_USERS, f"grpc imported by {sorted(users - GRPC_USERS)}"
 
 
-def test_the_worker_imports_nothing_of_ours() -> None:
-    worker = ROOT / "pytest_sandbox" / "worker.py"
+@pytest.mark.parametrize("module", ["worker", "pristine"])
+def test_the_in_sandbox_modules_import_nothing_of_ours(module: str) -> None:
+    path = ROOT / "pytest_sandbox" / f"{module}.py"
     ours = [
         n
-        for n in imported_names("pytest_sandbox.worker", worker)
+        for n in imported_names(f"pytest_sandbox.{module}", path)
         if n.split(".")[0] in (PACKAGE, "pytest_sandbox")
     ]
     assert ours == []
