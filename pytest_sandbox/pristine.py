@@ -298,9 +298,11 @@ class Forker:
     is torn down in the child; the worker never sets up a fixture itself.
     """
 
-    def __init__(self, worker: Any, recycle_after: int) -> None:
+    def __init__(self, worker: Any, recycle_after: int, deadline: float) -> None:
         self.worker = worker
         self.recycle_after = max(1, recycle_after)
+        # The exec's own deadline covers the whole run: a fresh sandbox before it nears.
+        self.deadline = time.monotonic() + deadline if deadline > 0 else float("inf")
         self.pristine: Pristine | None = None
         self.count = 0
 
@@ -370,6 +372,8 @@ class Forker:
         self.count += 1
         if self.count >= self.recycle_after:
             problems.append(f"{self.count} tests ran in it")
+        if time.monotonic() + 2 * self.worker.timeout + 10 > self.deadline:
+            problems.append("the exec's deadline is near")
         if problems and nextitem is not None:
             self.worker.channel.send("recycle", reason="; ".join(problems))
             with contextlib.suppress(Exception):

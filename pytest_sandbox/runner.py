@@ -256,6 +256,7 @@ class GroupRunner:
             "timeout": group.spec.timeout,
             "fork": group.spec.forks,
             "recycle_after": self.settings.recycle_after,
+            "deadline": self._deadline(group.spec, len(pending)),
         }
         return json.dumps(request).encode() + b"\n"
 

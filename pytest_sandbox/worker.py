@@ -219,7 +219,7 @@ class WorkerPlugin:
         self.watchdog = Watchdog(self.expired)
         self.forker: Any = None
         if request.get("fork"):
-            self.forker = _forker(self, int(request.get("recycle_after") or 0))
+            self.forker = _forker(self, request)
 
     def enter_child(self, on_expire: Callable[[str, float], None]) -> None:
         """In a forked test child: its own channel and watchdog (threads do not fork)."""
@@ -347,11 +347,12 @@ class WorkerPlugin:
         os._exit(124)
 
 
-def _forker(worker: WorkerPlugin, recycle_after: int) -> Any:
+def _forker(worker: WorkerPlugin, request: dict[str, Any]) -> Any:
     """The fork-per-test plugin (pristine.py), shipped next to this file into the sandbox."""
     import pytest_sandbox_pristine  # type: ignore[import-not-found]
 
-    return pytest_sandbox_pristine.Forker(worker, recycle_after)
+    recycle_after = int(request.get("recycle_after") or 0)
+    return pytest_sandbox_pristine.Forker(worker, recycle_after, float(request["deadline"]))
 
 
 def _name_capture_files(capture_dir: str) -> None:

@@ -15,7 +15,7 @@ LEAKS = r'''
 import ctypes, ctypes.util, os, resource, shutil, signal, socket, subprocess, sys, threading, time
 import pytest
 
-pytestmark = pytest.mark.sandbox(memory="384m", pids=64, timeout=6)
+pytestmark = pytest.mark.sandbox(memory="384m", pids=64, timeout=15)
 
 STATE = []
 PLACES = ["/tmp", os.environ["HOME"], "/dev/shm", "/var/tmp", "/run/lock"]
@@ -147,6 +147,13 @@ def test_scratch_has_room():
         f.write(b"\0" * (8 << 20))
 
 
+def test_leave_what_a_reset_cannot_undo():
+    os.chmod(os.environ["HOME"], 0o700)
+
+def test_home_is_as_it_was():
+    assert os.stat(os.environ["HOME"]).st_mode & 0o777 == 0o755
+
+
 def test_leave_many_processes():
     while True:  # until the process limit refuses a fork
         spawn("leak-many", "1000")
@@ -215,11 +222,11 @@ def test_nothing_leaks_into_the_next_test(
             "FAILED test_leaks.py::test_leave_many_processes - process limit (64) reached*",
             "FAILED test_leaks.py::test_kill_everything - sandbox crashed*",
             "FAILED test_leaks.py::test_out_of_memory - out of memory (limit 384 MiB)*",
-            "FAILED test_leaks.py::test_timeout - timed out after 6.0s",
+            "FAILED test_leaks.py::test_timeout - timed out after 15.0s",
         ]
     )
     result.stdout.fnmatch_lines(["*Captured stdout call*", "before the allocation"])
-    result.assert_outcomes(passed=16, failed=4)
+    result.assert_outcomes(passed=18, failed=4)
     suite = ET.parse(pytester.path / "out.xml").getroot()
     where = {
         case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
@@ -230,5 +237,8 @@ def test_nothing_leaks_into_the_next_test(
         # The pairs really shared a container: the reset, not a new container, cleaned up.
         assert len(containers) == 1, containers
         assert where["test_leave_files"]["sandbox_isolation"] == "fork"
+        # The check after the test found what the reset could not undo: a fresh container.
+        after = where["test_home_is_as_it_was"]["container"]
+        assert after != where["test_leave_what_a_reset_cannot_undo"]["container"]
     else:
         assert len(containers) == len(SAME_CONTAINER)
