@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from sandboxd.images import ImageRecord as Image
 from sandboxd.limits import Limits
-from sandboxd.sandboxes import SandboxRequest
+from sandboxd.models import SandboxRequest
 from sandboxd.verdicts import VERDICTS, Verdict, VerdictInfo
 
 Stream = Literal["stdout", "stderr"]

@@ -146,9 +146,6 @@ class FakeEngine:
         c = self.containers.get(container_id)
         return c is not None and c.running
 
-    def container_logs(self, container_id: str, tail: int = 200) -> str:
-        return ""
-
     def list_containers(self, label: str) -> list[ContainerInfo]:
         self._check()
         return [
