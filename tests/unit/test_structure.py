@@ -20,9 +20,6 @@ PROTO_USERS = {"sandboxd.client", "sandboxd.service", "sandboxd.server"}
 #: The only modules that may import grpc: the adapters and the auth interceptor.
 GRPC_USERS = PROTO_USERS | {"sandboxd.auth"}
 GRPC_PACKAGES = ("grpc", "grpc_health", "grpc_reflection", "grpc_status")
-#: Known offenders of the generated-types rule; empty since the CLI, the grader and the
-#: plugin speak the client's domain types (sandboxd/api.py). Do not add.
-PROTO_ALLOWED_FOR_NOW: set[str] = set()
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
@@ -116,10 +113,8 @@ def test_sandboxd_has_no_import_cycle() -> None:
 def test_generated_types_stop_at_the_adapters() -> None:
     users = importers(ROOT, (PACKAGE, "pytest_sandbox"), (GENERATED,))
     assert users >= PROTO_USERS  # the check sees the adapters' own imports
-    unexpected = users - PROTO_USERS - PROTO_ALLOWED_FOR_NOW
+    unexpected = users - PROTO_USERS
     assert not unexpected, f"generated sandboxd._proto types imported by {sorted(unexpected)}"
-    cleaned_up = PROTO_ALLOWED_FOR_NOW - users
-    assert not cleaned_up, f"remove {sorted(cleaned_up)} from PROTO_ALLOWED_FOR_NOW"
 
 
 def test_grpc_stops_at_the_adapters_and_auth() -> None:
