@@ -276,6 +276,7 @@ def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import grading
+    from sandboxd.submissions import load_submissions
 
     settings = grading.GradeSettings(
         profile=args.profile,
@@ -285,7 +286,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
         memory_bytes=parse_size(args.memory, field="--memory"),
         jobs=args.jobs,
     )
-    submissions = grading.load_submissions(args.submissions)
+    submissions = load_submissions(args.submissions)
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
     with _client(args.address, config) as client:
         document = grading.grade_all(
