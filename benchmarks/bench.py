@@ -22,6 +22,7 @@ measures (a), (e) at one parallelism and (c)/(h) on N and 2N only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -88,8 +89,18 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
 def bench_image(client: SandboxClient, project: Path) -> tuple[str, str]:
     """The same image the plugin runs tests in: base + pytest + the project."""
     snap = snapshot.take(project)
-    built = client.build_image(snap.fragment(""), context_files=snap.context)
+    built = client.build_image(
+        snap.fragment(), base=env_base(client, snap), context_files=snap.context
+    )
     return built.image.tag, snap.pythonpath()
+
+
+def env_base(client: SandboxClient, snap: snapshot.Snapshot) -> str:
+    """The mirrored environment's images, built in order as the plugin does; the last tag."""
+    base = ""
+    for fragment, files in snap.environment(""):
+        base = client.build_image(fragment, base=base, context_files=files).image.tag
+    return base
 
 
 def time_creates(
@@ -141,10 +152,11 @@ def main() -> int:
 
         # (g) BuildImage on a cache hit.
         snap = snapshot.take(project)
+        base = env_base(client, snap)
         hits = []
         for _ in range(20):
             t = time.perf_counter()
-            r = client.build_image(snap.fragment(""), context_files=snap.context)
+            r = client.build_image(snap.fragment(), base=base, context_files=snap.context)
             hits.append(time.perf_counter() - t)
             assert r.cache_hit
         results["g_build_cache_hit"] = {"p50": pct(hits, 0.5), "p95": pct(hits, 0.95)}
@@ -303,14 +315,16 @@ def isolation_only(project: Path, n: int, parallel: int, results: dict[str, obje
     return 0
 
 
+def _wall(r: dict[str, object], key: str) -> float:
+    value = r[key]
+    assert isinstance(value, dict)
+    return float(value["wall"])
+
+
 def report_isolation(r: dict[str, object]) -> None:
     """Marginal cost per test over local: (x with 2N - x with N) - (a with 2N - a with N)."""
 
-    def wall(key: str) -> float:
-        value = r[key]
-        assert isinstance(value, dict)
-        return float(value["wall"])
-
+    wall = functools.partial(_wall, r)
     n = int(r["n"])  # type: ignore[call-overload]
     local = wall("a_local_2n") - wall("a_local")
     churn = wall("e_churn") / n * 1e3
@@ -328,11 +342,7 @@ def report_isolation(r: dict[str, object]) -> None:
 
 
 def report(r: dict[str, object]) -> None:
-    def wall(key: str) -> float:
-        value = r[key]
-        assert isinstance(value, dict)
-        return float(value["wall"])
-
+    wall = functools.partial(_wall, r)
     n = int(r["n"])  # type: ignore[call-overload]
     a, b, e = wall("a_local"), wall("b_naive"), wall("e_churn")
     bs, a2, dm2 = wall("b_naive_serial"), wall("a_local_2n"), wall("sandbox_module_2n")

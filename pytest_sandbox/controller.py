@@ -12,6 +12,7 @@ import logging
 import queue
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,18 +47,16 @@ def make_groups(
     Fork-isolated tests of one spec share a recycled container per job slot: their
     spec's tests are cut into up to `jobs` consecutive runs (files stay together).
     """
+    items = list(items)
     buckets: dict[tuple[object, ...], list[pytest.Item]] = {}
-    forked = [it for it in items if specs[it.nodeid].forks]
-    per_spec: dict[RouteSpec, int] = {}
-    for item in forked:
-        per_spec[specs[item.nodeid]] = per_spec.get(specs[item.nodeid], 0) + 1
-    seen: dict[RouteSpec, int] = {}
+    per_spec = Counter(specs[it.nodeid] for it in items if specs[it.nodeid].forks)
+    seen: Counter[RouteSpec] = Counter()
     for item in items:
         spec = specs[item.nodeid]
         if spec.forks:
-            index = seen[spec] = seen.get(spec, -1) + 1
-            size = -(-per_spec[spec] // max(1, jobs))
-            key: tuple[object, ...] = (spec, "fork", index // size)
+            size = -(-per_spec[spec] // max(1, jobs))  # ceil: at most `jobs` runs
+            key: tuple[object, ...] = (spec, "fork", seen[spec] // size)
+            seen[spec] += 1
         elif spec.scope == "test":
             key = (spec, item.nodeid)
         elif spec.scope == "module":

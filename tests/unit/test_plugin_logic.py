@@ -273,3 +273,28 @@ def test_collector_sends_the_rest_to_a_fresh_sandbox_after_a_recycle() -> None:
     collector.feed(_records({"t": "recycle", "reason": "/tmp changed"}))
     assert collector.settle("sandbox crashed: exit code 0", _no_output) == (["b", "c"], [])
     assert [(r.nodeid, r.failure) for r in posted] == [("a", None)]  # type: ignore[attr-defined]
+
+
+def test_fork_isolated_tests_of_a_spec_share_one_group_per_job() -> None:
+    from pathlib import Path
+
+    from pytest_sandbox.controller import make_groups
+
+    class Item:
+        def __init__(self, name: str) -> None:
+            self.nodeid = f"t.py::{name}"
+            self.path = Path("/r/t.py")
+
+    items = [Item(n) for n in "abcde"]
+    fork = resolve({"isolation": "fork"}, Defaults())
+    container = resolve({}, Defaults())
+    specs = {it.nodeid: fork for it in items[:4]} | {items[4].nodeid: container}
+    groups = make_groups(items, specs, Path("/r"), jobs=2)  # type: ignore[arg-type]
+    assert [g.nodeids for g in groups] == [
+        ("t.py::a", "t.py::b"),
+        ("t.py::c", "t.py::d"),
+        ("t.py::e",),
+    ]
+    assert resolve({"isolation": "fork", "profile": "untrusted"}, Defaults()).isolation == (
+        "container"
+    )
