@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import shutil
@@ -292,6 +293,9 @@ class Forker:
     def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> bool:
         if self.pristine is None:
             self.pristine = Pristine(keep=self.worker.capture_dir)
+            # Collected objects move out of the collector's reach: a child's collections
+            # then neither walk nor write to (copy) the pages it shares with the worker.
+            gc.freeze()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:
