@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -82,9 +84,34 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
     if name == "UNAVAILABLE" and not details:
         details = "sandboxd is not reachable"
     kind = errors.BY_CODE.get(name, errors.SandboxError)
-    err = kind(details or name, retry_after=_retry_after(exc))
+    violations, retry_after = _details(exc)
+    err = kind(details or name, retry_after=retry_after or _retry_after(exc))
     err.code = name
+    if violations:
+        err.violations = violations
+        if isinstance(err, errors.InvalidArgument):
+            err.field = violations[0].field
     return err
+
+
+def _details(exc: grpc.RpcError) -> tuple[tuple[errors.FieldViolation, ...], float | None]:
+    """The field violations and retry delay from the status's google.rpc details."""
+    try:
+        status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
+    except ValueError:  # details that contradict the status: trust neither
+        return (), None
+    violations: list[errors.FieldViolation] = []
+    retry_after = None
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(bad):
+            violations.extend(
+                errors.FieldViolation(v.field, v.description) for v in bad.field_violations
+            )
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+    return tuple(violations), retry_after
 
 
 def _retry_after(exc: grpc.RpcError) -> float | None:

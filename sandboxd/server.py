@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
@@ -35,11 +36,59 @@ MAX_MESSAGE = 64 * 1024 * 1024
 #: Longest unix socket path the kernel takes, its final NUL excluded.
 UNIX_PATH_MAX = 107
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
     pb.DESCRIPTOR.services_by_name["InfoService"].full_name,
 )
+
+
+def _v1_reflection_descriptor() -> None:
+    """Add grpc.reflection.v1 to the default pool, so reflection can describe itself in v1
+    too: its file is v1alpha's with the package renamed (grpcio-reflection ships only v1alpha).
+    """
+    pool = descriptor_pool.Default()
+    with contextlib.suppress(KeyError):
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = f".{proto.package}.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(old, new, 1)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new, 1)
+        method.output_type = method.output_type.replace(old, new, 1)
+    pool.Add(proto)
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:
+    """Serve reflection as both grpc.reflection.v1 and v1alpha: clients speak one or the
+    other, and the two differ only in their package name (the messages are the same bytes)."""
+    _v1_reflection_descriptor()
+    servicer = reflection.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(
+                name,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            )
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
+    )
 
 
 @dataclass
@@ -92,9 +141,7 @@ class Service:
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.address = ""
         self._stopped = threading.Event()
 

@@ -7,15 +7,19 @@ Conversions both sides of the wire need (limits, sandbox requests) are the clien
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from sandboxd import client as client_wire
 from sandboxd import errors
@@ -55,17 +59,64 @@ def temporary_sandbox(manager: SandboxManager, request: SandboxRequest) -> Itera
             log.warning("destroying %s after use: %s", record.id, exc)
 
 
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _detail_messages(exc: errors.SandboxError) -> list[any_pb2.Any]:
+    """The standard google.rpc details for `exc`: BadRequest naming the fields at fault,
+    RetryInfo saying when to come back."""
+    details: list[any_pb2.Any] = []
+    if exc.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+        details.append(_packed(bad))
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return details
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """The one place errors become statuses. No traceback ever reaches a client."""
+    """The one place errors become statuses. No traceback ever reaches a client.
+
+    The message is for a person; the same facts go along as google.rpc error details (and
+    the retry hint also as a "retry-after" trailer, which older clients read).
+    """
     if isinstance(exc, errors.SandboxError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
         message = exc.message
+        trailers: list[tuple[str, str | bytes]] = []
         if exc.retry_after is not None:
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after:g}"),))
+            trailers.append(("retry-after", f"{exc.retry_after:g}"))
             message = f"{message} (retry after {exc.retry_after:g}s)"
         if code == grpc.StatusCode.INTERNAL:
             log.warning("internal: %s", message)
-        context.abort(code, message)
+        details = _detail_messages(exc)
+        if details:
+            status = rpc_status.to_status(
+                status_pb2.Status(
+                    code=getattr(code_pb2, code.name), message=message, details=details
+                )
+            )
+            trailers.extend(status.trailing_metadata)
+        context.abort_with_status(_Status(code, message, tuple(trailers)))
     incident = uuid.uuid4().hex[:8]
     log.error("unexpected error (incident %s)", incident, exc_info=exc)
     context.abort(
@@ -336,13 +387,17 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     ) -> pb.PutFilesResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
-            raise errors.InvalidArgument("PutFiles: the first message must be the header")
+            raise errors.InvalidArgument(
+                "PutFiles: the first message must be the header", field="header"
+            )
         header = first.header
 
         def chunks() -> Iterator[bytes]:
             for message in request_iterator:
                 if message.HasField("header"):
-                    raise errors.InvalidArgument("PutFiles: only the first message may be a header")
+                    raise errors.InvalidArgument(
+                        "PutFiles: only the first message may be a header", field="header"
+                    )
                 yield message.tar_chunk
 
         files, size = self.executor.put_files(

@@ -224,10 +224,12 @@ class DockerEngine:
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
         owner = f"uid={_uid(spec.user)},gid={_gid(spec.user)}"
+        # `exec` explicitly: Docker's tmpfs default is noexec, and sandboxes exist to run
+        # what was uploaded or compiled into the scratch. nosuid and nodev stay.
         tmpfs = {
-            path: f"rw,nosuid,nodev,size={size},mode=1777"
+            path: f"rw,exec,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
-            else f"rw,nosuid,nodev,size={size},{owner},mode=755"
+            else f"rw,exec,nosuid,nodev,size={size},{owner},mode=755"
             for path, size in spec.scratch.items()
         }
         host_config = api.create_host_config(
