@@ -97,12 +97,14 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
 def _details(exc: grpc.RpcError) -> tuple[tuple[errors.FieldViolation, ...], float | None]:
     """The field violations and retry delay from the status's google.rpc details."""
     try:
-        status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
+        call = exc if isinstance(exc, grpc.Call) else None
+        status = rpc_status.from_call(call) if call is not None else None
     except ValueError:  # details that contradict the status: trust neither
         return (), None
     violations: list[errors.FieldViolation] = []
     retry_after = None
-    for detail in status.details if status is not None else ():
+    details: Iterable[Any] = status.details if status is not None else ()
+    for detail in details:
         bad = error_details_pb2.BadRequest()
         retry = error_details_pb2.RetryInfo()
         if detail.Unpack(bad):

@@ -8,7 +8,7 @@ import shlex
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import processes
@@ -157,6 +157,7 @@ class Executor:
                 container_alive=self._alive_after(record, exit_code, tally),
                 memory_limit=record.limits.memory_bytes,
                 pids_limit=record.limits.pids,
+                start_failure=run.proc.start_failure() or "",
             )
         )
         if judgement.verdict == "crashed":
@@ -342,12 +343,59 @@ class Executor:
         """
         record = self.manager.get(sandbox_id, owner)
         full = check_sandbox_path(path, workdir=record.workdir, writable=(record.workdir, "/tmp"))
-        cap = record.limits.scratch_bytes * 2
         if max_bytes < 0:
             raise InvalidArgument("max_bytes: must not be negative")
+        cap = record.limits.scratch_bytes * 2
         limit = min(max_bytes, cap) if max_bytes else cap
         parent, _, name = full.rstrip("/").rpartition("/")
         argv = ["tar", "-c", "-C", parent or "/", name or "."]
+        ok, err = yield from self._tar(record, argv, limit, full)
+        if ok:
+            return
+        if "No such file" in err:
+            raise NotFound(f"{full} does not exist in the sandbox")
+        raise FailedPrecondition(f"reading {full} failed: {err}")
+
+    def collect(self, sandbox_id: str, paths: Iterable[str], owner: str = "") -> Collected:
+        """One tar of every path that exists (each under its own name, as GetFiles gives
+        it), and the paths that do not: a missing output is a fact about the run, not a
+        reason to lose its result.
+
+        Raises:
+            InvalidArgument: a bad path; ResourceExhausted: above twice the scratch size.
+        """
+        record = self.manager.get(sandbox_id, owner)
+        writable = (record.workdir, "/tmp")
+        full = [check_sandbox_path(p, workdir=record.workdir, writable=writable) for p in paths]
+        # One tar with a -C per path; the shell reports the missing ones on stderr.
+        lines = ["set --"]
+        for path in full:
+            parent, _, name = path.rstrip("/").rpartition("/")
+            q = shlex.quote(path)
+            lines.append(
+                f'if [ -e {q} ] || [ -h {q} ]; then set -- "$@" -C {shlex.quote(parent or "/")} '
+                f"{shlex.quote(name or '.')}; else printf '{_MISSING}%s\\n' {q} >&2; fi"
+            )
+        lines.append('exec tar -c -f - "$@" -T /dev/null')
+        argv = ["sh", "-c", "\n".join(lines)]
+        data = bytearray()
+        tar = self._tar(record, argv, record.limits.scratch_bytes * 2, "the collected files")
+        ok, err = _drain_into(data, tar)
+        missing = [line[len(_MISSING) :] for line in err.splitlines() if line.startswith(_MISSING)]
+        if not ok:
+            rest = "\n".join(line for line in err.splitlines() if not line.startswith(_MISSING))
+            raise FailedPrecondition(f"collecting {', '.join(full)} failed: {rest}")
+        return Collected(bytes(data), tuple(missing))
+
+    def _tar(
+        self, record: SandboxRecord, argv: list[str], limit: int, what: str
+    ) -> Generator[bytes, None, tuple[bool, str]]:
+        """Yield the stdout of a tar command in the sandbox; return whether it succeeded,
+        and its stderr (or the verdict's sentence when it failed silently).
+
+        Raises:
+            ResourceExhausted: the archive is larger than `limit`.
+        """
         timeout = max(record.limits.timeout_seconds, 300.0)
         req = ExecRequest(argv=argv, timeout_seconds=timeout)
         sent = 0
@@ -359,17 +407,39 @@ class Executor:
                     continue
                 sent += len(event.data)
                 if sent > limit:
-                    raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
+                    raise ResourceExhausted(f"{what} is larger than {limit} bytes; ask for less")
                 yield event.data
             elif event.judgement.verdict == "output_truncated":
-                raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
-            elif event.judgement.verdict != "ok":
-                detail = err.decode("utf-8", "replace").strip()
-                if "No such file" in detail:
-                    raise NotFound(f"{full} does not exist in the sandbox")
-                raise FailedPrecondition(
-                    f"reading {full} failed: {detail or event.judgement.message}"
-                )
+                raise ResourceExhausted(f"{what} is larger than {limit} bytes; ask for less")
+            else:
+                text = err.decode("utf-8", "replace").strip()
+                ok = event.judgement.verdict == "ok"
+                return ok, text if ok else text or event.judgement.message
+        return False, "the command ended without a result"
+
+
+#: Marks a collect path the shell found missing, on the collecting command's stderr.
+_MISSING = "sandboxd-missing:"
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What a Run collected: one tar archive, and the asked-for paths that did not exist."""
+
+    tar: bytes
+    missing: tuple[str, ...]
+
+
+def _drain_into(
+    sink: bytearray, chunks: Generator[bytes, None, tuple[bool, str]]
+) -> tuple[bool, str]:
+    """Append every chunk to `sink`; return the generator's own return value."""
+    while True:
+        try:
+            sink.extend(next(chunks))
+        except StopIteration as stop:
+            result: tuple[bool, str] = stop.value
+            return result
 
 
 @dataclass

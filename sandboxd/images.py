@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
@@ -275,14 +275,15 @@ class ImageStore:
             return owner in self._grants.get(record.key, ())
 
     def get(self, key: str, owner: str = "") -> ImageRecord:
-        """The image with this key, if `owner` may use it.
+        """The image with this key or tag, if `owner` may use it.
 
         Raises:
+            InvalidArgument: neither a key nor a tag.
             NotFound: no such image.
             PermissionDenied: another client's image.
         """
         if not _KEY.match(key):
-            raise InvalidArgument(f"key: {key!r} is not an image key (64 hex digits)")
+            key = self._key_of_tag(key)
         record = self._lookup(key, trust_recent=True)
         if record is None:
             raise NotFound(f"no image with key {key[:12]}...; build it first")
@@ -290,12 +291,33 @@ class ImageStore:
             raise PermissionDenied(f"image {key[:12]} belongs to another client")
         return record
 
+    def _key_of_tag(self, tag: str) -> str:
+        """The content key of the image a tag names, when it is one of this service's.
+
+        Raises:
+            InvalidArgument: not a key or tag; NotFound: no image of ours has that tag.
+        """
+        if not tag or "\x00" in tag or len(tag) > 512 or tag != tag.strip():
+            raise InvalidArgument(
+                f"key: {tag[:80]!r} is neither an image key (64 hex digits) nor a tag"
+            )
+        try:
+            key = self._engine.image_labels(tag).get(LABEL_KEY, "")
+        except NotFound:
+            key = ""
+        if not _KEY.match(key):
+            raise NotFound(f"no image built by sandboxd has the tag {tag[:80]!r}")
+        return key
+
     def list(self, owner: str = "") -> list[ImageRecord]:
         """The service's images that `owner` may use."""
         out = []
         for image_id, tags, labels, size in self._engine.list_images(LABEL_KEY):
             key = labels.get(LABEL_KEY, "")
-            tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0] if tags else "")
+            tags = [t for t in tags if t != "<none>:<none>"]
+            if not tags:
+                continue  # an untagged leftover: neither usable nor addressable by its key
+            tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0])
             out.append(
                 ImageRecord(
                     key=key,
@@ -309,20 +331,26 @@ class ImageStore:
             )
         return [r for r in out if self.may_use(r, owner)]
 
-    def delete(self, key: str, owner: str = "") -> None:
-        """Remove the image for `key`; a client may delete only images it built.
+    def delete(
+        self, key: str, owner: str = "", release: Callable[[str], None] = lambda _: None
+    ) -> None:
+        """Remove the image for `key` (or tag) from the engine; a client may delete only
+        images it built. `release(image id)` first makes the containers on it go.
 
         Raises:
             NotFound: no such image.
             PermissionDenied: the image is not the caller's.
+            FailedPrecondition: a live sandbox still uses it.
         """
         record = self.get(key, owner)
         if owner and record.owner != owner:
-            raise PermissionDenied(f"image {key[:12]} belongs to another client")
+            raise PermissionDenied(f"image {record.key[:12]} belongs to another client")
+        release(record.digest)
         with self._lock:
-            self._cache.pop(key, None)
-            self._verified.pop(key, None)
-        self._engine.remove_image(record.tag)
+            self._cache.pop(record.key, None)
+            self._verified.pop(record.key, None)
+        # By id, not by tag: removing a tag leaves the image behind as <none>.
+        self._engine.remove_image(record.digest)
 
     def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
         """(engine reference, digest) for a key, tag or reference given by a client.

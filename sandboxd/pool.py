@@ -129,6 +129,19 @@ class WarmPool:
             log.info("pool: evicted %d warm sandboxes for live ones", len(victims))
         return freed
 
+    def retire(self, match: Callable[[Prepared], bool]) -> list[SandboxRecord]:
+        """Stop warming the requests `match` picks and hand back their ready containers, for
+        the caller to remove (an image can only be removed once no container uses it)."""
+        retired: list[SandboxRecord] = []
+        with self._lock:
+            for prep in [p for p in self._target if match(p)]:
+                self._target[prep] = 0
+            for prep in [p for p in self._ready if match(p)]:
+                for record in self._ready.pop(prep):
+                    self._ids.discard(record.id)
+                    retired.append(record)
+        return retired
+
     def knows(self, sandbox_id: str) -> bool:
         with self._lock:
             return sandbox_id in self._ids

@@ -132,7 +132,9 @@ class Service:
             maximum_concurrent_rpcs=max_workers * 4,
             interceptors=[self.auth],
         )
-        pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.core.images, self.core.manager.release_image), self.server
+        )
         pb_grpc.add_SandboxServiceServicer_to_server(
             SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
         )

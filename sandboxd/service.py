@@ -277,8 +277,10 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):
-    def __init__(self, images: ImageStore) -> None:
+    def __init__(self, images: ImageStore, release: Callable[[str], None] = lambda _: None) -> None:
         self.images = images
+        #: Makes the containers on an image go before it is deleted (the sandbox manager's).
+        self.release = release
 
     @streaming
     def BuildImage(
@@ -321,7 +323,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def DeleteImage(
         self, request: pb.DeleteImageRequest, context: grpc.ServicerContext
     ) -> pb.DeleteImageResponse:
-        self.images.delete(request.key, owner_of(context))
+        self.images.delete(request.key, owner_of(context), self.release)
         return pb.DeleteImageResponse()
 
 
@@ -450,15 +452,14 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     yield pb.RunEvent(output=_chunk(event))
                 else:
                     result = outcome_to_pb(event)
-            collected = b""
-            for path in request.collect:
-                collected += b"".join(self.executor.get_files(record.id, path, 0, owner))
+            collected = self.executor.collect(record.id, request.collect, owner)
             yield pb.RunEvent(
                 result=pb.RunResult(
                     image=image_pb,
                     cache_hit=cache_hit,
                     sandbox=sandbox_to_pb(record),
                     exec=result,
-                    collected_tar=collected,
+                    collected_tar=collected.tar,
+                    missing_paths=collected.missing,
                 )
             )

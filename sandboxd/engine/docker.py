@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -45,6 +46,10 @@ KILL_WAIT_SECONDS = 5.0
 T = TypeVar("T")
 #: Environment variable that marks every process of one exec, so they can be found inside.
 EXEC_TAG = "SANDBOXD_EXEC"
+
+#: How the engine's own message starts when the runtime could not start an exec's command.
+_START_FAILED = b"OCI runtime exec failed"
+_START_REASON = re.compile(r'exec: (".*?"): (.*?)(?:: unknown)?$')
 
 _CONNECTION_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -468,6 +473,7 @@ class DockerExec:
         self._sock = sock
         self._raw: socket.socket | None = getattr(sock, "_sock", None)
         self._killed = False
+        self._start_failure: str | None = None
 
     def write_stdin(self, data: bytes) -> None:
         if self._raw is not None:
@@ -481,14 +487,45 @@ class DockerExec:
                 self._raw.shutdown(socket.SHUT_WR)
 
     def output(self) -> Iterator[tuple[int, bytes]]:
+        # When the runtime cannot start the command, the engine writes its own error to the
+        # exec's stdout and reports 126. A first chunk that looks like that is held until
+        # the end: if no process ever ran (pid 0), it is the engine's, not the command's.
+        held = b""
+        first = True
         try:
             for stream, data in frames_iter(self._sock, tty=False):
-                if data:
+                if not data:
+                    continue
+                if first and stream == 1 and bytes(data).startswith(_START_FAILED):
+                    held = bytes(data)
+                elif held:
+                    yield 1, held
+                    held = b""
+                first = False
+                if not held:
                     yield int(stream), bytes(data)
         except (OSError, ValueError):
-            return
+            pass
+        if held and self._never_started():
+            self._start_failure = _start_failure(held)
+        elif held:
+            yield 1, held
+
+    def _never_started(self) -> bool:
+        try:
+            info = self._engine._call(lambda: self._engine.api.exec_inspect(self.exec_id))
+        except SandboxError:
+            return False
+        return not info.get("Running") and not info.get("Pid")
+
+    def start_failure(self) -> str | None:
+        return self._start_failure
 
     def exit_code(self) -> int | None:
+        if self._start_failure is not None:
+            # The engine says 126 for both; a shell says 127 for a command it cannot find.
+            missing = "not found" in self._start_failure or "no such file" in self._start_failure
+            return 127 if missing else 126
         for _ in range(100):
             try:
                 info = self._engine._call(lambda: self._engine.api.exec_inspect(self.exec_id))
@@ -544,6 +581,16 @@ def _read_until(sock: Any, word: bytes, seconds: float) -> bool:
         with contextlib.suppress(OSError):
             sock.close()
     return word in seen
+
+
+def _start_failure(engine_text: bytes) -> str:
+    """The engine's "OCI runtime exec failed: ... exec: "x": permission denied: unknown"
+    as a sentence about the command."""
+    text = engine_text.decode("utf-8", "replace").strip()
+    match = _START_REASON.search(text)
+    if match is None:
+        return f"the command could not be started: {text[:300]}"
+    return f"cannot run {match.group(1)}: {match.group(2)}"
 
 
 def _explain(exc: BaseException) -> str:

@@ -154,7 +154,9 @@ def test_get_list_delete(store: ImageStore, engine: FakeEngine) -> None:
 
 
 def test_get_refuses_a_malformed_key(store: ImageStore) -> None:
-    with pytest.raises(InvalidArgument, match=r"not an image key"):
+    with pytest.raises(InvalidArgument, match=r"neither an image key .* nor a tag"):
+        store.get("abc\x00")
+    with pytest.raises(NotFound, match=r"no image built by sandboxd has the tag 'abc'"):
         store.get("abc")
 
 

@@ -15,6 +15,10 @@ Errors are gRPC status codes with a message a person can act on:
                      not allowed for it
   UNAUTHENTICATED    missing or unknown credentials
   UNAVAILABLE        the container engine cannot be reached (safe to retry)
+
+Alongside the message, INVALID_ARGUMENT carries a google.rpc.BadRequest whose
+field violations name the request field at fault, and RESOURCE_EXHAUSTED a
+google.rpc.RetryInfo when a retry can succeed (both in grpc-status-details-bin).
 """
 
 from collections import abc as _abc
@@ -265,6 +269,7 @@ class GetImageRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """The image's content key (64 hex digits) or its tag (Image.tag)."""
     def __init__(
         self,
         *,
@@ -1029,14 +1034,20 @@ class RunResult(_message.Message):
     SANDBOX_FIELD_NUMBER: _builtins.int
     EXEC_FIELD_NUMBER: _builtins.int
     COLLECTED_TAR_FIELD_NUMBER: _builtins.int
+    MISSING_PATHS_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
     collected_tar: _builtins.bytes
+    """One tar archive of the collect paths that existed, each under its own name."""
     @_builtins.property
     def image(self) -> Global___Image: ...
     @_builtins.property
     def sandbox(self) -> Global___Sandbox: ...
     @_builtins.property
     def exec(self) -> Global___ExecResult: ...
+    @_builtins.property
+    def missing_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The collect paths (absolute) that did not exist when the command ended."""
+
     def __init__(
         self,
         *,
@@ -1045,10 +1056,11 @@ class RunResult(_message.Message):
         sandbox: Global___Sandbox | None = ...,
         exec: Global___ExecResult | None = ...,
         collected_tar: _builtins.bytes = ...,
+        missing_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "image", b"image", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "collected_tar", b"collected_tar", "exec", b"exec", "image", b"image", "sandbox", b"sandbox"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "collected_tar", b"collected_tar", "exec", b"exec", "image", b"image", "missing_paths", b"missing_paths", "sandbox", b"sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

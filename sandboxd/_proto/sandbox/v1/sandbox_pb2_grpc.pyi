@@ -15,6 +15,10 @@ Errors are gRPC status codes with a message a person can act on:
                      not allowed for it
   UNAUTHENTICATED    missing or unknown credentials
   UNAVAILABLE        the container engine cannot be reached (safe to retry)
+
+Alongside the message, INVALID_ARGUMENT carries a google.rpc.BadRequest whose
+field violations name the request field at fault, and RESOURCE_EXHAUSTED a
+google.rpc.RetryInfo when a retry can succeed (both in grpc-status-details-bin).
 """
 
 from collections import abc as _abc
