@@ -356,6 +356,19 @@ class Executor:
             raise NotFound(f"{full} does not exist in the sandbox")
         raise FailedPrecondition(f"reading {full} failed: {err}")
 
+    def collect_paths(self, sandbox_id: str, paths: Iterable[str], owner: str = "") -> list[str]:
+        """The absolute paths `collect` would take, checked before a Run starts its command.
+
+        Raises:
+            InvalidArgument: a path with "..", or outside the writable dirs.
+        """
+        record = self.manager.get(sandbox_id, owner)
+        writable = (record.workdir, "/tmp")
+        return [
+            check_sandbox_path(p, workdir=record.workdir, writable=writable, field="collect")
+            for p in paths
+        ]
+
     def collect(self, sandbox_id: str, paths: Iterable[str], owner: str = "") -> Collected:
         """One tar of every path that exists (each under its own name, as GetFiles gives
         it), and the paths that do not: a missing output is a fact about the run, not a
@@ -365,8 +378,7 @@ class Executor:
             InvalidArgument: a bad path; ResourceExhausted: above twice the scratch size.
         """
         record = self.manager.get(sandbox_id, owner)
-        writable = (record.workdir, "/tmp")
-        full = [check_sandbox_path(p, workdir=record.workdir, writable=writable) for p in paths]
+        full = self.collect_paths(sandbox_id, paths, owner)
         # One tar with a -C per path; the shell reports the missing ones on stderr.
         lines = ["set --"]
         for path in full:

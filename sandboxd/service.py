@@ -439,6 +439,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             spec.CopyFrom(request.spec)
             spec.image = image_pb.key
         with temporary_sandbox(self.manager, request_from_pb(spec, owner)) as record:
+            self.executor.collect_paths(record.id, request.collect, owner)  # refused up front
             if request.files_tar:
                 self.executor.put_files(record.id, "", [request.files_tar], owner)
             result = None

@@ -8,6 +8,7 @@ import io
 import tarfile
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
@@ -149,3 +150,16 @@ def test_run_with_only_missing_paths_gives_an_empty_archive(
     assert result.exec.verdict == pb.VERDICT_OK
     assert members(result.collected_tar) == {}
     assert list(result.missing_paths) == ["/sandbox/work/gone"]
+
+
+def test_a_bad_collect_path_is_refused_before_the_command_runs(
+    client: SandboxClient, limits_factory: Callable[..., Limits]
+) -> None:
+    spec = request_to_pb(SandboxRequest(limits=limits_factory()))
+    request = pb.RunRequest(spec=spec, argv=["echo", "ran"], collect=["ok.txt", "../etc"])
+    seen: list[pb.RunEvent] = []
+    with pytest.raises(grpc.RpcError) as info:
+        seen.extend(client.sandboxes.Run(request, timeout=120))
+    assert not any(e.HasField("output") for e in seen), "the command ran"
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "collect: '../etc' must not contain '..'" in info.value.details()
