@@ -320,10 +320,15 @@ Global___ListImagesResponse: _TypeAlias = ListImagesResponse  # noqa: Y015
 
 @_typing.final
 class DeleteImageRequest(_message.Message):
+    """Removes the image from the engine (its warm containers first); refused with
+    FAILED_PRECONDITION while a live sandbox runs on it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """The image's content key or its tag, as in GetImageRequest."""
     def __init__(
         self,
         *,
