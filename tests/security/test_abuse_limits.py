@@ -96,7 +96,8 @@ def test_memory_bomb_is_out_of_memory(operator: SandboxClient, box: Box) -> None
         _, _, result = run(operator, sandbox.id, MEMORY_BOMB, argv0="python3", timeout=10.0)
         assert verdict(result) == "out_of_memory", result
         assert result.message == "out of memory (limit 64 MiB)"
-        assert result.peak_memory_bytes <= 64 * MiB + 4 * MiB
+        # Measured, not zero: the bomb filled its limit before it was killed.
+        assert 32 * MiB <= result.peak_memory_bytes <= 64 * MiB + 4 * MiB, result
 
 
 def test_cpu_spin_is_timed_out_and_stopped(operator: SandboxClient, box: Box) -> None:
@@ -106,7 +107,7 @@ def test_cpu_spin_is_timed_out_and_stopped(operator: SandboxClient, box: Box) ->
         assert result.message == "timed out after 2.0s"
         assert result.wall_seconds < 6
         # Half a CPU: the cgroup, not the code, decides how much it got.
-        assert result.cpu_seconds <= 0.5 * result.wall_seconds + 0.5, result
+        assert 0.05 < result.cpu_seconds <= 0.5 * result.wall_seconds + 0.5, result
         out, _, _ = run(operator, sandbox.id, SPINNERS, argv0="python3")
         assert out.strip() == b"0", out
 
