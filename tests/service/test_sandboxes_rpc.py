@@ -151,7 +151,7 @@ def test_exec_output_arrives_while_the_command_runs(
     # the first line arriving at all proves it was streamed (buffered output would make
     # the command wait for its timeout and end timed_out).
     script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo second"
-    stream = client.exec_stream(sandbox.id, ["sh", "-c", script], timeout=60)
+    stream = client.exec_stream(sandbox.id, ["sh", "-c", script], timeout=20)
     first = next(stream)
     assert isinstance(first, OutputChunk) and first.data == b"first\n"
     _, _, touched = run(client, sandbox.id, "touch", "/tmp/go")
