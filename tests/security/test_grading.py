@@ -189,3 +189,45 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
         time.sleep(0.3)
     assert operator.list_sandboxes() == []
     assert _instance_containers(instance) == []
+
+
+# One of each kind of outcome the batch above covers, small: runsc on ptrace is slow.
+RUNSC_CASES = {"correct0", "wrong_add", "import_error", "loop_import", "hog_import"}
+
+
+def test_a_small_batch_gets_the_same_verdicts_under_runsc(
+    operator: SandboxClient, secure: SecureService, tmp_path: Path
+) -> None:
+    """`untrusted` means gVisor: grading must give the same verdicts there as on runc."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    for name, text in TESTS.items():
+        (tests / name).write_text(text)
+    everything = grading.load_submissions(_write_submissions(tmp_path))
+    subs = [s for s in everything if s.name in RUNSC_CASES]
+    assert len(subs) == len(RUNSC_CASES)
+    settings = grading.GradeSettings(
+        profile="untrusted",
+        runtime="runsc",
+        cpu_seconds=5.0,
+        timeout_seconds=60.0,
+        memory_bytes=128 << 20,
+        jobs=2,
+    )
+    report = grading.grade_all(operator, tests, subs, settings, tmp_path / "junit")
+    by_name = {s["name"]: s for s in report["submissions"]}
+    for name, _, expected, passing in CASES:
+        if name not in RUNSC_CASES:
+            continue
+        got = by_name[name]
+        assert got["verdict"] == expected, (name, got)
+        if expected in ("passed", "failed"):
+            assert [t for t, o in got["tests"].items() if o == "passed"] == passing, name
+    assert by_name["correct0"]["cpu_seconds"] > 0.05
+    assert by_name["correct0"]["peak_memory_bytes"] >= 4 << 20
+    assert operator.list_sandboxes() == []
+    if by_name["hog_import"]["peak_memory_bytes"] == 0:
+        # Known gap, as in test_abuse_limits: gVisor's sandbox dies whole at the memory
+        # limit, taking the cgroup the peak is read from with it.
+        pytest.xfail("runsc: a whole-sandbox memory kill reports peak_memory_bytes 0")
+    assert by_name["hog_import"]["peak_memory_bytes"] >= 48 << 20
