@@ -59,6 +59,26 @@ print(sum(
 ))
 """
 # The count once it drops below 8, or after 5 s.
+# Forks sleeping children until a fork fails, reports how many it got, then reaps them.
+FORK_UNTIL_REFUSED = """
+import os, signal
+kids, why = [], "never refused"
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        why = exc.strerror
+        break
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(len(kids), why)
+"""
+
 SETTLED_PROCS = """
 import os, time
 for _ in range(50):
@@ -90,6 +110,18 @@ def test_fork_bomb_hits_the_process_limit(operator: SandboxClient, box: Box, run
             time.sleep(0.5)
         assert verdict(after) == "ok", after
         assert int(out) < 8, out
+
+
+def test_the_process_cap_holds_on_each_runtime(operator: SandboxClient, box: Box) -> None:
+    """The cap itself, on runc (the pids cgroup) and on runsc (gVisor's RLIMIT_NPROC)."""
+    with box(pids=32, memory_bytes=512 * MiB) as sandbox:
+        out, _, result = run(operator, sandbox.id, FORK_UNTIL_REFUSED, argv0="python3")
+        assert verdict(result) in ("ok", "pids_exhausted"), result
+        kids, why = out.decode().split(" ", 1)
+        assert why.strip() == "Resource temporarily unavailable", out
+        # The forking process and the sandbox's init hold slots too: fewer than 32 children,
+        # yet most of the 32 (a cap that bit far too early would be a bug as well).
+        assert 16 <= int(kids) < 32, out
 
 
 def test_memory_bomb_is_out_of_memory(operator: SandboxClient, box: Box, runtime: str) -> None:
