@@ -100,6 +100,10 @@ def _retry_after(exc: grpc.RpcError) -> float | None:
     return None
 
 
+#: What `tls_credentials` makes; named here so callers need not import grpc.
+TlsCredentials = grpc.ChannelCredentials
+
+
 def tls_credentials(
     ca: str | os.PathLike[str] | None = None,
     cert: str | os.PathLike[str] | None = None,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-import grpc
-
 from sandboxd import errors
-from sandboxd.client import SandboxClient
+from sandboxd.client import SandboxClient, TlsCredentials
 from sandboxd.config import ServerConfig
 from sandboxd.server import Embedded, start_embedded
 
@@ -60,7 +58,7 @@ def connect(
     config: ServerConfig | None = None,
     ready_timeout: float = 30.0,
     address_option: str = "--address",
-    credentials: grpc.ChannelCredentials | None = None,
+    credentials: TlsCredentials | None = None,
 ) -> Connection:
     """Connect to `address`, or start an embedded service (with `config`) when it is None.
     `address_option` is the caller's option for an address, named when embedding fails.
