@@ -139,7 +139,7 @@ def main() -> int:
 
         # (f) CreateSandbox, warm (pool) and cold (pool off, below).
         spec = SandboxRequest(
-            image=image, preload_argv=["python3", "-c", "import sys; sys.stdin.read()"]
+            image=image, preload_argv=("python3", "-c", "import sys; sys.stdin.read()")
         )
         client.destroy_sandbox(client.create_sandbox(spec).id)  # the miss that starts the pool
         # The pause lets the pool refill: we time a hand-out, not the engine.

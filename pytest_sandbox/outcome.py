@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pytest_sandbox.spec import SandboxSpec
+from pytest_sandbox.spec import RouteSpec
 from sandboxd.api import ExecResult
 from sandboxd.verdicts import VERDICTS, Facts
 
 
 def describe_kill(
     result: ExecResult | None,
-    spec: SandboxSpec,
+    spec: RouteSpec,
     *,
     error: str = "",
     elapsed: float | None = None,

@@ -290,6 +290,7 @@ def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import grading
+    from sandboxd.submissions import load_submissions
 
     settings = grading.GradeSettings(
         profile=args.profile,
@@ -299,7 +300,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
         memory_bytes=parse_size(args.memory, field="--memory"),
         jobs=args.jobs,
     )
-    submissions = grading.load_submissions(args.submissions)
+    submissions = load_submissions(args.submissions)
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
     with _client(args, config) as client:
         document = grading.grade_all(

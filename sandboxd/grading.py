@@ -29,7 +29,6 @@ import tarfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from packaging.requirements import Requirement
 from sandboxd import errors
 from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient, SandboxHandle
-from sandboxd.paths import check_relative
+from sandboxd.submissions import Submission, read_tree
 from sandboxd.verdicts import VERDICTS, StoppedVerdict
 from sandboxd.verdicts import Verdict as ExecVerdict
 
@@ -48,9 +47,7 @@ log = logging.getLogger(__name__)
 
 GRADER = "/opt/grader"
 WORKDIR = "/sandbox/work"
-MAX_SUBMISSION_BYTES = 16 * 1024 * 1024
 MAX_JUNIT_BYTES = 4 * 1024 * 1024
-SKIP_PARTS = frozenset({"__pycache__", ".git", ".pytest_cache", "__MACOSX"})
 
 #: A submission's verdict: what pytest's results say, or the service's verdict when it
 #: stopped the run (a limit, or a crash: pytest itself died or the sandbox did).
@@ -62,12 +59,6 @@ Verdict = Literal[
     StoppedVerdict,
 ]
 Outcome = Literal["passed", "failed", "error", "skipped"]
-
-
-@dataclass(frozen=True)
-class Submission:
-    name: str
-    files: Mapping[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -101,79 +92,6 @@ class Grade:
     wall_seconds: float = 0.0
     image_digest: str = ""
     junit: str = ""
-
-
-# -- inputs ----------------------------------------------------------------------------
-
-
-def _add(files: dict[str, bytes], name: str, data: bytes, where: str) -> None:
-    rel = check_relative(name, field=where)
-    if SKIP_PARTS.intersection(rel.split("/")) or rel.endswith(".pyc"):
-        return
-    files[rel] = data
-    if sum(len(v) for v in files.values()) > MAX_SUBMISSION_BYTES:
-        raise errors.InvalidArgument(f"{where}: larger than {MAX_SUBMISSION_BYTES} bytes")
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    """Regular files below `root` by relative path; symlinks are not followed.
-
-    Raises:
-        InvalidArgument: too large, or a bad path.
-    """
-    files: dict[str, bytes] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        _add(files, path.relative_to(root).as_posix(), path.read_bytes(), str(root))
-    return files
-
-
-def read_zip(path: Path) -> dict[str, bytes]:
-    """Files of a zip, names checked against '..' and absolute paths; a single top folder
-    that holds everything is dropped.
-
-    Raises:
-        InvalidArgument: not a zip, too large, or a bad member name.
-    """
-    files: dict[str, bytes] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = [i for i in zf.infolist() if not i.is_dir()]
-            if sum(i.file_size for i in members) > MAX_SUBMISSION_BYTES:
-                raise errors.InvalidArgument(f"{path}: larger than {MAX_SUBMISSION_BYTES} bytes")
-            for info in members:
-                _add(files, info.filename, zf.read(info), str(path))
-    except zipfile.BadZipFile as exc:
-        raise errors.InvalidArgument(f"{path}: not a zip archive ({exc})") from None
-    tops = {name.split("/", 1)[0] for name in files}
-    if len(tops) == 1 and all("/" in name for name in files):
-        files = {name.split("/", 1)[1]: data for name, data in files.items()}
-    return files
-
-
-def load_submissions(directory: Path) -> list[Submission]:
-    """One submission per sub-folder or .zip of `directory`, sorted by name.
-
-    Raises:
-        InvalidArgument: unreadable directory, duplicate names, or a bad submission.
-    """
-    if not directory.is_dir():
-        raise errors.InvalidArgument(f"--submissions {directory}: not a directory")
-    found: dict[str, Submission] = {}
-    for entry in sorted(directory.iterdir()):
-        if entry.is_symlink() or entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            name, files = entry.name, read_tree(entry)
-        elif entry.suffix == ".zip":
-            name, files = entry.stem, read_zip(entry)
-        else:
-            continue
-        if name in found:
-            raise errors.InvalidArgument(f"submission {name!r} is both a folder and a zip")
-        found[name] = Submission(name, files)
-    return list(found.values())
 
 
 # -- the image -------------------------------------------------------------------------

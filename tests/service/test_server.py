@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.limits import Caps, Limits
@@ -88,7 +89,7 @@ def test_engine_unreachable_maps_to_the_clients_engine_unavailable(
     from sandboxd.errors import EngineUnavailable
 
     with pytest.raises(EngineUnavailable, match="is dockerd running"):
-        unreachable.create_sandbox(pb.SandboxSpec(), timeout=30)
+        unreachable.create_sandbox(SandboxRequest(), timeout=30)
 
 
 def test_server_info_reports_the_engine_the_runtimes_and_the_api(client: SandboxClient) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from sandboxd import errors
 from sandboxd.api import ExecResult
-from sandboxd.grading import judge_run, load_submissions, parse_junit, pytest_files
+from sandboxd.grading import judge_run, parse_junit, pytest_files
+from sandboxd.submissions import load_submissions
 
 JUNIT = b"""<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
