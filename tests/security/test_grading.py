@@ -209,7 +209,7 @@ def test_a_small_batch_gets_the_same_verdicts_under_runsc(
 ) -> None:
     """`untrusted` means gVisor: grading must give the same verdicts there as on runc."""
     tests = _write_tests(tmp_path)
-    everything = grading.load_submissions(_write_submissions(tmp_path))
+    everything = submissions.load_submissions(_write_submissions(tmp_path))
     subs = [s for s in everything if s.name in RUNSC_CASES]
     assert len(subs) == len(RUNSC_CASES)
     # gVisor's own kernel counts against the memory limit: a little more room than on runc.
