@@ -105,7 +105,7 @@ class Core:
 def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
-    images = ImageStore(engine, config.base_image)
+    images = ImageStore(engine, config.base_image, config.instance_id)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 
