@@ -235,10 +235,13 @@ def test_resource_exhausted_carries_retry_info(
         )
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         retry = detail_of(err, error_details_pb2.RetryInfo)
-        assert retry.retry_delay.ToTimedelta().total_seconds() > 0  # type: ignore[attr-defined]
+        delay = retry.retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
+        assert delay > 0
+        trailers = {m.key: m.value for m in err.trailing_metadata()}  # type: ignore[attr-defined]
+        assert float(trailers["retry-after"]) == delay, "the older trailer is still sent"
 
         with pytest.raises(errors.ResourceExhausted) as raised:
             client.create_sandbox(SandboxRequest(limits=small(limits_factory)))
-        assert raised.value.retry_after == retry.retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
+        assert raised.value.retry_after == delay
     finally:
         client.destroy_sandbox(box.id)
