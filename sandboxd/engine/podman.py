@@ -1,0 +1,59 @@
+"""The Podman adapter: Podman's Docker-compatible API, with what differs from Docker.
+
+`podman system service` speaks the Docker Engine API, so this is `DockerEngine` with the
+differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
+
+- Podman's default RLIMIT_NOFILE (1048576) is refused by runc here, so every container
+  gets explicit ulimits unless the spec already names them.
+- Podman's default runtime (crun) refuses hybrid cgroup hosts; runc is asked for
+  explicitly unless the spec names another runtime (runsc).
+- tmpfs mounts take `U` (chown to the container's user) instead of `uid=`/`gid=`.
+- Its Info lists every runtime name of its built-in table (kata, krun, runj, ...),
+  installed or not, so only those whose binary exists on this host are reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+from sandboxd.engine.base import ContainerSpec
+from sandboxd.engine.docker import DockerEngine
+from sandboxd.errors import EngineUnavailable
+
+#: Where `scripts/host-setup.sh` has root's `podman system service` listen.
+DEFAULT_PODMAN_SOCKET = "unix:///run/podman/podman.sock"
+#: Podman's own default is refused by this host's runc; Docker's daemon default is this.
+DEFAULT_ULIMITS = {"nofile": (1024, 1024), "nproc": (1024, 1024)}
+DEFAULT_RUNTIME = "runc"
+
+
+class PodmanEngine(DockerEngine):
+    """Talks to `podman system service` through its Docker-compatible API."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 120.0) -> None:
+        super().__init__(base_url or DEFAULT_PODMAN_SOCKET, timeout)
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        super()._unavailable(exc)
+        return EngineUnavailable(
+            f"cannot reach Podman at {self.base_url} ({type(exc).__name__}); "
+            "is `podman system service` running? (scripts/host-setup.sh starts it)"
+        )
+
+    def runtimes(self) -> set[str]:
+        info = self._safe(lambda: self.api.info())
+        listed = set((info.get("Runtimes") or {}).keys())
+        return {name for name in listed if shutil.which(name)} | {DEFAULT_RUNTIME}
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        return super().create_container(
+            replace(
+                spec,
+                runtime=spec.runtime or DEFAULT_RUNTIME,
+                ulimits={**DEFAULT_ULIMITS, **spec.ulimits},
+            )
+        )
+
+    def _tmpfs_owner(self, user: str) -> str:
+        return "U"
