@@ -8,18 +8,20 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 - Podman's default runtime (crun) refuses hybrid cgroup hosts; runc is asked for
   explicitly unless the spec names another runtime (runsc).
 - tmpfs mounts take `U` (chown to the container's user) instead of `uid=`/`gid=`.
-- Its Info lists every runtime name of its built-in table (kata, krun, runj, ...),
-  installed or not, so only those whose binary exists on this host are reported.
+- Its API ignores the runtime a create asks for (Docker's `HostConfig.Runtime` and
+  libpod's `oci_runtime` alike; podman issue #28429, fixed only in later releases): a
+  container asked for under gVisor would silently run under runc. So runc is the only
+  runtime reported, a profile that needs runsc is refused (or falls back, as its
+  `missing_runtime` says), and a create that names another runtime is refused here too.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 
 from sandboxd.engine.base import ContainerSpec
 from sandboxd.engine.docker import DockerEngine
-from sandboxd.errors import EngineUnavailable
+from sandboxd.errors import EngineUnavailable, FailedPrecondition
 
 #: Where `scripts/host-setup.sh` has root's `podman system service` listen.
 DEFAULT_PODMAN_SOCKET = "unix:///run/podman/podman.sock"
@@ -42,15 +44,24 @@ class PodmanEngine(DockerEngine):
         )
 
     def runtimes(self) -> set[str]:
-        info = self._safe(lambda: self.api.info())
-        listed = set((info.get("Runtimes") or {}).keys())
-        return {name for name in listed if shutil.which(name)} | {DEFAULT_RUNTIME}
+        self.ping()  # the answer is fixed, but asking must still find Podman
+        return {DEFAULT_RUNTIME}
 
     def create_container(self, spec: ContainerSpec) -> str:
+        """Create and start with runc and explicit ulimits.
+
+        Raises:
+            FailedPrecondition: another runtime was asked for, which Podman would ignore.
+        """
+        if spec.runtime not in (None, DEFAULT_RUNTIME):
+            raise FailedPrecondition(
+                f"runtime {spec.runtime!r} is not available with Podman: its API runs every "
+                "container under its default runtime (runc here)"
+            )
         return super().create_container(
             replace(
                 spec,
-                runtime=spec.runtime or DEFAULT_RUNTIME,
+                runtime=DEFAULT_RUNTIME,
                 ulimits={**DEFAULT_ULIMITS, **spec.ulimits},
             )
         )
