@@ -270,6 +270,8 @@ def test_gvisor_is_docker_only(
     if engine_name == "podman":
         with pytest.raises(errors.InvalidArgument, match="'runsc' is not registered"):
             make_box(runtime="runsc")
+        with pytest.raises(errors.PermissionDenied, match="needs runtime 'runsc'"):
+            make_box(profile="untrusted")
         return
     box = make_box(runtime="runsc", memory=128 * MiB)
     result, out = run(engine_client, box, ["sh", "-c", "dmesg | head -1"])
