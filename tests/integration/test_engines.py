@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sandboxd_cli import SANDBOXD
+from sandboxd_cli import SANDBOXD, wait_for
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
@@ -37,17 +37,6 @@ ALLOCATE = "import sys; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' 
 
 def containers_of(engine: Engine, instance_id: str) -> list[str]:
     return [c.id for c in engine.list_containers(f"{LABEL_INSTANCE}={instance_id}")]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -75,7 +64,7 @@ def engine_client(
         service.stop(grace=2.0)
         # The session-end check sees Docker only: this one covers every engine.
         engine = make_engine(config)
-        assert wait_until(lambda: not containers_of(engine, config.instance_id), 15), (
+        assert wait_for(lambda: not containers_of(engine, config.instance_id), 15), (
             f"containers left behind on {engine_name}"
         )
 
@@ -214,7 +203,7 @@ def test_next_start_reaps_a_killed_instance(
         sock = short_tmp / f"{engine_name}-{name}.sock"
         argv = [SANDBOXD, "--engine", engine_name, "--config", str(config), "serve"]
         procs.append(subprocess.Popen([*argv, "--listen", f"unix:{sock}"]))
-        assert wait_until(lambda: sock.exists() or procs[-1].poll() is not None, 20)
+        assert wait_for(lambda: sock.exists() or procs[-1].poll() is not None, 20)
         assert procs[-1].poll() is None, "sandboxd serve exited"
         return f"unix:{sock}"
 
@@ -228,7 +217,7 @@ def test_next_start_reaps_a_killed_instance(
         assert len(containers_of(engine, instances[0])) == 2, "kill -9 leaves them running"
         with SandboxClient(serve("second"), retry_seconds=5) as c:
             c.wait_ready(timeout=20)
-            assert wait_until(lambda: not containers_of(engine, instances[0]), 20)
+            assert wait_for(lambda: not containers_of(engine, instances[0]), 20)
             assert c.list_sandboxes() == []
     finally:
         for proc in procs:
