@@ -8,6 +8,8 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 - Podman's default runtime (crun) refuses hybrid cgroup hosts; runc is asked for
   explicitly unless the spec names another runtime (runsc).
 - tmpfs mounts take `U` (chown to the container's user) instead of `uid=`/`gid=`.
+- An import ignores the tag asked for (the image lands as `docker.io/library/REPO:latest`
+  or untagged), so the imported id is tagged afterwards.
 - Its API ignores the runtime a create asks for (Docker's `HostConfig.Runtime` and
   libpod's `oci_runtime` alike; podman issue #28429, fixed only in later releases): a
   container asked for under gVisor would silently run under runc. So runc is the only
@@ -17,11 +19,14 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import IO
 
 from sandboxd.engine.base import ContainerSpec
 from sandboxd.engine.docker import DockerEngine
-from sandboxd.errors import EngineUnavailable, FailedPrecondition
+from sandboxd.errors import EngineUnavailable, FailedPrecondition, SandboxError
 
 #: Where `scripts/host-setup.sh` has root's `podman system service` listen.
 DEFAULT_PODMAN_SOCKET = "unix:///run/podman/podman.sock"
@@ -68,3 +73,23 @@ class PodmanEngine(DockerEngine):
 
     def _tmpfs_owner(self, user: str) -> str:
         return "U"
+
+    def import_image(
+        self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
+    ) -> str:
+        """Import a root file system tar as `tag`.
+
+        Raises:
+            SandboxError: Podman did not report the imported image.
+        """
+        label_changes = [f'LABEL "{k}"="{v}"' for k, v in labels.items()]
+        answer = self._call(
+            lambda: self.api.import_image(src=fileobj, changes=[*changes, *label_changes])
+        )
+        try:
+            image = str(json.loads(str(answer).splitlines()[-1])["id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise SandboxError(f"importing {tag}: Podman answered {str(answer)[:200]!r}") from None
+        repo, _, version = tag.partition(":")
+        self._call(lambda: self.api.tag(image, repo, version or "latest"))
+        return image

@@ -186,6 +186,27 @@ def test_second_build_is_a_cache_hit(engine_client: SandboxClient) -> None:
         engine_client.delete_image(first.image.key)
 
 
+def test_import_keeps_the_tag_and_labels(
+    engine_name: str, base_image: str, config_factory: Callable[..., ServerConfig]
+) -> None:
+    """What `sandboxd bootstrap-image` relies on (Podman's import ignores the tag itself)."""
+    engine = make_engine(config_factory(engine=engine_name))
+    tag = f"sbx-import-{uuid.uuid4().hex[:8]}:v1"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    buf.seek(0)
+    try:
+        image = engine.import_image(buf, tag, {"sandbox.role": "probe"}, ['CMD ["/hello"]'])
+        assert engine.image_id(tag) == image
+        assert engine.image_labels(tag).get("sandbox.role") == "probe"
+    finally:
+        engine.remove_image(tag)
+    assert engine.image_id(tag) is None
+
+
 def test_next_start_reaps_a_killed_instance(
     engine_name: str,
     base_image: str,
