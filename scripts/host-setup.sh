@@ -236,7 +236,7 @@ events_logger = \"file\"")"
     fi
     if ! podman_answers; then
         log "starting podman system service on $PODMAN_SOCKET (log: $PODMAN_LOG)"
-        mkdir -p "$(dirname "$PODMAN_SOCKET")"
+        mkdir -p "$(dirname "$PODMAN_SOCKET")" /run/podman
         rm -f "$PODMAN_SOCKET"
         setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET" \
             </dev/null >>"$PODMAN_LOG" 2>&1 9>&- &
