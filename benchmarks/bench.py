@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pytest_sandbox import snapshot  # noqa: E402
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb  # noqa: E402
+from sandboxd.api import SandboxRequest  # noqa: E402
 from sandboxd.client import SandboxClient  # noqa: E402
 from sandboxd.config import ServerConfig  # noqa: E402
 from sandboxd.server import start_embedded  # noqa: E402
@@ -86,7 +86,7 @@ def bench_image(client: SandboxClient, project: Path) -> tuple[str, str]:
 
 
 def time_creates(
-    client: SandboxClient, spec: pb.SandboxSpec, count: int, pause: float = 0.0
+    client: SandboxClient, spec: SandboxRequest, count: int, pause: float = 0.0
 ) -> dict[str, float]:
     """p50 and p95 of CreateSandbox; each sandbox is destroyed after its create is timed."""
     latencies = []
@@ -138,8 +138,8 @@ def main() -> int:
         results["g_build_cache_hit"] = {"p50": pct(hits, 0.5), "p95": pct(hits, 0.95)}
 
         # (f) CreateSandbox, warm (pool) and cold (pool off, below).
-        spec = pb.SandboxSpec(
-            image=image, preload_argv=["python3", "-c", "import sys; sys.stdin.read()"]
+        spec = SandboxRequest(
+            image=image, preload_argv=("python3", "-c", "import sys; sys.stdin.read()")
         )
         client.destroy_sandbox(client.create_sandbox(spec).id)  # the miss that starts the pool
         # The pause lets the pool refill: we time a hand-out, not the engine.

@@ -9,7 +9,6 @@ terminal, -x, --lf and junitxml see nothing unusual.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -18,24 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from _pytest.config import builtin_plugins
 
-from pytest_sandbox import snapshot
+from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
-from pytest_sandbox.client import Connection, connect
+from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
-from pytest_sandbox.runner import (
-    Group,
-    GroupDone,
-    GroupRunner,
-    ImageCache,
-    ItemResult,
-    Kept,
-    Registry,
-    RunSettings,
-)
-from pytest_sandbox.spec import SandboxSpec
+from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
+from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
+from sandboxd.connection import Connection, connect
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +39,7 @@ class Options:
 
 
 def make_groups(
-    items: Iterable[pytest.Item], specs: dict[str, SandboxSpec], rootdir: Path
+    items: Iterable[pytest.Item], specs: dict[str, RouteSpec], rootdir: Path
 ) -> list[Group]:
     """Group routed items by (spec, scope key), in order of first appearance."""
     buckets: dict[tuple[object, ...], list[pytest.Item]] = {}
@@ -78,11 +68,16 @@ def _relpath(path: Path, rootdir: Path) -> str:
         return str(path)
 
 
+def _mirrored(plugin: str) -> bool:
+    """Whether a plugin named with -p exists inside: all but the host-only sandbox plugin."""
+    return not plugin.startswith(("sandbox", "pytest_sandbox"))
+
+
 @dataclass
 class Controller:
     config: pytest.Config
     options: Options
-    specs: dict[str, SandboxSpec] = field(default_factory=dict)
+    specs: dict[str, RouteSpec] = field(default_factory=dict)
     kept: list[Kept] = field(default_factory=list)
     connection: Connection | None = None
     _events: queue.Queue[object] = field(default_factory=queue.Queue)
@@ -105,7 +100,7 @@ class Controller:
                 outputs = [Path(xmlpath)] if xmlpath else []
                 snap = snapshot.take(self.config.rootpath, exclude=outputs)
                 self._early_result["snap"] = snap
-                conn = connect(self.options.address)
+                conn = connect(self.options.address, address_option="--sandbox-address")
                 self._early_result["conn"] = conn
             except BaseException as exc:  # re-raised on the main thread
                 self._early_result["error"] = exc
@@ -146,7 +141,13 @@ class Controller:
         groups = make_groups(routed, self.specs, rootdir)
         try:
             snap = self._early_ready()
-        except (errors.SandboxError, snapshot.SnapshotTooLarge, OSError) as exc:
+            self._check_environment(snap, groups)
+        except (
+            errors.SandboxError,
+            snapshot.SnapshotTooLarge,
+            snapshot.EnvironmentProblem,
+            OSError,
+        ) as exc:
             raise pytest.UsageError(f"sandbox: {exc}") from None
         threads = self._start_pool(snap, groups)
         try:
@@ -168,6 +169,28 @@ class Controller:
             raise session.Interrupted(session.shouldstop)
         return True
 
+    def _check_environment(self, snap: snapshot.Snapshot, groups: list[Group]) -> None:
+        """Stop at session start, with one message, for what would fail every routed test.
+
+        Building each distinct image now (builds would happen anyway) turns a base image
+        with another Python into one message rather than a build error per test.
+
+        Raises:
+            EnvironmentProblem: an import from outside what is mirrored, or a wrong Python.
+        """
+        environment.check_imports(self.config.rootpath)
+        if self._runner is None:
+            assert self.connection is not None
+            self._runner = self._make_runner(self.connection, snap)
+        specs = {group.spec.build_key: group.spec for group in groups}
+        for spec in specs.values():
+            try:
+                self._runner.images.get(spec)
+            except errors.SandboxError as exc:
+                problem = snapshot.interpreter_problem(str(exc), spec.image)
+                if problem is not None:
+                    raise snapshot.EnvironmentProblem(problem) from None
+
     def _settings(self, snap: snapshot.Snapshot) -> RunSettings:
         config = self.config
         cwd = (
@@ -175,7 +198,10 @@ class Controller:
         )
         args = ["-p", "no:cacheprovider", "--continue-on-collection-errors", "--junitxml="]
         args += ["--rootdir", snapshot.PROJECT]
-        args += worker_args(config.invocation_params.args, plugin_ok=builtin_plugins.__contains__)
+        # The environment is mirrored, so a plugin named with -p exists inside too.
+        args += worker_args(config.invocation_params.args, plugin_ok=_mirrored)
+        if config.pluginmanager.has_plugin("xdist"):
+            args += ["-n", "0"]  # the sandbox is the worker: no xdist from addopts inside
         env = {
             "PYTHONPATH": snap.pythonpath(),
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -319,7 +345,3 @@ class Controller:
         if lines:
             lines.append("(kept until the next sandboxd start or `sandboxd gc` removes them)")
         return lines
-
-
-def default_jobs() -> int:
-    return os.cpu_count() or 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pytest_sandbox.spec import SandboxSpec
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from pytest_sandbox.spec import RouteSpec
+from sandboxd.api import ExecResult
+from sandboxd.verdicts import VERDICTS, Facts
 
 
 def describe_kill(
-    result: pb.ExecResult | None,
-    spec: SandboxSpec,
+    result: ExecResult | None,
+    spec: RouteSpec,
     *,
     error: str = "",
     elapsed: float | None = None,
@@ -24,17 +25,20 @@ def describe_kill(
         return f"timed out after {watchdog_timeout:.1f}s"
     if result is None:
         return f"sandbox error: {error or 'the exec ended without a result'}"
-    verdict = result.verdict
-    if verdict == pb.VERDICT_OUT_OF_MEMORY:
-        return result.message or f"out of memory (limit {spec.memory // (1024 * 1024)} MiB)"
-    if verdict == pb.VERDICT_PIDS_EXHAUSTED:
-        return result.message or f"process limit ({spec.pids}) reached"
-    if verdict == pb.VERDICT_OUTPUT_TRUNCATED:
-        return result.message or "output limit reached"
-    if verdict == pb.VERDICT_TIMED_OUT or (elapsed is not None and elapsed >= spec.timeout):
-        return f"timed out after {spec.timeout:.1f}s"
-    detail = f"signal {result.signal}" if result.signal else f"exit code {result.exit_code}"
-    message = f"sandbox crashed: {detail}"
+    facts = Facts(
+        exit_code=result.exit_code,
+        signal=result.signal,
+        memory_limit=spec.memory,
+        pids_limit=spec.pids,
+        timeout_seconds=spec.timeout,
+    )
+    info = result.info
+    timed_out = elapsed is not None and elapsed >= spec.timeout
+    if info.limit_kill and info.name != "timed_out":
+        return result.message or info.sentence(facts)
+    if timed_out or info.name == "timed_out":
+        return VERDICTS["timed_out"].sentence(facts)
+    message = VERDICTS["crashed"].sentence(facts)
     if result.message and result.message not in message:
         message += f" ({result.message})"
     return message

@@ -31,13 +31,24 @@ MARKER = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sandbox", "running tests in sandboxes")
+    # Two flags, not one option with an optional value: `nargs="?"` would swallow the
+    # path in `pytest --sandbox tests/`. argparse matches `--sandbox=all` as a whole
+    # option string before it splits at "=", so that spelling keeps working.
     group.addoption(
         "--sandbox",
-        nargs="?",
+        action="store_const",
         const="marked",
         default=None,
-        metavar="all",
-        help="run tests marked `sandbox` in sandboxes; --sandbox=all routes every test",
+        dest="sandbox",
+        help="run tests marked `sandbox` in sandboxes",
+    )
+    group.addoption(
+        "--sandbox=all",
+        action="store_const",
+        const="all",
+        default=None,
+        dest="sandbox",
+        help="run every collected test in a sandbox",
     )
     group.addoption(
         "--sandbox-scope",
@@ -79,8 +90,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _options(config: pytest.Config, mode: str) -> Options:
     from pytest_sandbox.controller import Options
 
-    if mode not in ("marked", "all"):
-        raise pytest.UsageError(f"--sandbox takes no value or `all`, not {mode!r}")
     jobs = config.getoption("sandbox_jobs") or int(str(config.getini("sandbox_jobs")) or 0)
     return Options(
         mode=mode,

@@ -6,85 +6,31 @@ thread through `emit`; reports are deserialized and fired there, never here.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import secrets
-import sys
 import tarfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_sandbox.collector import Collector
+from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
-from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.snapshot import WORKER, Snapshot
-from pytest_sandbox.spec import SandboxSpec
+from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import BuildResult, SandboxClient
+from sandboxd.api import BuildResult, ExecResult, SandboxRequest, Stream, requested_limits
+from sandboxd.client import SandboxClient
 
 log = logging.getLogger(__name__)
 
 # Interpreter start, pytest import and collection, on a busy machine.
 STARTUP_SECONDS = 60.0
 PER_TEST_GRACE = 6.0  # the worker's hard backstop fires 5 s after a test's timeout
-# The service's default caps; asking for more is refused, never lowered.
-MAX_EXEC_SECONDS = 3600.0
-MAX_TTL_SECONDS = 6 * 3600.0
-
-
-@dataclass(frozen=True)
-class Group:
-    """Tests that share one sandbox at a time, in collection order."""
-
-    spec: SandboxSpec
-    nodeids: tuple[str, ...]
-    files: tuple[str, ...]  # rootdir-relative paths handed to the worker's pytest
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a test ran: recorded on its reports."""
-
-    sandbox_id: str
-    container_id: str
-    image_digest: str
-
-
-@dataclass
-class ItemResult:
-    nodeid: str
-    reports: list[dict[str, Any]]
-    placement: Placement | None
-    failure: str | None = None  # why the sandbox could not finish the test
-    sections: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Kept:
-    container_id: str
-    nodeids: tuple[str, ...]
-    sandbox_id: str = ""
-
-
-@dataclass(frozen=True)
-class GroupDone:
-    group: Group
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    args: tuple[str, ...]  # the worker's pytest arguments, before the files
-    cwd: str
-    env: Mapping[str, str]
-    keep_failed: bool = False
-    echo_output: bool = False  # -s: show the sandbox's live output
-    drop_unfinished: bool = False  # -x/--maxfail: a worker stopping early is expected
-    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 class Registry:
@@ -121,7 +67,7 @@ class ImageCache:
         self._lock = threading.Lock()
         self._builds: dict[tuple[str, str], Future[BuildResult]] = {}
 
-    def get(self, spec: SandboxSpec) -> BuildResult:
+    def get(self, spec: RouteSpec) -> BuildResult:
         """Raises: SandboxError (BuildFailed with the log tail) from the service."""
         with self._lock:
             future = self._builds.get(spec.build_key)
@@ -130,21 +76,25 @@ class ImageCache:
                 future = self._builds[spec.build_key] = Future()
         if owner:
             try:
-                future.set_result(
-                    self._client.build_image(
-                        self._snapshot.fragment(spec.dockerfile),
-                        base=spec.image,
-                        context_files=self._snapshot.context,
-                        label="pytest-sandbox",
-                    )
-                )
+                future.set_result(self._build(spec))
             except BaseException as exc:
                 future.set_exception(exc)
         return future.result()
 
-
-def _failed(report: Mapping[str, Any]) -> bool:
-    return report.get("outcome") == "failed"
+    def _build(self, spec: RouteSpec) -> BuildResult:
+        """The environment's images in order (mostly cache hits), then the project's."""
+        base = spec.image
+        for fragment, files in self._snapshot.environment(spec.dockerfile):
+            built = self._client.build_image(
+                fragment, base=base, context_files=files, label="pytest-sandbox-env"
+            )
+            base = built.image.tag
+        return self._client.build_image(
+            self._snapshot.fragment(),
+            base=base,
+            context_files=self._snapshot.context,
+            label="pytest-sandbox",
+        )
 
 
 def read_capture_tar(data: bytes) -> dict[str, str]:
@@ -237,12 +187,12 @@ class GroupRunner:
         """Wait for pending destroys."""
         self._destroyer.shutdown(wait=True)
 
-    def sandbox_spec(self, build: BuildResult, spec: SandboxSpec, count: int) -> pb.SandboxSpec:
+    def sandbox_spec(self, build: BuildResult, spec: RouteSpec, count: int) -> SandboxRequest:
         env = dict(self.settings.env)
         env.update(spec.env)
-        return pb.SandboxSpec(
+        return SandboxRequest(
             image=build.image.key or build.image.tag,
-            limits=pb.Limits(
+            limits=requested_limits(
                 cpus=spec.cpus,
                 memory_bytes=spec.memory,
                 pids=spec.pids,
@@ -252,25 +202,58 @@ class GroupRunner:
             env=env,
             runtime=spec.runtime,
             profile=spec.profile,
-            ttl_seconds=min(self._deadline(spec, count) + 300.0, MAX_TTL_SECONDS),
+            ttl_seconds=min(
+                self._deadline(spec, count) + 300.0, self.client.server_info().caps.ttl_seconds
+            ),
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
-            preload_argv=["python3", WORKER],
+            preload_argv=("python3", WORKER),
         )
 
-    @staticmethod
-    def _deadline(spec: SandboxSpec, count: int) -> float:
-        """The exec's backstop; the worker's per-test watchdog normally acts long before."""
-        return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), MAX_EXEC_SECONDS)
+    def _deadline(self, spec: RouteSpec, count: int) -> float:
+        """The exec's backstop; the worker's per-test watchdog normally acts long before.
+        Asking past the server's cap is refused, never lowered, so stay under it."""
+        cap = self.client.server_info().caps.timeout_seconds
+        return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), cap)
 
     def _attempt(
         self, group: Group, pending: list[str], placement: Placement
     ) -> tuple[list[str], list[str]]:
         """One worker run; returns (tests left to run elsewhere, tests that failed)."""
-        spec = group.spec
         nonce = secrets.token_hex(16)
         capture_dir = f"/tmp/.pytest-sandbox-{nonce}"
+        collector = Collector(nonce, pending, placement, self.settings, self.emit)
+
+        def on_output(stream: Stream, data: bytes) -> None:
+            (collector.feed if stream == "stdout" else collector.log)(data)
+
+        result: ExecResult | None = None
+        error = ""
+        try:
+            result = self.client.exec(
+                placement.sandbox_id,
+                [],
+                attach_preload=True,
+                stdin=self._request(group, pending, nonce, capture_dir),
+                timeout=self._deadline(group.spec, len(pending)),
+                on_output=on_output,
+            )
+        except errors.SandboxError as exc:
+            error = str(exc)
+        if self.stop.is_set():
+            return [], []
+        message = describe_kill(
+            result,
+            group.spec,
+            error=error,
+            elapsed=collector.elapsed(),
+            watchdog_timeout=collector.watchdog_seconds(),
+        )
+        return collector.settle(message, functools.partial(self._recovered, placement, capture_dir))
+
+    def _request(self, group: Group, pending: list[str], nonce: str, capture_dir: str) -> bytes:
+        """The worker's request; one line, as a preloaded worker's stdin may stay open."""
         request = {
             "nonce": nonce,
             "args": list(self.settings.args),
@@ -278,127 +261,9 @@ class GroupRunner:
             "nodeids": pending,
             "cwd": self.settings.cwd,
             "capture_dir": capture_dir,
-            "timeout": spec.timeout,
+            "timeout": group.spec.timeout,
         }
-        reader = RecordReader(nonce)
-        stderr = Tail()
-        done: set[str] = set()
-        failed: list[str] = []
-        held: list[ItemResult] = []  # with --sandbox-keep-failed, results wait for the logs
-        current: dict[str, Any] = {}
-        state: dict[str, Any] = {"exited": False, "timeout": None, "missing": [], "collect": []}
-
-        def post(result: ItemResult) -> None:
-            if result.failure or any(_failed(r) for r in result.reports):
-                failed.append(result.nodeid)
-            if self.settings.keep_failed:
-                held.append(result)
-            else:
-                self.emit(result)
-
-        def on_record(rec: dict[str, Any]) -> None:
-            kind = rec["t"]
-            if kind == "start":
-                current.clear()
-                current.update(nodeid=rec["nodeid"], reports=[], since=time.monotonic())
-            elif kind == "report" and current:
-                current["reports"].append(rec["report"])
-            elif kind == "finish" and current.get("nodeid") == rec["nodeid"]:
-                done.add(rec["nodeid"])
-                post(ItemResult(rec["nodeid"], current["reports"], placement))
-                current.clear()
-            elif kind == "missing":
-                state["missing"] = list(rec["nodeids"])
-            elif kind == "collect":
-                state["collect"].append(rec["report"].get("longrepr"))
-            elif kind == "timeout":
-                state["timeout"] = rec
-            elif kind == "exit":
-                state["exited"] = True
-            elif kind == "error":
-                stderr.add(str(rec.get("text", "")).encode())
-
-        def on_output(stream: int, data: bytes) -> None:
-            if stream == pb.STREAM_STDOUT:
-                for rec in reader.feed(data):
-                    on_record(rec)
-            else:
-                stderr.add(data)
-                if self.settings.echo_output:
-                    sys.stderr.write(data.decode("utf-8", "replace"))
-
-        result: pb.ExecResult | None = None
-        error = ""
-        try:
-            result = self.client.exec(
-                placement.sandbox_id,
-                [],
-                attach_preload=True,
-                # One line: a preloaded worker's stdin may stay open after it.
-                stdin=json.dumps(request).encode() + b"\n",
-                timeout=self._deadline(spec, len(pending)),
-                on_output=on_output,
-            )
-        except errors.SandboxError as exc:
-            error = str(exc)
-        if self.stop.is_set():
-            return [], []
-
-        missing = [n for n in state["missing"] if n not in done]
-        if missing:
-            why = "\n".join(str(c) for c in state["collect"] if c) or "no such test there"
-            for nodeid in missing:
-                post(
-                    ItemResult(
-                        nodeid, [], placement, failure=f"not collected in the sandbox:\n{why}"
-                    )
-                )
-                done.add(nodeid)
-        left = [n for n in pending if n not in done and n != current.get("nodeid")]
-
-        if state["exited"]:
-            left = [n for n in pending if n not in done]
-            if left and not self.settings.drop_unfinished:
-                for nodeid in left:
-                    post(
-                        ItemResult(
-                            nodeid, [], placement, failure="the sandbox worker did not run it"
-                        )
-                    )
-            left = []
-        else:
-            timeout = state["timeout"]
-            killed = current.get("nodeid") or (timeout or {}).get("nodeid")
-            message = describe_kill(
-                result,
-                spec,
-                error=error,
-                elapsed=time.monotonic() - current["since"] if current else None,
-                watchdog_timeout=float(timeout["seconds"]) if timeout else None,
-            )
-            if killed:
-                post(
-                    ItemResult(
-                        killed,
-                        list(current.get("reports", [])),
-                        placement,
-                        failure=message,
-                        sections=self._recovered(placement, capture_dir, timeout)
-                        + ([("Captured sandbox log", stderr.text())] if stderr.text() else []),
-                    )
-                )
-            elif not done:  # no progress at all: a retry would fail the same way
-                tail = stderr.text().strip()
-                for nodeid in left:
-                    post(ItemResult(nodeid, [], placement, failure=f"{message}\n{tail}".strip()))
-                left = []
-
-        tail = stderr.text().strip()
-        for held_result in held:
-            if held_result.nodeid in failed and tail:
-                held_result.sections.append(("Captured sandbox log", tail))
-            self.emit(held_result)
-        return left, failed
+        return json.dumps(request).encode() + b"\n"
 
     def _recovered(
         self, placement: Placement, capture_dir: str, timeout: Mapping[str, Any] | None

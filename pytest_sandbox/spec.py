@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
+
+from sandboxd.errors import InvalidArgument
+from sandboxd.limits import format_size, parse_size
 
 Scope = Literal["test", "module", "session"]
 SCOPES: tuple[Scope, ...] = ("test", "module", "session")
@@ -27,31 +29,17 @@ MARKER_KWARGS = (
     "profile",
 )
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
-
-def parse_memory(value: object) -> int:
-    """Bytes for `512m`, `64MiB`, `1g` or a plain integer, with Docker's binary units.
+def _memory(value: object) -> int:
+    """Bytes for `512m`, `64MiB`, `1g` or a plain integer: the service's own size syntax.
 
     Raises:
-        ValueError: the value is not a size.
+        ValueError: the value is not a size (as every other bad marker value).
     """
-    if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
-    if isinstance(value, int):
-        return value
-    match = _MEMORY.match(str(value))
-    if match is None:
-        raise ValueError(f"not a memory size: {value!r} (use e.g. 512m, 1g, 67108864)")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
-
-
-def format_memory(n: int) -> str:
-    """Human form used in user_properties: whole MiB when exact."""
-    mib = 1024 * 1024
-    return f"{n // mib}MiB" if n % mib == 0 else f"{n}B"
+    try:
+        return parse_size(value if isinstance(value, (int, float)) else str(value), field="memory")
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -69,7 +57,7 @@ class Defaults:
 
 
 @dataclass(frozen=True)
-class SandboxSpec:
+class RouteSpec:
     """Everything that decides which image a test runs in and with what limits.
 
     Frozen and hashable: tests with equal specs (and scope key) share a sandbox.
@@ -95,7 +83,7 @@ class SandboxSpec:
     def properties(self) -> list[tuple[str, object]]:
         return [
             ("sandbox_cpus", self.cpus),
-            ("sandbox_memory", format_memory(self.memory)),
+            ("sandbox_memory", format_size(self.memory)),
             ("sandbox_pids", self.pids),
             ("sandbox_timeout", self.timeout),
             ("sandbox_network", self.network),
@@ -149,7 +137,7 @@ def marker_kwargs(item: pytest.Item) -> dict[str, Any] | None:
 
 def resolve(
     kwargs: Mapping[str, Any], defaults: Defaults, host_env: Mapping[str, str] | None = None
-) -> SandboxSpec:
+) -> RouteSpec:
     """Marker kwargs over session defaults.
 
     Raises:
@@ -166,11 +154,11 @@ def resolve(
     timeout = float(get("timeout", defaults.timeout))
     if cpus <= 0 or pids <= 0 or timeout <= 0:
         raise ValueError("cpus, pids and timeout must be positive")
-    return SandboxSpec(
+    return RouteSpec(
         image=str(get("image", defaults.image)),
         dockerfile=str(get("dockerfile", defaults.dockerfile)).strip(),
         cpus=cpus,
-        memory=parse_memory(get("memory", defaults.memory)),
+        memory=_memory(get("memory", defaults.memory)),
         pids=pids,
         timeout=timeout,
         network=bool(get("network", False)),
@@ -199,7 +187,7 @@ def session_defaults(config: pytest.Config) -> Defaults:
             image=ini("image"),
             dockerfile=ini("dockerfile"),
             cpus=float(ini("cpus") or 1.0),
-            memory=parse_memory(ini("memory") or "512m"),
+            memory=_memory(ini("memory") or "512m"),
             pids=int(ini("pids") or 256),
             timeout=float(ini("timeout") or 60.0),
             scope=scope,

@@ -7,7 +7,7 @@ Protocol. stdin carries one JSON request line: {"nonce", "args", "files", "nodei
 "cwd", "capture_dir", "timeout"}. Records leave as lines `<nonce> <json>` on a
 private duplicate of the original stdout; fds 1 and 2 both point at stderr while
 tests run, so nothing a test prints can forge or break a record. Records:
-hello, start{nodeid}, report{report}, finish{nodeid}, collect{report},
+start{nodeid}, report{report}, finish{nodeid}, collect{report},
 missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code}.
 """
 
@@ -360,7 +360,6 @@ def main() -> int:
     sys.stdout = real_stdout
     os.makedirs(request["capture_dir"], exist_ok=True)
     os.chdir(request["cwd"])
-    channel.send("hello", pid=os.getpid())
     code = 3
     try:
         _name_capture_files(request["capture_dir"])

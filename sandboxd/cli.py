@@ -1,9 +1,10 @@
-"""`sandboxd serve | build | run | grade | gc | bootstrap-image`."""
+"""`sandboxd serve | build | run | grade | info | gc | bootstrap-image`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
-
-VERDICT_EXIT = {"timed_out": 124, "out_of_memory": 137}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
+    info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
+    info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
+
     grade = sub.add_parser("grade", help="run a pytest suite against every submission")
     grade.add_argument("--tests", type=Path, required=True, help="the course's tests dir")
     grade.add_argument(
@@ -117,20 +119,10 @@ def _fragment(value: str) -> str:
 
 @contextlib.contextmanager
 def _client(address: str | None, config: ServerConfig) -> Iterator[SandboxClient]:
-    from sandboxd.client import SandboxClient
-    from sandboxd.server import start_embedded
+    from sandboxd.connection import connect
 
-    embedded = None
-    if not address:
-        embedded = start_embedded(config)
-        address = embedded.address
-    client = SandboxClient(address)
-    try:
-        yield client
-    finally:
-        client.close()
-        if embedded is not None:
-            embedded.stop()
+    with connect(address, config=config) as connection:
+        yield connection.client
 
 
 def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
@@ -198,27 +190,39 @@ def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
     return 0
 
 
+def _env(items: list[str]) -> dict[str, str]:
+    """Raises: InvalidArgument: an item is not NAME=VALUE."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise errors.InvalidArgument(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def _show(stream: str, data: bytes) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.buffer.write(data)
+    out.flush()
+
+
 def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+    from sandboxd.api import SandboxRequest, requested_limits
 
     argv = list(args.argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
         raise errors.InvalidArgument("give the command after --, e.g. sandboxd run -- python3 -V")
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise errors.InvalidArgument(f"--env {item!r}: expected NAME=VALUE")
-        env[name] = value
-    limits = pb.Limits(
+    limits = requested_limits(
         cpus=args.cpus,
         memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
         pids=args.pids,
         timeout_seconds=args.timeout,
         network=args.network,
     )
+    env = _env(args.env)
     fragment = _fragment(args.dockerfile)
     with _client(args.address, config) as client:
         image = args.image
@@ -232,56 +236,53 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
                 ),
             )
             image, digest = built.image.key, built.image.digest
-        spec = pb.SandboxSpec(
+        request = SandboxRequest(
             image=image, limits=limits, env=env, profile=args.profile, runtime=args.runtime
         )
-        sandbox = client.create_sandbox(spec)
-        try:
-
-            def show(stream: int, data: bytes) -> None:
-                out = sys.stdout if stream == pb.STREAM_STDOUT else sys.stderr
-                out.buffer.write(data)
-                out.flush()
-
-            result = client.exec(sandbox.id, argv, on_output=show)
-        finally:
-            client.destroy_sandbox(sandbox.id)
-    verdict = pb.Verdict.Name(result.verdict).removeprefix("VERDICT_").lower()
-    code = VERDICT_EXIT.get(verdict, result.exit_code if result.exit_code >= 0 else 1)
-    if verdict not in ("ok", "nonzero_exit"):
+        with client.sandbox(request) as box:
+            result = box.exec(argv, on_output=_show)
+        sandbox = box.sandbox
+    info = result.info
+    own = result.exit_code if result.exit_code >= 0 else 1
+    code = info.cli_exit if info.cli_exit is not None else own
+    if not info.finished:
         print(f"sandboxd: {result.message}", file=sys.stderr)
     if args.json:
-        sys.stdout.write(
-            "\n"
-            + json.dumps(
-                {
-                    "exit_code": code,
-                    "command_exit_code": result.exit_code,
-                    "signal": result.signal,
-                    "verdict": verdict,
-                    "message": result.message,
-                    "wall_seconds": round(result.wall_seconds, 4),
-                    "cpu_seconds": round(result.cpu_seconds, 4),
-                    "peak_memory_bytes": result.peak_memory_bytes,
-                    "output_truncated": result.output_truncated,
-                    "image": image or config.base_image,
-                    "image_digest": digest or sandbox.image_digest,
-                    "limits": {
-                        "cpus": sandbox.limits.cpus,
-                        "memory_bytes": sandbox.limits.memory_bytes,
-                        "pids": sandbox.limits.pids,
-                        "timeout_seconds": sandbox.limits.timeout_seconds,
-                        "network": sandbox.limits.network,
-                    },
-                }
-            )
-            + "\n"
-        )
+        applied = sandbox.limits
+        summary = {
+            "exit_code": code,
+            "command_exit_code": result.exit_code,
+            "signal": result.signal,
+            "verdict": result.verdict,
+            "message": result.message,
+            "wall_seconds": round(result.wall_seconds, 4),
+            "cpu_seconds": round(result.cpu_seconds, 4),
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "output_truncated": result.output_truncated,
+            "image": image or config.base_image,
+            "image_digest": digest or sandbox.image_digest,
+            "limits": {
+                "cpus": applied.cpus,
+                "memory_bytes": applied.memory_bytes,
+                "pids": applied.pids,
+                "timeout_seconds": applied.timeout_seconds,
+                "network": applied.network,
+            },
+        }
+        sys.stdout.write("\n" + json.dumps(summary) + "\n")
     return code
+
+
+def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
+    with _client(args.address, config) as client:
+        info = client.server_info()
+    print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
+    return 0
 
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd import grading
+    from sandboxd.submissions import load_submissions
 
     settings = grading.GradeSettings(
         profile=args.profile,
@@ -291,7 +292,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
         memory_bytes=parse_size(args.memory, field="--memory"),
         jobs=args.jobs,
     )
-    submissions = grading.load_submissions(args.submissions)
+    submissions = load_submissions(args.submissions)
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
     with _client(args.address, config) as client:
         document = grading.grade_all(
@@ -313,6 +314,7 @@ COMMANDS = {
     "gc": cmd_gc,
     "run": cmd_run,
     "grade": cmd_grade,
+    "info": cmd_info,
 }
 
 
@@ -322,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else logging.WARNING
-        if args.command in ("run", "grade")
+        if args.command in ("run", "grade", "info")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,

@@ -1,19 +1,23 @@
-"""A blocking gRPC client for sandboxd, used by the CLI and the pytest plugin.
+"""A blocking gRPC client for sandboxd, used by the CLI, the grader and the pytest plugin.
 
+Generated types stop here: callers give and get the records of sandboxd.api.
 Status codes come back as the same `SandboxError` kinds the core raises, so
 callers handle one error family whichever side of the wire they are on.
 Calls that are safe to repeat are retried on UNAVAILABLE with backoff.
+
+Over 450 lines: the client and its wire conversions belong together (the generated
+types may not leave this module), and the conversions are one flat function each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-import io
+import logging
 import os
-import tarfile
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -28,15 +32,32 @@ from tenacity import (
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.api import (
+    BuildResult,
+    ExecResult,
+    FilesPut,
+    Image,
+    OutputChunk,
+    Sandbox,
+    SandboxRequest,
+    SandboxState,
+    Stream,
+)
+from sandboxd.archives import FileContent, tar_of
+from sandboxd.info import ProfileInfo, ServerInfo
+from sandboxd.limits import Caps, Limits
+from sandboxd.verdicts import by_wire
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OutputCallback = Callable[[int, bytes], None]
+OutputCallback = Callable[[Stream, bytes], None]
 CHUNK = 256 * 1024
 DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
-#: The longest exec a server allows by default (Caps.timeout_seconds); bounds call deadlines.
-MAX_EXEC_SECONDS = 3600.0
+#: Room past an exec's own timeout for the service to kill and measure it.
+DEADLINE_SLACK = 60.0
 
 
 def _backoff() -> wait_exponential_jitter:
@@ -78,13 +99,6 @@ def _retry_after(exc: grpc.RpcError) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
-class BuildResult:
-    image: pb.Image
-    cache_hit: bool
-    build_seconds: float
-
-
 class SandboxClient:
     """Talks to one sandboxd over one channel."""
 
@@ -114,9 +128,11 @@ class SandboxClient:
         )
         self._retry_seconds = retry_seconds
         self._digests: dict[int, tuple[bytes, str]] = {}
+        self._info: ServerInfo | None = None
         self.images = pb_grpc.ImageServiceStub(self._channel)
         self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._about = pb_grpc.InfoServiceStub(self._channel)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -161,6 +177,22 @@ class SandboxClient:
                 f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
             ) from None
         self._retrying(lambda: self.health())
+
+    # -- server -------------------------------------------------------------
+
+    def server_info(self, *, refresh: bool = False) -> ServerInfo:
+        """Caps, defaults, profiles, runtimes and versions; asked once per client."""
+        if self._info is None or refresh:
+            m = self._retrying(
+                lambda: self._call(self._about.GetServerInfo, pb.GetServerInfoRequest())
+            )
+            self._info = info_from_pb(m)
+        return self._info
+
+    def _exec_deadline(self, timeout: float) -> float:
+        """A call deadline: the exec's timeout (0: the server's cap) plus room to measure.
+        A call without any deadline could wait forever on a service that stopped answering."""
+        return (timeout or self.server_info().caps.timeout_seconds) + DEADLINE_SLACK
 
     # -- images -------------------------------------------------------------
 
@@ -215,7 +247,7 @@ class SandboxClient:
                         r = event.result
                         if r.needs_content:
                             return None
-                        return BuildResult(r.image, r.cache_hit, r.build_seconds)
+                        return BuildResult(image_from_pb(r.image), r.cache_hit, r.build_seconds)
                     if on_log is not None:
                         on_log(event.log_line)
             except grpc.RpcError as exc:
@@ -234,38 +266,56 @@ class SandboxClient:
 
         return self._retrying(once)
 
-    def get_image(self, key: str) -> pb.Image:
-        return self._retrying(lambda: self._call(self.images.GetImage, pb.GetImageRequest(key=key)))
+    def get_image(self, key: str) -> Image:
+        request = pb.GetImageRequest(key=key)
+        return image_from_pb(self._retrying(lambda: self._call(self.images.GetImage, request)))
 
-    def list_images(self) -> list[pb.Image]:
+    def list_images(self) -> list[Image]:
         resp = self._retrying(lambda: self._call(self.images.ListImages, pb.ListImagesRequest()))
-        return list(resp.images)
+        return [image_from_pb(m) for m in resp.images]
 
     def delete_image(self, key: str) -> None:
         self._call(self.images.DeleteImage, pb.DeleteImageRequest(key=key))
 
     # -- sandboxes ----------------------------------------------------------
 
-    def create_sandbox(self, spec: pb.SandboxSpec, *, timeout: float | None = 300.0) -> pb.Sandbox:
-        request = pb.CreateSandboxRequest(spec=spec)
-        return self._retrying(
-            lambda: self._call(self.sandboxes.CreateSandbox, request, timeout=timeout)
+    def create_sandbox(self, request: SandboxRequest, *, timeout: float | None = 300.0) -> Sandbox:
+        """A new sandbox; the caller destroys it (or use `sandbox()`, which does)."""
+        message = pb.CreateSandboxRequest(spec=request_to_pb(request))
+        return sandbox_from_pb(
+            self._retrying(
+                lambda: self._call(self.sandboxes.CreateSandbox, message, timeout=timeout)
+            )
         )
 
-    def prewarm(self, spec: pb.SandboxSpec, count: int = 1) -> None:
-        """Ask the service to keep `count` more sandboxes of `spec` warm (a hint)."""
-        request = pb.CreateSandboxRequest(spec=spec, prewarm=True)
+    @contextlib.contextmanager
+    def sandbox(
+        self, request: SandboxRequest, *, timeout: float | None = 300.0
+    ) -> Iterator[SandboxHandle]:
+        """Create, use, always destroy: the sandbox is gone when the block ends, also on an
+        error or Ctrl-C, unless the block called `keep()` on it."""
+        handle = SandboxHandle(self, self.create_sandbox(request, timeout=timeout))
+        try:
+            yield handle
+        finally:
+            if not handle.kept:
+                handle.destroy(quiet=sys.exc_info()[0] is not None)
+
+    def prewarm(self, request: SandboxRequest, count: int = 1) -> None:
+        """Ask the service to keep `count` more sandboxes of `request` warm (a hint)."""
+        message = pb.CreateSandboxRequest(spec=request_to_pb(request), prewarm=True)
         for _ in range(count):
-            self._call(self.sandboxes.CreateSandbox, request, timeout=30.0)
+            self._call(self.sandboxes.CreateSandbox, message, timeout=30.0)
 
-    def get_sandbox(self, sandbox_id: str) -> pb.Sandbox:
-        return self._call(self.sandboxes.GetSandbox, pb.GetSandboxRequest(sandbox_id=sandbox_id))
+    def get_sandbox(self, sandbox_id: str) -> Sandbox:
+        request = pb.GetSandboxRequest(sandbox_id=sandbox_id)
+        return sandbox_from_pb(self._call(self.sandboxes.GetSandbox, request))
 
-    def list_sandboxes(self) -> list[pb.Sandbox]:
+    def list_sandboxes(self) -> list[Sandbox]:
         resp = self._retrying(
             lambda: self._call(self.sandboxes.ListSandboxes, pb.ListSandboxesRequest())
         )
-        return list(resp.sandboxes)
+        return [sandbox_from_pb(m) for m in resp.sandboxes]
 
     def destroy_sandbox(self, sandbox_id: str, *, missing_ok: bool = True) -> None:
         request = pb.DestroySandboxRequest(sandbox_id=sandbox_id)
@@ -286,7 +336,7 @@ class SandboxClient:
         env: Mapping[str, str] | None = None,
         workdir: str = "",
         attach_preload: bool = False,
-    ) -> Iterator[pb.ExecEvent]:
+    ) -> Iterator[OutputChunk | ExecResult]:
         """Yield output chunks as they come and the result last.
 
         With `attach_preload`, argv must be empty: stdin goes to the sandbox's preloaded
@@ -302,12 +352,13 @@ class SandboxClient:
             workdir=workdir,
             attach_preload=attach_preload,
         )
-        # The call deadline leaves room for the service to kill and measure.
-        # timeout 0 means the sandbox's own limit, which is at most the server's cap; a call
-        # without any deadline could wait forever on a service that stopped answering.
-        deadline = (timeout or MAX_EXEC_SECONDS) + 60.0
+        deadline = self._exec_deadline(timeout)
         try:
-            yield from self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline)
+            for event in self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline):
+                if event.HasField("result"):
+                    yield result_from_pb(event.result)
+                else:
+                    yield OutputChunk(_STREAMS[event.output.stream], event.output.data)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -318,17 +369,20 @@ class SandboxClient:
         *,
         on_output: OutputCallback | None = None,
         **kwargs: Any,
-    ) -> pb.ExecResult:
+    ) -> ExecResult:
         """Run a command to its end; output goes to `on_output(stream, data)`."""
         for event in self.exec_stream(sandbox_id, argv, **kwargs):
-            if event.HasField("result"):
-                return event.result
+            if isinstance(event, ExecResult):
+                return event
             if on_output is not None:
-                on_output(event.output.stream, event.output.data)
+                on_output(event.stream, event.data)
         raise errors.SandboxError("exec stream ended without a result")
 
-    def put_files(self, sandbox_id: str, path: str, tar_bytes: bytes) -> pb.PutFilesResponse:
-        """Unpack a tar archive into `path` inside the sandbox."""
+    def put_files(
+        self, sandbox_id: str, path: str, files: bytes | Mapping[str, FileContent]
+    ) -> FilesPut:
+        """Unpack into `path` inside the sandbox: a tar archive, or {relative path: content}."""
+        tar_bytes = files if isinstance(files, bytes) else tar_of(files)
 
         def requests() -> Iterator[pb.PutFilesRequest]:
             yield pb.PutFilesRequest(header=pb.PutFilesHeader(sandbox_id=sandbox_id, path=path))
@@ -336,15 +390,10 @@ class SandboxClient:
                 yield pb.PutFilesRequest(tar_chunk=tar_bytes[i : i + CHUNK])
 
         try:
-            return self.sandboxes.PutFiles(requests(), metadata=self._metadata, timeout=600.0)
+            resp = self.sandboxes.PutFiles(requests(), metadata=self._metadata, timeout=600.0)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-
-    def put_file_map(
-        self, sandbox_id: str, path: str, files: Mapping[str, bytes | str]
-    ) -> pb.PutFilesResponse:
-        """Convenience: put a {relative path: content} mapping."""
-        return self.put_files(sandbox_id, path, tar_of(files))
+        return FilesPut(resp.files, resp.bytes)
 
     def get_files(self, sandbox_id: str, path: str, *, max_bytes: int = 0) -> bytes:
         """A tar archive of `path` inside the sandbox."""
@@ -357,23 +406,185 @@ class SandboxClient:
             raise from_rpc_error(exc) from None
         return bytes(out)
 
-    def run_stream(
-        self, request: pb.RunRequest, timeout: float | None = 2 * MAX_EXEC_SECONDS
-    ) -> Iterator[pb.RunEvent]:
+
+class SandboxHandle:
+    """One sandbox and the calls on it; `SandboxClient.sandbox()` hands these out."""
+
+    def __init__(self, client: SandboxClient, sandbox: Sandbox) -> None:
+        self.client = client
+        self.sandbox = sandbox
+        self.kept = False
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.id
+
+    def exec(
+        self, argv: Iterable[str], *, on_output: OutputCallback | None = None, **kwargs: Any
+    ) -> ExecResult:
+        """Run a command to its end (see `SandboxClient.exec`)."""
+        return self.client.exec(self.id, argv, on_output=on_output, **kwargs)
+
+    def exec_stream(self, argv: Iterable[str], **kwargs: Any) -> Iterator[OutputChunk | ExecResult]:
+        return self.client.exec_stream(self.id, argv, **kwargs)
+
+    def put_files(self, path: str, files: bytes | Mapping[str, FileContent]) -> FilesPut:
+        return self.client.put_files(self.id, path, files)
+
+    def get_files(self, path: str, *, max_bytes: int = 0) -> bytes:
+        return self.client.get_files(self.id, path, max_bytes=max_bytes)
+
+    def keep(self) -> None:
+        """Leave the sandbox running when the `with` block ends (e.g. to inspect it)."""
+        self.kept = True
+
+    def destroy(self, *, quiet: bool = False) -> None:
+        """Destroy now; `quiet` logs a failure instead of raising it (while another error
+        is on its way out, that one is the one to see)."""
         try:
-            yield from self.sandboxes.Run(request, metadata=self._metadata, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            self.client.destroy_sandbox(self.id)
+        except errors.SandboxError as exc:
+            if not quiet:
+                raise
+            log.warning("could not destroy sandbox %s: %s", self.id, exc.message)
 
 
-def tar_of(files: Mapping[str, bytes | str], mode: int = 0o644) -> bytes:
-    """A tar archive holding the given {relative path: content} files."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, content in files.items():
-            data = content.encode() if isinstance(content, str) else content
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = mode
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+# -- wire conversions ---------------------------------------------------------
+
+_STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
+_STATES: dict[int, SandboxState] = {
+    pb.SANDBOX_STATE_RUNNING: "running",
+    pb.SANDBOX_STATE_EXITED: "exited",
+    pb.SANDBOX_STATE_DESTROYED: "destroyed",
+}
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(
+        cpus=limits.cpus,
+        memory_bytes=limits.memory_bytes,
+        pids=limits.pids,
+        scratch_bytes=limits.scratch_bytes,
+        network=limits.network,
+        timeout_seconds=limits.timeout_seconds,
+        output_bytes=limits.output_bytes,
+    )
+
+
+def limits_from_pb(m: pb.Limits) -> Limits:
+    return Limits(
+        cpus=m.cpus,
+        memory_bytes=m.memory_bytes,
+        pids=m.pids,
+        scratch_bytes=m.scratch_bytes,
+        network=m.network,
+        timeout_seconds=m.timeout_seconds,
+        output_bytes=m.output_bytes,
+    )
+
+
+def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
+    """The owner is not sent: the server takes it from the caller's credentials."""
+    return pb.SandboxSpec(
+        image=r.image,
+        limits=limits_to_pb(r.limits) if r.limits is not None else None,
+        env=dict(r.env),
+        workdir=r.workdir,
+        runtime=r.runtime,
+        ttl_seconds=r.ttl_seconds,
+        profile=r.profile,
+        labels=dict(r.labels),
+        preload_argv=list(r.preload_argv),
+    )
+
+
+def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
+    return SandboxRequest(
+        image=m.image,
+        limits=limits_from_pb(m.limits) if m.HasField("limits") else None,
+        env=dict(m.env),
+        workdir=m.workdir,
+        runtime=m.runtime,
+        ttl_seconds=m.ttl_seconds,
+        profile=m.profile,
+        labels=dict(m.labels),
+        preload_argv=tuple(m.preload_argv),
+    )
+
+
+def image_from_pb(m: pb.Image) -> Image:
+    return Image(
+        key=m.key,
+        digest=m.digest,
+        tag=m.tag,
+        base=m.base,
+        size_bytes=m.size_bytes,
+        created_unix=m.created_unix,
+        label=m.label,
+    )
+
+
+def sandbox_from_pb(m: pb.Sandbox) -> Sandbox:
+    return Sandbox(
+        id=m.id,
+        request=request_from_pb(m.spec),
+        limits=limits_from_pb(m.limits),
+        image_digest=m.image_digest,
+        container_id=m.container_id,
+        state=_STATES.get(m.state, "unspecified"),
+        created_unix=m.created_unix,
+        expires_unix=m.expires_unix,
+        runtime=m.runtime,
+        create_seconds=m.create_seconds,
+        from_pool=m.from_pool,
+        preloaded=m.preloaded,
+    )
+
+
+def result_from_pb(m: pb.ExecResult) -> ExecResult:
+    """Raises: SandboxError: a verdict this client does not know (a newer server)."""
+    info = by_wire(m.verdict)
+    if info is None:
+        raise errors.SandboxError(
+            f"the server sent verdict {m.verdict}, which this client does not know; "
+            "update sandboxd on this side"
+        )
+    return ExecResult(
+        exit_code=m.exit_code,
+        signal=m.signal,
+        verdict=info.name,
+        wall_seconds=m.wall_seconds,
+        cpu_seconds=m.cpu_seconds,
+        peak_memory_bytes=m.peak_memory_bytes,
+        output_truncated=m.output_truncated,
+        message=m.message,
+        stdout_bytes=m.stdout_bytes,
+        stderr_bytes=m.stderr_bytes,
+    )
+
+
+def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
+    c = m.caps
+    return ServerInfo(
+        api_version=m.api_version,
+        server_version=m.server_version,
+        engine=m.engine,
+        engine_version=m.engine_version,
+        defaults=limits_from_pb(m.default_limits),
+        caps=Caps(
+            cpus=c.cpus,
+            memory_bytes=c.memory_bytes,
+            pids=c.pids,
+            scratch_bytes=c.scratch_bytes,
+            network=c.network,
+            timeout_seconds=c.timeout_seconds,
+            output_bytes=c.output_bytes,
+            ttl_seconds=c.ttl_seconds,
+            sandboxes=c.sandboxes,
+        ),
+        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
+        default_profile=m.default_profile,
+        runtimes=tuple(m.runtimes),
+        base_image=m.base_image,
+        default_ttl_seconds=m.default_ttl_seconds,
+    )

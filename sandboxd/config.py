@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sandboxd.errors import InvalidArgument
 from sandboxd.limits import Caps, Limits, parse_size
 
 DEFAULT_BASE_IMAGE = "sandbox-base:bookworm"
+#: What a profile does when its runtime is not registered with the engine.
+MissingRuntime = Literal["refuse", "fallback"]
+#: Resource limits a container engine accepts as ulimits (setrlimit's names).
+ULIMITS = frozenset(
+    {
+        "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+        "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -22,8 +32,8 @@ class Profile:
     name: str
     #: Preferred runtime; None means the engine's default (runc).
     runtime: str | None = None
-    #: What to do when `runtime` is not registered: "refuse" or "fallback".
-    missing_runtime: str = "fallback"
+    #: What to do when `runtime` is not registered with the engine.
+    missing_runtime: MissingRuntime = "fallback"
     user: str = "1000:1000"
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
@@ -77,12 +87,11 @@ class ServerConfig:
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
-    #: Where unix sockets and scratch files of the service live.
-    state_dir: Path = field(
-        default_factory=lambda: Path(os.environ.get("SANDBOXD_STATE_DIR", "/tmp/sandboxd"))
-    )
-    #: Whether sandboxes of other instances (not just dead ones) are reaped at start.
-    reap_foreign: bool = True
+    #: Where the service's private files live: the socket of an embedded service.
+    state_dir: Path = field(default_factory=lambda: default_state_dir())
+    #: Also reap, at start, the sandboxes of other instances that are still alive; only for
+    #: a host where this service is the only one (dead instances' leftovers always go).
+    reap_foreign: bool = False
     #: Bearer tokens file for TCP listeners ("token client-name" per line).
     tokens_file: Path | None = None
     #: TLS for TCP listeners; with a client CA, clients must present a certificate it signed.
@@ -104,6 +113,12 @@ class ServerConfig:
                 return p
         known = ", ".join(p.name for p in self.profiles)
         raise InvalidArgument(f"spec.profile: unknown profile {name!r} (known: {known})")
+
+
+def default_state_dir() -> Path:
+    """`SANDBOXD_STATE_DIR`, else a directory of this user's under the temp dir."""
+    named = os.environ.get("SANDBOXD_STATE_DIR")
+    return Path(named) if named else Path(tempfile.gettempdir()) / f"sandboxd-{os.getuid()}"
 
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
@@ -140,6 +155,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         kwargs["defaults"] = _limits_from(data.pop("defaults"), Limits, "defaults")
     if "caps" in data:
         kwargs["caps"] = _limits_from(data.pop("caps"), Caps, "caps")
+    if "profiles" in data:
+        kwargs["profiles"] = _profiles_from(data.pop("profiles"))
     known = {f.name for f in fields(ServerConfig)}
     for key, value in data.items():
         if key not in known:
@@ -148,4 +165,71 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             value = parse_size(value, field=key)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return ServerConfig(**kwargs)
+    config = ServerConfig(**kwargs)
+    config.profile(config.default_profile)  # an unknown default fails at start, not per call
+    return config
+
+
+def _profiles_from(tables: Any) -> tuple[Profile, ...]:
+    """The built-in profiles plus the file's `[[profiles]]`; one of the same name replaces.
+
+    Raises:
+        InvalidArgument: not a list of tables, a missing name, or a bad or unknown key.
+    """
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InvalidArgument("profiles: write each profile as a [[profiles]] table")
+    profiles = {p.name: p for p in ServerConfig().profiles}
+    for index, table in enumerate(tables):
+        profile = _profile_from(table, f"profiles[{index}]")
+        profiles[profile.name] = profile
+    return tuple(profiles.values())
+
+
+def _profile_from(table: dict[str, Any], where: str) -> Profile:
+    known = {f.name for f in fields(Profile)}
+    for key in table:
+        if key not in known:
+            raise InvalidArgument(
+                f"{where}.{key}: unknown profile setting (known: {', '.join(sorted(known))})"
+            )
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{where}.name: every profile needs a name")
+    where = f"profiles.{name}"
+    _expect(table, "runtime", str, where)
+    _expect(table, "user", str, where)
+    _expect(table, "allow_network", bool, where)
+    missing = table.get("missing_runtime", "fallback")
+    if missing not in get_args(MissingRuntime):
+        choices = " or ".join(repr(c) for c in get_args(MissingRuntime))
+        raise InvalidArgument(f"{where}.missing_runtime: must be {choices}, got {missing!r}")
+    values = dict(table)
+    if "ulimits" in table:
+        values["ulimits"] = _ulimits_from(table["ulimits"], f"{where}.ulimits")
+    return Profile(**values)
+
+
+def _expect(table: dict[str, Any], key: str, kind: type, where: str) -> None:
+    if key in table and not isinstance(table[key], kind):
+        raise InvalidArgument(f"{where}.{key}: must be a {kind.__name__}, got {table[key]!r}")
+
+
+def _ulimits_from(value: Any, where: str) -> tuple[tuple[str, int, int], ...]:
+    """`{ nofile = [256, 256], core = 0 }`: a limit, or its soft and hard values."""
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where}: write it as a table, e.g. {{ nofile = [256, 256] }}")
+    out: list[tuple[str, int, int]] = []
+    for name, limit in value.items():
+        if name not in ULIMITS:
+            raise InvalidArgument(f"{where}.{name}: unknown (known: {', '.join(sorted(ULIMITS))})")
+        pair = limit if isinstance(limit, list) else [limit, limit]
+        if len(pair) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair
+        ):
+            raise InvalidArgument(
+                f"{where}.{name}: give a number or [soft, hard] of numbers, got {limit!r}"
+            )
+        if pair[0] > pair[1]:
+            raise InvalidArgument(f"{where}.{name}: the soft limit is above the hard one")
+        out.append((name, pair[0], pair[1]))
+    return tuple(out)

@@ -21,8 +21,9 @@ from sandboxd.errors import (
     ResourceExhausted,
     SandboxError,
 )
+from sandboxd.models import SandboxRecord
 from sandboxd.paths import check_sandbox_path, check_tar
-from sandboxd.sandboxes import SandboxManager, SandboxRecord, check_env
+from sandboxd.sandboxes import SandboxManager, check_env
 from sandboxd.verdicts import Judgement, Observation, judge
 
 log = logging.getLogger(__name__)
@@ -130,113 +131,30 @@ class Executor:
         output_limit: int,
         cancelled: threading.Event | None = None,
     ) -> Iterator[Output | ExecOutcome]:
-        if req.attach_preload:
-            run = self.manager.take_preload(record)
-            # Counters for the verdict stay from the preload's start (a memory kill while it
-            # waited still counts); CPU and wall time count from the attach.
-            cpu_before = self.engine.sample(record.container_id)
-            self.engine.reset_peak(record.container_id)
-            started = time.monotonic()
-            run.feed(req.stdin)  # closing stdin tells a waiting command its input is complete
-        else:
-            try:
-                run = processes.start(
-                    self.engine,
-                    record.container_id,
-                    req.argv,
-                    env=req.env,
-                    workdir=req.workdir or record.workdir,
-                    user=record.user,
-                    stdin=bool(req.stdin),
-                )
-            except NotFound:
-                raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
-            except EngineUnavailable:
-                raise
-            except SandboxError:
-                # The engine refuses execs into a stopped container with a conflict, not a 404.
-                if self.manager.alive(record):
-                    raise
-                record.state = "exited"
-                raise FailedPrecondition(
-                    f"sandbox {record.id} is no longer running (its container stopped)"
-                ) from None
-            cpu_before, started = run.before, run.started
-            if req.stdin:
-                run.feed(req.stdin)
-        proc, events = run.proc, run.events
-        before = run.before
-
-        deadline = started + timeout
-        next_check = started + 1.0
-        timed_out = truncated = False
-        sizes = {1: 0, 2: 0}
-        finished = False
+        run, cpu_before, started = self._begin(record, req)
+        tally = _Tally(deadline=started + timeout, output_limit=output_limit)
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    timed_out = True
-                    proc.kill()
-                    break
-                if cancelled is not None and cancelled.is_set():
-                    proc.kill()
-                    return
-                try:
-                    item = events.get(timeout=min(left, 0.5))
-                except queue.Empty:
-                    # A container that died as a whole (gVisor's sandbox killed for memory)
-                    # can leave the exec's stream open for many seconds: look, now and then.
-                    if time.monotonic() >= next_check:
-                        next_check = time.monotonic() + 1.0
-                        if not self.manager.alive(record):
-                            proc.close()  # unblocks the reader, so the drain is quick
-                            break
-                    continue
-                if item is None:
-                    finished = True
-                    break
-                stream, data = item
-                room = output_limit - sizes[1] - sizes[2]
-                if len(data) > room:
-                    data = data[: max(room, 0)]
-                    truncated = True
-                sizes[stream] += len(data)
-                if data:
-                    yield Output(stream, data)
-                if truncated:
-                    proc.kill()
-                    break
+            yield from self._stream(record, run, tally, cancelled)
         finally:
-            if not finished:
-                proc.kill()
+            if not tally.finished:
+                run.proc.kill()
                 run.drain()
-            proc.close()
+            run.proc.close()
+        if tally.cancelled:
+            return
         wall = time.monotonic() - started
-        exit_code = proc.exit_code()
+        exit_code = run.proc.exit_code()
         after = self.engine.sample(record.container_id)
-        # A command that exited on its own says its container was alive: asking the engine
-        # costs a call per exec, so ask only when the end looks like a kill.
-        ended_normally = exit_code is not None and 0 <= exit_code < 128
-        alive = ended_normally or self.manager.alive(record)
-        if alive and exit_code == 128 + 9 and not (timed_out or truncated):
-            # A container killed from outside takes its execs down a moment before the
-            # engine reports it stopped; look again before calling this a plain SIGKILL.
-            for _ in range(10):
-                time.sleep(0.1)
-                alive = self.manager.alive(record)
-                if not alive:
-                    break
         judgement = judge(
             Observation(
                 exit_code=exit_code,
-                timed_out=timed_out,
+                timed_out=tally.timed_out,
                 timeout_seconds=timeout,
-                output_truncated=truncated,
+                output_truncated=tally.truncated,
                 output_limit=output_limit,
-                oom_kills=_delta(before.oom_kills, after.oom_kills),
-                pids_max_events=_delta(before.pids_max_events, after.pids_max_events),
-                container_alive=alive,
+                oom_kills=_delta(run.before.oom_kills, after.oom_kills),
+                pids_max_events=_delta(run.before.pids_max_events, after.pids_max_events),
+                container_alive=self._alive_after(record, exit_code, tally),
                 memory_limit=record.limits.memory_bytes,
                 pids_limit=record.limits.pids,
             )
@@ -248,10 +166,114 @@ class Executor:
             wall_seconds=wall,
             cpu_seconds=_cpu_seconds(cpu_before, after),
             peak_memory_bytes=after.memory_peak_bytes or 0,
-            output_truncated=truncated,
-            stdout_bytes=sizes[1],
-            stderr_bytes=sizes[2],
+            output_truncated=tally.truncated,
+            stdout_bytes=tally.sizes[1],
+            stderr_bytes=tally.sizes[2],
         )
+
+    def _begin(
+        self, record: SandboxRecord, req: ExecRequest
+    ) -> tuple[processes.Started, CgroupSample, float]:
+        """The running command, the counters CPU time counts from, and when it started.
+
+        Raises:
+            FailedPrecondition: the sandbox stopped, or has no preload to attach to.
+        """
+        if not req.attach_preload:
+            run = self._start(record, req)
+            if req.stdin:
+                run.feed(req.stdin)
+            return run, run.before, run.started
+        run = self.manager.take_preload(record)
+        # Counters for the verdict stay from the preload's start (a memory kill while it
+        # waited still counts); CPU and wall time count from the attach.
+        cpu_before = self.engine.sample(record.container_id)
+        self.engine.reset_peak(record.container_id)
+        started = time.monotonic()
+        run.feed(req.stdin)  # closing stdin tells a waiting command its input is complete
+        return run, cpu_before, started
+
+    def _start(self, record: SandboxRecord, req: ExecRequest) -> processes.Started:
+        try:
+            return processes.start(
+                self.engine,
+                record.container_id,
+                req.argv,
+                env=req.env,
+                workdir=req.workdir or record.workdir,
+                user=record.user,
+                stdin=bool(req.stdin),
+            )
+        except NotFound:
+            raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
+        except EngineUnavailable:
+            raise
+        except SandboxError:
+            # The engine refuses execs into a stopped container with a conflict, not a 404.
+            if self.manager.alive(record):
+                raise
+            record.state = "exited"
+            raise FailedPrecondition(
+                f"sandbox {record.id} is no longer running (its container stopped)"
+            ) from None
+
+    def _stream(
+        self,
+        record: SandboxRecord,
+        run: processes.Started,
+        tally: _Tally,
+        cancelled: threading.Event | None,
+    ) -> Iterator[Output]:
+        """Pass output on until the command ends, its deadline passes or its output cap is
+        reached (then it is killed); `tally` records which."""
+        next_check = time.monotonic() + 1.0
+        while True:
+            left = tally.deadline - time.monotonic()
+            if left <= 0:
+                tally.timed_out = True
+                run.proc.kill()
+                return
+            if cancelled is not None and cancelled.is_set():
+                tally.cancelled = True
+                run.proc.kill()
+                return
+            try:
+                item = run.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                # A container that died as a whole (gVisor's sandbox killed for memory)
+                # can leave the exec's stream open for many seconds: look, now and then.
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    if not self.manager.alive(record):
+                        run.proc.close()  # unblocks the reader, so the drain is quick
+                        return
+                continue
+            if item is None:
+                tally.finished = True
+                return
+            data = tally.take(*item)
+            if data:
+                yield Output(item[0], data)
+            if tally.truncated:
+                run.proc.kill()
+                return
+
+    def _alive_after(self, record: SandboxRecord, exit_code: int | None, tally: _Tally) -> bool:
+        """Whether the container outlived the command (if not, the command did not fail)."""
+        # A command that exited on its own says its container was alive: asking the engine
+        # costs a call per exec, so ask only when the end looks like a kill.
+        if exit_code is not None and 0 <= exit_code < 128:
+            return True
+        alive = self.manager.alive(record)
+        if alive and exit_code == 128 + 9 and not (tally.timed_out or tally.truncated):
+            # A container killed from outside takes its execs down a moment before the
+            # engine reports it stopped; look again before calling this a plain SIGKILL.
+            for _ in range(10):
+                time.sleep(0.1)
+                alive = self.manager.alive(record)
+                if not alive:
+                    break
+        return alive
 
     def put_files(
         self, sandbox_id: str, path: str, chunks: Iterable[bytes], owner: str = ""
@@ -348,6 +370,28 @@ class Executor:
                 raise FailedPrecondition(
                     f"reading {full} failed: {detail or event.judgement.message}"
                 )
+
+
+@dataclass
+class _Tally:
+    """What one exec's output loop saw: how much went out and why it stopped."""
+
+    deadline: float
+    output_limit: int
+    sizes: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0})
+    timed_out: bool = False
+    truncated: bool = False
+    finished: bool = False
+    cancelled: bool = False
+
+    def take(self, stream: int, data: bytes) -> bytes:
+        """The part of `data` that fits under the output cap; past it, `truncated` is set."""
+        room = self.output_limit - self.sizes[1] - self.sizes[2]
+        if len(data) > room:
+            data = data[: max(room, 0)]
+            self.truncated = True
+        self.sizes[stream] += len(data)
+        return data
 
 
 def _delta(before: int | None, after: int | None) -> int:

@@ -29,52 +29,36 @@ import tarfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from packaging.requirements import Requirement
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import SandboxClient, tar_of
-from sandboxd.paths import check_relative
+from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
+from sandboxd.client import SandboxClient, SandboxHandle
+from sandboxd.submissions import Submission, read_tree
+from sandboxd.verdicts import VERDICTS, StoppedVerdict
+from sandboxd.verdicts import Verdict as ExecVerdict
 
 log = logging.getLogger(__name__)
 
 GRADER = "/opt/grader"
 WORKDIR = "/sandbox/work"
-MAX_SUBMISSION_BYTES = 16 * 1024 * 1024
 MAX_JUNIT_BYTES = 4 * 1024 * 1024
-SKIP_PARTS = frozenset({"__pycache__", ".git", ".pytest_cache", "__MACOSX"})
 
+#: A submission's verdict: what pytest's results say, or the service's verdict when it
+#: stopped the run (a limit, or a crash: pytest itself died or the sandbox did).
 Verdict = Literal[
     "passed",  # every test passed
     "failed",  # tests ran, some failed
     "error",  # pytest could not run the tests (collection error, no tests, bad usage)
     "inconsistent",  # the JUnit XML contradicts pytest's exit status
-    "timed_out",
-    "out_of_memory",
-    "pids_exhausted",
-    "output_truncated",
-    "crashed",  # pytest itself died (signal) or the sandbox did
+    StoppedVerdict,
 ]
 Outcome = Literal["passed", "failed", "error", "skipped"]
-_LIMIT_VERDICTS = {
-    pb.VERDICT_TIMED_OUT: "timed_out",
-    pb.VERDICT_OUT_OF_MEMORY: "out_of_memory",
-    pb.VERDICT_PIDS_EXHAUSTED: "pids_exhausted",
-    pb.VERDICT_OUTPUT_TRUNCATED: "output_truncated",
-    pb.VERDICT_CRASHED: "crashed",
-}
-
-
-@dataclass(frozen=True)
-class Submission:
-    name: str
-    files: Mapping[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -108,79 +92,6 @@ class Grade:
     wall_seconds: float = 0.0
     image_digest: str = ""
     junit: str = ""
-
-
-# -- inputs ----------------------------------------------------------------------------
-
-
-def _add(files: dict[str, bytes], name: str, data: bytes, where: str) -> None:
-    rel = check_relative(name, field=where)
-    if SKIP_PARTS.intersection(rel.split("/")) or rel.endswith(".pyc"):
-        return
-    files[rel] = data
-    if sum(len(v) for v in files.values()) > MAX_SUBMISSION_BYTES:
-        raise errors.InvalidArgument(f"{where}: larger than {MAX_SUBMISSION_BYTES} bytes")
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    """Regular files below `root` by relative path; symlinks are not followed.
-
-    Raises:
-        InvalidArgument: too large, or a bad path.
-    """
-    files: dict[str, bytes] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        _add(files, path.relative_to(root).as_posix(), path.read_bytes(), str(root))
-    return files
-
-
-def read_zip(path: Path) -> dict[str, bytes]:
-    """Files of a zip, names checked against '..' and absolute paths; a single top folder
-    that holds everything is dropped.
-
-    Raises:
-        InvalidArgument: not a zip, too large, or a bad member name.
-    """
-    files: dict[str, bytes] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            members = [i for i in zf.infolist() if not i.is_dir()]
-            if sum(i.file_size for i in members) > MAX_SUBMISSION_BYTES:
-                raise errors.InvalidArgument(f"{path}: larger than {MAX_SUBMISSION_BYTES} bytes")
-            for info in members:
-                _add(files, info.filename, zf.read(info), str(path))
-    except zipfile.BadZipFile as exc:
-        raise errors.InvalidArgument(f"{path}: not a zip archive ({exc})") from None
-    tops = {name.split("/", 1)[0] for name in files}
-    if len(tops) == 1 and all("/" in name for name in files):
-        files = {name.split("/", 1)[1]: data for name, data in files.items()}
-    return files
-
-
-def load_submissions(directory: Path) -> list[Submission]:
-    """One submission per sub-folder or .zip of `directory`, sorted by name.
-
-    Raises:
-        InvalidArgument: unreadable directory, duplicate names, or a bad submission.
-    """
-    if not directory.is_dir():
-        raise errors.InvalidArgument(f"--submissions {directory}: not a directory")
-    found: dict[str, Submission] = {}
-    for entry in sorted(directory.iterdir()):
-        if entry.is_symlink() or entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            name, files = entry.name, read_tree(entry)
-        elif entry.suffix == ".zip":
-            name, files = entry.stem, read_zip(entry)
-        else:
-            continue
-        if name in found:
-            raise errors.InvalidArgument(f"submission {name!r} is both a folder and a zip")
-        found[name] = Submission(name, files)
-    return list(found.values())
 
 
 # -- the image -------------------------------------------------------------------------
@@ -281,13 +192,18 @@ def _untar_one(data: bytes) -> bytes | None:
     return None
 
 
+def _stopped(verdict: ExecVerdict) -> StoppedVerdict | None:
+    """The service's verdict when it, not pytest, ended the run."""
+    return None if VERDICTS[verdict].finished else cast(StoppedVerdict, verdict)
+
+
 def judge_run(
-    result: pb.ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
+    result: ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
 ) -> tuple[Verdict, str]:
     """The submission's verdict from the service's result and the parsed JUnit XML."""
-    limit = _LIMIT_VERDICTS.get(result.verdict)
-    if limit is not None:
-        return limit, result.message  # type: ignore[return-value]
+    stopped = _stopped(result.verdict)
+    if stopped is not None:
+        return stopped, result.message
     code = result.exit_code
     # The kernel ends a process at its CPU limit with SIGXCPU (SIGKILL past the hard limit).
     if result.signal == signal.SIGXCPU or (
@@ -325,30 +241,22 @@ def _write_junit(path: Path, name: str, data: bytes | None, verdict: str, messag
     path.write_bytes(data)
 
 
-def grade_one(
-    client: SandboxClient,
-    submission: Submission,
-    image: pb.Image,
-    settings: GradeSettings,
-    junit_dir: Path,
-) -> Grade:
-    """Run the suite against one submission in a fresh sandbox, destroyed afterwards."""
-    limits = pb.Limits(
-        cpus=settings.cpus,
-        memory_bytes=settings.memory_bytes,
-        pids=settings.pids,
-        timeout_seconds=settings.timeout_seconds,
-    )
-    spec = pb.SandboxSpec(
-        image=image.key,
-        limits=limits,
-        profile=settings.profile,
-        runtime=settings.runtime,
-        labels={"grading": "1"},
-    )
-    # A fresh name per run: the submission does not know it before it runs.
-    results_dir = f"/tmp/{secrets.token_hex(12)}"
-    junit_path = f"{results_dir}/junit.xml"
+def _fetch_junit(box: SandboxHandle, path: str) -> tuple[bytes | None, dict[str, Outcome] | None]:
+    """The JUnit XML pytest wrote and its parse; (None, None) when missing or unusable."""
+    try:
+        raw = _untar_one(box.get_files(path, max_bytes=MAX_JUNIT_BYTES))
+    except (errors.NotFound, errors.ResourceExhausted):
+        return None, None
+    if raw is None:
+        return None, None
+    try:
+        return raw, parse_junit(raw)
+    except errors.InvalidArgument:
+        return None, None
+
+
+def _pytest_argv(settings: GradeSettings, junit_path: str) -> tuple[list[str], int]:
+    """The command that runs the course's tests under a CPU-time limit, and that limit."""
     pytest = (
         f"python3 -m pytest {GRADER}/tests -q -p no:cacheprovider --junitxml={junit_path} "
         f"-o junit_family=xunit2 --rootdir={GRADER}/tests"
@@ -356,36 +264,46 @@ def grade_one(
     cpu_limit = max(1, math.ceil(settings.cpu_seconds))
     # Soft limit: SIGXCPU; one second later the hard limit's SIGKILL, should it be ignored.
     limit = f"ulimit -St {cpu_limit} && ulimit -Ht {cpu_limit + 1}"
-    argv = ["sh", "-c", f"{limit} && exec {pytest}"]
+    return ["sh", "-c", f"{limit} && exec {pytest}"], cpu_limit
+
+
+def grade_one(
+    client: SandboxClient,
+    submission: Submission,
+    image: Image,
+    settings: GradeSettings,
+    junit_dir: Path,
+) -> Grade:
+    """Run the suite against one submission in a fresh sandbox, destroyed afterwards."""
+    request = SandboxRequest(
+        image=image.key,
+        limits=requested_limits(
+            cpus=settings.cpus,
+            memory_bytes=settings.memory_bytes,
+            pids=settings.pids,
+            timeout_seconds=settings.timeout_seconds,
+        ),
+        profile=settings.profile,
+        runtime=settings.runtime,
+        labels={"grading": "1"},
+    )
+    # A fresh name per run: the submission does not know it before it runs.
+    junit_path = f"/tmp/{secrets.token_hex(12)}/junit.xml"
+    argv, cpu_limit = _pytest_argv(settings, junit_path)
     env = {
         "PYTHONPATH": f"{GRADER}/lib:{WORKDIR}",
         "PYTHONHASHSEED": "0",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    sandbox = client.create_sandbox(spec)
-    try:
+    raw: bytes | None = None
+    tests: dict[str, Outcome] | None = None
+    with client.sandbox(request) as box:
         if submission.files:
-            client.put_files(sandbox.id, WORKDIR, tar_of(dict(submission.files)))
-        result = client.exec(sandbox.id, argv, env=env, timeout=settings.timeout_seconds)
-        raw: bytes | None = None
-        tests: dict[str, Outcome] | None = None
-        if result.verdict in (pb.VERDICT_OK, pb.VERDICT_NONZERO_EXIT):
-            try:
-                raw = _untar_one(
-                    client.get_files(sandbox.id, junit_path, max_bytes=MAX_JUNIT_BYTES)
-                )
-            except errors.NotFound:
-                raw = None
-            except errors.ResourceExhausted:
-                raw = None
-            if raw is not None:
-                try:
-                    tests = parse_junit(raw)
-                except errors.InvalidArgument:
-                    raw, tests = None, None
-        verdict, message = judge_run(result, tests, cpu_limit)
-    finally:
-        client.destroy_sandbox(sandbox.id)
+            box.put_files(WORKDIR, dict(submission.files))
+        result = box.exec(argv, env=env, timeout=settings.timeout_seconds)
+        if _stopped(result.verdict) is None:
+            raw, tests = _fetch_junit(box, junit_path)
+    verdict, message = judge_run(result, tests, cpu_limit)
     tests = tests or {}
     passed = sum(1 for o in tests.values() if o == "passed")
     total = len(tests)
@@ -404,7 +322,7 @@ def grade_one(
         cpu_seconds=round(result.cpu_seconds, 3),
         peak_memory_bytes=result.peak_memory_bytes,
         wall_seconds=round(result.wall_seconds, 3),
-        image_digest=sandbox.image_digest,
+        image_digest=box.sandbox.image_digest,
         junit=str(junit_file),
     )
 

@@ -12,12 +12,11 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sandboxd.config import ServerConfig
-    from sandboxd.sandboxes import Prepared, SandboxManager, SandboxRecord
+from sandboxd.config import ServerConfig
+from sandboxd.models import Prepared, SandboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +25,26 @@ INFLIGHT_WAIT_SECONDS = 1.0
 
 
 class WarmPool:
-    def __init__(self, manager: SandboxManager, config: ServerConfig) -> None:
-        self._manager = manager
+    """Warm containers per resolved request; thread-safe.
+
+    It knows nothing of the sandbox manager: it is given how to launch and discard a
+    container and how much of the service-wide memory budget live sandboxes leave.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        launch: Callable[[Prepared], SandboxRecord],
+        discard: Callable[[SandboxRecord], None],
+        free_memory: Callable[[], int],
+        memory_budget: int,
+    ) -> None:
+        self._launch = launch
+        self._discard = discard
+        self._free_memory = free_memory
         self.max_per_key = config.pool_max_per_key
-        self.memory_budget = config.pool_memory_budget_bytes or manager.memory_budget // 4
+        self.memory_budget = config.pool_memory_budget_bytes or memory_budget // 4
         self.idle_seconds = config.pool_idle_seconds
         self._lock = threading.Lock()
         self._filled = threading.Condition(self._lock)
@@ -44,7 +59,7 @@ class WarmPool:
         )
         self._janitor: threading.Thread | None = None
 
-    # -- what the manager calls ---------------------------------------------
+    # -- what the sandbox manager and admission call ---------------------------------------------
 
     def take(self, prep: Prepared) -> SandboxRecord | None:
         """A warm sandbox for `prep`, or None. Schedules a replacement."""
@@ -70,7 +85,7 @@ class WarmPool:
                 break
         for dead in stale:
             log.warning("warm sandbox %s lost its preload; discarding", dead.id)
-            self._manager.discard(dead)
+            self._discard(dead)
         if record is not None:
             self._schedule(prep)
         return record
@@ -109,7 +124,7 @@ class WarmPool:
                     victims.append(record)
                     freed += prep.limits.memory_bytes
         for record in victims:
-            self._manager.discard(record)
+            self._discard(record)
         if victims:
             log.info("pool: evicted %d warm sandboxes for live ones", len(victims))
         return freed
@@ -135,7 +150,7 @@ class WarmPool:
             self._ready.clear()
             self._ids.clear()
         for record in records:
-            self._manager.discard(record)
+            self._discard(record)
 
     # -- filling and shrinking ----------------------------------------------
 
@@ -145,7 +160,7 @@ class WarmPool:
 
     def _schedule(self, prep: Prepared) -> None:
         # Live sandboxes come first: the pool fills only what the service-wide budget leaves.
-        free = self._manager.memory_budget - self._manager.committed_memory()
+        free = self._free_memory()
         with self._lock:
             if self._stopped.is_set():
                 return
@@ -163,7 +178,7 @@ class WarmPool:
 
     def _fill(self, prep: Prepared) -> None:
         try:
-            record = self._manager.launch(prep)
+            record = self._launch(prep)
         except Exception as exc:
             # Stop warming this key: a failing launch would otherwise retry in a hot loop.
             log.warning("warming a sandbox failed (%s); pool for it stops growing", exc)
@@ -180,7 +195,7 @@ class WarmPool:
                 self._ids.add(record.id)
             self._filled.notify_all()
         if not keep:
-            self._manager.discard(record)
+            self._discard(record)
 
     def _ensure_janitor(self) -> None:
         with self._lock:
@@ -214,7 +229,7 @@ class WarmPool:
                     self._target.pop(prep, None)
                     self._inflight.pop(prep, None)
         for record in victims:
-            self._manager.discard(record)
+            self._discard(record)
         if victims:
             log.info("pool: removed %d idle warm sandboxes", len(victims))
         return len(victims)

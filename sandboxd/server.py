@@ -25,16 +25,20 @@ from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
+from sandboxd.info import describe_server
 from sandboxd.sandboxes import SandboxManager
-from sandboxd.service import ImageServicer, SandboxServicer
+from sandboxd.service import ImageServicer, InfoServicer, SandboxServicer
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024 * 1024
+#: Longest unix socket path the kernel takes, its final NUL excluded.
+UNIX_PATH_MAX = 107
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
+    pb.DESCRIPTOR.services_by_name["InfoService"].full_name,
 )
 
 
@@ -82,6 +86,9 @@ class Service:
         pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
         pb_grpc.add_SandboxServiceServicer_to_server(
             SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
+        )
+        pb_grpc.add_InfoServiceServicer_to_server(
+            InfoServicer(lambda: describe_server(config, self.core.engine)), self.server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -181,14 +188,28 @@ class Embedded:
     """A sandboxd inside this process on a private unix socket, for the CLI and the plugin."""
 
     def __init__(self, config: ServerConfig | None = None) -> None:
-        self._tmp = tempfile.mkdtemp(prefix="sandboxd-")
         self.config = config or ServerConfig()
+        self._tmp = _private_dir(self.config.state_dir)
         self.service, self.address = create_server(self.config, f"unix:{self._tmp}/sandboxd.sock")
 
     def stop(self, grace: float = 5.0, keep: Collection[str] = ()) -> None:
         self.service.stop(grace, keep)
         with contextlib.suppress(OSError):
             os.rmdir(self._tmp)
+
+
+def _private_dir(state_dir: Path) -> str:
+    """A new directory only this user can enter, for an embedded service's socket.
+
+    Under the state dir when a socket path there fits the kernel's limit (108 bytes).
+    """
+    parent: Path | None = state_dir
+    if len(str(state_dir)) > UNIX_PATH_MAX - len("/sandboxd-embedded-12345678/sandboxd.sock"):
+        log.info("state dir %s is too long for a socket path; using the temp dir", state_dir)
+        parent = None
+    else:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return tempfile.mkdtemp(prefix="sandboxd-embedded-", dir=parent)
 
 
 def start_embedded(config: ServerConfig | None = None) -> Embedded:

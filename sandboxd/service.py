@@ -1,23 +1,32 @@
-"""The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only."""
+"""The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only.
+
+Conversions both sides of the wire need (limits, sandbox requests) are the client's
+(sandboxd/client.py), so a field added to the API is converted in one place.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 
+from sandboxd import client as client_wire
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
-from sandboxd.limits import Limits
+from sandboxd.info import ServerInfo
+from sandboxd.limits import Caps
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+from sandboxd.verdicts import VERDICTS
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,20 +34,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Metadata key an authenticating interceptor sets to the caller's client name.
 OWNER_KEY = "x-sandbox-client"
 
-_VERDICTS = {
-    "ok": pb.VERDICT_OK,
-    "nonzero_exit": pb.VERDICT_NONZERO_EXIT,
-    "timed_out": pb.VERDICT_TIMED_OUT,
-    "out_of_memory": pb.VERDICT_OUT_OF_MEMORY,
-    "pids_exhausted": pb.VERDICT_PIDS_EXHAUSTED,
-    "output_truncated": pb.VERDICT_OUTPUT_TRUNCATED,
-    "crashed": pb.VERDICT_CRASHED,
-}
 _STATES = {
     "running": pb.SANDBOX_STATE_RUNNING,
     "exited": pb.SANDBOX_STATE_EXITED,
     "destroyed": pb.SANDBOX_STATE_DESTROYED,
 }
+
+
+@contextlib.contextmanager
+def temporary_sandbox(manager: SandboxManager, request: SandboxRequest) -> Iterator[SandboxRecord]:
+    """Create, use, always destroy, on the server side (the client's `sandbox()` twin):
+    a failed destroy is logged, not raised over the call's own outcome."""
+    record = manager.create(request)
+    try:
+        yield record
+    finally:
+        try:
+            manager.destroy(record.id)
+        except errors.SandboxError as exc:
+            log.warning("destroying %s after use: %s", record.id, exc)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -102,61 +116,49 @@ def image_to_pb(record: ImageRecord) -> pb.Image:
     )
 
 
-def limits_from_pb(m: pb.Limits) -> Limits:
-    return Limits(
-        cpus=m.cpus,
-        memory_bytes=m.memory_bytes,
-        pids=m.pids,
-        scratch_bytes=m.scratch_bytes,
-        network=m.network,
-        timeout_seconds=m.timeout_seconds,
-        output_bytes=m.output_bytes,
+def caps_to_pb(caps: Caps) -> pb.Caps:
+    return pb.Caps(
+        cpus=caps.cpus,
+        memory_bytes=caps.memory_bytes,
+        pids=caps.pids,
+        scratch_bytes=caps.scratch_bytes,
+        network=caps.network,
+        timeout_seconds=caps.timeout_seconds,
+        output_bytes=caps.output_bytes,
+        ttl_seconds=caps.ttl_seconds,
+        sandboxes=caps.sandboxes,
     )
 
 
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpus=limits.cpus,
-        memory_bytes=limits.memory_bytes,
-        pids=limits.pids,
-        scratch_bytes=limits.scratch_bytes,
-        network=limits.network,
-        timeout_seconds=limits.timeout_seconds,
-        output_bytes=limits.output_bytes,
+def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
+    return pb.ServerInfo(
+        api_version=info.api_version,
+        server_version=info.server_version,
+        engine=info.engine,
+        engine_version=info.engine_version,
+        default_limits=client_wire.limits_to_pb(info.defaults),
+        caps=caps_to_pb(info.caps),
+        profiles=[
+            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
+            for p in info.profiles
+        ],
+        default_profile=info.default_profile,
+        runtimes=list(info.runtimes),
+        base_image=info.base_image,
+        default_ttl_seconds=info.default_ttl_seconds,
     )
 
 
 def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
-    return SandboxRequest(
-        image=spec.image,
-        limits=limits_from_pb(spec.limits),
-        env=dict(spec.env),
-        workdir=spec.workdir,
-        runtime=spec.runtime,
-        ttl_seconds=spec.ttl_seconds,
-        profile=spec.profile,
-        labels=dict(spec.labels),
-        owner=owner,
-        preload_argv=tuple(spec.preload_argv),
-    )
+    """The owner comes from the caller's credentials, never from the request."""
+    return replace(client_wire.request_from_pb(spec), owner=owner)
 
 
 def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
-    req = r.request
     return pb.Sandbox(
         id=r.id,
-        spec=pb.SandboxSpec(
-            image=req.image,
-            limits=limits_to_pb(req.limits) if req.limits else None,
-            env=dict(req.env),
-            workdir=req.workdir,
-            runtime=req.runtime,
-            ttl_seconds=req.ttl_seconds,
-            profile=req.profile,
-            labels=dict(req.labels),
-            preload_argv=list(req.preload_argv),
-        ),
-        limits=limits_to_pb(r.limits),
+        spec=client_wire.request_to_pb(r.request),
+        limits=client_wire.limits_to_pb(r.limits),
         image_digest=r.image_digest,
         container_id=r.container_id,
         state=_STATES[r.state],
@@ -174,7 +176,7 @@ def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
     return pb.ExecResult(
         exit_code=j.exit_code,
         signal=j.signal,
-        verdict=_VERDICTS[j.verdict],
+        verdict=pb.Verdict.ValueType(VERDICTS[j.verdict].wire),
         wall_seconds=o.wall_seconds,
         cpu_seconds=o.cpu_seconds,
         peak_memory_bytes=o.peak_memory_bytes,
@@ -210,6 +212,17 @@ def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
     event = threading.Event()
     context.add_callback(event.set)
     return event
+
+
+class InfoServicer(pb_grpc.InfoServiceServicer):
+    def __init__(self, describe: Callable[[], ServerInfo]) -> None:
+        self.describe = describe
+
+    @unary
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ServerInfo:
+        return info_to_pb(self.describe())
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):
@@ -368,8 +381,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             spec = pb.SandboxSpec()
             spec.CopyFrom(request.spec)
             spec.image = image_pb.key
-        record = self.manager.create(request_from_pb(spec, owner))
-        try:
+        with temporary_sandbox(self.manager, request_from_pb(spec, owner)) as record:
             if request.files_tar:
                 self.executor.put_files(record.id, "", [request.files_tar], owner)
             result = None
@@ -395,8 +407,3 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     collected_tar=collected,
                 )
             )
-        finally:
-            try:
-                self.manager.destroy(record.id)
-            except errors.SandboxError as exc:
-                log.warning("destroying %s after Run: %s", record.id, exc)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import Sandbox, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
-from sandboxd.limits import MiB
+from sandboxd.limits import Limits, MiB
 from sandboxd.server import Service, create_server
 
 BASE_IMAGE = "sandbox-base:bookworm"
@@ -167,7 +167,7 @@ def config_factory() -> Callable[..., ServerConfig]:
 
 
 @pytest.fixture(scope="session")
-def limits_factory() -> Callable[..., pb.Limits]:
+def limits_factory() -> Callable[..., Limits]:
     """Factory: `limits_factory(**overrides)`, small limits for a 2-core machine."""
     return small_limits
 
@@ -193,7 +193,7 @@ def client(service: Service) -> Iterator[SandboxClient]:
         c.close()
 
 
-def small_limits(**overrides: object) -> pb.Limits:
+def small_limits(**overrides: object) -> Limits:
     """Limits small enough for many sandboxes on a 2-core CI machine."""
     values: dict[str, object] = {
         "cpus": 1.0,
@@ -203,17 +203,17 @@ def small_limits(**overrides: object) -> pb.Limits:
         "timeout_seconds": 20.0,
     }
     values.update(overrides)
-    return pb.Limits(**values)  # type: ignore[arg-type]
+    return requested_limits(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def make_sandbox(client: SandboxClient) -> Iterator[Callable[..., pb.Sandbox]]:
+def make_sandbox(client: SandboxClient) -> Iterator[Callable[..., Sandbox]]:
     """Factory: create a sandbox (small limits by default); every one is destroyed after."""
     made: list[str] = []
 
-    def make(image: str = "", limits: pb.Limits | None = None, **spec: object) -> pb.Sandbox:
+    def make(image: str = "", limits: Limits | None = None, **spec: object) -> Sandbox:
         box = client.create_sandbox(
-            pb.SandboxSpec(image=image, limits=limits or small_limits(), **spec)  # type: ignore[arg-type]
+            SandboxRequest(image=image, limits=limits or small_limits(), **spec)  # type: ignore[arg-type]
         )
         made.append(box.id)
         return box
@@ -224,6 +224,6 @@ def make_sandbox(client: SandboxClient) -> Iterator[Callable[..., pb.Sandbox]]:
 
 
 @pytest.fixture
-def sandbox(make_sandbox: Callable[..., pb.Sandbox]) -> pb.Sandbox:
+def sandbox(make_sandbox: Callable[..., Sandbox]) -> Sandbox:
     """One fresh sandbox on the base image with small limits."""
     return make_sandbox()

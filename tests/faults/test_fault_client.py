@@ -10,13 +10,14 @@ import pytest
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest
 from sandboxd.client import SandboxClient
 
 
 def test_service_killed_mid_exec_is_a_prompt_unavailable(sandboxd) -> None:
     proc = sandboxd()
     with SandboxClient(proc.address, retry_seconds=1.0) as client:
-        sandbox = client.create_sandbox(pb.SandboxSpec(ttl_seconds=60))
+        sandbox = client.create_sandbox(SandboxRequest(ttl_seconds=60))
         threading.Timer(1.0, proc.kill9).start()
         started = time.monotonic()
         with pytest.raises(errors.SandboxError) as caught:

@@ -12,13 +12,13 @@ import time
 from sandboxd_process import SandboxdProcess, containers_of, docker_lines, wait_until
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 
 
-def _spec(ttl: float = 120.0) -> pb.SandboxSpec:
-    return pb.SandboxSpec(
-        limits=pb.Limits(memory_bytes=64 << 20, timeout_seconds=120), ttl_seconds=ttl
+def _spec(ttl: float = 120.0) -> SandboxRequest:
+    return SandboxRequest(
+        limits=requested_limits(memory_bytes=64 << 20, timeout_seconds=120), ttl_seconds=ttl
     )
 
 
@@ -43,7 +43,7 @@ def test_sigterm_lets_running_execs_finish_or_cancels_them_then_removes_everythi
                 result = client.exec(
                     sandbox.id, ["sh", "-c", script], on_output=lambda s, d: out.extend(d)
                 )
-                outcomes[name] = (pb.Verdict.Name(result.verdict), bytes(out))
+                outcomes[name] = (result.verdict, bytes(out))
             except errors.SandboxError as exc:
                 outcomes[name] = exc
 
@@ -66,7 +66,7 @@ def test_sigterm_lets_running_execs_finish_or_cancels_them_then_removes_everythi
     assert code == 0, proc.log()
     assert took < grace + 15, took
     # The exec that fits in the grace period finishes with its output...
-    assert outcomes["short"] == ("VERDICT_OK", b"finished\n"), outcomes
+    assert outcomes["short"] == ("ok", b"finished\n"), outcomes
     # ...the one that does not is cancelled, with a status, not left hanging.
     assert isinstance(outcomes["long"], errors.SandboxError), outcomes
     assert outcomes["long"].code in ("CANCELLED", "UNAVAILABLE"), outcomes["long"]
@@ -89,22 +89,22 @@ def test_kill_9_then_restart_reaps_leftovers_and_serves_at_once(sandboxd) -> Non
     assert second.started_seconds < 15, second.started_seconds
     with SandboxClient(second.address) as client:
         sandbox = client.create_sandbox(_spec())
-        assert client.exec(sandbox.id, ["true"]).verdict == pb.VERDICT_OK
+        assert client.exec(sandbox.id, ["true"]).verdict == "ok"
         client.destroy_sandbox(sandbox.id)
 
 
 _CLIENT = """
 import sys
 from sandboxd.client import SandboxClient
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import ExecResult, SandboxRequest, requested_limits
 client = SandboxClient(sys.argv[1])
-spec = pb.SandboxSpec(limits=pb.Limits(memory_bytes=64 << 20, timeout_seconds=120),
+spec = SandboxRequest(limits=requested_limits(memory_bytes=64 << 20, timeout_seconds=120),
                       ttl_seconds=float(sys.argv[2]))
 sandbox = client.create_sandbox(spec)
 print(sandbox.id, sandbox.container_id, flush=True)
 script = "while true; do echo tick; sleep 0.05; done" if sys.argv[3] == "stream" else "sleep 600"
 for event in client.exec_stream(sandbox.id, ["sh", "-c", script], timeout=100):
-    if event.HasField("output"):
+    if not isinstance(event, ExecResult):
         print("output", flush=True)
 """
 
@@ -166,7 +166,7 @@ def test_container_killed_from_outside_mid_exec_is_crashed_and_cleaned_up(sandbo
         result = client.exec(sandbox.id, ["sh", "-c", "echo up; sleep 600"], timeout=60)
         killer.join()
         assert time.monotonic() - started < 20
-        assert result.verdict == pb.VERDICT_CRASHED, result
+        assert result.verdict == "crashed", result
         assert "crashed" in result.message
         # The sandbox is known to be dead: further execs say so plainly.
         try:

@@ -17,7 +17,7 @@ import pytest
 from sandboxd_process import containers_of, wait_until
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 
 PIDFILE = Path("/var/run/docker.pid")
@@ -79,10 +79,10 @@ def test_engine_outage_gives_unavailable_then_recovers_without_restart(
     sandboxd, engine_outage
 ) -> None:
     proc = sandboxd()
-    spec = pb.SandboxSpec(limits=pb.Limits(memory_bytes=64 << 20), ttl_seconds=300)
+    spec = SandboxRequest(limits=requested_limits(memory_bytes=64 << 20), ttl_seconds=300)
     with SandboxClient(proc.address, retry_seconds=1.0) as client:
         before = client.create_sandbox(spec)
-        assert client.exec(before.id, ["true"]).verdict == pb.VERDICT_OK
+        assert client.exec(before.id, ["true"]).verdict == "ok"
 
         engine_outage()
 
@@ -101,7 +101,7 @@ def test_engine_outage_gives_unavailable_then_recovers_without_restart(
 
         # Same sandboxd process, no restart: calls work again.
         after = client.create_sandbox(spec)
-        assert client.exec(after.id, ["sh", "-c", "echo back"]).verdict == pb.VERDICT_OK
+        assert client.exec(after.id, ["sh", "-c", "echo back"]).verdict == "ok"
         client.destroy_sandbox(after.id)
         with contextlib.suppress(errors.SandboxError):
             client.destroy_sandbox(before.id)

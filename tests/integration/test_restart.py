@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sandboxd_cli import SANDBOXD, wait_for
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 
 
@@ -70,7 +70,7 @@ def test_next_start_removes_sandboxes_of_a_killed_instance(
     with SandboxClient(address, retry_seconds=5) as c:
         c.wait_ready(timeout=20)
         boxes = [
-            c.create_sandbox(pb.SandboxSpec(limits=pb.Limits(memory_bytes=64 << 20)))
+            c.create_sandbox(SandboxRequest(limits=requested_limits(memory_bytes=64 << 20)))
             for _ in range(2)
         ]
         listed = {s.id: s for s in c.list_sandboxes()}

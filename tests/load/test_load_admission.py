@@ -12,13 +12,14 @@ from sandboxd_process import containers_of, wait_until
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
-from sandboxd.client import SandboxClient
+from sandboxd.api import Sandbox, SandboxRequest, requested_limits
+from sandboxd.client import SandboxClient, request_to_pb
 
 MiB = 1 << 20
 
 
-def _spec(memory: int = 64 * MiB) -> pb.SandboxSpec:
-    return pb.SandboxSpec(limits=pb.Limits(memory_bytes=memory), ttl_seconds=120)
+def _spec(memory: int = 64 * MiB) -> SandboxRequest:
+    return SandboxRequest(limits=requested_limits(memory_bytes=memory), ttl_seconds=120)
 
 
 def test_full_service_queues_then_answers_resource_exhausted_with_a_retry_hint(sandboxd) -> None:
@@ -29,7 +30,7 @@ def test_full_service_queues_then_answers_resource_exhausted_with_a_retry_hint(s
         held = [client.create_sandbox(_spec()) for _ in range(2)]
 
         # A waiter gets the slot a destroy frees, well before its deadline.
-        got: list[pb.Sandbox] = []
+        got: list[Sandbox] = []
         waiter = threading.Thread(target=lambda: got.append(client.create_sandbox(_spec())))
         started = time.monotonic()
         waiter.start()
@@ -46,7 +47,7 @@ def test_full_service_queues_then_answers_resource_exhausted_with_a_retry_hint(s
             stub = pb_grpc.SandboxServiceStub(channel)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as caught:
-                stub.CreateSandbox(pb.CreateSandboxRequest(spec=_spec()), timeout=30)
+                stub.CreateSandbox(pb.CreateSandboxRequest(spec=request_to_pb(_spec())), timeout=30)
             waited = time.monotonic() - started
         finally:
             channel.close()

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import SandboxClient, tar_of
+from sandboxd.api import ExecResult, SandboxRequest, requested_limits
+from sandboxd.archives import tar_of
+from sandboxd.client import SandboxClient
 
 T = TypeVar("T")
 
@@ -90,7 +91,7 @@ def _timed(result: LoadResult, rpc: str, fn: Callable[[], T]) -> T:
     return value
 
 
-def _one_sandbox(client: SandboxClient, result: LoadResult, spec: pb.SandboxSpec, n: int) -> None:
+def _one_sandbox(client: SandboxClient, result: LoadResult, spec: SandboxRequest, n: int) -> None:
     sandbox = None
     for _ in range(20):
         try:
@@ -112,18 +113,18 @@ def _one_sandbox(client: SandboxClient, result: LoadResult, spec: pb.SandboxSpec
         )
         chunks: list[bytes] = []
 
-        def run() -> pb.ExecResult:
+        def run() -> ExecResult:
             script = "wc -c < in/data.txt; for i in 1 2 3 4 5; do echo line $i; done; echo e >&2"
             for event in client.exec_stream(sandbox.id, ["sh", "-c", script], timeout=30):
-                if event.HasField("result"):
-                    return event.result
-                if event.output.stream == pb.STREAM_STDOUT:
-                    chunks.append(event.output.data)
+                if isinstance(event, ExecResult):
+                    return event
+                if event.stream == "stdout":
+                    chunks.append(event.data)
             raise errors.SandboxError("exec stream ended without a result")
 
         outcome = _timed(result, "Exec", run)
         stdout = b"".join(chunks).decode()
-        if outcome.verdict != pb.VERDICT_OK or not stdout.startswith(f"{len(payload)}\n"):
+        if outcome.verdict != "ok" or not stdout.startswith(f"{len(payload)}\n"):
             with result.lock:
                 result.wrong.append(f"exec: verdict {outcome.verdict} {outcome.message} {stdout!r}")
         tar = _timed(result, "GetFiles", lambda: client.get_files(sandbox.id, "in/data.txt"))
@@ -154,9 +155,11 @@ def run_load(
 ) -> LoadResult:
     """Every client thread runs `rounds` sandboxes through create/put/exec/get/destroy."""
     result = LoadResult(clients=clients, rounds=rounds)
-    spec = pb.SandboxSpec(
+    spec = SandboxRequest(
         image=image,
-        limits=pb.Limits(memory_bytes=memory, pids=64, scratch_bytes=16 << 20, timeout_seconds=60),
+        limits=requested_limits(
+            memory_bytes=memory, pids=64, scratch_bytes=16 << 20, timeout_seconds=60
+        ),
         ttl_seconds=ttl_seconds,
         labels={"purpose": "load"},
     )

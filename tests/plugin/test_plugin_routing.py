@@ -141,7 +141,7 @@ def test_third_fails():
         assert {"sandbox_memory", "sandbox_cpus", "sandbox_pids", "sandbox_timeout"} <= set(props)
     assert {p.get("name"): p.get("value") for p in cases["test_sees_its_limits"].iter("property")}[
         "sandbox_memory"
-    ] == "96MiB"
+    ] == "96 MiB"
     assert "out of memory" in cases["test_oom"].find("failure").get("message")
 
 
@@ -214,7 +214,7 @@ def test_subtests_and_xfail_replay_like_a_local_run(
 
 
 def test_ctrl_c_leaves_no_sandbox_behind(
-    pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
+    pytester: pytest.Pytester, no_leftovers: None, containers: Any
 ) -> None:
     pytester.makepyfile(
         """
@@ -230,7 +230,7 @@ def test_ctrl_c_leaves_no_sandbox_behind(
         stdin=None,
     )
     deadline = time.monotonic() + 120
-    while not plugin_containers():
+    while not containers.new():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no sandbox appeared"
         time.sleep(0.2)
@@ -242,7 +242,7 @@ def test_ctrl_c_leaves_no_sandbox_behind(
 
 
 def test_keep_failed_keeps_only_the_failed_tests_sandbox(
-    pytester: pytest.Pytester, no_leftovers: None, plugin_containers: Any
+    pytester: pytest.Pytester, no_leftovers: None, containers: Any
 ) -> None:
     pytester.makepyfile(
         """
@@ -263,7 +263,7 @@ def test_keep_failed_keeps_only_the_failed_tests_sandbox(
     )
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*kept the sandbox of*test_fails*", "*docker exec -it * bash*"])
-    kept = plugin_containers()
+    kept = containers.left()
     try:
         assert len(kept) == 1, kept
         inside = subprocess.run(
@@ -317,3 +317,29 @@ def test_sandbox_required_refuses_to_run_marked_tests_locally(
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*sandbox_required is set but --sandbox was not given*"])
+
+
+def test_a_path_after_the_flag_is_a_path_to_test(
+    pytester: pytest.Pytester, no_leftovers: None
+) -> None:
+    routed = """
+        import os
+        import pytest
+
+        @pytest.mark.sandbox
+        def test_marked():
+            assert os.path.isdir("/sandbox")
+
+        def test_unmarked():
+            assert not os.path.isdir("/sandbox")
+    """
+    pytester.makepyfile(**{"sub/test_sub.py": routed, "test_elsewhere.py": "def test_x(): pass"})
+    result = pytester.runpytest_subprocess("--sandbox", "sub/", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["sandbox: tests marked sandbox via*", "*test_marked PASSED*"])
+    result.stdout.no_fnmatch_line("*test_elsewhere*")
+    every = pytester.runpytest_subprocess("--sandbox=all", "sub/", "-p", "no:cacheprovider")
+    every.assert_outcomes(passed=1, failed=1)
+    every.stdout.fnmatch_lines(
+        ["sandbox: every test via*", "*FAILED sub/test_sub.py::test_unmarked*"]
+    )

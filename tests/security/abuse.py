@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import ExecResult, requested_limits
 from sandboxd.client import SandboxClient
-from sandboxd.limits import MiB
+from sandboxd.limits import Limits, MiB
 from sandboxd.server import Service
 
 RUNTIMES = ("runc", "runsc")
@@ -38,7 +38,7 @@ def inspect(container_id: str) -> dict[str, object] | None:
     return data[0] if isinstance(data, list) and data else None
 
 
-def suite_limits(**overrides: object) -> pb.Limits:
+def suite_limits(**overrides: object) -> Limits:
     """Small limits: runsc on ptrace is slow, and CI has two cores."""
     values: dict[str, object] = {
         "cpus": 1.0,
@@ -49,7 +49,7 @@ def suite_limits(**overrides: object) -> pb.Limits:
         "output_bytes": 1 * MiB,
     }
     values.update(overrides)
-    return pb.Limits(**values)  # type: ignore[arg-type]
+    return requested_limits(**values)  # type: ignore[arg-type]
 
 
 def host_is_fine(client: SandboxClient) -> None:
@@ -90,17 +90,17 @@ def run(
     argv0: str = "sh",
     args: Sequence[str] = (),
     **kw: object,
-) -> tuple[bytes, bytes, pb.ExecResult]:
+) -> tuple[bytes, bytes, ExecResult]:
     """Run `script` with sh -c (or python3 -c); return (stdout, stderr, result)."""
-    out = {pb.STREAM_STDOUT: bytearray(), pb.STREAM_STDERR: bytearray()}
+    out = {"stdout": bytearray(), "stderr": bytearray()}
     result = client.exec(
         sandbox_id,
         [argv0, "-c", script, *args],
         on_output=lambda s, d: out[s].extend(d),
         **kw,  # type: ignore[arg-type]
     )
-    return bytes(out[pb.STREAM_STDOUT]), bytes(out[pb.STREAM_STDERR]), result
+    return bytes(out["stdout"]), bytes(out["stderr"]), result
 
 
-def verdict(result: pb.ExecResult) -> str:
-    return pb.Verdict.Name(result.verdict).removeprefix("VERDICT_").lower()
+def verdict(result: ExecResult) -> str:
+    return result.verdict

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from abuse import RUNTIMES, SecureService, assert_gone, inspect, proc_start, suite_limits
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import Sandbox, SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.server import Service
 
@@ -58,12 +58,12 @@ def runtime(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def box(
     operator: SandboxClient, runtime: str
-) -> Iterator[Callable[..., contextlib.AbstractContextManager[pb.Sandbox]]]:
+) -> Iterator[Callable[..., contextlib.AbstractContextManager[Sandbox]]]:
     """Factory of `with box(**limits) as sandbox:` untrusted sandboxes on this runtime."""
 
     @contextlib.contextmanager
-    def make(client: SandboxClient = operator, **limits: object) -> Iterator[pb.Sandbox]:
-        spec = pb.SandboxSpec(profile="untrusted", runtime=runtime, limits=suite_limits(**limits))
+    def make(client: SandboxClient = operator, **limits: object) -> Iterator[Sandbox]:
+        spec = SandboxRequest(profile="untrusted", runtime=runtime, limits=suite_limits(**limits))
         sandbox = client.create_sandbox(spec)
         info = inspect(sandbox.container_id) or {}
         pid = int((info.get("State") or {}).get("Pid") or 0)  # type: ignore[union-attr]

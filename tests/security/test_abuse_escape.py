@@ -14,10 +14,10 @@ from pathlib import Path
 
 from abuse import inspect, run, verdict
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import Sandbox
 from sandboxd.client import SandboxClient
 
-Box = Callable[..., AbstractContextManager[pb.Sandbox]]
+Box = Callable[..., AbstractContextManager[Sandbox]]
 
 NETWORK = """
 import json, os

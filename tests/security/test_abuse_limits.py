@@ -8,11 +8,11 @@ from contextlib import AbstractContextManager
 
 from abuse import run, verdict
 
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import Sandbox
 from sandboxd.client import SandboxClient
 from sandboxd.limits import MiB
 
-Box = Callable[..., AbstractContextManager[pb.Sandbox]]
+Box = Callable[..., AbstractContextManager[Sandbox]]
 
 # Every process forks until a fork fails, then dies of the error; whatever is left stops
 # after 3 s, so the sandbox is usable again soon after (under gVisor a fork takes ~13 ms

@@ -13,10 +13,10 @@ import pytest
 from abuse import SecureService, run, verdict
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import Sandbox, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 
-Box = Callable[..., AbstractContextManager[pb.Sandbox]]
+Box = Callable[..., AbstractContextManager[Sandbox]]
 
 
 def _tar(*members: tuple[str, str, bytes]) -> bytes:
@@ -94,13 +94,13 @@ def test_huge_and_malformed_requests_are_refused(
         with pytest.raises(errors.ResourceExhausted):
             operator.exec(sid, ["cat"], stdin=b"x" * (65 << 20))
         for limits in (
-            pb.Limits(memory_bytes=1 << 50),
-            pb.Limits(cpus=float("nan")),
-            pb.Limits(pids=-5),
-            pb.Limits(network=True),
+            requested_limits(memory_bytes=1 << 50),
+            requested_limits(cpus=float("nan")),
+            requested_limits(pids=-5),
+            requested_limits(network=True),
         ):
             with pytest.raises((errors.InvalidArgument, errors.PermissionDenied)):
-                operator.create_sandbox(pb.SandboxSpec(profile="untrusted", limits=limits))
+                operator.create_sandbox(SandboxRequest(profile="untrusted", limits=limits))
         # Bytes that are not a protobuf message at all.
         with grpc.insecure_channel(secure.unix) as channel:
             raw = channel.unary_stream("/sandbox.v1.SandboxService/Exec")

@@ -11,7 +11,9 @@ from abuse import SecureService, suite_limits
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import SandboxClient, tar_of
+from sandboxd.api import SandboxRequest
+from sandboxd.archives import tar_of
+from sandboxd.client import SandboxClient
 from sandboxd.service import OWNER_KEY
 
 
@@ -27,8 +29,8 @@ def bob(secure: SecureService) -> Iterator[SandboxClient]:
         yield client
 
 
-def _spec() -> pb.SandboxSpec:
-    return pb.SandboxSpec(limits=suite_limits(), ttl_seconds=300)
+def _spec() -> SandboxRequest:
+    return SandboxRequest(limits=suite_limits(), ttl_seconds=300)
 
 
 def test_unauthenticated_tcp_clients_are_refused(secure: SecureService) -> None:
@@ -59,7 +61,7 @@ def test_client_a_cannot_touch_client_bs_sandbox(
     mine = alice.create_sandbox(_spec())
     theirs = operator.create_sandbox(_spec())
     try:
-        assert alice.exec(mine.id, ["true"]).verdict == pb.VERDICT_OK
+        assert alice.exec(mine.id, ["true"]).verdict == "ok"
         for attempt in (
             lambda: bob.exec(mine.id, ["cat", "/etc/hostname"]),
             lambda: bob.get_sandbox(mine.id),
@@ -94,9 +96,9 @@ def test_images_are_per_client(alice: SandboxClient, bob: SandboxClient) -> None
         with pytest.raises(errors.PermissionDenied):
             bob.get_image(built.key)
         with pytest.raises(errors.PermissionDenied):
-            bob.create_sandbox(pb.SandboxSpec(image=built.key, limits=suite_limits()))
+            bob.create_sandbox(SandboxRequest(image=built.key, limits=suite_limits()))
         with pytest.raises(errors.PermissionDenied):
-            bob.create_sandbox(pb.SandboxSpec(image=built.tag, limits=suite_limits()))
+            bob.create_sandbox(SandboxRequest(image=built.tag, limits=suite_limits()))
         with pytest.raises(errors.PermissionDenied):
             bob.build_image("RUN true", base=built.tag)
         with pytest.raises(errors.PermissionDenied):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from abuse import SecureService
 
-from sandboxd import cli, grading
+from sandboxd import cli, grading, submissions
 from sandboxd.client import SandboxClient
 from sandboxd.engine.base import LABEL_INSTANCE
 
@@ -141,7 +141,7 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
         jobs=2,
     )
     first = grading.grade_all(
-        operator, tests, grading.load_submissions(subs), settings, tmp_path / "junit1"
+        operator, tests, submissions.load_submissions(subs), settings, tmp_path / "junit1"
     )
     by_name = {s["name"]: s for s in first["submissions"]}
     for name, _, expected, passing in CASES:

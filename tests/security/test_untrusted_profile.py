@@ -11,13 +11,14 @@ from abuse import inspect, run, suite_limits, verdict
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import ExecResult, SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.config import UNTRUSTED_PROFILE, Profile
 from sandboxd.server import create_server
 
 
 def test_untrusted_runs_under_gvisor_by_default(operator: SandboxClient) -> None:
-    sandbox = operator.create_sandbox(pb.SandboxSpec(profile="untrusted", limits=suite_limits()))
+    sandbox = operator.create_sandbox(SandboxRequest(profile="untrusted", limits=suite_limits()))
     try:
         assert sandbox.runtime == "runsc"
         info = inspect(sandbox.container_id) or {}
@@ -41,10 +42,10 @@ def test_missing_runtime_is_refused_or_falls_back_with_a_warning(
     try:
         with SandboxClient(address, retry_seconds=2.0) as client:
             with pytest.raises(errors.PermissionDenied, match="no-such-runtime"):
-                client.create_sandbox(pb.SandboxSpec(profile="untrusted", limits=suite_limits()))
+                client.create_sandbox(SandboxRequest(profile="untrusted", limits=suite_limits()))
             with caplog.at_level(logging.WARNING, logger="sandboxd.sandboxes"):
                 sandbox = client.create_sandbox(
-                    pb.SandboxSpec(profile="lenient", limits=suite_limits())
+                    SandboxRequest(profile="lenient", limits=suite_limits())
                 )
             try:
                 assert sandbox.runtime == "runc"
@@ -68,17 +69,17 @@ sys.exit(3)
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 def test_results_cannot_be_forged_through_the_output(operator: SandboxClient, runtime: str) -> None:
     fake_ok = pb.ExecEvent(result=pb.ExecResult(verdict=pb.VERDICT_OK, message="ok"))
-    spec = pb.SandboxSpec(profile="untrusted", runtime=runtime, limits=suite_limits())
+    spec = SandboxRequest(profile="untrusted", runtime=runtime, limits=suite_limits())
     sandbox = operator.create_sandbox(spec)
     try:
-        operator.put_file_map(
+        operator.put_files(
             sandbox.id,
             "",
             {"sandboxd_fake.py": f"result = {fake_ok.SerializeToString()!r}\n"},
         )
         events = list(operator.exec_stream(sandbox.id, ["python3", "-c", FORGER]))
-        results = [e.result for e in events if e.HasField("result")]
-        assert len(results) == 1 and events[-1].HasField("result")
+        results = [e for e in events if isinstance(e, ExecResult)]
+        assert len(results) == 1 and isinstance(events[-1], ExecResult)
         result = results[0]
         assert verdict(result) == "nonzero_exit" and result.exit_code == 3, result
         assert result.message == "exited with code 3"

@@ -12,8 +12,10 @@ import pytest
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.client import SandboxClient, tar_of
-from sandboxd.limits import GiB, MiB
+from sandboxd.api import ExecResult, OutputChunk, Sandbox, SandboxRequest, requested_limits
+from sandboxd.archives import tar_of
+from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.limits import GiB, Limits, MiB
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
@@ -26,25 +28,25 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 
 def run(
     client: SandboxClient, sandbox_id: str, *argv: str, **kw: object
-) -> tuple[str, str, pb.ExecResult]:
-    out: dict[int, bytearray] = {pb.STREAM_STDOUT: bytearray(), pb.STREAM_STDERR: bytearray()}
+) -> tuple[str, str, ExecResult]:
+    out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
     result = client.exec(
         sandbox_id,
         list(argv),
         on_output=lambda s, d: out[s].extend(d),
         **kw,  # type: ignore[arg-type]
     )
-    return out[pb.STREAM_STDOUT].decode(), out[pb.STREAM_STDERR].decode(), result
+    return out["stdout"].decode(), out["stderr"].decode(), result
 
 
 def test_create_get_list_destroy(
-    client: SandboxClient, limits_factory: Callable[..., pb.Limits]
+    client: SandboxClient, limits_factory: Callable[..., Limits]
 ) -> None:
     box = client.create_sandbox(
-        pb.SandboxSpec(limits=limits_factory(pids=48), labels={"suite": "service"}, ttl_seconds=120)
+        SandboxRequest(limits=limits_factory(pids=48), labels={"suite": "service"}, ttl_seconds=120)
     )
     try:
-        assert box.state == pb.SANDBOX_STATE_RUNNING
+        assert box.state == "running"
         assert box.limits.pids == 48
         assert box.limits.memory_bytes == 128 * MiB
         assert box.image_digest.startswith("sha256:")
@@ -62,21 +64,21 @@ def test_create_get_list_destroy(
 @pytest.mark.parametrize(
     ("limits", "field", "cap"),
     [
-        (pb.Limits(memory_bytes=64 * GiB), "limits.memory_bytes", "cap of 8 GiB"),
-        (pb.Limits(cpus=64), "limits.cpus", "cap of 4.0"),
-        (pb.Limits(pids=1_000_000), "limits.pids", "cap of 4096"),
-        (pb.Limits(timeout_seconds=1e6), "limits.timeout_seconds", "cap of 3600s"),
-        (pb.Limits(memory_bytes=-1), "limits.memory_bytes", "must not be negative"),
-        (pb.Limits(cpus=-0.5), "limits.cpus", "must not be negative"),
-        (pb.Limits(pids=-1), "limits.pids", "must not be negative"),
-        (pb.Limits(network=True), "limits.network", "does not allow network"),
+        (requested_limits(memory_bytes=64 * GiB), "limits.memory_bytes", "cap of 8 GiB"),
+        (requested_limits(cpus=64), "limits.cpus", "cap of 4.0"),
+        (requested_limits(pids=1_000_000), "limits.pids", "cap of 4096"),
+        (requested_limits(timeout_seconds=1e6), "limits.timeout_seconds", "cap of 3600s"),
+        (requested_limits(memory_bytes=-1), "limits.memory_bytes", "must not be negative"),
+        (requested_limits(cpus=-0.5), "limits.cpus", "must not be negative"),
+        (requested_limits(pids=-1), "limits.pids", "must not be negative"),
+        (requested_limits(network=True), "limits.network", "does not allow network"),
     ],
 )
 def test_bad_limits_are_invalid_argument_naming_field_and_cap(
-    client: SandboxClient, limits: pb.Limits, field: str, cap: str
+    client: SandboxClient, limits: Limits, field: str, cap: str
 ) -> None:
     before = {s.id for s in client.list_sandboxes()}
-    request = pb.CreateSandboxRequest(spec=pb.SandboxSpec(limits=limits))
+    request = pb.CreateSandboxRequest(spec=request_to_pb(SandboxRequest(limits=limits)))
     err = rpc_error(lambda: client.sandboxes.CreateSandbox(request))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.details()
@@ -86,11 +88,11 @@ def test_bad_limits_are_invalid_argument_naming_field_and_cap(
 
 def test_bad_ttl_env_and_image_are_refused(client: SandboxClient) -> None:
     for spec, code, why in [
-        (pb.SandboxSpec(ttl_seconds=1e9), grpc.StatusCode.INVALID_ARGUMENT, "spec.ttl_seconds"),
-        (pb.SandboxSpec(env={"1X": "y"}), grpc.StatusCode.INVALID_ARGUMENT, "spec.env"),
-        (pb.SandboxSpec(image="no-such-image:here"), grpc.StatusCode.NOT_FOUND, "no-such-image"),
+        (SandboxRequest(ttl_seconds=1e9), grpc.StatusCode.INVALID_ARGUMENT, "spec.ttl_seconds"),
+        (SandboxRequest(env={"1X": "y"}), grpc.StatusCode.INVALID_ARGUMENT, "spec.env"),
+        (SandboxRequest(image="no-such-image:here"), grpc.StatusCode.NOT_FOUND, "no-such-image"),
     ]:
-        request = pb.CreateSandboxRequest(spec=spec)
+        request = pb.CreateSandboxRequest(spec=request_to_pb(spec))
         err = rpc_error(lambda r=request: client.sandboxes.CreateSandbox(r))  # type: ignore[misc]
         assert err.code() == code, spec
         assert why in err.details()
@@ -119,7 +121,7 @@ def test_unknown_sandbox_is_not_found_everywhere(client: SandboxClient) -> None:
 
 
 def test_exec_streams_output_with_stdin_env_and_workdir(
-    client: SandboxClient, sandbox: pb.Sandbox
+    client: SandboxClient, sandbox: Sandbox
 ) -> None:
     events = list(
         client.exec_stream(
@@ -131,51 +133,52 @@ def test_exec_streams_output_with_stdin_env_and_workdir(
             timeout=10,
         )
     )
-    assert events[-1].HasField("result")
-    out = b"".join(e.output.data for e in events[:-1] if e.output.stream == pb.STREAM_STDOUT)
-    err = b"".join(e.output.data for e in events[:-1] if e.output.stream == pb.STREAM_STDERR)
+    result = events[-1]
+    assert isinstance(result, ExecResult)
+    chunks = [e for e in events[:-1] if isinstance(e, OutputChunk)]
+    out = b"".join(e.data for e in chunks if e.stream == "stdout")
+    err = b"".join(e.data for e in chunks if e.stream == "stderr")
     assert out == b"fed through stdin\nhello from /tmp\n"
     assert err == b"oops\n"
-    result = events[-1].result
-    assert (result.verdict, result.exit_code) == (pb.VERDICT_OK, 0)
+    assert (result.verdict, result.exit_code) == ("ok", 0)
     assert result.stdout_bytes == len(out) and result.stderr_bytes == len(err)
 
 
 def test_exec_output_arrives_while_the_command_runs(
-    client: SandboxClient, sandbox: pb.Sandbox
+    client: SandboxClient, sandbox: Sandbox
 ) -> None:
     stream = client.exec_stream(
         sandbox.id, ["sh", "-c", "echo first; sleep 3; echo second"], timeout=10
     )
     started = time.monotonic()
     first = next(stream)
-    assert first.output.data == b"first\n"
+    assert isinstance(first, OutputChunk) and first.data == b"first\n"
     assert time.monotonic() - started < 2.5, "the first line came only when the command ended"
     rest = list(stream)
-    assert rest[-1].result.verdict == pb.VERDICT_OK
+    assert isinstance(rest[-1], ExecResult) and rest[-1].verdict == "ok"
 
 
-def test_exec_verdicts(client: SandboxClient, sandbox: pb.Sandbox) -> None:
+def test_exec_verdicts(client: SandboxClient, sandbox: Sandbox) -> None:
     _, _, r = run(client, sandbox.id, "sh", "-c", "exit 7")
-    assert (r.verdict, r.exit_code, r.message) == (pb.VERDICT_NONZERO_EXIT, 7, "exited with code 7")
+    assert (r.verdict, r.exit_code, r.message) == ("nonzero_exit", 7, "exited with code 7")
 
     started = time.monotonic()
     _, _, r = run(client, sandbox.id, "sleep", "30", timeout=1.0)
     assert time.monotonic() - started < 4
-    assert r.verdict == pb.VERDICT_TIMED_OUT
+    assert r.verdict == "timed_out"
     assert r.message == "timed out after 1.0s"
 
     out, _, r = run(client, sandbox.id, "sh", "-c", "yes | head -c 100000", output_limit=1000)
-    assert r.verdict == pb.VERDICT_OUTPUT_TRUNCATED and r.output_truncated
+    assert r.verdict == "output_truncated" and r.output_truncated
     assert len(out) == 1000
 
     # The sandbox survives all of that.
     _, _, r = run(client, sandbox.id, "true")
-    assert r.verdict == pb.VERDICT_OK
+    assert r.verdict == "ok"
 
 
 def test_exec_limits_above_the_sandboxs_are_refused(
-    client: SandboxClient, sandbox: pb.Sandbox
+    client: SandboxClient, sandbox: Sandbox
 ) -> None:
     for request, field in [
         (
@@ -208,26 +211,26 @@ def _names(tar_data: bytes) -> dict[str, bytes]:
     return out
 
 
-def test_put_and_get_files_round_trip(client: SandboxClient, sandbox: pb.Sandbox) -> None:
+def test_put_and_get_files_round_trip(client: SandboxClient, sandbox: Sandbox) -> None:
     files = {"src/a.py": "print('a')\n", "data.bin": bytes(range(256)) * 10}
-    resp = client.put_file_map(sandbox.id, "project", files)
+    resp = client.put_files(sandbox.id, "project", files)
     assert (resp.files, resp.bytes) == (2, len("print('a')\n") + 2560)
     out, _, r = run(
         client, sandbox.id, "sh", "-c", "cat project/src/a.py; id -u; stat -c %U project/data.bin"
     )
-    assert r.verdict == pb.VERDICT_OK
+    assert r.verdict == "ok"
     assert out.splitlines()[0] == "print('a')"
 
     got = _names(client.get_files(sandbox.id, "project"))
     assert got == {"project/src/a.py": b"print('a')\n", "project/data.bin": bytes(range(256)) * 10}
 
-    client.put_file_map(sandbox.id, "/tmp/deep/er", {"t.txt": "tmp"})
+    client.put_files(sandbox.id, "/tmp/deep/er", {"t.txt": "tmp"})
     assert _names(client.get_files(sandbox.id, "/tmp/deep/er/t.txt")) == {"t.txt": b"tmp"}
 
 
 @pytest.mark.parametrize("path", ["../etc", "/etc", "/", "/tmp/../etc", "/sandbox", "a/../../b"])
 def test_paths_escaping_the_sandbox_are_invalid_argument(
-    client: SandboxClient, sandbox: pb.Sandbox, path: str
+    client: SandboxClient, sandbox: Sandbox, path: str
 ) -> None:
     with pytest.raises(errors.InvalidArgument, match="path: "):
         client.put_files(sandbox.id, path, tar_of({"x": "y"}))
@@ -238,7 +241,7 @@ def test_paths_escaping_the_sandbox_are_invalid_argument(
 
 
 def test_tar_members_escaping_the_destination_are_invalid_argument(
-    client: SandboxClient, sandbox: pb.Sandbox
+    client: SandboxClient, sandbox: Sandbox
 ) -> None:
     for name in ["../escape.txt", "/abs.txt"]:
         buf = io.BytesIO()
@@ -250,7 +253,7 @@ def test_tar_members_escaping_the_destination_are_invalid_argument(
             client.put_files(sandbox.id, "", buf.getvalue())
 
 
-def test_get_missing_file_is_not_found(client: SandboxClient, sandbox: pb.Sandbox) -> None:
+def test_get_missing_file_is_not_found(client: SandboxClient, sandbox: Sandbox) -> None:
     err = rpc_error(
         lambda: client.sandboxes.GetFiles(
             pb.GetFilesRequest(sandbox_id=sandbox.id, path="nope.txt")
@@ -261,16 +264,16 @@ def test_get_missing_file_is_not_found(client: SandboxClient, sandbox: pb.Sandbo
 
 
 def test_run_builds_puts_runs_collects_and_destroys(
-    client: SandboxClient, limits_factory: Callable[..., pb.Limits]
+    client: SandboxClient, limits_factory: Callable[..., Limits]
 ) -> None:
     request = pb.RunRequest(
-        spec=pb.SandboxSpec(limits=limits_factory()),
+        spec=request_to_pb(SandboxRequest(limits=limits_factory())),
         files_tar=tar_of({"in.txt": "21\n"}),
         argv=["sh", "-c", "echo $(( $(cat in.txt) * 2 )) | tee out.txt"],
         collect=["out.txt"],
     )
     before = {s.id for s in client.list_sandboxes()}
-    events = list(client.run_stream(request, timeout=60))
+    events = list(client.sandboxes.Run(request, timeout=60))
     result = events[-1].result
     out = b"".join(e.output.data for e in events[:-1] if e.HasField("output"))
     assert out == b"42\n"
@@ -279,13 +282,13 @@ def test_run_builds_puts_runs_collects_and_destroys(
     assert {s.id for s in client.list_sandboxes()} == before, "Run destroys its sandbox"
 
 
-def test_run_with_a_build(client: SandboxClient, limits_factory: Callable[..., pb.Limits]) -> None:
+def test_run_with_a_build(client: SandboxClient, limits_factory: Callable[..., Limits]) -> None:
     request = pb.RunRequest(
-        spec=pb.SandboxSpec(limits=limits_factory()),
+        spec=request_to_pb(SandboxRequest(limits=limits_factory())),
         build=pb.BuildImageRequest(fragment="RUN echo baked-in > /baked.txt"),
         argv=["cat", "/baked.txt"],
     )
-    events = list(client.run_stream(request, timeout=120))
+    events = list(client.sandboxes.Run(request, timeout=120))
     result = events[-1].result
     try:
         assert result.exec.verdict == pb.VERDICT_OK
@@ -307,7 +310,7 @@ def test_ttl_reaper_destroys_abandoned_sandboxes(
     try:
         with SandboxClient(address, retry_seconds=2) as c:
             box = c.create_sandbox(
-                pb.SandboxSpec(ttl_seconds=1.0, limits=pb.Limits(memory_bytes=64 * MiB))
+                SandboxRequest(ttl_seconds=1.0, limits=requested_limits(memory_bytes=64 * MiB))
             )
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and box.id in {s.id for s in c.list_sandboxes()}:

@@ -14,8 +14,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
+from sandboxd.limits import Caps, Limits
 from sandboxd.server import Service, create_server
 
 
@@ -87,4 +89,49 @@ def test_engine_unreachable_maps_to_the_clients_engine_unavailable(
     from sandboxd.errors import EngineUnavailable
 
     with pytest.raises(EngineUnavailable, match="is dockerd running"):
-        unreachable.create_sandbox(pb.SandboxSpec(), timeout=30)
+        unreachable.create_sandbox(SandboxRequest(), timeout=30)
+
+
+def test_server_info_reports_the_engine_the_runtimes_and_the_api(client: SandboxClient) -> None:
+    info = client.server_info()
+    assert info.api_version == "sandbox.v1"
+    assert info.engine == "docker"
+    assert info.engine_version, "the engine's version is reported"
+    assert "runc" in info.runtimes
+    assert {p.name for p in info.profiles} >= {"default", "untrusted"}
+    untrusted = next(p for p in info.profiles if p.name == "untrusted")
+    assert (untrusted.runtime, untrusted.allow_network) == ("runsc", False)
+    assert info.default_profile == "default"
+
+
+def test_server_info_carries_the_operators_caps_and_defaults(
+    short_tmp: Path, config_factory: Callable[..., ServerConfig]
+) -> None:
+    caps = Caps(timeout_seconds=120.0, ttl_seconds=600.0, sandboxes=3, memory_bytes=1 << 30)
+    defaults = Limits(memory_bytes=64 << 20, pids=50, timeout_seconds=7.0)
+    config = config_factory(caps=caps, defaults=defaults, default_ttl_seconds=300.0)
+    svc, address = create_server(config, f"unix:{short_tmp}/info.sock")
+    try:
+        with SandboxClient(address, retry_seconds=5.0) as c:
+            c.wait_ready(timeout=10.0)
+            info = c.server_info()
+            health = health_pb2_grpc.HealthStub(c._channel)
+            status = health.Check(
+                health_pb2.HealthCheckRequest(service="sandbox.v1.InfoService"), timeout=5
+            ).status
+    finally:
+        svc.stop(grace=1.0)
+    assert info.caps == caps
+    assert info.defaults == defaults
+    assert info.default_ttl_seconds == 300.0
+    assert info.base_image == config.base_image
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_server_info_from_an_unreachable_engine_is_unavailable(
+    unreachable: SandboxClient,
+) -> None:
+    from sandboxd.errors import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match=r"nonexistent-sandboxd-test\.sock"):
+        unreachable.server_info()

@@ -120,6 +120,10 @@ class FakeEngine:
         self._check()
         return {"runc"}
 
+    def version(self) -> str:
+        self._check()
+        return "0-fake"
+
     def create_container(self, spec: ContainerSpec) -> str:
         self._check()
         self._n += 1
@@ -141,9 +145,6 @@ class FakeEngine:
     def container_running(self, container_id: str) -> bool:
         c = self.containers.get(container_id)
         return c is not None and c.running
-
-    def container_logs(self, container_id: str, tail: int = 200) -> str:
-        return ""
 
     def list_containers(self, label: str) -> list[ContainerInfo]:
         self._check()

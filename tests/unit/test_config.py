@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, ServerConfig, load_config
+from sandboxd.config import (
+    DEFAULT_PROFILE,
+    UNTRUSTED_PROFILE,
+    Profile,
+    ServerConfig,
+    load_config,
+)
 from sandboxd.errors import InvalidArgument
 from sandboxd.limits import Caps, GiB, Limits, MiB
 
@@ -84,3 +91,69 @@ def test_profiles() -> None:
         InvalidArgument, match=r"spec.profile: unknown profile 'x' \(known: default, untrusted\)"
     ):
         cfg.profile("x")
+
+
+def test_file_profiles_become_profiles_next_to_the_built_in_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[[profiles]]\n"
+        'name = "grader"\n'
+        'user = "2000:2000"\n'
+        'runtime = "runc"\n'
+        'missing_runtime = "refuse"\n'
+        "allow_network = false\n"
+        "ulimits = { nofile = [128, 256], core = 0 }\n"
+        "[[profiles]]\n"
+        'name = "untrusted"\n'
+        'runtime = "runsc"\n'
+    )
+    cfg = load_config(path)
+    grader = cfg.profile("grader")
+    assert grader == Profile(
+        name="grader",
+        runtime="runc",
+        missing_runtime="refuse",
+        user="2000:2000",
+        ulimits=(("nofile", 128, 256), ("core", 0, 0)),
+        allow_network=False,
+    )
+    assert cfg.profile("") is DEFAULT_PROFILE
+    # One of a built-in's name replaces it, with the dataclass defaults for what it leaves out.
+    assert cfg.profile("untrusted") == Profile(name="untrusted", runtime="runsc")
+    assert [p.name for p in cfg.profiles] == ["default", "untrusted", "grader"]
+
+
+def test_a_file_profile_can_be_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('default_profile = "mine"\n[[profiles]]\nname = "mine"\nuser = "3:3"\n')
+    assert load_config(path).profile("").user == "3:3"
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('[profiles]\nname = "x"\n', r"profiles: write each profile as a \[\[profiles\]\] table"),
+        ('[[profiles]]\nuser = "1:1"\n', r"profiles\[0\].name: every profile needs a name"),
+        ('[[profiles]]\nname = "x"\nnetwork = true\n', r"profiles\[0\].network: unknown profile"),
+        ('[[profiles]]\nname = "x"\nallow_network = "no"\n', "profiles.x.allow_network: must be"),
+        ('[[profiles]]\nname = "x"\nuser = 0\n', "profiles.x.user: must be a str"),
+        ('[[profiles]]\nname = "x"\nmissing_runtime = "ask"\n', "must be 'refuse' or"),
+        ('[[profiles]]\nname = "x"\nulimits = [1]\n', "profiles.x.ulimits: write it as a table"),
+        ('[[profiles]]\nname = "x"\nulimits = { files = 1 }\n', r"ulimits.files: unknown"),
+        ('[[profiles]]\nname = "x"\nulimits = { nofile = [2, 1] }\n', "soft limit is above"),
+        ('[[profiles]]\nname = "x"\nulimits = { nofile = "1" }\n', "give a number or"),
+        ('default_profile = "nope"\n', r"unknown profile 'nope' \(known: default, untrusted\)"),
+    ],
+)
+def test_bad_profiles_are_refused_with_the_place(tmp_path: Path, text: str, why: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=why):
+        load_config(path)
+
+
+def test_state_dir_defaults_to_one_of_this_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SANDBOXD_STATE_DIR", raising=False)
+    assert ServerConfig().state_dir.name == f"sandboxd-{os.getuid()}"
+    monkeypatch.setenv("SANDBOXD_STATE_DIR", "/srv/sandboxd")
+    assert ServerConfig().state_dir == Path("/srv/sandboxd")

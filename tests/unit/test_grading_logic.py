@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.grading import judge_run, load_submissions, parse_junit, pytest_files
+from sandboxd.api import ExecResult
+from sandboxd.grading import judge_run, parse_junit, pytest_files
+from sandboxd.submissions import load_submissions
 
 JUNIT = b"""<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4">
@@ -33,37 +34,33 @@ def test_parse_junit_outcomes_sorted_and_worst_kept() -> None:
         parse_junit(b"<not xml")
 
 
-def _result(**kw: object) -> pb.ExecResult:
-    return pb.ExecResult(**kw)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("result", "tests", "verdict"),
     [
-        (_result(verdict=pb.VERDICT_OK), {"t::a": "passed"}, "passed"),
-        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1), {"t::a": "failed"}, "failed"),
-        (_result(verdict=pb.VERDICT_TIMED_OUT, message="timed out after 2.0s"), None, "timed_out"),
-        (_result(verdict=pb.VERDICT_OUT_OF_MEMORY), None, "out_of_memory"),
-        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=139, signal=11), None, "crashed"),
+        (ExecResult(verdict="ok"), {"t::a": "passed"}, "passed"),
+        (ExecResult(verdict="nonzero_exit", exit_code=1), {"t::a": "failed"}, "failed"),
+        (ExecResult(verdict="timed_out", message="timed out after 2.0s"), None, "timed_out"),
+        (ExecResult(verdict="out_of_memory"), None, "out_of_memory"),
+        (ExecResult(verdict="nonzero_exit", exit_code=139, signal=11), None, "crashed"),
         (
-            _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=152, signal=signal.SIGXCPU),
+            ExecResult(verdict="nonzero_exit", exit_code=152, signal=signal.SIGXCPU),
             None,
             "timed_out",
         ),
         (
-            _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=137, signal=9, cpu_seconds=5.1),
+            ExecResult(verdict="nonzero_exit", exit_code=137, signal=9, cpu_seconds=5.1),
             None,
             "timed_out",
         ),
-        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=2), None, "error"),
-        (_result(verdict=pb.VERDICT_OK), None, "error"),  # exit 0 but no results written
+        (ExecResult(verdict="nonzero_exit", exit_code=2), None, "error"),
+        (ExecResult(verdict="ok"), None, "error"),  # exit 0 but no results written
         # Results that contradict the exit status: a forged file without a matching exit.
-        (_result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1), {"t::a": "passed"}, "inconsistent"),
-        (_result(verdict=pb.VERDICT_OK), {"t::a": "failed"}, "inconsistent"),
-        (_result(verdict=pb.VERDICT_OK), {}, "inconsistent"),
+        (ExecResult(verdict="nonzero_exit", exit_code=1), {"t::a": "passed"}, "inconsistent"),
+        (ExecResult(verdict="ok"), {"t::a": "failed"}, "inconsistent"),
+        (ExecResult(verdict="ok"), {}, "inconsistent"),
     ],
 )
-def test_judge_run(result: pb.ExecResult, tests: dict[str, str] | None, verdict: str) -> None:
+def test_judge_run(result: ExecResult, tests: dict[str, str] | None, verdict: str) -> None:
     assert judge_run(result, tests, cpu_limit=4)[0] == verdict  # type: ignore[arg-type]
 
 

@@ -1,16 +1,25 @@
-"""Pure logic of the plugin's controller side: specs, arguments, records, kill messages."""
+"""Pure logic of the plugin's controller side: specs, arguments, records, the collector,
+kill messages."""
 
 from __future__ import annotations
+
+import json
+import threading
 
 import pytest
 
 from pytest_sandbox.arguments import worker_args
+from pytest_sandbox.collector import Collector
+from pytest_sandbox.models import ItemResult, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.reports import remap_paths
+from pytest_sandbox.runner import GroupRunner, Registry
 from pytest_sandbox.snapshot import PROJECT, Snapshot, project_files
-from pytest_sandbox.spec import Defaults, parse_memory, resolve
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from pytest_sandbox.spec import Defaults, resolve
+from sandboxd.api import BuildResult, ExecResult, Image
+from sandboxd.info import ServerInfo
+from sandboxd.limits import Caps, Limits
 
 MiB = 1024 * 1024
 
@@ -19,14 +28,14 @@ MiB = 1024 * 1024
     ("text", "expected"),
     [("512m", 512 * MiB), ("64MiB", 64 * MiB), ("1g", 1024 * MiB), (4096, 4096), ("10k", 10240)],
 )
-def test_parse_memory(text: object, expected: int) -> None:
-    assert parse_memory(text) == expected
+def test_memory_takes_the_services_size_syntax(text: object, expected: int) -> None:
+    assert resolve({"memory": text}, Defaults(), {}).memory == expected
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1m", True, "1x"])
-def test_parse_memory_refuses_nonsense(bad: object) -> None:
-    with pytest.raises(ValueError):
-        parse_memory(bad)
+def test_memory_refuses_nonsense(bad: object) -> None:
+    with pytest.raises(ValueError, match="memory"):
+        resolve({"memory": bad}, Defaults(), {})
 
 
 def test_marker_overrides_defaults_and_env_forwards_only_what_is_named() -> None:
@@ -79,23 +88,18 @@ def test_tail_keeps_the_end() -> None:
     assert tail.text() == "[...]\ncdef"
 
 
-def _result(**kw: object) -> pb.ExecResult:
-    return pb.ExecResult(**kw)  # type: ignore[arg-type]
-
-
 def test_kill_messages_name_the_cause() -> None:
     spec = resolve({"memory": "64m", "pids": 32, "timeout": 2}, Defaults(), {})
-    oom = _result(verdict=pb.VERDICT_OUT_OF_MEMORY, message="out of memory (limit 64 MiB)")
+    oom = ExecResult(verdict="out_of_memory", message="out of memory (limit 64 MiB)")
     assert describe_kill(oom, spec) == "out of memory (limit 64 MiB)"
-    assert describe_kill(_result(verdict=pb.VERDICT_PIDS_EXHAUSTED), spec) == (
-        "process limit (32) reached"
-    )
+    pids = ExecResult(verdict="pids_exhausted")
+    assert describe_kill(pids, spec) == "process limit (32) reached"
     assert describe_kill(None, spec, watchdog_timeout=2.0) == "timed out after 2.0s"
     # the worker's hard backstop exits 1 after the timeout: still a timeout
-    late = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=1)
+    late = ExecResult(verdict="nonzero_exit", exit_code=1)
     assert describe_kill(late, spec, elapsed=7.5) == "timed out after 2.0s"
-    crash = _result(verdict=pb.VERDICT_NONZERO_EXIT, exit_code=139, signal=11)
-    assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal 11")
+    crash = ExecResult(verdict="nonzero_exit", exit_code=139, signal=11)
+    assert describe_kill(crash, spec, elapsed=0.1).startswith("sandbox crashed: signal SIGSEGV")
     assert describe_kill(None, spec, error="gone").startswith("sandbox error: gone")
 
 
@@ -129,5 +133,118 @@ def test_snapshot_skips_vcs_venvs_caches_and_build_output(tmp_path: object) -> N
     assert files["project/run.sh"][1] == 0o755
     snap = Snapshot(context=files, has_src=True)
     assert snap.pythonpath().split(":")[1] == f"{PROJECT}/src"
-    fragment = snap.fragment("RUN apt-get install -y jq")
-    assert fragment.splitlines()[0] == "RUN apt-get install -y jq"  # user layers first: cached
+    stages = snap.environment("RUN apt-get install -y jq")
+    assert stages[0][0].splitlines()[0] == "RUN apt-get install -y jq"  # user layers first
+
+
+class _InfoOnly:
+    """A client that only answers server_info, with an operator's lowered caps."""
+
+    def __init__(self, caps: Caps) -> None:
+        self.caps = caps
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo(
+            "sandbox.v1", "0", "docker", "0", Limits(), self.caps, (), "default", (), "", 0.0
+        )
+
+
+def test_the_runner_stays_under_the_servers_caps_not_a_copy_of_them() -> None:
+    caps = Caps(timeout_seconds=120.0, ttl_seconds=200.0)
+    runner = GroupRunner(
+        _InfoOnly(caps),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        RunSettings(args=(), cwd=".", env={}),
+        Registry(),
+        lambda event: None,
+        threading.Event(),
+    )
+    try:
+        spec = resolve({"timeout": 30}, Defaults(), {})
+        build = BuildResult(Image("k" * 64, "sha256:x", "t", "b"), False, 0.0)
+        request = runner.sandbox_spec(build, spec, count=50)
+        assert request.limits is not None and request.limits.timeout_seconds == 120.0
+        assert request.ttl_seconds == 200.0
+        small = runner.sandbox_spec(build, spec, count=1)
+        assert small.limits is not None and small.limits.timeout_seconds == 60.0 + 30.0 + 6.0
+    finally:
+        runner.close()
+
+
+def _collector(pending: list[str], **settings: bool) -> tuple[Collector, list[object]]:
+    posted: list[object] = []
+    placement = Placement("sb-1", "c-1", "sha256:x")
+    run_settings = RunSettings(args=(), cwd="/", env={}, **settings)
+    return Collector("n", pending, placement, run_settings, posted.append), posted
+
+
+def _records(*records: dict[str, object]) -> bytes:
+    return b"".join(b"n " + json.dumps(r).encode() + b"\n" for r in records)
+
+
+def _no_output(timeout: object) -> list[tuple[str, str]]:
+    return []
+
+
+def test_collector_posts_each_finished_test_with_its_reports() -> None:
+    collector, posted = _collector(["a", "b"])
+    collector.feed(_records({"t": "hello", "pid": 1}, {"t": "start", "nodeid": "a"}))
+    collector.feed(_records({"t": "report", "report": {"outcome": "passed"}}))
+    collector.feed(_records({"t": "finish", "nodeid": "a"}, {"t": "start", "nodeid": "b"}))
+    collector.feed(_records({"t": "report", "report": {"outcome": "failed"}}))
+    collector.feed(_records({"t": "finish", "nodeid": "b"}, {"t": "exit", "code": 1}))
+    assert [(r.nodeid, r.reports, r.failure) for r in posted] == [  # type: ignore[attr-defined]
+        ("a", [{"outcome": "passed"}], None),
+        ("b", [{"outcome": "failed"}], None),
+    ]
+    assert collector.settle("unused", _no_output) == ([], ["b"])
+    assert len(posted) == 2
+
+
+def test_collector_fails_the_killed_test_and_retries_the_rest() -> None:
+    collector, posted = _collector(["a", "b", "c"])
+    collector.feed(_records({"t": "start", "nodeid": "a"}, {"t": "finish", "nodeid": "a"}))
+    collector.feed(_records({"t": "start", "nodeid": "b"}))
+    collector.log(b"worker log line\n")
+    assert collector.elapsed() is not None and collector.watchdog_seconds() is None
+    left, failed = collector.settle("out of memory (limit 64 MiB)", lambda t: [("Captured x", "y")])
+    assert (left, failed) == (["c"], ["b"])
+    killed = posted[-1]
+    assert isinstance(killed, ItemResult) and killed.nodeid == "b"
+    assert killed.failure == "out of memory (limit 64 MiB)"
+    assert killed.sections == [("Captured x", "y"), ("Captured sandbox log", "worker log line\n")]
+
+
+def test_collector_without_progress_fails_all_instead_of_retrying() -> None:
+    collector, posted = _collector(["a", "b"])
+    collector.log(b"ImportError: no module\n")
+    assert collector.settle("sandbox crashed: exit code 1", _no_output) == ([], ["a", "b"])
+    assert {r.failure for r in posted} == {  # type: ignore[attr-defined]
+        "sandbox crashed: exit code 1\nImportError: no module"
+    }
+
+
+def test_collector_reports_uncollected_and_unreached_tests() -> None:
+    collector, posted = _collector(["a", "b", "c"])
+    collector.feed(_records({"t": "collect", "report": {"longrepr": "SyntaxError"}}))
+    collector.feed(_records({"t": "missing", "nodeids": ["a"]}, {"t": "exit", "code": 2}))
+    assert collector.settle("unused", _no_output) == ([], ["a", "b", "c"])
+    assert [r.failure for r in posted] == [  # type: ignore[attr-defined]
+        "not collected in the sandbox:\nSyntaxError",
+        "the sandbox worker did not run it",
+        "the sandbox worker did not run it",
+    ]
+    stopped, posted = _collector(["a", "b"], drop_unfinished=True)
+    stopped.feed(_records({"t": "exit", "code": 1}))
+    assert stopped.settle("unused", _no_output) == ([], []) and posted == []
+
+
+def test_collector_holds_results_for_keep_failed_and_adds_the_log() -> None:
+    collector, posted = _collector(["a"], keep_failed=True)
+    collector.feed(_records({"t": "start", "nodeid": "a"}))
+    collector.feed(_records({"t": "report", "report": {"outcome": "failed"}}))
+    collector.feed(_records({"t": "finish", "nodeid": "a"}, {"t": "exit", "code": 1}))
+    collector.log(b"teardown noise")
+    assert posted == []
+    assert collector.settle("unused", _no_output) == ([], ["a"])
+    assert posted[0].sections == [("Captured sandbox log", "teardown noise")]  # type: ignore[attr-defined]

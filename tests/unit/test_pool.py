@@ -9,10 +9,12 @@ from collections.abc import Iterator
 import pytest
 from fake_engine import BASE, FakeEngine, eventually
 
-from sandboxd.config import ServerConfig
+from sandboxd.config import DEFAULT_PROFILE, ServerConfig
 from sandboxd.errors import EngineUnavailable, ResourceExhausted
 from sandboxd.images import ImageStore
 from sandboxd.limits import Limits, MiB
+from sandboxd.models import Prepared, SandboxRecord
+from sandboxd.pool import WarmPool
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
 
 
@@ -171,3 +173,51 @@ def test_a_failing_launch_stops_the_pool_growing(engine: FakeEngine) -> None:
     finally:
         engine.down = False
         manager.stop()
+
+
+def test_the_pool_needs_only_the_callables_it_is_given() -> None:
+    """No manager: launching, discarding and the free memory are all it asks for."""
+    launched: list[SandboxRecord] = []
+    discarded: list[SandboxRecord] = []
+
+    def launch(prep: Prepared) -> SandboxRecord:
+        record = SandboxRecord(
+            id=f"s{len(launched)}",
+            container_id=f"c{len(launched)}",
+            request=SandboxRequest(),
+            limits=prep.limits,
+            image_ref=prep.image_ref,
+            image_digest="",
+            runtime=prep.runtime,
+            profile=prep.profile,
+            workdir=prep.workdir,
+            user=prep.profile.user,
+            created_unix=0.0,
+            expires_unix=0.0,
+        )
+        launched.append(record)
+        return record
+
+    prep = Prepared(
+        BASE, "", Limits(memory_bytes=100 * MiB), DEFAULT_PROFILE, "runc", "/w", (), (), ()
+    )
+    config = ServerConfig(pool_max_per_key=2, pool_workers=1, pool_idle_seconds=3600.0)
+    free = [150 * MiB]
+    pool = WarmPool(
+        config,
+        launch=launch,
+        discard=discarded.append,
+        free_memory=lambda: free[0],
+        memory_budget=1024 * MiB,
+    )
+    try:
+        pool.missed(prep)
+        pool.missed(prep)  # the target is two, but the free memory fits one
+        assert eventually(lambda: pool.stats()["ready"] == 1)
+        assert pool.stats()["target"] == 2 and len(launched) == 1
+        taken = pool.take(prep)
+        assert taken is launched[0] and not pool.knows(taken.id)
+        assert eventually(lambda: pool.stats()["ready"] == 1)  # refilled after the hand-out
+    finally:
+        pool.stop()
+    assert discarded == [launched[1]]

@@ -15,6 +15,7 @@ from sandboxd.engine.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_SANDBOX,
+    ContainerSpec,
 )
 from sandboxd.errors import (
     EngineUnavailable,
@@ -22,6 +23,7 @@ from sandboxd.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    SandboxError,
 )
 from sandboxd.images import ImageStore
 from sandboxd.limits import Caps, Limits, MiB
@@ -287,3 +289,66 @@ def test_unknown_sandbox_is_not_found(manager: SandboxManager) -> None:
         manager.get("nope")
     with pytest.raises(NotFound):
         manager.destroy("nope")
+
+
+def test_reap_foreign_removes_live_instances_sandboxes_at_start_only_when_set(
+    engine: FakeEngine,
+) -> None:
+    other = instances.InstanceLock(new_id())
+    other.acquire()
+    try:
+        theirs = engine.add_container(_labels(other.instance_id, time.time() + 3600))
+        m = make_manager(engine)  # reap_foreign is off by default
+        m.start()
+        m.stop()
+        assert theirs in engine.containers
+        m = make_manager(engine, reap_foreign=True)
+        m.start()
+        try:
+            assert theirs not in engine.containers
+            # Only the start reaps foreign sandboxes; later passes spare live instances.
+            again = engine.add_container(_labels(other.instance_id, time.time() + 3600))
+            assert m.reap_orphans() == 0
+            assert again in engine.containers
+        finally:
+            m.stop()
+    finally:
+        other.release()
+
+
+def test_destroy_gives_back_the_slot_and_the_memory(engine: FakeEngine) -> None:
+    m = make_manager(engine, caps=Caps(sandboxes=1), admission_timeout_seconds=0.1)
+    m.start()
+    try:
+        record = m.create(SandboxRequest(limits=Limits(memory_bytes=64 * MiB)))
+        assert m.committed_memory() == 64 * MiB
+        with pytest.raises(ResourceExhausted):
+            m.create(SandboxRequest())
+        m.destroy(record.id)
+        with pytest.raises(NotFound):
+            m.destroy(record.id)
+        assert m.committed_memory() == 0
+        m.create(SandboxRequest())
+    finally:
+        m.stop()
+
+
+class _RefusingEngine(FakeEngine):
+    """Answers every question but refuses to create containers."""
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        raise SandboxError("the engine refused the container")
+
+
+def test_a_failed_launch_gives_back_its_admission() -> None:
+    engine = _RefusingEngine()
+    engine.add_image(BASE)
+    m = make_manager(engine, caps=Caps(sandboxes=1), admission_timeout_seconds=0.1)
+    m.start()
+    try:
+        for _ in range(2):  # the second would find no slot if the first kept it
+            with pytest.raises(SandboxError, match="refused the container"):
+                m.create(SandboxRequest())
+        assert m.committed_memory() == 0
+    finally:
+        m.stop()

@@ -1,11 +1,22 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.limits import MiB
-from sandboxd.verdicts import Observation, judge, signal_name
+from sandboxd.verdicts import (
+    VERDICTS,
+    Facts,
+    Observation,
+    StoppedVerdict,
+    Verdict,
+    by_wire,
+    judge,
+    signal_name,
+)
 
 CLEAN = Observation(
     exit_code=0,
@@ -90,3 +101,48 @@ def test_unknown_exit_code_is_crashed() -> None:
 @pytest.mark.parametrize(("number", "name"), [(9, "SIGKILL"), (15, "SIGTERM"), (99, "signal 99")])
 def test_signal_name(number: int, name: str) -> None:
     assert signal_name(number) == name
+
+
+def test_every_proto_verdict_has_exactly_one_table_entry_and_back() -> None:
+    """A verdict missing on either side fails here, not as INTERNAL in a call."""
+    wire = {n: v for n, v in pb.Verdict.items() if v != pb.VERDICT_UNSPECIFIED}
+    table = {info.wire: info for info in VERDICTS.values()}
+    assert len(table) == len(VERDICTS), "two table entries share a proto number"
+    assert set(table) == set(wire.values())
+    for proto_name, number in wire.items():
+        assert proto_name == f"VERDICT_{table[number].name.upper()}"
+        assert by_wire(number) is table[number]
+    assert by_wire(pb.VERDICT_UNSPECIFIED) is None
+
+
+def test_table_keys_are_the_literal_and_stopped_verdicts_are_the_unfinished_ones() -> None:
+    assert set(VERDICTS) == set(_literal_members(Verdict))
+    assert all(name == info.name for name, info in VERDICTS.items())
+    unfinished = {name for name, info in VERDICTS.items() if not info.finished}
+    assert unfinished == set(get_args(StoppedVerdict))
+
+
+def _literal_members(alias: object) -> list[str]:
+    """Members of a Literal alias, nested Literals flattened."""
+    out: list[str] = []
+    for arg in get_args(alias):
+        out.extend(_literal_members(arg) if get_args(arg) else [arg])
+    return out
+
+
+def test_cli_exit_codes_follow_the_shell_conventions() -> None:
+    exits = {name: info.cli_exit for name, info in VERDICTS.items()}
+    assert exits["timed_out"] == 124  # what timeout(1) exits with
+    assert exits["out_of_memory"] == 137  # 128 + SIGKILL
+    assert exits["ok"] is None and exits["nonzero_exit"] is None
+
+
+def test_limit_kills() -> None:
+    kills = {name for name, info in VERDICTS.items() if info.limit_kill}
+    assert kills == {"timed_out", "out_of_memory", "pids_exhausted", "output_truncated"}
+
+
+def test_every_sentence_can_be_made_from_facts_alone() -> None:
+    facts = Facts(exit_code=1, memory_limit=64 * MiB, pids_limit=8, timeout_seconds=1.0)
+    for info in VERDICTS.values():
+        assert info.sentence(facts)

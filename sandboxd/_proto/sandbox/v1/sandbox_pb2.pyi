@@ -1053,3 +1053,151 @@ class RunResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunResult: _TypeAlias = RunResult  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class Caps(_message.Message):
+    """Server-side maxima; a request above any of them is refused, never lowered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    SCRATCH_BYTES_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    SANDBOXES_FIELD_NUMBER: _builtins.int
+    cpus: _builtins.float
+    memory_bytes: _builtins.int
+    pids: _builtins.int
+    scratch_bytes: _builtins.int
+    network: _builtins.bool
+    timeout_seconds: _builtins.float
+    """The longest exec (and sandbox timeout) a request may ask for."""
+    output_bytes: _builtins.int
+    ttl_seconds: _builtins.float
+    sandboxes: _builtins.int
+    """Concurrent sandboxes on the whole server."""
+    def __init__(
+        self,
+        *,
+        cpus: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        pids: _builtins.int = ...,
+        scratch_bytes: _builtins.int = ...,
+        network: _builtins.bool = ...,
+        timeout_seconds: _builtins.float = ...,
+        output_bytes: _builtins.int = ...,
+        ttl_seconds: _builtins.float = ...,
+        sandboxes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory_bytes", b"memory_bytes", "network", b"network", "output_bytes", b"output_bytes", "pids", b"pids", "sandboxes", b"sandboxes", "scratch_bytes", b"scratch_bytes", "timeout_seconds", b"timeout_seconds", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Caps: _TypeAlias = Caps  # noqa: Y015
+
+@_typing.final
+class ProfileInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    ALLOW_NETWORK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    runtime: _builtins.str
+    """The runtime the profile asks for; empty means the engine's default."""
+    allow_network: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        allow_network: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network", b"allow_network", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileInfo: _TypeAlias = ProfileInfo  # noqa: Y015
+
+@_typing.final
+class ServerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_VERSION_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_VERSION_FIELD_NUMBER: _builtins.int
+    DEFAULT_LIMITS_FIELD_NUMBER: _builtins.int
+    CAPS_FIELD_NUMBER: _builtins.int
+    PROFILES_FIELD_NUMBER: _builtins.int
+    DEFAULT_PROFILE_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
+    BASE_IMAGE_FIELD_NUMBER: _builtins.int
+    DEFAULT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    api_version: _builtins.str
+    """The API package, "sandbox.v1"."""
+    server_version: _builtins.str
+    """The sandboxd release serving it."""
+    engine: _builtins.str
+    """Container engine name ("docker", ...) and the version it reports."""
+    engine_version: _builtins.str
+    default_profile: _builtins.str
+    base_image: _builtins.str
+    default_ttl_seconds: _builtins.float
+    @_builtins.property
+    def default_limits(self) -> Global___Limits:
+        """What zero fields of a request's Limits become."""
+
+    @_builtins.property
+    def caps(self) -> Global___Caps: ...
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileInfo]: ...
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Container runtimes registered with the engine ("runc", "runsc", ...)."""
+
+    def __init__(
+        self,
+        *,
+        api_version: _builtins.str = ...,
+        server_version: _builtins.str = ...,
+        engine: _builtins.str = ...,
+        engine_version: _builtins.str = ...,
+        default_limits: Global___Limits | None = ...,
+        caps: Global___Caps | None = ...,
+        profiles: _abc.Iterable[Global___ProfileInfo] | None = ...,
+        default_profile: _builtins.str = ...,
+        runtimes: _abc.Iterable[_builtins.str] | None = ...,
+        base_image: _builtins.str = ...,
+        default_ttl_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caps", b"caps", "default_limits", b"default_limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "base_image", b"base_image", "caps", b"caps", "default_limits", b"default_limits", "default_profile", b"default_profile", "default_ttl_seconds", b"default_ttl_seconds", "engine", b"engine", "engine_version", b"engine_version", "profiles", b"profiles", "runtimes", b"runtimes", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015

@@ -617,3 +617,87 @@ class SandboxService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class InfoServiceStub:
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetServerInfo = channel.unary_unary(
+                '/sandbox.v1.InfoService/GetServerInfo',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
+                _registered_method=True)
+
+
+class InfoServiceServicer:
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    def GetServerInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InfoServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ServerInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sandbox.v1.InfoService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sandbox.v1.InfoService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class InfoService:
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.InfoService/GetServerInfo',
+            sandbox_dot_v1_dot_sandbox__pb2.GetServerInfoRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -218,3 +218,43 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         """Create, put files, exec, collect files and destroy, in one call."""
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class InfoServiceStub:
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> InfoServiceAsyncStub: ...
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetServerInfoRequest, _sandbox_pb2.ServerInfo]
+
+@_typing.type_check_only
+class InfoServiceAsyncStub(InfoServiceStub):
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetServerInfoRequest, _sandbox_pb2.ServerInfo]  # type: ignore[assignment]
+
+class InfoServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- server
+
+    What this server offers, the way REAPI's Capabilities service does:
+    clients read caps, defaults and profiles here instead of copying them.
+    """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _sandbox_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ServerInfo, _abc.Awaitable[_sandbox_pb2.ServerInfo]]: ...
+
+def add_InfoServiceServicer_to_server(servicer: InfoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

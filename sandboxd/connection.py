@@ -1,0 +1,80 @@
+"""Reaching sandboxd: a running one at an address, or one embedded in this process.
+
+The CLI and the pytest plugin both start here, so both behave the same way: no
+address means an in-process service, stopped (and its sandboxes removed) on close.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from sandboxd import errors
+from sandboxd.client import SandboxClient
+from sandboxd.config import ServerConfig
+from sandboxd.server import Embedded, start_embedded
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """A client plus, when we started it, the embedded service behind it."""
+
+    def __init__(self, client: SandboxClient, embedded: Embedded | None = None) -> None:
+        self.client = client
+        self.embedded = embedded
+
+    def close(self, *, keep: Collection[str] = ()) -> None:
+        """Close; an embedded service removes its sandboxes, except those in `keep`."""
+        self.client.close()
+        if self.embedded is not None:
+            try:
+                self.embedded.stop(keep=keep)
+            except Exception:  # shutting down: report, do not mask the caller's outcome
+                log.exception("stopping the embedded sandboxd failed")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _embed(config: ServerConfig | None, address_option: str) -> Embedded:
+    try:
+        return start_embedded(config)
+    except errors.SandboxError:
+        raise
+    except Exception as exc:  # a broken install or engine: say so, no traceback
+        raise errors.EngineUnavailable(
+            f"could not start an embedded sandboxd ({type(exc).__name__}: {exc}); "
+            f"start one and pass {address_option}"
+        ) from exc
+
+
+def connect(
+    address: str | None,
+    *,
+    config: ServerConfig | None = None,
+    ready_timeout: float = 30.0,
+    address_option: str = "--address",
+) -> Connection:
+    """Connect to `address`, or start an embedded service (with `config`) when it is None.
+    `address_option` is the caller's option for an address, named when embedding fails.
+
+    Raises:
+        SandboxError: the service cannot be started or reached.
+    """
+    embedded = None
+    if not address:
+        embedded = _embed(config, address_option)
+        address = str(embedded.address)
+    client = SandboxClient(address)
+    try:
+        client.wait_ready(timeout=ready_timeout)
+    except BaseException:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    return Connection(client, embedded)
