@@ -20,7 +20,7 @@ import pytest
 from sandboxd_cli import SANDBOXD, wait_for
 
 from sandboxd import errors
-from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandboxd.api import ExecResult, Sandbox, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.engine import ENGINES, Engine, make_engine
@@ -70,13 +70,13 @@ def engine_client(
 
 
 @pytest.fixture
-def make_box(engine_client: SandboxClient) -> Iterator[Callable[..., pb.Sandbox]]:
+def make_box(engine_client: SandboxClient) -> Iterator[Callable[..., Sandbox]]:
     """Factory: a sandbox on the module's engine, destroyed after the test."""
     made: list[str] = []
 
-    def make(memory: int = 64 * MiB, pids: int = 32, **spec: object) -> pb.Sandbox:
-        limits = pb.Limits(cpus=1.0, memory_bytes=memory, pids=pids, timeout_seconds=20.0)
-        box = engine_client.create_sandbox(pb.SandboxSpec(limits=limits, **spec))  # type: ignore[arg-type]
+    def make(memory: int = 64 * MiB, pids: int = 32, **spec: object) -> Sandbox:
+        limits = requested_limits(cpus=1.0, memory_bytes=memory, pids=pids, timeout_seconds=20.0)
+        box = engine_client.create_sandbox(SandboxRequest(limits=limits, **spec))  # type: ignore[arg-type]
         made.append(box.id)
         return box
 
@@ -86,15 +86,15 @@ def make_box(engine_client: SandboxClient) -> Iterator[Callable[..., pb.Sandbox]
 
 
 def run(
-    client: SandboxClient, box: pb.Sandbox, argv: list[str], timeout: float = 20.0
-) -> tuple[pb.ExecResult, str]:
+    client: SandboxClient, box: Sandbox, argv: list[str], timeout: float = 20.0
+) -> tuple[ExecResult, str]:
     out = bytearray()
     result = client.exec(box.id, argv, on_output=lambda _, d: out.extend(d), timeout=timeout)
     return result, out.decode(errors="replace")
 
 
-def verdict(result: pb.ExecResult) -> str:
-    return pb.Verdict.Name(result.verdict).removeprefix("VERDICT_").lower()
+def verdict(result: ExecResult) -> str:
+    return result.verdict
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def verdict(result: pb.ExecResult) -> str:
 )
 def test_verdicts(
     engine_client: SandboxClient,
-    make_box: Callable[..., pb.Sandbox],
+    make_box: Callable[..., Sandbox],
     argv: list[str],
     timeout: float,
     expected: str,
@@ -126,7 +126,7 @@ def test_verdicts(
 
 
 def test_protections_and_limits_hold(
-    engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
+    engine_client: SandboxClient, make_box: Callable[..., Sandbox]
 ) -> None:
     box = make_box(memory=64 * MiB, pids=32)
     script = (
@@ -146,7 +146,7 @@ def test_protections_and_limits_hold(
 
 
 def test_measurements_are_per_exec(
-    engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
+    engine_client: SandboxClient, make_box: Callable[..., Sandbox]
 ) -> None:
     box = make_box(memory=128 * MiB)
     big, _ = run(engine_client, box, ["python3", "-c", ALLOCATE, "60"])
@@ -157,12 +157,10 @@ def test_measurements_are_per_exec(
     assert 0 < small.peak_memory_bytes < 40 * MiB, "the peak was reset between execs"
 
 
-def test_files_in_and_out(
-    engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
-) -> None:
+def test_files_in_and_out(engine_client: SandboxClient, make_box: Callable[..., Sandbox]) -> None:
     box = make_box()
     payload = os.urandom(100_000)
-    engine_client.put_file_map(box.id, "/sandbox/work", {"in/data.bin": payload})
+    engine_client.put_files(box.id, "/sandbox/work", {"in/data.bin": payload})
     result, out = run(engine_client, box, ["sh", "-c", "cp in/data.bin out.bin && ls -n out.bin"])
     assert verdict(result) == "ok", out
     assert " 1000 " in out, "files belong to the sandbox's user"
@@ -232,7 +230,7 @@ def test_next_start_reaps_a_killed_instance(
         with SandboxClient(serve("first"), retry_seconds=5) as c:
             c.wait_ready(timeout=20)
             for _ in range(2):
-                c.create_sandbox(pb.SandboxSpec(limits=pb.Limits(memory_bytes=64 << 20)))
+                c.create_sandbox(SandboxRequest(limits=requested_limits(memory_bytes=64 << 20)))
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait(timeout=10)
         assert len(containers_of(engine, instances[0])) == 2, "kill -9 leaves them running"
@@ -254,7 +252,7 @@ def test_next_start_reaps_a_killed_instance(
 
 
 def test_the_init_is_the_engines_own(
-    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
+    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., Sandbox]
 ) -> None:
     """Both reap zombies with an init of their own: tini (docker-init) or catatonit."""
     result, out = run(engine_client, make_box(), ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"])
@@ -264,7 +262,7 @@ def test_the_init_is_the_engines_own(
 
 
 def test_podman_gets_explicit_ulimits(
-    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
+    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., Sandbox]
 ) -> None:
     """Podman's default RLIMIT_NOFILE (1048576) is refused here; the adapter sets Docker's."""
     result, out = run(engine_client, make_box(), ["sh", "-c", "ulimit -n"])
@@ -274,7 +272,7 @@ def test_podman_gets_explicit_ulimits(
 
 
 def test_gvisor_is_docker_only(
-    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., pb.Sandbox]
+    engine_name: str, engine_client: SandboxClient, make_box: Callable[..., Sandbox]
 ) -> None:
     """Podman 4.3's API ignores the runtime asked for: runsc is refused, never faked."""
     if engine_name == "podman":
