@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sandboxd import errors
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
+from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
 
 if TYPE_CHECKING:
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--config", type=Path, help="TOML config file (defaults, caps, profiles)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="container engine for the sandboxes (default: the config's, else docker)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the gRPC API")
@@ -338,9 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        overrides = {}
+        overrides = {"engine": args.engine}
         if args.command == "serve":
-            overrides = {
+            overrides |= {
                 "tokens_file": args.tokens,
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,

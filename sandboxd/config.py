@@ -82,6 +82,8 @@ class ServerConfig:
     engine: str = "docker"
     #: The engine's API address; None means the engine's own default (DOCKER_HOST or its socket).
     docker_host: str | None = None
+    #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
+    podman_host: str | None = None
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
