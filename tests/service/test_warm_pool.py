@@ -77,6 +77,14 @@ def pool_ready(svc: Service) -> bool:
     return pool.stats()["ready"] >= 1
 
 
+def warm_preloads_ended(svc: Service) -> bool:
+    """Whether the pool has seen the end of every warm sandbox's preload command."""
+    pool = svc.core.manager.pool
+    assert pool is not None
+    records = [r for queue in pool._ready.values() for r in queue]
+    return bool(records) and all(r.preload is not None and r.preload.ended() for r in records)
+
+
 def attach(client: SandboxClient, box: Sandbox, stdin: bytes) -> tuple[bytes, ExecResult]:
     out = bytearray()
     result = client.exec(
@@ -123,6 +131,9 @@ def test_a_warm_sandbox_whose_preload_died_is_not_handed_out(
         (stale,) = set(containers_of(warm.config.instance_id)) - {first.container_id}
         killed = docker("exec", stale, "sh", "-c", "kill $(pidof sleep)")
         assert killed.returncode == 0, killed.stderr
+        # The service learns of the end from the exec's output stream; a create in the
+        # instant between the kill and that end is a race no check can close.
+        assert wait_until(lambda: warm_preloads_ended(warm)), "the pool never saw the end"
         second = warm_client.create_sandbox(request)
         try:
             assert not second.from_pool, "a warm sandbox without its preload was handed out"
