@@ -68,6 +68,8 @@ class BlobStore:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # sha256 -> size, oldest use first
         self._total = 0
+        #: Bytes received by uploads since the store was made, kept or not (for measurements).
+        self.received_bytes = 0
 
     @property
     def total_bytes(self) -> int:
@@ -141,6 +143,8 @@ class BlobStore:
                     digest, path, h, size = current
                     size += len(part.data)
                     received += len(part.data)
+                    with self._lock:
+                        self.received_bytes += len(part.data)
                     if size > digest.size_bytes:
                         raise InvalidArgument(
                             f"blob {digest.sha256[:12]}: more than its {digest.size_bytes} bytes"
