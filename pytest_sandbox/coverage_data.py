@@ -9,10 +9,71 @@ counts routed tests exactly as it counts local ones.
 
 from __future__ import annotations
 
+import io
+import os
+import tarfile
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+
+@dataclass(frozen=True)
+class CoverageSpec:
+    """What the worker measures (pytest-cov's options, paths as seen inside), and where
+    its data joins the host's."""
+
+    source: tuple[str, ...]
+    branch: bool
+    config_file: str | bool
+    data_file: Path
+    host_root: Path
+
+    def worker_options(self, capture_dir: str) -> dict[str, Any]:
+        """The worker request's `coverage` entry: its data file lives in the capture dir."""
+        return {
+            "data_file": f"{capture_dir}/.coverage",
+            "source": list(self.source),
+            "branch": self.branch,
+            "config_file": self.config_file,
+        }
+
+
+def coverage_spec(config: Any, sandbox_root: str) -> CoverageSpec | None:
+    """The worker's coverage options when pytest-cov measures on the host; else None.
+    Host paths under the rootdir become sandbox paths; names and relative paths stay (the
+    worker's cwd is the invocation dir's place in the sandbox)."""
+    data_file = host_data_file(config)
+    if data_file is None:
+        return None
+    controller = config.pluginmanager.get_plugin("_cov").cov_controller
+    root = Path(config.rootpath)
+
+    def inside(value: str) -> str:
+        path = Path(value)
+        if path.is_absolute() and (path == root or root in path.parents):
+            return str(PurePosixPath(sandbox_root, *path.relative_to(root).parts))
+        return value
+
+    config_file = controller.cov_config
+    return CoverageSpec(
+        source=tuple(inside(str(s)) for s in controller.cov_source or ()),
+        branch=bool(controller.cov_branch),
+        config_file=inside(config_file) if isinstance(config_file, str) else bool(config_file),
+        data_file=data_file,
+        host_root=root,
+    )
+
+
+def data_from_tar(archive: bytes) -> bytes | None:
+    """The coverage data file in a GetFiles archive of it; None when it is not there."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and os.path.basename(member.name) == ".coverage":
+                f = tar.extractfile(member)
+                return f.read() if f is not None else None
+    return None
 
 
 def host_data_file(config: Any) -> Path | None:
