@@ -208,6 +208,7 @@ class WorkerPlugin:
         self.real_stdout: IO[str] | None = None
         self.cgroup = Cgroup()
         self.config: Any = None
+        self.coverage: Any = None  # a started coverage.Coverage when the host measures
         self._counters = (0, 0)
         self.watchdog = Watchdog(self._expired)
 
@@ -270,6 +271,9 @@ class WorkerPlugin:
         # is left of pytest's shutdown (terminal summary, the garbage collections of
         # unconfigure, interpreter teardown) shows nobody anything in a throwaway
         # sandbox but costs a fresh container ~50 ms of CPU.
+        if self.coverage is not None:  # saved before the exit record: the host reads it next
+            self.coverage.stop()
+            self.coverage.save()
         self.channel.send("exit", code=int(exitstatus))
         reap_strays()
         sys.stderr.flush()
@@ -389,15 +393,8 @@ def main() -> int:
         plugin.real_stdout = real_stdout
         # The worker's own terminal output is noise; reports travel as records.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        cov = start_coverage(request.get("coverage"))
-        try:
-            code = int(
-                pytest.main(list(request["args"]) + list(request["files"]), plugins=[plugin])
-            )
-        finally:
-            if cov is not None:
-                cov.stop()
-                cov.save()
+        plugin.coverage = start_coverage(request.get("coverage"))
+        code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=[plugin]))
     except BaseException:
         channel.send("error", text=traceback.format_exc())
     channel.send("exit", code=code)
