@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -117,6 +118,51 @@ def _retry_after(exc: grpc.RpcError) -> float | None:
     return None
 
 
+#: What `tls_credentials` makes; named here so callers need not import grpc.
+TlsCredentials = grpc.ChannelCredentials
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from PEM files; each one not given comes from
+    SANDBOXD_TLS_CA / SANDBOXD_TLS_CERT / SANDBOXD_TLS_KEY. None when none is set.
+
+    The CA verifies the server (the system's roots without it); cert and key are this
+    client's identity for a server that requires client certificates (mTLS).
+
+    Raises:
+        InvalidArgument: only one of cert and key, or a file that cannot be read.
+    """
+    ca = ca or os.environ.get("SANDBOXD_TLS_CA") or None
+    cert = cert or os.environ.get("SANDBOXD_TLS_CERT") or None
+    key = key or os.environ.get("SANDBOXD_TLS_KEY") or None
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise errors.InvalidArgument(
+            "a TLS client certificate needs its key and the key its certificate "
+            "(--tls-cert with --tls-key, or SANDBOXD_TLS_CERT with SANDBOXD_TLS_KEY)"
+        )
+
+    def read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise errors.InvalidArgument(f"TLS {what} {path}: {exc.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca, "CA"),
+        private_key=read(key, "key"),
+        certificate_chain=read(cert, "certificate"),
+    )
+
+
 class SandboxClient:
     """Talks to one sandboxd over one channel."""
 
@@ -137,6 +183,10 @@ class SandboxClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
         ]
         target = channel_target(address)
+        if credentials is None and not address.startswith("unix:"):
+            # Like the token: TLS settings from the environment reach every client.
+            credentials = tls_credentials()
+        self._tls = credentials is not None
         if credentials is not None:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
@@ -190,14 +240,49 @@ class SandboxClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the service answers health checks as SERVING."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise errors.EngineUnavailable(
-                f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
-            ) from None
+        """Block until the service answers health checks as SERVING.
+
+        Raises:
+            EngineUnavailable: no answer within `timeout`, or at once when the server
+                closes every connection during the TLS handshake (wrong credentials).
+        """
+        ready = grpc.channel_ready_future(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ready.result(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+                break
+            except grpc.FutureTimeoutError:
+                # A server refusing our credentials never gets ready: waiting longer is moot.
+                hint = self._handshake_hint()
+                if hint or time.monotonic() >= deadline:
+                    ready.cancel()
+                    raise errors.EngineUnavailable(
+                        f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
+                        if not hint
+                        else f"sandboxd at {self.address} refused the connection{hint}"
+                    ) from None
         self._retrying(lambda: self.health())
+
+    def _handshake_hint(self) -> str:
+        """Why the connection failed, when one attempt says it was the TLS handshake
+        (a listener that accepts and then closes the socket: gRPC reports "Socket closed")."""
+        if self.address.startswith("unix:"):
+            return ""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=5.0)
+        except grpc.RpcError as exc:
+            details = str(exc.details() if isinstance(exc, grpc.Call) else exc).lower()
+            if any(w in details for w in ("handshake", "ssl", "tls", "socket closed")):
+                return (
+                    "; the TLS handshake failed: check the CA (--tls-ca, SANDBOXD_TLS_CA) and, "
+                    "for a server that requires client certificates, --tls-cert/--tls-key "
+                    "(SANDBOXD_TLS_CERT/SANDBOXD_TLS_KEY)"
+                    if self._tls
+                    else "; it may require TLS: give --tls-ca (and --tls-cert/--tls-key for "
+                    "client certificates) or SANDBOXD_TLS_CA/_CERT/_KEY"
+                )
+        return ""
 
     # -- server -------------------------------------------------------------
 

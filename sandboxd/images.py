@@ -18,6 +18,9 @@ from sandboxd.paths import check_relative
 
 log = logging.getLogger(__name__)
 
+#: The instance id of the service that built an image (a cache hit keeps the first one's).
+LABEL_BUILDER = "sandbox.builder"
+
 TAG_REPO = "sandbox/img"
 MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
@@ -134,11 +137,19 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
 class ImageStore:
     """Builds images through the engine; answers repeated keys from the cache."""
 
-    def __init__(self, engine: Engine, base_image: str, blobs: BlobStore | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        base_image: str,
+        instance_id: str = "",
+        blobs: BlobStore | None = None,
+    ) -> None:
         self._engine = engine
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
         self.blobs = blobs
         self.base_image = base_image
+        #: Recorded on every image built, so a cleanup can tell whose images are whose.
+        self.instance_id = instance_id
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._cache: dict[str, ImageRecord] = {}
@@ -217,6 +228,8 @@ class ImageStore:
             }
             if label:
                 labels["sandbox.label"] = label
+            if self.instance_id:
+                labels[LABEL_BUILDER] = self.instance_id
             if owner:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}

@@ -59,7 +59,7 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
-    images = ImageStore(engine, config.base_image, blobs)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 

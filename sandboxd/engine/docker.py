@@ -223,11 +223,10 @@ class DockerEngine:
 
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
-        owner = f"uid={_uid(spec.user)},gid={_gid(spec.user)}"
         tmpfs = {
             path: f"rw,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
-            else f"rw,nosuid,nodev,size={size},{owner},mode=755"
+            else f"rw,nosuid,nodev,size={size},{self._tmpfs_owner(spec.user)},mode=755"
             for path, size in spec.scratch.items()
         }
         host_config = api.create_host_config(
@@ -270,6 +269,10 @@ class DockerEngine:
                 self.remove_container(container_id)
             raise
         return container_id
+
+    def _tmpfs_owner(self, user: str) -> str:
+        """The tmpfs option that gives a scratch mount to the sandbox's user."""
+        return f"uid={_uid(user)},gid={_gid(user)}"
 
     def remove_container(self, container_id: str) -> None:
         self._pids.pop(container_id, None)
