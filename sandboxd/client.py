@@ -47,6 +47,7 @@ from sandboxd.api import (
     Stream,
 )
 from sandboxd.archives import FileContent, tar_of
+from sandboxd.blobs import BlobDigest
 from sandboxd.info import ProfileInfo, ServerInfo
 from sandboxd.limits import Caps, Limits
 from sandboxd.verdicts import by_wire
@@ -59,6 +60,9 @@ OutputCallback = Callable[[Stream, bytes], None]
 CHUNK = 256 * 1024
 DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
+#: Bytes per UploadBlobs message, and per call (a call never nears the service's cap).
+BLOB_CHUNK = 1024 * 1024
+UPLOAD_BATCH = 256 * 1024 * 1024
 #: Room past an exec's own timeout for the service to kill and measure it.
 DEADLINE_SLACK = 60.0
 
@@ -115,6 +119,20 @@ def _details(exc: grpc.RpcError) -> tuple[tuple[errors.FieldViolation, ...], flo
         elif detail.Unpack(retry):
             retry_after = retry.retry_delay.ToTimedelta().total_seconds()
     return tuple(violations), retry_after
+
+
+def _upload_messages(
+    batch: list[BlobDigest], blobs: Mapping[BlobDigest, bytes]
+) -> Iterator[pb.UploadBlobsRequest]:
+    """One UploadBlobs stream: each blob's digest, then its bytes in chunks."""
+    for d in batch:
+        content = memoryview(blobs[d])
+        yield pb.UploadBlobsRequest(
+            digest=pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes),
+            data=bytes(content[:BLOB_CHUNK]),
+        )
+        for start in range(BLOB_CHUNK, len(content), BLOB_CHUNK):
+            yield pb.UploadBlobsRequest(data=bytes(content[start : start + BLOB_CHUNK]))
 
 
 def _retry_after(exc: grpc.RpcError) -> float | None:
@@ -212,6 +230,9 @@ class SandboxClient:
         self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._about = pb_grpc.InfoServiceStub(self._channel)
+        self._blobs = pb_grpc.BlobServiceStub(self._channel)
+        #: Build-context bytes this client has sent, inline or as blobs (for measurements).
+        self.context_bytes_sent = 0
 
     # -- plumbing -----------------------------------------------------------
 
@@ -370,15 +391,61 @@ class SandboxClient:
 
         def once() -> BuildResult:
             if digests_first:
-                found = attempt(with_content=False)
-                if found is not None:
-                    return found
+                # A cache hit needs nothing more; otherwise the blobs the service lacks go
+                # up in chunks and the build names them by digest. Twice: a blob may be
+                # evicted between the upload and the build by another client's upload.
+                for _ in range(2):
+                    found = attempt(with_content=False)
+                    if found is not None:
+                        return found
+                    self.upload_missing({BlobDigest(d, len(c)): c for _, c, _, d in files})
+                raise errors.ResourceExhausted(
+                    "the service's blob store evicted this build's context before the build "
+                    "could use it; it is too small for this context and the concurrent uploads"
+                )
+            self.context_bytes_sent += sum(len(f[1]) for f in files)
             found = attempt(with_content=True)
             if found is None:
                 raise errors.SandboxError("the service asked for build content it was given")
             return found
 
         return self._retrying(once)
+
+    # -- blobs --------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Iterable[BlobDigest]) -> list[BlobDigest]:
+        """The digests the service's blob store lacks."""
+        request = pb.FindMissingBlobsRequest(
+            digests=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in digests]
+        )
+        resp = self._retrying(lambda: self._call(self._blobs.FindMissingBlobs, request))
+        return [BlobDigest(d.sha256, d.size_bytes) for d in resp.missing]
+
+    def upload_blobs(self, blobs: Mapping[BlobDigest, bytes]) -> int:
+        """Send blobs in chunks, UPLOAD_BATCH bytes per call at most (a larger blob goes
+        alone); return the bytes sent. No message carries more than BLOB_CHUNK bytes."""
+        batches: list[list[BlobDigest]] = [[]]
+        size = 0
+        for digest in blobs:
+            if batches[-1] and size + digest.size_bytes > UPLOAD_BATCH:
+                batches.append([])
+                size = 0
+            batches[-1].append(digest)
+            size += digest.size_bytes
+        sent = 0
+        for batch in batches:
+            if batch:
+                resp = self._call(
+                    self._blobs.UploadBlobs, _upload_messages(batch, blobs), timeout=None
+                )
+                sent += resp.bytes
+        self.context_bytes_sent += sent
+        return sent
+
+    def upload_missing(self, blobs: Mapping[BlobDigest, bytes]) -> int:
+        """Upload only the blobs the service lacks; return the bytes sent."""
+        missing = self.find_missing_blobs(blobs)
+        return self.upload_blobs({d: blobs[d] for d in missing if d in blobs})
 
     def get_image(self, key: str) -> Image:
         request = pb.GetImageRequest(key=key)

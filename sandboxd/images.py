@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from sandboxd.blobs import BlobStore
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
 from sandboxd.paths import check_relative
@@ -136,8 +137,16 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
 class ImageStore:
     """Builds images through the engine; answers repeated keys from the cache."""
 
-    def __init__(self, engine: Engine, base_image: str, instance_id: str = "") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        base_image: str,
+        instance_id: str = "",
+        blobs: BlobStore | None = None,
+    ) -> None:
         self._engine = engine
+        #: Where digest-only context files find their content (uploaded with UploadBlobs).
+        self.blobs = blobs
         self.base_image = base_image
         #: Recorded on every image built, so a cleanup can tell whose images are whose.
         self.instance_id = instance_id
@@ -203,9 +212,11 @@ class ImageStore:
                         self._grants.setdefault(key, set()).add(owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
                 return
-            if any(f.digest_only for f in context):
+            filled = self._filled(context)
+            if filled is None:
                 yield NeedsContent(key)
                 return
+            context = filled
             tag = f"{TAG_REPO}:{key[:32]}"
             dockerfile = f"FROM {base_ref}\n{fragment}\n"
             # role overrides the "base" role a derived image would inherit from its base.
@@ -233,6 +244,19 @@ class ImageStore:
             with self._lock:
                 self._cache[key] = record
             yield BuildOutcome(record, False, time.monotonic() - started)
+
+    def _filled(self, context: list[ContextFile]) -> list[ContextFile] | None:
+        """The context with every digest-only file's content taken from the blob store;
+        None when a blob is not there (never uploaded, or evicted since)."""
+        out = []
+        for f in context:
+            if f.digest_only:
+                content = self.blobs.read(f.sha256) if self.blobs is not None else None
+                if content is None:
+                    return None
+                f = ContextFile(f.path, content, f.mode, f.sha256)
+            out.append(f)
+        return out
 
     def _lookup(self, key: str, *, trust_recent: bool = False) -> ImageRecord | None:
         """A cached image for `key`, checking the engine still has it."""

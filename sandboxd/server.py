@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
+from sandboxd.blobs import BlobStore
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
@@ -28,7 +29,7 @@ from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
 from sandboxd.info import describe_server
 from sandboxd.sandboxes import SandboxManager
-from sandboxd.service import ImageServicer, InfoServicer, SandboxServicer
+from sandboxd.service import BlobServicer, ImageServicer, InfoServicer, SandboxServicer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
     pb.DESCRIPTOR.services_by_name["InfoService"].full_name,
+    pb.DESCRIPTOR.services_by_name["BlobService"].full_name,
 )
 
 
@@ -105,7 +107,8 @@ class Core:
 def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
-    images = ImageStore(engine, config.base_image, config.instance_id)
+    blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 
@@ -138,6 +141,10 @@ class Service:
         pb_grpc.add_SandboxServiceServicer_to_server(
             SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
         )
+        if self.core.images.blobs is not None:
+            pb_grpc.add_BlobServiceServicer_to_server(
+                BlobServicer(self.core.images.blobs), self.server
+            )
         pb_grpc.add_InfoServiceServicer_to_server(
             InfoServicer(lambda: describe_server(config, self.core.engine)), self.server
         )
@@ -194,6 +201,8 @@ class Service:
         except EngineUnavailable as exc:
             log.warning("%s; serving anyway, calls fail with UNAVAILABLE until it is back", exc)
         self.core.manager.start()
+        if self.core.images.blobs is not None:
+            self.core.images.blobs.start()
         self.server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("sandboxd %s serving on %s", self.config.instance_id, self.address)
@@ -214,6 +223,8 @@ class Service:
         # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
         self.core.manager.stop(keep)
+        if self.core.images.blobs is not None:
+            self.core.images.blobs.stop()
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 Path(self.address[len("unix:") :]).unlink()

@@ -25,6 +25,7 @@ from sandboxd import client as client_wire
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
@@ -325,6 +326,37 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     ) -> pb.DeleteImageResponse:
         self.images.delete(request.key, owner_of(context), self.release)
         return pb.DeleteImageResponse()
+
+
+class BlobServicer(pb_grpc.BlobServiceServicer):
+    """The build context's content-addressed store: only what the service lacks travels."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    @unary
+    def FindMissingBlobs(
+        self, request: pb.FindMissingBlobsRequest, context: grpc.ServicerContext
+    ) -> pb.FindMissingBlobsResponse:
+        wanted = [BlobDigest(d.sha256, d.size_bytes) for d in request.digests]
+        missing = self.blobs.missing(wanted)
+        return pb.FindMissingBlobsResponse(
+            missing=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in missing]
+        )
+
+    @unary
+    def UploadBlobs(
+        self, request_iterator: Iterator[pb.UploadBlobsRequest], context: grpc.ServicerContext
+    ) -> pb.UploadBlobsResponse:
+        parts = (
+            UploadPart(
+                BlobDigest(m.digest.sha256, m.digest.size_bytes) if m.HasField("digest") else None,
+                m.data,
+            )
+            for m in request_iterator
+        )
+        blobs, size = self.blobs.upload(parts)
+        return pb.UploadBlobsResponse(blobs=blobs, bytes=size)
 
 
 class SandboxServicer(pb_grpc.SandboxServiceServicer):
