@@ -130,7 +130,7 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def _client(args: argparse.Namespace, config: ServerConfig) -> Iterator[SandboxClient]:
-    from sandboxd.client import tls_credentials
+    from sandboxd.channels import tls_credentials
     from sandboxd.connection import connect
 
     given = (args.tls_ca, args.tls_cert, args.tls_key)

@@ -1,19 +1,19 @@
 """A blocking gRPC client for sandboxd, used by the CLI, the grader and the pytest plugin.
 
-Generated types stop here: callers give and get the records of sandboxd.api.
-Status codes come back as the same `SandboxError` kinds the core raises, so
-callers handle one error family whichever side of the wire they are on.
-Calls that are safe to repeat are retried on UNAVAILABLE with backoff.
+Generated types stop here: callers give and get the records of sandboxd.api (the
+conversions are in sandboxd.wire). Status codes come back as the same `SandboxError`
+kinds the core raises (sandboxd.channels), so callers handle one error family whichever
+side of the wire they are on. Calls that are safe to repeat are retried on UNAVAILABLE
+with backoff.
 
-Over 450 lines: the client and its wire conversions belong together (the generated
-types may not leave this module), and the conversions are one flat function each.
+Size: one method per RPC plus the sandbox handle; splitting the class would scatter
+one API over several modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import sys
@@ -22,17 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
 )
 
-from sandboxd import errors
+from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.api import (
@@ -43,14 +40,17 @@ from sandboxd.api import (
     OutputChunk,
     Sandbox,
     SandboxRequest,
-    SandboxState,
     Stream,
 )
 from sandboxd.archives import FileContent, tar_of
 from sandboxd.blobs import BlobDigest
-from sandboxd.info import ProfileInfo, ServerInfo
-from sandboxd.limits import Caps, Limits
-from sandboxd.verdicts import by_wire
+from sandboxd.channels import (
+    backoff,
+    channel_target,
+    from_rpc_error,
+    tls_credentials,
+)
+from sandboxd.info import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -67,60 +67,6 @@ UPLOAD_BATCH = 256 * 1024 * 1024
 DEADLINE_SLACK = 60.0
 
 
-def _backoff() -> wait_exponential_jitter:
-    """0.1 s doubling to 2 s; tenacity 9 renamed `initial` (now deprecated) to `multiplier`."""
-    params = inspect.signature(wait_exponential_jitter).parameters
-    first = "multiplier" if "multiplier" in params else "initial"
-    return wait_exponential_jitter(max=2.0, **{first: 0.1})
-
-
-def channel_target(address: str) -> str:
-    """Turn `HOST:PORT` or `unix:PATH` into a gRPC target (gRPC takes both as is)."""
-    if address.startswith("/"):
-        return f"unix:{address}"
-    return address
-
-
-def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
-    """Map a gRPC status back to the project's error kinds."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    if name == "UNAVAILABLE" and not details:
-        details = "sandboxd is not reachable"
-    kind = errors.BY_CODE.get(name, errors.SandboxError)
-    violations, retry_after = _details(exc)
-    err = kind(details or name, retry_after=retry_after or _retry_after(exc))
-    err.code = name
-    if violations:
-        err.violations = violations
-        if isinstance(err, errors.InvalidArgument):
-            err.field = violations[0].field
-    return err
-
-
-def _details(exc: grpc.RpcError) -> tuple[tuple[errors.FieldViolation, ...], float | None]:
-    """The field violations and retry delay from the status's google.rpc details."""
-    try:
-        call = exc if isinstance(exc, grpc.Call) else None
-        status = rpc_status.from_call(call) if call is not None else None
-    except ValueError:  # details that contradict the status: trust neither
-        return (), None
-    violations: list[errors.FieldViolation] = []
-    retry_after = None
-    details: Iterable[Any] = status.details if status is not None else ()
-    for detail in details:
-        bad = error_details_pb2.BadRequest()
-        retry = error_details_pb2.RetryInfo()
-        if detail.Unpack(bad):
-            violations.extend(
-                errors.FieldViolation(v.field, v.description) for v in bad.field_violations
-            )
-        elif detail.Unpack(retry):
-            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
-    return tuple(violations), retry_after
-
-
 def _upload_messages(
     batch: list[BlobDigest], blobs: Mapping[BlobDigest, bytes]
 ) -> Iterator[pb.UploadBlobsRequest]:
@@ -133,63 +79,6 @@ def _upload_messages(
         )
         for start in range(BLOB_CHUNK, len(content), BLOB_CHUNK):
             yield pb.UploadBlobsRequest(data=bytes(content[start : start + BLOB_CHUNK]))
-
-
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    """The service's "retry-after" trailer (seconds), if it sent one."""
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for item in trailers or ():
-        if item.key == "retry-after":
-            try:
-                return float(item.value)
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-#: What `tls_credentials` makes; named here so callers need not import grpc.
-TlsCredentials = grpc.ChannelCredentials
-
-
-def tls_credentials(
-    ca: str | os.PathLike[str] | None = None,
-    cert: str | os.PathLike[str] | None = None,
-    key: str | os.PathLike[str] | None = None,
-) -> grpc.ChannelCredentials | None:
-    """TLS channel credentials from PEM files; each one not given comes from
-    SANDBOXD_TLS_CA / SANDBOXD_TLS_CERT / SANDBOXD_TLS_KEY. None when none is set.
-
-    The CA verifies the server (the system's roots without it); cert and key are this
-    client's identity for a server that requires client certificates (mTLS).
-
-    Raises:
-        InvalidArgument: only one of cert and key, or a file that cannot be read.
-    """
-    ca = ca or os.environ.get("SANDBOXD_TLS_CA") or None
-    cert = cert or os.environ.get("SANDBOXD_TLS_CERT") or None
-    key = key or os.environ.get("SANDBOXD_TLS_KEY") or None
-    if not (ca or cert or key):
-        return None
-    if bool(cert) != bool(key):
-        raise errors.InvalidArgument(
-            "a TLS client certificate needs its key and the key its certificate "
-            "(--tls-cert with --tls-key, or SANDBOXD_TLS_CERT with SANDBOXD_TLS_KEY)"
-        )
-
-    def read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise errors.InvalidArgument(f"TLS {what} {path}: {exc.strerror}") from None
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(ca, "CA"),
-        private_key=read(key, "key"),
-        certificate_chain=read(cert, "certificate"),
-    )
 
 
 class SandboxClient:
@@ -256,7 +145,7 @@ class SandboxClient:
         retry = Retrying(
             retry=retry_if_exception_type(errors.EngineUnavailable),
             stop=stop_after_delay(self._retry_seconds),
-            wait=_backoff(),
+            wait=backoff(),
             reraise=True,
         )
         return retry(fn)
@@ -321,7 +210,7 @@ class SandboxClient:
             m = self._retrying(
                 lambda: self._call(self._about.GetServerInfo, pb.GetServerInfoRequest())
             )
-            self._info = info_from_pb(m)
+            self._info = wire.info_from_pb(m)
         return self._info
 
     def _exec_deadline(self, timeout: float) -> float:
@@ -382,7 +271,9 @@ class SandboxClient:
                         r = event.result
                         if r.needs_content:
                             return None
-                        return BuildResult(image_from_pb(r.image), r.cache_hit, r.build_seconds)
+                        return BuildResult(
+                            wire.image_from_pb(r.image), r.cache_hit, r.build_seconds
+                        )
                     if on_log is not None:
                         on_log(event.log_line)
             except grpc.RpcError as exc:
@@ -449,11 +340,11 @@ class SandboxClient:
 
     def get_image(self, key: str) -> Image:
         request = pb.GetImageRequest(key=key)
-        return image_from_pb(self._retrying(lambda: self._call(self.images.GetImage, request)))
+        return wire.image_from_pb(self._retrying(lambda: self._call(self.images.GetImage, request)))
 
     def list_images(self) -> list[Image]:
         resp = self._retrying(lambda: self._call(self.images.ListImages, pb.ListImagesRequest()))
-        return [image_from_pb(m) for m in resp.images]
+        return [wire.image_from_pb(m) for m in resp.images]
 
     def delete_image(self, key: str) -> None:
         self._call(self.images.DeleteImage, pb.DeleteImageRequest(key=key))
@@ -462,8 +353,8 @@ class SandboxClient:
 
     def create_sandbox(self, request: SandboxRequest, *, timeout: float | None = 300.0) -> Sandbox:
         """A new sandbox; the caller destroys it (or use `sandbox()`, which does)."""
-        message = pb.CreateSandboxRequest(spec=request_to_pb(request))
-        return sandbox_from_pb(
+        message = pb.CreateSandboxRequest(spec=wire.request_to_pb(request))
+        return wire.sandbox_from_pb(
             self._retrying(
                 lambda: self._call(self.sandboxes.CreateSandbox, message, timeout=timeout)
             )
@@ -484,19 +375,19 @@ class SandboxClient:
 
     def prewarm(self, request: SandboxRequest, count: int = 1) -> None:
         """Ask the service to keep `count` more sandboxes of `request` warm (a hint)."""
-        message = pb.CreateSandboxRequest(spec=request_to_pb(request), prewarm=True)
+        message = pb.CreateSandboxRequest(spec=wire.request_to_pb(request), prewarm=True)
         for _ in range(count):
             self._call(self.sandboxes.CreateSandbox, message, timeout=30.0)
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         request = pb.GetSandboxRequest(sandbox_id=sandbox_id)
-        return sandbox_from_pb(self._call(self.sandboxes.GetSandbox, request))
+        return wire.sandbox_from_pb(self._call(self.sandboxes.GetSandbox, request))
 
     def list_sandboxes(self) -> list[Sandbox]:
         resp = self._retrying(
             lambda: self._call(self.sandboxes.ListSandboxes, pb.ListSandboxesRequest())
         )
-        return [sandbox_from_pb(m) for m in resp.sandboxes]
+        return [wire.sandbox_from_pb(m) for m in resp.sandboxes]
 
     def destroy_sandbox(self, sandbox_id: str, *, missing_ok: bool = True) -> None:
         request = pb.DestroySandboxRequest(sandbox_id=sandbox_id)
@@ -537,9 +428,9 @@ class SandboxClient:
         try:
             for event in self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline):
                 if event.HasField("result"):
-                    yield result_from_pb(event.result)
+                    yield wire.result_from_pb(event.result)
                 else:
-                    yield OutputChunk(_STREAMS[event.output.stream], event.output.data)
+                    yield OutputChunk(wire._STREAMS[event.output.stream], event.output.data)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -628,144 +519,3 @@ class SandboxHandle:
             if not quiet:
                 raise
             log.warning("could not destroy sandbox %s: %s", self.id, exc.message)
-
-
-# -- wire conversions ---------------------------------------------------------
-
-_STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
-_STATES: dict[int, SandboxState] = {
-    pb.SANDBOX_STATE_RUNNING: "running",
-    pb.SANDBOX_STATE_EXITED: "exited",
-    pb.SANDBOX_STATE_DESTROYED: "destroyed",
-}
-
-
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpus=limits.cpus,
-        memory_bytes=limits.memory_bytes,
-        pids=limits.pids,
-        scratch_bytes=limits.scratch_bytes,
-        network=limits.network,
-        timeout_seconds=limits.timeout_seconds,
-        output_bytes=limits.output_bytes,
-    )
-
-
-def limits_from_pb(m: pb.Limits) -> Limits:
-    return Limits(
-        cpus=m.cpus,
-        memory_bytes=m.memory_bytes,
-        pids=m.pids,
-        scratch_bytes=m.scratch_bytes,
-        network=m.network,
-        timeout_seconds=m.timeout_seconds,
-        output_bytes=m.output_bytes,
-    )
-
-
-def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
-    """The owner is not sent: the server takes it from the caller's credentials."""
-    return pb.SandboxSpec(
-        image=r.image,
-        limits=limits_to_pb(r.limits) if r.limits is not None else None,
-        env=dict(r.env),
-        workdir=r.workdir,
-        runtime=r.runtime,
-        ttl_seconds=r.ttl_seconds,
-        profile=r.profile,
-        labels=dict(r.labels),
-        preload_argv=list(r.preload_argv),
-    )
-
-
-def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
-    return SandboxRequest(
-        image=m.image,
-        limits=limits_from_pb(m.limits) if m.HasField("limits") else None,
-        env=dict(m.env),
-        workdir=m.workdir,
-        runtime=m.runtime,
-        ttl_seconds=m.ttl_seconds,
-        profile=m.profile,
-        labels=dict(m.labels),
-        preload_argv=tuple(m.preload_argv),
-    )
-
-
-def image_from_pb(m: pb.Image) -> Image:
-    return Image(
-        key=m.key,
-        digest=m.digest,
-        tag=m.tag,
-        base=m.base,
-        size_bytes=m.size_bytes,
-        created_unix=m.created_unix,
-        label=m.label,
-    )
-
-
-def sandbox_from_pb(m: pb.Sandbox) -> Sandbox:
-    return Sandbox(
-        id=m.id,
-        request=request_from_pb(m.spec),
-        limits=limits_from_pb(m.limits),
-        image_digest=m.image_digest,
-        container_id=m.container_id,
-        state=_STATES.get(m.state, "unspecified"),
-        created_unix=m.created_unix,
-        expires_unix=m.expires_unix,
-        runtime=m.runtime,
-        create_seconds=m.create_seconds,
-        from_pool=m.from_pool,
-        preloaded=m.preloaded,
-    )
-
-
-def result_from_pb(m: pb.ExecResult) -> ExecResult:
-    """Raises: SandboxError: a verdict this client does not know (a newer server)."""
-    info = by_wire(m.verdict)
-    if info is None:
-        raise errors.SandboxError(
-            f"the server sent verdict {m.verdict}, which this client does not know; "
-            "update sandboxd on this side"
-        )
-    return ExecResult(
-        exit_code=m.exit_code,
-        signal=m.signal,
-        verdict=info.name,
-        wall_seconds=m.wall_seconds,
-        cpu_seconds=m.cpu_seconds,
-        peak_memory_bytes=m.peak_memory_bytes,
-        output_truncated=m.output_truncated,
-        message=m.message,
-        stdout_bytes=m.stdout_bytes,
-        stderr_bytes=m.stderr_bytes,
-    )
-
-
-def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
-    c = m.caps
-    return ServerInfo(
-        api_version=m.api_version,
-        server_version=m.server_version,
-        engine=m.engine,
-        engine_version=m.engine_version,
-        defaults=limits_from_pb(m.default_limits),
-        caps=Caps(
-            cpus=c.cpus,
-            memory_bytes=c.memory_bytes,
-            pids=c.pids,
-            scratch_bytes=c.scratch_bytes,
-            network=c.network,
-            timeout_seconds=c.timeout_seconds,
-            output_bytes=c.output_bytes,
-            ttl_seconds=c.ttl_seconds,
-            sandboxes=c.sandboxes,
-        ),
-        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
-        default_profile=m.default_profile,
-        runtimes=tuple(m.runtimes),
-        base_image=m.base_image,
-        default_ttl_seconds=m.default_ttl_seconds,
-    )

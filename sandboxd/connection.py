@@ -10,7 +10,8 @@ import logging
 from collections.abc import Collection
 
 from sandboxd import errors
-from sandboxd.client import SandboxClient, TlsCredentials
+from sandboxd.channels import TlsCredentials
+from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.server import Embedded, start_embedded
 

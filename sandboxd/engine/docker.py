@@ -1,6 +1,6 @@
 """The Docker Engine adapter: the only module that imports docker-py.
 
-Longer than the house's ~450 lines on purpose: keeping docker-py in one module means the
+Size: longer than the house's ~450 lines on purpose: keeping docker-py in one module means the
 engine calls, the exec stream (`DockerExec`) and the kill paths that need both live here.
 Host cgroup and /proc reading is in `sandboxd.cgroups`.
 """

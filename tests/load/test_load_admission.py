@@ -13,7 +13,8 @@ from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.api import Sandbox, SandboxRequest, requested_limits
-from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.client import SandboxClient
+from sandboxd.wire import request_to_pb
 
 MiB = 1 << 20
 

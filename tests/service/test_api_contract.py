@@ -20,9 +20,10 @@ from grpc_status import rpc_status
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.api import SandboxRequest
-from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.client import SandboxClient
 from sandboxd.limits import Caps, GiB, Limits, MiB
 from sandboxd.server import Service, create_server
+from sandboxd.wire import request_to_pb
 
 REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 

@@ -14,8 +14,9 @@ import pytest
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.api import Sandbox, SandboxRequest
 from sandboxd.archives import tar_of
-from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.client import SandboxClient
 from sandboxd.limits import Limits
+from sandboxd.wire import request_to_pb
 
 SCRIPT = "printf '#!/bin/sh\\necho hi from $0\\n' > {path}; chmod +x {path}; {path}"
 

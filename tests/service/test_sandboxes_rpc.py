@@ -14,8 +14,9 @@ from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.api import ExecResult, OutputChunk, Sandbox, SandboxRequest, requested_limits
 from sandboxd.archives import tar_of
-from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.client import SandboxClient
 from sandboxd.limits import GiB, Limits, MiB
+from sandboxd.wire import request_to_pb
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
