@@ -188,10 +188,11 @@ def _unowned_pth(
         yield path.name, data
 
 
-def distributions(rootdir: Path) -> dict[str, ContextFiles]:
+def distributions(rootdir: Path, dirs: list[Path] | None = None) -> dict[str, ContextFiles]:
     """Every distribution the host's pytest can import, by normalized name, as site files.
 
     The first of two distributions with one name on sys.path wins, as for the host.
+    `dirs` defaults to the site directories on sys.path.
 
     Raises:
         EnvironmentProblem: a distribution cannot be mirrored (the message names it).
@@ -199,7 +200,7 @@ def distributions(rootdir: Path) -> dict[str, ContextFiles]:
     rewriter = Rewriter(rootdir)
     out: dict[str, ContextFiles] = {}
     taken: set[str] = set()
-    for site_dir in site_dirs():
+    for site_dir in site_dirs() if dirs is None else dirs:
         owned: set[str] = set()
         for dist in sorted(metadata.distributions(path=[str(site_dir)]), key=_sort_key):
             name = dist.metadata["Name"] or "?"
