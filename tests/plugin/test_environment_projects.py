@@ -37,6 +37,7 @@ PLUGIN_DEPS = [
     )
 ]
 CHECKOUT = Path(pytest_sandbox.__file__).resolve().parent.parent
+QUIET = ("-p", "no:cacheprovider", "-rA", "-q", "--color=no")
 OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", re.M)
 
 
@@ -60,8 +61,7 @@ def run_pytest(python: Path, project: Path, *args: str) -> dict[str, str]:
     """nodeid -> outcome (the -rA summary) of one pytest run of `project`."""
     env = dict(os.environ, PYTHONPATH=str(CHECKOUT))  # the plugin from this checkout
     result = subprocess.run(
-        [str(python), "-m", "pytest", "-p", "pytest_sandbox.plugin", "-p", "no:cacheprovider"]
-        + ["-rA", "-q", "--color=no", *args],
+        [str(python), "-m", "pytest", "-p", "pytest_sandbox.plugin", *QUIET, *args],
         cwd=project,
         env=env,
         capture_output=True,
