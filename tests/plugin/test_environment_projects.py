@@ -83,7 +83,7 @@ def summary(outcomes: dict[str, str]) -> dict[str, int]:
 def test_python_dateutil_from_its_sdist_with_its_dev_requirements(
     tmp_path: Path, no_leftovers: None
 ) -> None:
-    python = make_venv(tmp_path / "venv", ["six", "freezegun", "hypothesis"])
+    python = make_venv(tmp_path / "venv", ["six", "freezegun", "hypothesis", "pytest-cov"])
     pip(
         python,
         "download",
