@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,15 +84,24 @@ def test_a_base_image_with_another_python_is_one_message_at_session_start(
     assert "not collected in the sandbox" not in result.stdout.str()
 
 
-def test_a_requirements_file_defines_the_sandbox_environment(
+@pytest.fixture
+def pip_cache(
     pytester: pytest.Pytester,
-    no_leftovers: None,
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
+) -> Path:
+    """A project naming requirements.txt in its ini, with a pip-install cache of its own."""
+    pytester.makeini("[pytest]\nsandbox_requirements = requirements.txt\n")
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def test_a_requirements_file_defines_the_sandbox_environment(
+    pytester: pytest.Pytester, no_leftovers: None, pip_cache: Path
 ) -> None:
     # pip on the host installs it (its index settings and certificates stay on the host);
     # the host's own distributions are then not mirrored.
-    pytester.makeini("[pytest]\nsandbox_requirements = requirements.txt\n")
     pytester.makefile(".txt", requirements="six==1.16.0\n")
     pytester.makepyfile(
         test_req="""
@@ -106,23 +116,16 @@ def test_a_requirements_file_defines_the_sandbox_environment(
             assert importlib.util.find_spec("hypothesis") is None
         """
     )
-    cache = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     result = pytester.runpytest_subprocess("--sandbox=all", "-rA")
     result.assert_outcomes(passed=2)
-    assert list((cache / "pytest-sandbox" / "requirements").iterdir())
+    assert list((pip_cache / "pytest-sandbox" / "requirements").iterdir())
 
 
 def test_a_requirements_file_pip_cannot_install_is_one_clear_message(
-    pytester: pytest.Pytester,
-    no_leftovers: None,
-    tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    pytester: pytest.Pytester, no_leftovers: None, pip_cache: Path
 ) -> None:
-    pytester.makeini("[pytest]\nsandbox_requirements = requirements.txt\n")
     pytester.makefile(".txt", requirements="--no-index\nsix==1.16.0\n")  # offline: no registry
     pytester.makepyfile(test_a="def test_one():\n    pass\n")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
     result = pytester.runpytest_subprocess("--sandbox=all")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
