@@ -99,7 +99,8 @@ class Controller:
             try:
                 xmlpath = getattr(self.config.option, "xmlpath", None)
                 outputs = [Path(xmlpath)] if xmlpath else []
-                snap = snapshot.take(self.config.rootpath, exclude=outputs)
+                requirements = str(self.config.getini("sandbox_requirements"))
+                snap = snapshot.take(self.config.rootpath, outputs, requirements)
                 self._early_result["snap"] = snap
                 conn = connect(self.options.address, address_option="--sandbox-address")
                 self._early_result["conn"] = conn

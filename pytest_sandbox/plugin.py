@@ -83,6 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("jobs", "sandboxes at once (default: number of CPUs)", "string", ""),
         ("required", "fail when a marked test would run locally", "bool", False),
         ("profile", "security profile: default or untrusted", "string", ""),
+        ("requirements", "requirements file for the sandbox's environment", "string", ""),
     ):
         parser.addini(f"sandbox_{name}", help_text, type=kind, default=default)  # type: ignore[arg-type]
 

@@ -237,6 +237,7 @@ class WorkerPlugin:
             "jobs",
             "required",
             "profile",
+            "requirements",
         ]:
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
