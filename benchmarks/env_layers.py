@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from pytest_sandbox import environment, snapshot
-from pytest_sandbox.client import connect
 from sandboxd.client import SandboxClient
+from sandboxd.connection import connect
 
 
 def chain(client: SandboxClient, snap: snapshot.Snapshot) -> tuple[float, int]:
