@@ -37,7 +37,7 @@ CELLS = {
     "passed": ("#2e7d32", "✓"),
     "failed": ("#c62828", "✗"),
     "error": ("#ef6c00", "!"),
-    "skipped": ("#9e9e9e", "–"),
+    "skipped": ("#9e9e9e", "-"),
 }
 MISSING = ("#eeeeee", "")
 
@@ -147,9 +147,7 @@ def _matrix(submissions: Sequence[Mapping[str, Any]], tests: list[str]) -> list[
             r = by_test.get(t)
             colour, symbol = CELLS.get(r["outcome"], MISSING) if r else MISSING
             tip = e(f"{t}: {r['outcome']} {r['message']}" if r else f"{t}: not run")
-            rows.append(
-                f'<td class="cell" style="background:{colour}" title="{tip}">{symbol}</td>'
-            )
+            rows.append(f'<td class="cell" style="background:{colour}" title="{tip}">{symbol}</td>')
         rows.append("</tr>")
     rows.append("</table>")
     return rows
@@ -207,7 +205,7 @@ def html_report(document: Mapping[str, Any]) -> str:
         f"<h1>Grading report</h1><p>{len(subs)} submissions, {len(tests)} tests; "
         f"image {html.escape(str(image))}</p>",
         f"<p class='legend'>{legend}</p>",
-        "<h2>Submissions × tests</h2>",
+        "<h2>Submissions &times; tests</h2>",
         *_matrix(subs, tests),
         "<h2>Pass rate per test</h2>",
         *_pass_rates(subs, tests),
