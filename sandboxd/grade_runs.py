@@ -1,10 +1,11 @@
 """Running a course's tests inside one submission's sandbox, and reading what they wrote.
 
-Per-test runs: the suite is collected once, then every test runs in its own exec under
-its own CPU and wall limits, so a test that loops or eats memory fails with its own
-message and the others keep their results. A kill that may have left damage behind
-(memory, processes, a crash) costs the sandbox: the next test gets a fresh one with the
-submission put in again. The submission-wide CPU and wall budgets stay the outer bound.
+Per-test runs: the suite is collected once, then run in one pytest process in which an
+in-sandbox plugin gives every test its own CPU and wall limit and logs each result as it
+comes. A test that loops or eats memory takes the process down with it; it fails with
+its own message, the tests before it keep their results, and a new process (in a fresh
+sandbox, since a kill may leave damage behind) runs the tests after it. The
+submission-wide CPU and wall budgets stay the outer bound.
 
 Outcomes are read from JUnit XML written to a fresh random path, fetched with GetFiles;
 never from what the run printed (see grading.py for what this does and does not stop).
@@ -13,13 +14,14 @@ never from what the run printed (see grading.py for what this does and does not 
 from __future__ import annotations
 
 import io
+import json
 import math
 import secrets
 import signal
 import tarfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -32,8 +34,12 @@ from sandboxd.verdicts import VERDICTS
 GRADER = "/opt/grader"
 WORKDIR = "/sandbox/work"
 MAX_JUNIT_BYTES = 4 * 1024 * 1024
+#: Output kept from one exec: room for every test's record of a large suite.
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 #: Characters of a failure's text kept per test.
 MAX_OUTPUT = 4000
+#: The in-sandbox plugin (grading_plugin.py), as the image ships it.
+PLUGIN = "sandboxd_grading_plugin"
 #: Seconds a per-test run gets on top of the test's own: starting Python and pytest.
 STARTUP_SECONDS = 3.0
 
@@ -175,21 +181,34 @@ class SubmissionBox:
             handle, self.handle = self.handle, None
             handle.destroy(quiet=True)
 
-    def exec(self, argv: list[str], timeout: float, output: bytearray | None = None) -> ExecResult:
-        """Run one command; its output (capped) into `output` when given."""
+    def exec(
+        self,
+        argv: list[str],
+        timeout: float,
+        output: bytearray | None = None,
+        env: Mapping[str, str] | None = None,
+        streams: tuple[str, ...] = ("stdout", "stderr"),
+    ) -> ExecResult:
+        """Run one command; its output on `streams` (capped) into `output` when given."""
 
-        def keep(_stream: str, data: bytes) -> None:
-            if output is not None and len(output) < 1 << 20:
+        def keep(stream: str, data: bytes) -> None:
+            if output is not None and stream in streams and len(output) < MAX_OUTPUT_BYTES:
                 output.extend(data)
 
-        return self.open().exec(argv, env=ENV, workdir=WORKDIR, timeout=timeout, on_output=keep)
+        return self.open().exec(
+            argv, env={**ENV, **(env or {})}, workdir=WORKDIR, timeout=timeout, on_output=keep
+        )
+
+    def fetch(self, path: str) -> bytes | None:
+        """The file the run wrote at `path`; None when it is missing or too large."""
+        try:
+            return _untar_one(self.open().get_files(path, max_bytes=MAX_JUNIT_BYTES))
+        except (errors.NotFound, errors.ResourceExhausted):
+            return None
 
     def fetch_cases(self, path: str) -> dict[str, Case] | None:
         """What the run wrote to `path` as JUnit XML; None when missing or unusable."""
-        try:
-            raw = _untar_one(self.open().get_files(path, max_bytes=MAX_JUNIT_BYTES))
-        except (errors.NotFound, errors.ResourceExhausted):
-            return None
+        raw = self.fetch(path)
         if raw is None:
             return None
         try:
@@ -200,15 +219,22 @@ class SubmissionBox:
 
 @dataclass(frozen=True)
 class TestRun:
-    """One test's run: its result and what it cost."""
+    """One test's result, and the service's verdict name when a limit or a crash ended it."""
 
     test_id: str
     case: Case
-    #: The service's verdict name when a limit or a crash ended the test, else "".
-    stopped: str
+    stopped: str = ""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One run of some of the tests: their results, the tests it did not reach, its cost."""
+
+    runs: list[TestRun]
+    left: list[str]
+    killed: bool
     cpu_seconds: float
     peak_memory_bytes: int
-    wall_seconds: float
 
 
 def collect(box: SubmissionBox, timeout: float) -> tuple[list[str], ExecResult, str]:
@@ -226,64 +252,104 @@ def collect(box: SubmissionBox, timeout: float) -> tuple[list[str], ExecResult, 
     return ids, result, text
 
 
-def _stopped_case(result: ExecResult, cpu_limit: int, seconds: float) -> tuple[str, Case] | None:
-    """The test's verdict and result when the service or the kernel ended its run."""
+def _killed_case(result: ExecResult, seconds: float) -> tuple[str, Case]:
+    """The verdict and result of the test that was running when its process ended."""
     timed_out = f"timed out after {seconds:.1f}s"
-    if cpu_killed(result, cpu_limit):
+    if result.signal in (signal.SIGALRM, signal.SIGXCPU) or result.verdict == "timed_out":
         return "timed_out", Case("failed", timed_out)
     if not VERDICTS[result.verdict].finished:
-        message = timed_out if result.verdict == "timed_out" else result.message
-        return result.verdict, Case("failed", message)
+        return result.verdict, Case("failed", result.message)
     if result.signal:
         return "crashed", Case("failed", f"crashed: {result.message}")
-    return None
+    return "crashed", Case("error", f"the test ended the test process ({result.message})")
 
 
-def run_test(box: SubmissionBox, node_id: str, seconds: float, budget: float) -> TestRun:
-    """One test in its own exec with `seconds` of CPU and wall time (wall capped by what is
-    left of the submission's `budget`); the sandbox is replaced after a kill."""
-    path = fresh_junit_path()
-    command, cpu_limit = cpu_limited('exec "$@"', seconds + 1.0)
-    argv = ["sh", "-c", command, "sh", *PYTEST, f"--junitxml={path}", f"{GRADER}/tests/{node_id}"]
-    result = box.exec(argv, max(0.5, min(seconds + STARTUP_SECONDS, budget)))
-    test_id = junit_id(node_id)
-    stopped = _stopped_case(result, cpu_limit, seconds)
-    if stopped is not None:
-        box.discard()
-        verdict, case = stopped
-    else:
-        verdict, cases = "", box.fetch_cases(path)
-        if cases and len(cases) == 1:
-            case = next(iter(cases.values()))
-        else:
-            case = Case("error", f"the test wrote no result (exit code {result.exit_code})")
-    return TestRun(
-        test_id,
-        case,
-        verdict,
-        result.cpu_seconds,
-        result.peak_memory_bytes,
-        result.wall_seconds,
-    )
+_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+
+
+def _read_log(raw: bytes, nonce: str) -> tuple[dict[str, Case], set[str], set[str]]:
+    """Results by node id (the worst phase counts), tests started, tests ended."""
+    cases: dict[str, Case] = {}
+    started: set[str] = set()
+    ended: set[str] = set()
+    prefix = f"{nonce} ".encode()
+    for line in raw.splitlines():
+        if not line.startswith(prefix):
+            continue
+        try:
+            record = json.loads(line[len(prefix) :])
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        started.update([str(record["start"])] if "start" in record else [])
+        ended.update([str(record["end"])] if "end" in record else [])
+        if "result" in record and record.get("outcome") in _RANK:
+            node = str(record["result"])
+            case = Case(
+                record["outcome"], str(record.get("message", "")), str(record.get("output", ""))
+            )
+            if node not in cases or _RANK[case.outcome] > _RANK[cases[node].outcome]:
+                cases[node] = case
+    return cases, started, ended
+
+
+def run_batch(
+    box: SubmissionBox, node_ids: list[str], seconds: float, wall: float, cpu: float
+) -> Batch:
+    """`node_ids` in one pytest process, each test under its own limits (the in-sandbox
+    plugin), until one of them takes the process down."""
+    nonce = secrets.token_hex(12)
+    command, _ = cpu_limited('exec "$@"', cpu)
+    tests = [f"{GRADER}/tests/{n}" for n in node_ids]
+    argv = ["sh", "-c", command, "sh", *PYTEST, "-p", PLUGIN, *tests]
+    env = {"GRADER_TEST_SECONDS": str(seconds), "GRADER_NONCE": nonce}
+    timeout = max(0.5, min(wall, len(node_ids) * (seconds + 1.0) + STARTUP_SECONDS))
+    stderr = bytearray()
+    result = box.exec(argv, timeout, stderr, env=env, streams=("stderr",))
+    cases, started, ended = _read_log(bytes(stderr), nonce)
+    runs = [TestRun(junit_id(n), cases[n]) for n in node_ids if n in cases and n in ended]
+    killed = [n for n in node_ids if n in started and n not in ended]
+    left = [n for n in node_ids if n not in ended and n not in killed]
+    if killed:
+        verdict, case = _killed_case(result, seconds)
+        runs.append(TestRun(junit_id(killed[0]), case, verdict))
+        left = node_ids[node_ids.index(killed[0]) + 1 :]
+        left = [n for n in left if n not in ended]
+    elif left and not runs:
+        # Nothing started: the process failed before the first test; do not retry forever.
+        why = f"not run: the test process ended before it ({result.message})"
+        runs += [TestRun(junit_id(n), Case("error", why)) for n in left]
+        left = []
+    stopped = bool(killed) or result.signal != 0 or not VERDICTS[result.verdict].finished
+    return Batch(runs, left, stopped, result.cpu_seconds, result.peak_memory_bytes)
 
 
 def run_tests(
     box: SubmissionBox, node_ids: list[str], seconds: float, wall: float, cpu: float
-) -> Iterator[TestRun]:
-    """Each test in turn until the submission's wall or CPU budget is spent; the tests left
-    after that are reported as not run."""
+) -> tuple[list[TestRun], float, int]:
+    """Every test, in as few processes as the kills allow, until the submission's wall or
+    CPU budget is spent (the tests left then are reported as not run); the runs, CPU
+    seconds and peak memory. A sandbox a kill may have damaged is replaced."""
     started = time.monotonic()
-    cpu_used = 0.0
-    for node_id in node_ids:
-        left = wall - (time.monotonic() - started)
-        if left <= 0 or cpu_used >= cpu:
-            spent = f"wall {wall:.0f}s" if left <= 0 else f"CPU {cpu:.0f}s"
+    runs: list[TestRun] = []
+    cpu_used, peak = 0.0, 0
+    left = list(node_ids)
+    while left:
+        wall_left = wall - (time.monotonic() - started)
+        if wall_left <= 0 or cpu_used >= cpu:
+            spent = f"wall {wall:.0f}s" if wall_left <= 0 else f"CPU {cpu:.0f}s"
             message = f"not run: the submission's time budget ({spent}) was spent"
-            yield TestRun(junit_id(node_id), Case("error", message), "timed_out", 0.0, 0, 0.0)
-            continue
-        run = run_test(box, node_id, seconds, left)
-        cpu_used += run.cpu_seconds
-        yield run
+            runs += [TestRun(junit_id(n), Case("error", message), "timed_out") for n in left]
+            break
+        batch = run_batch(box, left, seconds, wall_left, cpu - cpu_used)
+        runs += batch.runs
+        cpu_used += batch.cpu_seconds
+        peak = max(peak, batch.peak_memory_bytes)
+        if batch.killed:
+            box.discard()
+        left = batch.left
+    return runs, cpu_used, peak
 
 
 def tail(data: bytes | bytearray, limit: int = MAX_OUTPUT) -> str:

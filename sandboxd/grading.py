@@ -231,6 +231,12 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
     )
 
 
+def _error_lines(text: str) -> str:
+    """pytest's "E   ..." lines (the exception), else the end of its output."""
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+    return "; ".join(lines)[:600] if lines else tail(text.encode(), 600).strip()
+
+
 def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
     """Collect once, then each test in its own exec with its own limits."""
     started = time.monotonic()
@@ -240,22 +246,19 @@ def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -
         why = "no tests were collected" if collected.exit_code == 5 else "collection failed"
         return Outcomes(
             "error",
-            f"{why}: {tail(text.encode(), 600).strip()}",
+            f"{why}: {_error_lines(text)}",
             {},
             exit_code=collected.exit_code,
             cpu_seconds=collected.cpu_seconds,
             peak_memory_bytes=collected.peak_memory_bytes,
             wall_seconds=time.monotonic() - started,
         )
-    cpu, peak = collected.cpu_seconds, collected.peak_memory_bytes
-    runs = list(
-        run_tests(
-            box,
-            node_ids,
-            course.test_timeout,
-            settings.timeout_seconds - collected.wall_seconds,
-            settings.cpu_seconds - collected.cpu_seconds,
-        )
+    runs, cpu, peak = run_tests(
+        box,
+        node_ids,
+        course.test_timeout,
+        settings.timeout_seconds - collected.wall_seconds,
+        settings.cpu_seconds - collected.cpu_seconds,
     )
     cases = {r.test_id: r.case for r in runs}
     failed = [r for r in runs if r.case.outcome in ("failed", "error")]
@@ -270,9 +273,8 @@ def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -
         verdict,
         message,
         _of(cases),
-        costs={r.test_id: (r.cpu_seconds, r.peak_memory_bytes) for r in runs},
-        cpu_seconds=cpu + sum(r.cpu_seconds for r in runs),
-        peak_memory_bytes=max([peak, *(r.peak_memory_bytes for r in runs)]),
+        cpu_seconds=collected.cpu_seconds + cpu,
+        peak_memory_bytes=max(collected.peak_memory_bytes, peak),
         wall_seconds=time.monotonic() - started,
     )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from sandboxd import errors
-from sandboxd.grade_runs import GRADER
+from sandboxd.grade_runs import GRADER, PLUGIN
 from sandboxd.gradebook import Course
 from sandboxd.submissions import read_tree
 
@@ -62,6 +62,8 @@ def grader_context(tests_dir: Path) -> dict[str, tuple[bytes, int]]:
     if not tests_dir.is_dir():
         raise errors.InvalidArgument(f"--tests {tests_dir}: not a directory")
     files = pytest_files()
+    plugin = Path(__file__).with_name("grading_plugin.py").read_bytes()
+    files[f"grader/lib/{PLUGIN}.py"] = (plugin, 0o644)
     for name, data in read_tree(tests_dir).items():
         files[f"grader/tests/{name}"] = (data, 0o644)
     return files
