@@ -209,7 +209,9 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
         command = shlex.join([*PYTEST, f"--junitxml={junit_path}", f"{GRADER}/tests"])
         command = f"exec {command}"
     command, cpu_limit = cpu_limited(command, settings.cpu_seconds)
-    result = box.exec(["sh", "-c", command], settings.timeout_seconds)
+    # A course's own runner may apply its per-test limit itself.
+    env = {"GRADER_TEST_SECONDS": f"{course.test_timeout:g}"} if course.test_timeout else {}
+    result = box.exec(["sh", "-c", command], settings.timeout_seconds, env=env)
     cases = box.fetch_cases(junit_path) if _stopped(result.verdict) is None else None
     tests = {t: c.outcome for t, c in (cases or {}).items()}
     if course.runner == "command" and cases is not None and result.verdict in VERDICT_RAN:

@@ -224,10 +224,13 @@ class DockerEngine:
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
         owner = f"uid={_uid(spec.user)},gid={_gid(spec.user)}"
+        # Docker mounts tmpfs noexec unless told otherwise. The work dir is exec: a compiled
+        # course (gcc, then run the binary) needs it, and noexec there contained nothing,
+        # since sandboxed code can already run native code through its interpreter.
         tmpfs = {
             path: f"rw,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
-            else f"rw,nosuid,nodev,size={size},{owner},mode=755"
+            else f"rw,exec,nosuid,nodev,size={size},{owner},mode=755"
             for path, size in spec.scratch.items()
         }
         host_config = api.create_host_config(
