@@ -179,7 +179,7 @@ def _failures(submissions: Sequence[Mapping[str, Any]]) -> list[str]:
         bad = [r for r in sub.get("results", []) if r["outcome"] != "passed"]
         if not bad and sub["verdict"] == "passed":
             continue
-        out.append(f"<h3>{e(sub['name'])}: {e(sub['verdict'])}</h3><p>{e(sub['message'])}</p>")
+        out.append(f"<h3>{e(sub['name'])}: {e(sub['verdict'])}</h3><pre>{e(sub['message'])}</pre>")
         for r in bad:
             out.append(f"<p><b>{e(r['test_id'])}</b>: {e(r['outcome'])}</p>")
             text = "\n".join(p for p in (r["message"], r["output"]) if p)
@@ -192,10 +192,9 @@ def html_report(document: Mapping[str, Any]) -> str:
     """The whole report as one HTML page."""
     subs = document["submissions"]
     tests = _test_ids(subs)
-    legend = "".join(
-        f'<span style="background:{c}">{s} {e}</span>'
-        for e, (c, s) in {**CELLS, "not run": MISSING}.items()
-    )
+    legend = "".join(f'<span style="background:{c}">{s} {e}</span>' for e, (c, s) in CELLS.items())
+    legend += f'<span style="background:{MISSING[0]};color:#222">not run</span>'
+
     image = document.get("image", {}).get("digest", "")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
