@@ -45,6 +45,8 @@ have_cmd gpgv || need+=(gpgv)
 have_cmd runsc || need+=(runsc)
 have_cmd ip || need+=(iproute2)
 have_cmd flock || need+=(util-linux)
+# The grading report's test renders it in a real browser.
+have_cmd chromium || need+=(chromium)
 if [ "${#need[@]}" -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
     log "installing ${need[*]}"
