@@ -105,6 +105,8 @@ def test_a_looping_and_a_hungry_test_fail_alone(tmp_path: Path, address: str, ru
     assert partial["runtime"] == runtime
     assert partial["image_digest"] == document["image"]["digest"]  # type: ignore[index]
     assert partial["limits"]["memory_bytes"] == 96 << 20
+    # The memory kill is in the peak, also when it took the container's cgroup with it.
+    assert partial["peak_memory_bytes"] >= 90 << 20, partial["peak_memory_bytes"]
 
     broken = subs["broken"]
     assert broken["verdict"] == "error"
