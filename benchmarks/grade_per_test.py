@@ -84,13 +84,9 @@ def main() -> int:
     print(f"{s} submissions x {n} tests, 2 at a time, runc")
     print(f"(local) pytest, one submission:           {local:6.2f} s")
     print(f"(a) whole suite per submission:           {suite:6.2f} s  {suite / s:5.2f} s each")
-    print(
-        f"(b) per-test limits, nothing killed: {per_test:6.2f} s  {per_test / s:5.2f} s each"
-    )
+    print(f"(b) per-test limits, nothing killed: {per_test:6.2f} s  {per_test / s:5.2f} s each")
     print(f"(c) per-test limits, one 1 s loop each:   {killed:6.2f} s  {killed / s:5.2f} s each")
-    print(
-        f"per-test limits cost per test (b - a): {(per_test - suite) / (s * n) * 1000:6.1f} ms"
-    )
+    print(f"per-test limits cost per test (b - a): {(per_test - suite) / (s * n) * 1000:6.1f} ms")
     print(f"a kill costs per submission (c - b):      {(killed - per_test) / s:6.2f} s")
     print(f"ratio (b) / (a):                          {per_test / suite:6.2f}")
     return 0

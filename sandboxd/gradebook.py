@@ -215,31 +215,19 @@ class TestResult:
     score: float
     max_score: float
     hidden: bool
-    cpu_seconds: float = 0.0
-    peak_memory_bytes: int = 0
 
 
-def scored(
-    weights: Weights,
-    cases: Mapping[str, tuple[str, str, str]],
-    costs: Mapping[str, tuple[float, int]],
-) -> list[TestResult]:
+def scored(weights: Weights, cases: Mapping[str, tuple[str, str, str]]) -> list[TestResult]:
     """Per-test results with points: `cases` is id -> (outcome, message, output)."""
-    results = []
-    for test_id, (outcome, message, output) in sorted(cases.items()):
-        worth = weights.points_of(test_id)
-        cpu, peak = costs.get(test_id, (0.0, 0))
-        results.append(
-            TestResult(
-                test_id,
-                outcome,
-                message,
-                output,
-                worth if outcome == "passed" else 0.0,
-                worth,
-                weights.is_hidden(test_id),
-                round(cpu, 3),
-                peak,
-            )
+    return [
+        TestResult(
+            test_id,
+            outcome,
+            message,
+            output,
+            weights.points_of(test_id) if outcome == "passed" else 0.0,
+            weights.points_of(test_id),
+            weights.is_hidden(test_id),
         )
-    return results
+        for test_id, (outcome, message, output) in sorted(cases.items())
+    ]

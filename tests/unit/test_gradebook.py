@@ -86,7 +86,6 @@ def test_scores_count_points_of_passed_tests() -> None:
             "m::small": ("failed", "assert 1 == 2", "trace"),
             "m::hidden_one": ("passed", "", ""),
         },
-        {},
     )
     assert [(r.test_id, r.score, r.max_score, r.hidden) for r in results] == [
         ("m::big", 3.0, 3.0, False),
