@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from _pytest.config import builtin_plugins
 
-from pytest_sandbox import snapshot
+from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
@@ -67,6 +66,11 @@ def _relpath(path: Path, rootdir: Path) -> str:
         return path.relative_to(rootdir).as_posix()
     except ValueError:
         return str(path)
+
+
+def _mirrored(plugin: str) -> bool:
+    """Whether a plugin named with -p exists inside: all but the host-only sandbox plugin."""
+    return not plugin.startswith(("sandbox", "pytest_sandbox"))
 
 
 @dataclass
@@ -137,7 +141,13 @@ class Controller:
         groups = make_groups(routed, self.specs, rootdir)
         try:
             snap = self._early_ready()
-        except (errors.SandboxError, snapshot.SnapshotTooLarge, OSError) as exc:
+            self._check_environment(snap, groups)
+        except (
+            errors.SandboxError,
+            snapshot.SnapshotTooLarge,
+            snapshot.EnvironmentProblem,
+            OSError,
+        ) as exc:
             raise pytest.UsageError(f"sandbox: {exc}") from None
         threads = self._start_pool(snap, groups)
         try:
@@ -159,6 +169,28 @@ class Controller:
             raise session.Interrupted(session.shouldstop)
         return True
 
+    def _check_environment(self, snap: snapshot.Snapshot, groups: list[Group]) -> None:
+        """Stop at session start, with one message, for what would fail every routed test.
+
+        Building each distinct image now (builds would happen anyway) turns a base image
+        with another Python into one message rather than a build error per test.
+
+        Raises:
+            EnvironmentProblem: an import from outside what is mirrored, or a wrong Python.
+        """
+        environment.check_imports(self.config.rootpath)
+        if self._runner is None:
+            assert self.connection is not None
+            self._runner = self._make_runner(self.connection, snap)
+        specs = {group.spec.build_key: group.spec for group in groups}
+        for spec in specs.values():
+            try:
+                self._runner.images.get(spec)
+            except errors.SandboxError as exc:
+                problem = snapshot.interpreter_problem(str(exc), spec.image)
+                if problem is not None:
+                    raise snapshot.EnvironmentProblem(problem) from None
+
     def _settings(self, snap: snapshot.Snapshot) -> RunSettings:
         config = self.config
         cwd = (
@@ -166,7 +198,10 @@ class Controller:
         )
         args = ["-p", "no:cacheprovider", "--continue-on-collection-errors", "--junitxml="]
         args += ["--rootdir", snapshot.PROJECT]
-        args += worker_args(config.invocation_params.args, plugin_ok=builtin_plugins.__contains__)
+        # The environment is mirrored, so a plugin named with -p exists inside too.
+        args += worker_args(config.invocation_params.args, plugin_ok=_mirrored)
+        if config.pluginmanager.has_plugin("xdist"):
+            args += ["-n", "0"]  # the sandbox is the worker: no xdist from addopts inside
         env = {
             "PYTHONPATH": snap.pythonpath(),
             "PYTHONDONTWRITEBYTECODE": "1",

@@ -76,17 +76,25 @@ class ImageCache:
                 future = self._builds[spec.build_key] = Future()
         if owner:
             try:
-                future.set_result(
-                    self._client.build_image(
-                        self._snapshot.fragment(spec.dockerfile),
-                        base=spec.image,
-                        context_files=self._snapshot.context,
-                        label="pytest-sandbox",
-                    )
-                )
+                future.set_result(self._build(spec))
             except BaseException as exc:
                 future.set_exception(exc)
         return future.result()
+
+    def _build(self, spec: RouteSpec) -> BuildResult:
+        """The environment's images in order (mostly cache hits), then the project's."""
+        base = spec.image
+        for fragment, files in self._snapshot.environment(spec.dockerfile):
+            built = self._client.build_image(
+                fragment, base=base, context_files=files, label="pytest-sandbox-env"
+            )
+            base = built.image.tag
+        return self._client.build_image(
+            self._snapshot.fragment(),
+            base=base,
+            context_files=self._snapshot.context,
+            label="pytest-sandbox",
+        )
 
 
 def read_capture_tar(data: bytes) -> dict[str, str]:

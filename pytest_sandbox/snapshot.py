@@ -1,26 +1,29 @@
-"""What reaches the sandbox once per session: the project's files, the worker and its deps.
+"""What reaches the sandbox once per session: the environment, the project and the worker.
 
-Both go into the image as build context, so the image is content-addressed by
-them: a rerun without changes is a cache hit on the service.
+All of it goes into images as build context, so the images are content-addressed
+by it: a rerun without changes is a cache hit on the service.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import logging
 import os
+import re
+import shlex
 import stat
+import sys
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.requirements import Requirement
+from pytest_sandbox import environment
+from pytest_sandbox.environment import PROJECT, ROOT, SITE, EnvironmentProblem, Layer
 
 log = logging.getLogger(__name__)
 
-ROOT = "/opt/pytest-sandbox"
+__all__ = ["PROJECT", "EnvironmentProblem", "Snapshot", "SnapshotTooLarge", "take"]
+
 LIB = f"{ROOT}/lib"
-PROJECT = f"{ROOT}/project"
 WORKER = f"{LIB}/pytest_sandbox_worker.py"
 
 # Directories that are never part of a project's snapshot: VCS data, virtualenvs,
@@ -53,7 +56,7 @@ ContextFiles = dict[str, tuple[bytes, int]]
 
 
 class SnapshotTooLarge(Exception):
-    pass
+    """The project is too large for one build context."""
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -105,78 +108,100 @@ def project_files(
     return files
 
 
-def _requirements(name: str) -> list[str]:
-    """Names of the installed distribution's runtime deps that apply to this interpreter."""
-    out = []
-    for text in metadata.requires(name) or []:
-        req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        out.append(req.name)
-    return out
-
-
-def _closure(root: str) -> list[metadata.Distribution]:
-    seen: dict[str, metadata.Distribution] = {}
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        key = name.lower().replace("_", "-")
-        if key in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            log.debug("dependency %s is not installed; skipped", name)
-            continue
-        seen[key] = dist
-        todo.extend(_requirements(name))
-    return list(seen.values())
-
-
-def lib_files(prefix: str = "lib") -> ContextFiles:
-    """pytest and its pure-Python deps, at the host's versions, plus the worker.
-
-    Raises:
-        RuntimeError: a dependency ships compiled code, which cannot be copied across.
-    """
-    files: ContextFiles = {}
-    for dist in _closure("pytest"):
-        for rel in dist.files or []:
-            parts = rel.parts
-            if not parts or parts[0] == ".." or "__pycache__" in parts:
-                continue  # console scripts live outside site-packages
-            if rel.suffix in (".so", ".pyd", ".dylib"):
-                raise RuntimeError(
-                    f"{dist.metadata['Name']} ships compiled code ({rel}); "
-                    "it cannot be copied into the sandbox"
-                )
-            path = Path(str(dist.locate_file(rel)))
-            if path.is_file() and rel.suffix not in (".pyc", ".pyo"):
-                files[f"{prefix}/{rel.as_posix()}"] = (path.read_bytes(), 0o644)
+def worker_files(prefix: str = "lib") -> ContextFiles:
+    """The worker; pytest and everything else come with the mirrored environment."""
     worker = Path(__file__).with_name("worker.py")
-    files[f"{prefix}/pytest_sandbox_worker.py"] = (worker.read_bytes(), 0o644)
-    return files
+    return {f"{prefix}/pytest_sandbox_worker.py": (worker.read_bytes(), 0o644)}
+
+
+# Placed in the image's own site directory, so every python3 in the sandbox (the
+# worker, and any interpreter a test starts) sees the mirrored site directory with
+# its .pth files processed, ahead of the image's own site packages as on the host.
+SITE_PTH = (
+    f"import site, sys; n = len(sys.path); site.addsitedir({SITE!r}); new = sys.path[n:]; "
+    "del sys.path[n:]; i = next((k for k, p in enumerate(sys.path) if p.endswith('-packages')), "
+    "len(sys.path)); sys.path[i:i] = new\n"
+)
+MISMATCH = "pytest-sandbox: python-mismatch"
+
+
+def interpreter_problem(build_error: str, image: str) -> str | None:
+    """The one message for a base image whose python3 is not the host's major.minor."""
+    match = re.search(rf"{MISMATCH} image=(\S+) host=(\S+)", build_error)
+    if match is None:
+        return None
+    found, host = match.groups()
+    found = "no python3" if found == "none" else f"Python {found}"
+    return (
+        f"the image {image or '(the service default)'} has {found}, but this pytest runs on "
+        f"Python {host}; routed tests need the same major.minor (compiled packages and "
+        f"bytecode depend on it). Fix: use an image whose python3 is {host} (ini "
+        f"sandbox_image = python:{host}-slim, or sandbox_dockerfile installing python{host}), "
+        f"or run pytest with a Python {found.split()[-1]} environment"
+    )
+
+
+def _stage_zero(user_fragment: str, python: str) -> str:
+    lines = [user_fragment.strip()] if user_fragment.strip() else []
+    # The check runs once per base image and fragment (its layer is cached): a wrong
+    # python3 then stops the session with one message instead of failing every import.
+    # The marker is split in the command so that the build log's echo of the step
+    # does not match it; only the check's output does.
+    head, tail = MISMATCH.split("-mismatch")
+    check = (
+        f"import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '{python}' "
+        f"else '{head}-' 'mismatch{tail} image=' + v + ' host={python}')"
+    )
+    lines += [
+        f"RUN command -v python3 >/dev/null || {{ echo '{head}-''mismatch{tail} image=none "
+        f'host={python}\'; exit 1; }}; python3 -c "{check}"',
+        f"COPY pth {ROOT}/pth",
+        'RUN d=$(python3 -c "import site; print(site.getsitepackages()[0])") && mkdir -p "$d" '
+        f'&& cp {ROOT}/pth/pytest-sandbox.pth "$d/" && mkdir -p {SITE}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _compile_line(paths: list[str]) -> str:
+    return (
+        "RUN python3 -m compileall -q -j0 " + " ".join(shlex.quote(p) for p in paths) + " || true"
+    )
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The build context and the Dockerfile lines that place it in the image."""
+    """The build contexts and the Dockerfile lines that place them in the image.
+
+    The environment is a chain of images of its own (one per layer), each keyed by
+    its content, so it is built once and shared by every run and project with the
+    same environment; the worker and the project go in one image above it.
+    """
 
     context: ContextFiles
     has_src: bool
+    layers: tuple[Layer, ...] = ()
+    python: str = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
-    def fragment(self, user_fragment: str) -> str:
-        # The user's lines come first so their (slow) layers stay cached in the
-        # engine when only the project's files change.
-        lines = [user_fragment.strip()] if user_fragment.strip() else []
-        # The worker's libs change only with the host's pytest, the project every edit:
-        # separate layers keep a project change from recompiling pytest.
-        lines += [
+    def environment(self, user_fragment: str) -> list[tuple[str, ContextFiles]]:
+        """(fragment, context) of each environment image, to build in order."""
+        pth = {"pth/pytest-sandbox.pth": (SITE_PTH.encode(), 0o644)}
+        stages = [(_stage_zero(user_fragment, self.python), pth)]
+        for layer in self.layers:
+            tops = [f"{SITE}/{name}" for name in layer.top_level()]
+            compiled = [p for p in tops if "." not in p.rsplit("/", 1)[1] or p.endswith(".py")]
+            fragment = f"COPY site {SITE}\n" + (_compile_line(compiled) + "\n" if compiled else "")
+            stages.append((fragment, layer.files))
+        return stages
+
+    def fragment(self) -> str:
+        """The project's image, on top of the environment."""
+        # The worker changes only with the plugin, the project every edit: separate
+        # layers keep a project change from recompiling the worker.
+        lines = [
             f"COPY lib {LIB}",
-            f"RUN python3 -m compileall -q {LIB} || true",
+            _compile_line([LIB]),
             f"COPY project {PROJECT}",
-            f"RUN python3 -m compileall -q {PROJECT} || true",
+            _compile_line([PROJECT]),
         ]
         return "\n".join(lines) + "\n"
 
@@ -193,10 +218,16 @@ def take(rootdir: Path, exclude: Collection[Path] = ()) -> Snapshot:
 
     Raises:
         SnapshotTooLarge: see project_files.
+        EnvironmentProblem: a distribution cannot be mirrored (see environment).
     """
-    context = lib_files()
+    env = environment.distributions(rootdir)
+    context = worker_files()
     context.update(project_files(rootdir, exclude=exclude))
-    return Snapshot(context=context, has_src=(rootdir / "src").is_dir())
+    return Snapshot(
+        context=context,
+        has_src=(rootdir / "src").is_dir(),
+        layers=tuple(environment.layers(env)),
+    )
 
 
 def sandbox_path(host_path: Path, rootdir: Path) -> str | None:

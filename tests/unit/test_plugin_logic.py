@@ -133,8 +133,8 @@ def test_snapshot_skips_vcs_venvs_caches_and_build_output(tmp_path: object) -> N
     assert files["project/run.sh"][1] == 0o755
     snap = Snapshot(context=files, has_src=True)
     assert snap.pythonpath().split(":")[1] == f"{PROJECT}/src"
-    fragment = snap.fragment("RUN apt-get install -y jq")
-    assert fragment.splitlines()[0] == "RUN apt-get install -y jq"  # user layers first: cached
+    stages = snap.environment("RUN apt-get install -y jq")
+    assert stages[0][0].splitlines()[0] == "RUN apt-get install -y jq"  # user layers first
 
 
 class _InfoOnly:
