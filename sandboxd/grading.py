@@ -343,8 +343,8 @@ def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir
     junit_file = junit_dir / f"{name}.xml"
     _write_junit(junit_file, _junit_xml(name, o.verdict, o.message, results))
     passed = sum(1 for r in results if r.outcome == "passed")
-    points = sum(r.score for r in results)
-    max_points = sum(r.max_score for r in results)
+    points = float(sum(r.score for r in results))
+    max_points = float(sum(r.max_score for r in results))
     return Grade(
         name=name,
         verdict=o.verdict,
