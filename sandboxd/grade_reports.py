@@ -3,6 +3,7 @@
 - `gradescope/NAME/results.json`: Gradescope's autograder results format (per-test
   name, score, max_score, status, output, visibility). Hidden tests get visibility
   "hidden" and no output, so not even a mistaken release shows their text.
+- `junit/NAME.xml`: JUnit XML per submission, for CI tools.
 - `gradebook.csv`: one row per submission for a spreadsheet.
 - `report.html`: one self-contained page (no scripts, no external resources) with a
   submissions x tests matrix coloured by outcome, per-test pass rates and every failure's
@@ -15,9 +16,12 @@ import csv
 import html
 import io
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from sandboxd.gradebook import TestResult
 
 CSV_FIELDS = (
     "submission",
@@ -40,6 +44,23 @@ CELLS = {
     "skipped": ("#9e9e9e", "-"),
 }
 MISSING = ("#eeeeee", "")
+
+
+def junit_xml(name: str, verdict: str, message: str, results: list[TestResult]) -> bytes:
+    """JUnit XML for a submission: its tests, or one error case naming the verdict."""
+    suite = ET.Element("testsuite", name=name, tests=str(max(1, len(results))))
+    for r in results:
+        module, _, test = r.test_id.rpartition("::")
+        case = ET.SubElement(suite, "testcase", classname=module, name=test)
+        if r.outcome in ("failed", "error", "skipped"):
+            tag = {"failed": "failure"}.get(r.outcome, r.outcome)
+            ET.SubElement(case, tag, message=r.message).text = r.output
+    if not results:
+        case = ET.SubElement(suite, "testcase", classname=name, name="grading")
+        ET.SubElement(case, "error", message=f"{verdict}: {message}")
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 def gradescope(sub: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,24 @@
-"""Batch grading: a course's pytest suite against every submission, each in a fresh sandbox.
+"""Batch grading: a course's tests against every submission, each in a fresh sandbox.
+
+A course (gradebook.py) is a pytest suite, or any toolchain through its course.toml: a
+build command, then a test command that writes JUnit XML. With a per-test timeout a
+pytest course runs each test under its own limits (grade_runs.py); otherwise the whole
+suite is one run under the submission-wide caps, which stay the outer bound either way.
 
 What decides a result, and what the submission can and cannot influence:
 
 - The verdict for limits (timed out, out of memory, process limit, output cap, crash)
   comes from the service, measured outside the sandbox; the code under test cannot
-  change it.
-- Per-test outcomes come from the JUnit XML pytest writes to a fresh, random path under
-  /tmp, fetched afterwards with GetFiles; never from what the run printed. The course's
-  tests and pytest itself live in the image, whose root file system is read-only.
-- The submission's code runs inside the pytest process, so code that sets out to do so
-  can still find that path (it is in the process's argv) or patch pytest in memory. A
-  result that contradicts pytest's exit status is marked `inconsistent`, which catches
-  a forged file without a matching exit status, not a thorough forgery.
+  change it. Points come from the course's files, read on the host.
+- Per-test outcomes come from JUnit XML written to a fresh, random path under /tmp and
+  fetched afterwards with GetFiles, or (per-test runs) from records framed by a fresh
+  nonce; never from what the run printed. The course's tests and pytest itself live in
+  the image, whose root file system is read-only.
+- The submission's code runs inside the test process, so code that sets out to do so
+  can still find that path or nonce (they are in its argv and environment) or patch
+  pytest in memory. A result that contradicts pytest's exit status is marked
+  `inconsistent`, which catches a forged file without a matching exit status, not a
+  thorough forgery.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import shlex
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ from typing import Any, Literal, cast
 from sandboxd import errors
 from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
+from sandboxd.grade_reports import junit_xml
 from sandboxd.grade_runs import (
     GRADER,
     PYTEST,
@@ -48,7 +55,7 @@ from sandboxd.grade_runs import (
     run_tests,
     tail,
 )
-from sandboxd.gradebook import Course, TestResult, load_course, scored
+from sandboxd.gradebook import Course, load_course, scored
 from sandboxd.grading_image import grader_context, image_fragment
 from sandboxd.grading_image import pytest_files as pytest_files  # re-exported
 from sandboxd.submissions import Submission
@@ -157,23 +164,6 @@ def judge_run(
     return "error", f"pytest could not run the tests (exit code {code})"
 
 
-def _junit_xml(name: str, verdict: str, message: str, results: list[TestResult]) -> bytes:
-    """JUnit XML for a submission: its tests, or one error case naming the verdict."""
-    suite = ET.Element("testsuite", name=name, tests=str(max(1, len(results))))
-    for r in results:
-        module, _, test = r.test_id.rpartition("::")
-        case = ET.SubElement(suite, "testcase", classname=module, name=test)
-        if r.outcome in ("failed", "error", "skipped"):
-            tag = {"failed": "failure"}.get(r.outcome, r.outcome)
-            ET.SubElement(case, tag, message=r.message).text = r.output
-    if not results:
-        case = ET.SubElement(suite, "testcase", classname=name, name="grading")
-        ET.SubElement(case, "error", message=f"{verdict}: {message}")
-    root = ET.Element("testsuites")
-    root.append(suite)
-    return bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
-
-
 def _write_junit(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -191,6 +181,19 @@ class Outcomes:
     cpu_seconds: float = 0.0
     peak_memory_bytes: int = 0
     wall_seconds: float = 0.0
+
+    @classmethod
+    def stopped(cls, verdict: Verdict, message: str, result: ExecResult) -> Outcomes:
+        """A submission stopped before any test ran: a failed build or collection."""
+        return cls(
+            verdict,
+            message,
+            {},
+            exit_code=result.exit_code,
+            cpu_seconds=result.cpu_seconds,
+            peak_memory_bytes=result.peak_memory_bytes,
+            wall_seconds=result.wall_seconds,
+        )
 
 
 def _of(cases: Mapping[str, Case]) -> dict[str, tuple[str, str, str]]:
@@ -247,15 +250,7 @@ def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -
     if not VERDICTS[collected.verdict].finished or collected.exit_code != 0 or not node_ids:
         box.discard()
         why = "no tests were collected" if collected.exit_code == 5 else "collection failed"
-        return Outcomes(
-            "error",
-            f"{why}: {_error_lines(text)}",
-            {},
-            exit_code=collected.exit_code,
-            cpu_seconds=collected.cpu_seconds,
-            peak_memory_bytes=collected.peak_memory_bytes,
-            wall_seconds=time.monotonic() - started,
-        )
+        return Outcomes.stopped("error", f"{why}: {_error_lines(text)}", collected)
     runs, cpu, peak = run_tests(
         box,
         node_ids,
@@ -293,14 +288,8 @@ def _build(box: SubmissionBox, course: Course) -> Outcomes | None:
         why = f"timed out after {course.build_timeout:.1f}s"
     elif VERDICTS[result.verdict].finished:
         why = f"exit code {result.exit_code}"
-    return Outcomes(
-        "build_failed",
-        f"build failed ({why}): {tail(output, 2000).strip()}",
-        {},
-        exit_code=result.exit_code,
-        cpu_seconds=result.cpu_seconds,
-        peak_memory_bytes=result.peak_memory_bytes,
-        wall_seconds=result.wall_seconds,
+    return Outcomes.stopped(
+        "build_failed", f"build failed ({why}): {tail(output, 2000).strip()}", result
     )
 
 
@@ -341,7 +330,7 @@ def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir
     """The submission's grade: points from the course, and its JUnit XML written."""
     results = scored(course.weights, o.cases)
     junit_file = junit_dir / f"{name}.xml"
-    _write_junit(junit_file, _junit_xml(name, o.verdict, o.message, results))
+    _write_junit(junit_file, junit_xml(name, o.verdict, o.message, results))
     passed = sum(1 for r in results if r.outcome == "passed")
     points = float(sum(r.score for r in results))
     max_points = float(sum(r.max_score for r in results))
@@ -404,7 +393,7 @@ def grade_all(
             log.warning("grading %s: %s", sub.name, exc.message)
             grade = Grade(sub.name, "error", f"service error: {exc.message}", 0.0, 0, 0)
             junit = junit_dir / f"{sub.name}.xml"
-            _write_junit(junit, _junit_xml(sub.name, "error", grade.message, []))
+            _write_junit(junit, junit_xml(sub.name, "error", grade.message, []))
             grade.junit = str(junit)
         with lock:
             grades[sub.name] = grade
