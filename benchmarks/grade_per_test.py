@@ -81,14 +81,18 @@ def main() -> int:
     )  # fmt: skip
     local = time.monotonic() - started
     s, n = args.submissions, args.n + 1
+    rows = [
+        ("(local) pytest, one submission", local),
+        ("(a) whole suite per submission", suite),
+        ("(b) per-test limits, nothing killed", per_test),
+        ("(c) per-test limits, one 1 s loop each", killed),
+    ]
     print(f"{s} submissions x {n} tests, 2 at a time, runc")
-    print(f"(local) pytest, one submission:           {local:6.2f} s")
-    print(f"(a) whole suite per submission:           {suite:6.2f} s  {suite / s:5.2f} s each")
-    print(f"(b) per-test limits, nothing killed: {per_test:6.2f} s  {per_test / s:5.2f} s each")
-    print(f"(c) per-test limits, one 1 s loop each:   {killed:6.2f} s  {killed / s:5.2f} s each")
-    print(f"per-test limits cost per test (b - a): {(per_test - suite) / (s * n) * 1000:6.1f} ms")
-    print(f"a kill costs per submission (c - b):      {(killed - per_test) / s:6.2f} s")
-    print(f"ratio (b) / (a):                          {per_test / suite:6.2f}")
+    for label, seconds in rows:
+        print(f"{label:42} {seconds:7.2f} s  {seconds / s:5.2f} s per submission")
+    print(f"{'per-test limits, per test (b - a) / tests':42} {(per_test - suite) / (s * n):7.3f} s")
+    print(f"{'a kill, per submission (c - b)':42} {(killed - per_test) / s:7.2f} s")
+    print(f"{'ratio (b) / (a)':42} {per_test / suite:7.2f}")
     return 0
 
 

@@ -22,8 +22,9 @@ import tarfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from sandboxd import errors
 from sandboxd.api import ExecResult, SandboxRequest
@@ -147,8 +148,11 @@ def cpu_killed(result: ExecResult, cpu_limit: int) -> bool:
 class SubmissionBox:
     """The sandbox a submission runs in, replaceable after a kill that may have damaged it."""
 
-    def __init__(self, client: SandboxClient, request: SandboxRequest, sub: Submission) -> None:
+    def __init__(
+        self, client: SandboxClient, request: SandboxRequest, sub: Submission, tests_dir: Path
+    ) -> None:
         self.client = client
+        self.tests_dir = tests_dir
         self.request = request
         self.submission = sub
         self.handle: SandboxHandle | None = None
@@ -169,6 +173,10 @@ class SubmissionBox:
                 self.handle.put_files(WORKDIR, dict(self.submission.files))
         return self.handle
 
+    def owns(self, node_id: str) -> bool:
+        """Whether a collected node id is in one of the course's own test files."""
+        return (self.tests_dir / node_id.split("::")[0]).is_file()
+
     def discard(self) -> None:
         """Destroy the current sandbox; the next `open` makes a fresh one."""
         if self.handle is not None:
@@ -187,13 +195,16 @@ class SubmissionBox:
         timeout: float,
         output: bytearray | None = None,
         env: Mapping[str, str] | None = None,
-        streams: tuple[str, ...] = ("stdout", "stderr"),
+        stderr: bytearray | None = None,
     ) -> ExecResult:
-        """Run one command; its output on `streams` (capped) into `output` when given."""
+        """Run one command; its output (capped) into `output`, or when `stderr` is given,
+        stdout into `output` and stderr into `stderr`: records framed by line must not be
+        cut by the other stream's chunks."""
 
         def keep(stream: str, data: bytes) -> None:
-            if output is not None and stream in streams and len(output) < MAX_OUTPUT_BYTES:
-                output.extend(data)
+            into = stderr if stream == "stderr" and stderr is not None else output
+            if into is not None and len(into) < MAX_OUTPUT_BYTES:
+                into.extend(data)
 
         return self.open().exec(
             argv, env={**ENV, **(env or {})}, workdir=WORKDIR, timeout=timeout, on_output=keep
@@ -226,32 +237,6 @@ class TestRun:
     stopped: str = ""
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One run of some of the tests: their results, the tests it did not reach, its cost."""
-
-    runs: list[TestRun]
-    left: list[str]
-    killed: bool
-    cpu_seconds: float
-    peak_memory_bytes: int
-
-
-def collect(box: SubmissionBox, timeout: float) -> tuple[list[str], ExecResult, str]:
-    """pytest node ids of the course's suite with this submission in place; the collection
-    run's result and its output (the error to show when collection fails)."""
-    output = bytearray()
-    argv = [*PYTEST, "--collect-only", f"{GRADER}/tests"]
-    result = box.exec(argv, timeout, output)
-    text = output.decode("utf-8", "replace")
-    ids = [
-        line.strip()
-        for line in text.splitlines()
-        if "::" in line and not line.startswith((" ", "ERROR", "FAILED"))
-    ]
-    return ids, result, text
-
-
 def _killed_case(result: ExecResult, seconds: float) -> tuple[str, Case]:
     """The verdict and result of the test that was running when its process ended."""
     timed_out = f"timed out after {seconds:.1f}s"
@@ -267,11 +252,34 @@ def _killed_case(result: ExecResult, seconds: float) -> tuple[str, Case]:
 _RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 
 
-def _read_log(raw: bytes, nonce: str) -> tuple[dict[str, Case], set[str], set[str]]:
-    """Results by node id (the worst phase counts), tests started, tests ended."""
-    cases: dict[str, Case] = {}
-    started: set[str] = set()
-    ended: set[str] = set()
+@dataclass
+class RunLog:
+    """What the in-sandbox plugin reported: results by node id (the worst phase counts),
+    the tests started and ended, and the collected node ids (None: never got that far)."""
+
+    cases: dict[str, Case] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+    collected: list[str] | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "start" in record:
+            self.started.add(str(record["start"]))
+        if "end" in record:
+            self.ended.add(str(record["end"]))
+        if isinstance(record.get("collected"), list):
+            self.collected = [str(n) for n in record["collected"]]
+        if "result" in record and record.get("outcome") in _RANK:
+            node = str(record["result"])
+            message, output = str(record.get("message", "")), str(record.get("output", ""))
+            case = Case(record["outcome"], message, output)
+            if node not in self.cases or _RANK[case.outcome] > _RANK[self.cases[node].outcome]:
+                self.cases[node] = case
+
+
+def read_log(raw: bytes, nonce: str) -> RunLog:
+    """The plugin's records: the lines of `raw` behind `nonce`, others ignored."""
+    log = RunLog()
     prefix = f"{nonce} ".encode()
     for line in raw.splitlines():
         if not line.startswith(prefix):
@@ -280,62 +288,97 @@ def _read_log(raw: bytes, nonce: str) -> tuple[dict[str, Case], set[str], set[st
             record = json.loads(line[len(prefix) :])
         except ValueError:
             continue
-        if not isinstance(record, dict):
-            continue
-        started.update([str(record["start"])] if "start" in record else [])
-        ended.update([str(record["end"])] if "end" in record else [])
-        if "result" in record and record.get("outcome") in _RANK:
-            node = str(record["result"])
-            case = Case(
-                record["outcome"], str(record.get("message", "")), str(record.get("output", ""))
-            )
-            if node not in cases or _RANK[case.outcome] > _RANK[cases[node].outcome]:
-                cases[node] = case
-    return cases, started, ended
+        if isinstance(record, dict):
+            log.add(record)
+    return log
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One run of some of the tests: their results, the tests it did not reach, its cost;
+    for the first run also the collected tests and pytest's output."""
+
+    runs: list[TestRun]
+    left: list[str]
+    killed: bool
+    result: ExecResult
+    collected: list[str] | None = None
+    output: str = ""
 
 
 def run_batch(
-    box: SubmissionBox, node_ids: list[str], seconds: float, wall: float, cpu: float
+    box: SubmissionBox, node_ids: list[str] | None, seconds: float, wall: float, cpu: float
 ) -> Batch:
-    """`node_ids` in one pytest process, each test under its own limits (the in-sandbox
-    plugin), until one of them takes the process down."""
+    """`node_ids` (None: the whole suite, collecting it) in one pytest process, each test
+    under its own limits (the in-sandbox plugin), until one of them takes it down."""
     nonce = secrets.token_hex(12)
     command, _ = cpu_limited('exec "$@"', cpu)
-    tests = [f"{GRADER}/tests/{n}" for n in node_ids]
+    tests = [f"{GRADER}/tests/{n}" for n in node_ids or [""]]
     argv = ["sh", "-c", command, "sh", *PYTEST, "-p", PLUGIN, *tests]
     env = {"GRADER_TEST_SECONDS": str(seconds), "GRADER_NONCE": nonce}
-    timeout = max(0.5, min(wall, len(node_ids) * (seconds + 1.0) + STARTUP_SECONDS))
-    stderr = bytearray()
-    result = box.exec(argv, timeout, stderr, env=env, streams=("stderr",))
-    cases, started, ended = _read_log(bytes(stderr), nonce)
-    runs = [TestRun(junit_id(n), cases[n]) for n in node_ids if n in cases and n in ended]
-    killed = [n for n in node_ids if n in started and n not in ended]
-    left = [n for n in node_ids if n not in ended and n not in killed]
+    if node_ids is not None:
+        wall = min(wall, len(node_ids) * (seconds + 1.0) + STARTUP_SECONDS)
+    stdout, stderr = bytearray(), bytearray()
+    result = box.exec(argv, max(0.5, wall), stdout, env=env, stderr=stderr)
+    log = read_log(bytes(stderr), nonce)
+    ids = node_ids if node_ids is not None else [n for n in log.collected or [] if box.owns(n)]
+    runs = [TestRun(junit_id(n), log.cases[n]) for n in ids if n in log.cases and n in log.ended]
+    killed = [n for n in ids if n in log.started and n not in log.ended]
+    left = [n for n in ids if n not in log.ended and n not in killed]
     if killed:
         verdict, case = _killed_case(result, seconds)
         runs.append(TestRun(junit_id(killed[0]), case, verdict))
-        left = node_ids[node_ids.index(killed[0]) + 1 :]
-        left = [n for n in left if n not in ended]
+        left = [n for n in ids[ids.index(killed[0]) + 1 :] if n not in log.ended]
     elif left and not runs:
         # Nothing started: the process failed before the first test; do not retry forever.
         why = f"not run: the test process ended before it ({result.message})"
         runs += [TestRun(junit_id(n), Case("error", why)) for n in left]
         left = []
     stopped = bool(killed) or result.signal != 0 or not VERDICTS[result.verdict].finished
-    return Batch(runs, left, stopped, result.cpu_seconds, result.peak_memory_bytes)
+    text = stdout.decode("utf-8", "replace")
+    return Batch(runs, left, stopped, result, log.collected, text)
 
 
-def run_tests(
-    box: SubmissionBox, node_ids: list[str], seconds: float, wall: float, cpu: float
-) -> tuple[list[TestRun], float, int]:
-    """Every test, in as few processes as the kills allow, until the submission's wall or
-    CPU budget is spent (the tests left then are reported as not run); the runs, CPU
-    seconds and peak memory. A sandbox a kill may have damaged is replaced."""
+@dataclass(frozen=True)
+class SuiteRun:
+    """Every test's run, what they cost, and why collection failed ("" when it did not)."""
+
+    runs: list[TestRun]
+    cpu_seconds: float
+    peak_memory_bytes: int
+    first: ExecResult
+    collection_error: str = ""
+
+
+def _collection_error(batch: Batch) -> str:
+    """Why the first run collected nothing to run, "" when it did."""
+    if batch.collected and batch.runs:
+        return ""
+    if batch.collected == [] and batch.result.exit_code == 5:
+        return "no tests were collected"
+    lines = [line[1:].strip() for line in batch.output.splitlines() if line.startswith("E ")]
+    why = "; ".join(lines)[:600] if lines else batch.result.message
+    return f"collection failed: {why}"
+
+
+def run_tests(box: SubmissionBox, seconds: float, wall: float, cpu: float) -> SuiteRun:
+    """Every test, in as few processes as the kills allow (the first one collects), until
+    the submission's wall or CPU budget is spent (the tests left then are reported as not
+    run). A sandbox a kill may have damaged is replaced."""
     started = time.monotonic()
-    runs: list[TestRun] = []
-    cpu_used, peak = 0.0, 0
-    left = list(node_ids)
+    first = run_batch(box, None, seconds, wall, cpu)
+    error = _collection_error(first)
+    if error:
+        box.discard()
+        return SuiteRun(
+            [], first.result.cpu_seconds, first.result.peak_memory_bytes, first.result, error
+        )
+    runs, left = list(first.runs), first.left
+    cpu_used, peak = first.result.cpu_seconds, first.result.peak_memory_bytes
+    killed = first.killed
     while left:
+        if killed:
+            box.discard()
         wall_left = wall - (time.monotonic() - started)
         if wall_left <= 0 or cpu_used >= cpu:
             spent = f"wall {wall:.0f}s" if wall_left <= 0 else f"CPU {cpu:.0f}s"
@@ -344,12 +387,10 @@ def run_tests(
             break
         batch = run_batch(box, left, seconds, wall_left, cpu - cpu_used)
         runs += batch.runs
-        cpu_used += batch.cpu_seconds
-        peak = max(peak, batch.peak_memory_bytes)
-        if batch.killed:
-            box.discard()
-        left = batch.left
-    return runs, cpu_used, peak
+        cpu_used += batch.result.cpu_seconds
+        peak = max(peak, batch.result.peak_memory_bytes)
+        killed, left = batch.killed, batch.left
+    return SuiteRun(runs, cpu_used, peak, first.result)
 
 
 def tail(data: bytes | bytearray, limit: int = MAX_OUTPUT) -> str:

@@ -47,7 +47,6 @@ from sandboxd.grade_runs import (
     Case,
     Outcome,
     SubmissionBox,
-    collect,
     cpu_killed,
     cpu_limited,
     fresh_junit_path,
@@ -234,31 +233,13 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
     )
 
 
-def _error_lines(text: str) -> str:
-    """pytest's "E   ..." lines (the exception), else the end of its output."""
-    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
-    return "; ".join(lines)[:600] if lines else tail(text.encode(), 600).strip()
-
-
 def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
-    """Collect once, then every test under its own limits, in as few processes as the
-    kills allow."""
+    """Every test under its own limits, in as few processes as the kills allow."""
     started = time.monotonic()
-    node_ids, collected, text = collect(box, settings.timeout_seconds)
-    # Only ids of the course's own files: what the submission printed is not a test.
-    node_ids = [n for n in node_ids if (course.tests_dir / n.split("::")[0]).is_file()]
-    if not VERDICTS[collected.verdict].finished or collected.exit_code != 0 or not node_ids:
-        box.discard()
-        why = "no tests were collected" if collected.exit_code == 5 else "collection failed"
-        return Outcomes.stopped("error", f"{why}: {_error_lines(text)}", collected)
-    runs, cpu, peak = run_tests(
-        box,
-        node_ids,
-        course.test_timeout,
-        settings.timeout_seconds - collected.wall_seconds,
-        settings.cpu_seconds - collected.cpu_seconds,
-    )
-    cases = {r.test_id: r.case for r in runs}
+    suite = run_tests(box, course.test_timeout, settings.timeout_seconds, settings.cpu_seconds)
+    if suite.collection_error:
+        return Outcomes.stopped("error", suite.collection_error, suite.first)
+    runs = suite.runs
     failed = [r for r in runs if r.case.outcome in ("failed", "error")]
     spent = [r for r in runs if r.case.message.startswith("not run:")]
     verdict: Verdict = "timed_out" if spent else "failed" if failed else "passed"
@@ -270,9 +251,10 @@ def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -
     return Outcomes(
         verdict,
         message,
-        _of(cases),
-        cpu_seconds=collected.cpu_seconds + cpu,
-        peak_memory_bytes=max(collected.peak_memory_bytes, peak),
+        _of({r.test_id: r.case for r in runs}),
+        exit_code=suite.first.exit_code,
+        cpu_seconds=suite.cpu_seconds,
+        peak_memory_bytes=suite.peak_memory_bytes,
         wall_seconds=time.monotonic() - started,
     )
 
@@ -315,7 +297,7 @@ def grade_one(
         runtime=settings.runtime,
         labels={"grading": "1"},
     )
-    box = SubmissionBox(client, request, submission)
+    box = SubmissionBox(client, request, submission, course.tests_dir)
     try:
         outcomes = _build(box, course) if course.build else None
         if outcomes is None:

@@ -5,13 +5,13 @@ nothing from sandboxd, since sandboxd is not installed there.
 
 Before each test it arms a wall-clock timer whose signal keeps its default action and a
 CPU-time soft limit just above what the process has used, so a test that loops or sleeps
-ends the process at once (SIGALRM, SIGXCPU) without any Python code having to run. Each
-test's start and result go to the exec's stderr as they happen, one line each behind a
-nonce, so when a test takes the process down (even with its sandbox), the tests before
-it keep their results and the grader knows which test it was: it starts a new run with
-the tests after it. The stream is the file descriptor pytest started with, duplicated at
-import: `-p` plugins load before pytest captures output, and tests' own output is
-captured away from it.
+ends the process at once (SIGALRM, SIGXCPU) without any Python code having to run. The
+collected node ids, each test's start and its result go to the exec's stderr as they
+happen, one line each behind a nonce, so when a test takes the process down (even with
+its sandbox), the tests before it keep their results and the grader knows which test it
+was: it starts a new run with the tests after it. The stream is the file descriptor
+pytest started with, duplicated at import: `-p` plugins load before pytest captures
+output, and tests' own output is captured away from it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def _arm() -> None:
 def _disarm() -> None:
     if SECONDS > 0:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _write({"collected": [item.nodeid for item in session.items]})
 
 
 @pytest.hookimpl(hookwrapper=True)

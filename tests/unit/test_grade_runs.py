@@ -6,7 +6,7 @@ import json
 import signal
 
 from sandboxd.api import ExecResult
-from sandboxd.grade_runs import Case, _killed_case, _read_log, junit_id, parse_cases
+from sandboxd.grade_runs import Case, _killed_case, junit_id, parse_cases, read_log
 
 
 def test_junit_ids_follow_pytest() -> None:
@@ -32,9 +32,10 @@ def test_the_log_keeps_the_worst_phase_and_ignores_unframed_lines() -> None:
         )
         + _lines("other", {"end": "t.py::b"})
     )
-    cases, started, ended = _read_log(raw, "n0")
-    assert cases == {"t.py::a": Case("error", "boom", "")}
-    assert started == {"t.py::a", "t.py::b"} and ended == {"t.py::a"}
+    log = read_log(raw + _lines("n0", {"collected": ["t.py::a", "t.py::b"]}), "n0")
+    assert log.cases == {"t.py::a": Case("error", "boom", "")}
+    assert log.started == {"t.py::a", "t.py::b"} and log.ended == {"t.py::a"}
+    assert log.collected == ["t.py::a", "t.py::b"]
 
 
 def test_the_killed_test_gets_the_cause() -> None:

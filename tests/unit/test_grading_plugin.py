@@ -31,6 +31,13 @@ def test_each_test_is_logged_and_a_sleeper_ends_the_process(tmp_path: Path) -> N
     )  # fmt: skip
     assert proc.returncode == -14  # SIGALRM, the default action: no Python code ran
     records = [json.loads(line[3:]) for line in proc.stderr.splitlines() if line.startswith(b"n1 ")]
+    (collected,) = [r["collected"] for r in records if "collected" in r]
+    assert [n.split("::")[1] for n in collected] == [
+        "test_ok",
+        "test_bad",
+        "test_sleeps",
+        "test_after",
+    ]
     started = [r["start"].split("::")[1] for r in records if "start" in r]
     ended = [r["end"].split("::")[1] for r in records if "end" in r]
     assert started == ["test_ok", "test_bad", "test_sleeps"]
