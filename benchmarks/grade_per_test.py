@@ -7,7 +7,8 @@ For a course of N trivial tests and S correct submissions, graded twice:
 (b) per-test limits (`--test-timeout`), no test killed,
 (c) per-test limits where one test of each submission loops (one kill and a fresh
     sandbox per submission),
-and local pytest of the same suite for scale. Prints seconds and the cost per test.
+and local pytest of the same suite for scale (one submission, times S). Prints
+seconds and the cost per test.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> int:
     local = time.monotonic() - started
     s, n = args.submissions, args.n + 1
     rows = [
-        ("(local) pytest, one submission", local),
+        ("(local) pytest, all S submissions in turn", local * s),
         ("(a) whole suite per submission", suite),
         ("(b) per-test limits, nothing killed", per_test),
         ("(c) per-test limits, one 1 s loop each", killed),
