@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import write_tree
+from courses import write_tree
 
 from sandboxd import cli
 

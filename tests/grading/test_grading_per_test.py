@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_tree
+from courses import write_tree
 
 from sandboxd import cli
 
