@@ -20,6 +20,7 @@ import pytest
 
 from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
+from pytest_sandbox.coverage_data import coverage_spec
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
@@ -215,6 +216,7 @@ class Controller:
             echo_output=config.getoption("capture") == "no",
             drop_unfinished=bool(config.getoption("maxfail")),
             labels={"pytest-sandbox.session": secrets.token_hex(6)},
+            coverage=coverage_spec(config, snapshot.PROJECT),
         )
 
     def _make_runner(self, conn: Connection, snap: snapshot.Snapshot) -> GroupRunner:

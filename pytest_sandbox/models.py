@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_sandbox.coverage_data import CoverageSpec
 from pytest_sandbox.spec import RouteSpec
 
 
@@ -31,6 +32,7 @@ class RunSettings:
     echo_output: bool = False  # -s: show the sandbox's live output
     drop_unfinished: bool = False  # -x/--maxfail: a worker stopping early is expected
     labels: Mapping[str, str] = field(default_factory=dict)
+    coverage: CoverageSpec | None = None  # pytest-cov measures on the host: measure inside
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ SKIP_DIRS = frozenset(
     }
 )
 SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info")
-MAX_SNAPSHOT_BYTES = 48 * 1024 * 1024  # one gRPC message carries the whole build context
+MAX_SNAPSHOT_BYTES = 1024**3  # context travels as chunked blobs; this bounds host memory
 
 ContextFiles = dict[str, tuple[bytes, int]]
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sandboxd import errors
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
+from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
 
 if TYPE_CHECKING:
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--config", type=Path, help="TOML config file (defaults, caps, profiles)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="container engine for the sandboxes (default: the config's, else docker)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the gRPC API")
@@ -59,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--base", default="", help="base image (default: the server's)")
     build.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    _add_tls(build)
 
     gc = sub.add_parser("gc", help="remove sandbox containers left by dead instances")
     gc.add_argument("--all", action="store_true", help="also remove containers of live instances")
@@ -77,10 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
     info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
+    _add_tls(info)
 
     grade = sub.add_parser("grade", help="run a course's tests against every submission")
     grade.add_argument(
@@ -112,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also write gradebook.csv, report.html and gradescope/NAME/results.json here",
     )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    _add_tls(grade)
     return p
 
 
@@ -124,11 +134,21 @@ def _fragment(value: str) -> str:
     return value
 
 
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    """TLS options of the client commands (else SANDBOXD_TLS_CA/_CERT/_KEY apply)."""
+    parser.add_argument("--tls-ca", type=Path, help="CA (PEM) that signed the server's cert")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mTLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mTLS")
+
+
 @contextlib.contextmanager
-def _client(address: str | None, config: ServerConfig) -> Iterator[SandboxClient]:
+def _client(args: argparse.Namespace, config: ServerConfig) -> Iterator[SandboxClient]:
+    from sandboxd.channels import tls_credentials
     from sandboxd.connection import connect
 
-    with connect(address, config=config) as connection:
+    given = (args.tls_ca, args.tls_cert, args.tls_key)
+    credentials = tls_credentials(*given) if any(given) else None
+    with connect(args.address, config=config, credentials=credentials) as connection:
         yield connection.client
 
 
@@ -157,7 +177,7 @@ def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         result = client.build_image(
             _fragment(args.dockerfile),
             base=args.base,
@@ -231,7 +251,7 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     )
     env = _env(args.env)
     fragment = _fragment(args.dockerfile)
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         image = args.image
         digest = ""
         if fragment:
@@ -281,7 +301,7 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         info = client.server_info()
     print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
     return 0
@@ -307,7 +327,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
             f"--submissions {args.submissions}: no sub-folders or .zip files to grade"
         )
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         document = grading.grade_all(
             client,
             args.tests,
@@ -347,9 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        overrides = {}
+        overrides = {"engine": args.engine}
         if args.command == "serve":
-            overrides = {
+            overrides |= {
                 "tokens_file": args.tokens,
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,
