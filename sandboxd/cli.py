@@ -91,8 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
     _add_tls(info)
 
-    grade = sub.add_parser("grade", help="run a pytest suite against every submission")
-    grade.add_argument("--tests", type=Path, required=True, help="the course's tests dir")
+    grade = sub.add_parser("grade", help="run a course's tests against every submission")
+    grade.add_argument(
+        "--tests", type=Path, required=True, help="the course's tests dir (course.toml optional)"
+    )
     grade.add_argument(
         "--submissions", type=Path, required=True, help="one sub-folder or .zip per submission"
     )
@@ -106,7 +108,18 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="wall seconds per submission (%(default)s)"
     )
     grade.add_argument("--memory", default="256m", help="memory per submission (%(default)s)")
+    grade.add_argument(
+        "--test-timeout",
+        type=float,
+        help="seconds per test, each test in its own run (default: course.toml's, else 0: "
+        "one run for the whole suite)",
+    )
     grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
+    grade.add_argument(
+        "--reports",
+        type=Path,
+        help="also write gradebook.csv, report.html and gradescope/NAME/results.json here",
+    )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(grade)
     return p
@@ -295,7 +308,8 @@ def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd import grading
+    from sandboxd import grade_reports, grading
+    from sandboxd.gradebook import load_course
     from sandboxd.submissions import load_submissions
 
     settings = grading.GradeSettings(
@@ -306,7 +320,12 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
         memory_bytes=parse_size(args.memory, field="--memory"),
         jobs=args.jobs,
     )
+    course = load_course(args.tests, test_timeout=args.test_timeout)
     submissions = load_submissions(args.submissions)
+    if not submissions:
+        raise errors.InvalidArgument(
+            f"--submissions {args.submissions}: no sub-folders or .zip files to grade"
+        )
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
     with _client(args, config) as client:
         document = grading.grade_all(
@@ -314,10 +333,14 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
             args.tests,
             submissions,
             settings,
-            grading.junit_dir_for(args.out),
+            grading.junit_dir_for(args.reports or args.out),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            course=course,
         )
     grading.write_results(document, args.out)
+    if args.reports is not None:
+        for path in grade_reports.write_reports(document, args.reports):
+            print(f"wrote {path}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -28,6 +28,15 @@ MAX_ARGV_BYTES = 256 * 1024
 MAX_STDIN = 32 * 1024 * 1024
 
 
+def _peak(after: CgroupSample, verdict: str, memory_limit: int) -> int:
+    """Peak memory; for a memory kill that took the container's cgroup with it (gVisor's
+    sandbox process, or the container's init), the limit: the kernel kills only there."""
+    peak = after.memory_peak_bytes or 0
+    if verdict == "out_of_memory" and peak == 0:
+        return memory_limit
+    return peak
+
+
 @dataclass(frozen=True)
 class ExecRequest:
     argv: list[str]
@@ -163,7 +172,7 @@ class Executor:
             judgement=judgement,
             wall_seconds=wall,
             cpu_seconds=_cpu_seconds(cpu_before, after),
-            peak_memory_bytes=after.memory_peak_bytes or 0,
+            peak_memory_bytes=_peak(after, judgement.verdict, record.limits.memory_bytes),
             output_truncated=tally.truncated,
             stdout_bytes=tally.sizes[1],
             stderr_bytes=tally.sizes[2],

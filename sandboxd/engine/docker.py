@@ -407,12 +407,25 @@ class DockerEngine:
         """A container killed as a whole (gVisor's sandbox process at its memory limit) takes
         its cgroup with it; the engine still records that the kill was for memory."""
         try:
-            state = self.container_state(container_id)
+            state = self._settled_state(container_id)
         except SandboxError:
             return sample
         if state.get("Running"):
             return sample
         return replace(sample, oom_kills=1 if state.get("OOMKilled") else 0)
+
+    def _settled_state(self, container_id: str) -> Mapping[str, Any]:
+        """The container's state; while its cgroup is already gone but the engine still says
+        it runs (gVisor's sandbox process was just killed), ask again for up to 2 s, or the
+        memory kill would read as a crash."""
+        state = self.container_state(container_id)
+        dirs = self._cgroup_paths.get(container_id) or {}
+        for _ in range(20):
+            if not state.get("Running") or not dirs or any(p.is_dir() for p in dirs.values()):
+                break
+            time.sleep(0.1)
+            state = self.container_state(container_id)
+        return state
 
     def _sample_stats(self, container_id: str) -> CgroupSample:
         """Fallback through the stats API when the cgroup files are not ours to read."""
