@@ -18,6 +18,7 @@ from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
 
 if TYPE_CHECKING:
+    from sandboxd.api import ExecResult, Sandbox
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
@@ -35,7 +36,17 @@ def _parser() -> argparse.ArgumentParser:
         help="container engine for the sandboxes (default: the config's, else docker)",
     )
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_bootstrap_image(sub)
+    _add_build(sub)
+    _add_gc(sub)
+    _add_run(sub)
+    _add_info(sub)
+    _add_grade(sub)
+    return p
 
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="serve the gRPC API")
     serve.add_argument(
         "--listen",
@@ -54,11 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
     )
 
+
+def _add_bootstrap_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     boot = sub.add_parser("bootstrap-image", help="make the offline base image (debootstrap)")
     boot.add_argument("--tag", default=DEFAULT_BASE_IMAGE)
     boot.add_argument("--mirror", default="http://deb.debian.org/debian")
     boot.add_argument("--suite", default="bookworm")
 
+
+def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     build = sub.add_parser("build", help="build an image from a Dockerfile fragment")
     build.add_argument(
         "--dockerfile", default="", help="fragment text, or @FILE to read it from a file"
@@ -67,10 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(build)
 
+
+def _add_gc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gc = sub.add_parser("gc", help="remove sandbox containers left by dead instances")
     gc.add_argument("--all", action="store_true", help="also remove containers of live instances")
     gc.add_argument("--images", action="store_true", help="also remove the cached images")
 
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run one command in a fresh sandbox")
     run.add_argument("--dockerfile", default="", help="fragment text, or @FILE")
     run.add_argument("--image", default="", help="image key or reference (default: base image)")
@@ -87,10 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
+
+def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
     info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
     _add_tls(info)
 
+
+def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     grade = sub.add_parser("grade", help="run a course's tests against every submission")
     grade.add_argument(
         "--tests", type=Path, required=True, help="the course's tests dir (course.toml optional)"
@@ -122,7 +145,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(grade)
-    return p
 
 
 def _fragment(value: str) -> str:
@@ -275,29 +297,36 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     if not info.finished:
         print(f"sandboxd: {result.message}", file=sys.stderr)
     if args.json:
-        applied = sandbox.limits
-        summary = {
-            "exit_code": code,
-            "command_exit_code": result.exit_code,
-            "signal": result.signal,
-            "verdict": result.verdict,
-            "message": result.message,
-            "wall_seconds": round(result.wall_seconds, 4),
-            "cpu_seconds": round(result.cpu_seconds, 4),
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "output_truncated": result.output_truncated,
-            "image": image or config.base_image,
-            "image_digest": digest or sandbox.image_digest,
-            "limits": {
-                "cpus": applied.cpus,
-                "memory_bytes": applied.memory_bytes,
-                "pids": applied.pids,
-                "timeout_seconds": applied.timeout_seconds,
-                "network": applied.network,
-            },
-        }
+        summary = _run_summary(result, sandbox, code, image or config.base_image, digest)
         sys.stdout.write("\n" + json.dumps(summary) + "\n")
     return code
+
+
+def _run_summary(
+    result: ExecResult, sandbox: Sandbox, code: int, image: str, digest: str
+) -> dict[str, object]:
+    """The JSON object `run --json` prints as its last line."""
+    applied = sandbox.limits
+    return {
+        "exit_code": code,
+        "command_exit_code": result.exit_code,
+        "signal": result.signal,
+        "verdict": result.verdict,
+        "message": result.message,
+        "wall_seconds": round(result.wall_seconds, 4),
+        "cpu_seconds": round(result.cpu_seconds, 4),
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "output_truncated": result.output_truncated,
+        "image": image,
+        "image_digest": digest or sandbox.image_digest,
+        "limits": {
+            "cpus": applied.cpus,
+            "memory_bytes": applied.memory_bytes,
+            "pids": applied.pids,
+            "timeout_seconds": applied.timeout_seconds,
+            "network": applied.network,
+        },
+    }
 
 
 def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
