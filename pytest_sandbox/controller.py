@@ -14,13 +14,14 @@ import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
+from pytest_sandbox.coverage_data import coverage_spec
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
@@ -110,7 +111,8 @@ class Controller:
             try:
                 xmlpath = getattr(self.config.option, "xmlpath", None)
                 outputs = [Path(xmlpath)] if xmlpath else []
-                snap = snapshot.take(self.config.rootpath, exclude=outputs)
+                requirements = str(self.config.getini("sandbox_requirements"))
+                snap = snapshot.take(self.config.rootpath, outputs, requirements)
                 self._early_result["snap"] = snap
                 conn = connect(self.options.address, address_option="--sandbox-address")
                 self._early_result["conn"] = conn
@@ -150,6 +152,10 @@ class Controller:
         local = [it for it in session.items if it.nodeid not in self.specs]
         by_id = {it.nodeid: it for it in routed}
         rootdir = self.config.rootpath
+        if coverage_spec(self.config, snapshot.PROJECT) is not None:
+            # Coverage saves its data as the worker ends; a forked test child ends with
+            # os._exit and would take its measurements along.
+            self.specs = {n: replace(s, isolation="container") for n, s in self.specs.items()}
         groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:
             snap = self._early_ready()
@@ -228,6 +234,7 @@ class Controller:
             drop_unfinished=bool(config.getoption("maxfail")),
             labels={"pytest-sandbox.session": secrets.token_hex(6)},
             recycle_after=self._recycle_after(),
+            coverage=coverage_spec(config, snapshot.PROJECT),
         )
 
     def _recycle_after(self) -> int:

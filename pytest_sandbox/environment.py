@@ -14,10 +14,13 @@ import hashlib
 import importlib.metadata as metadata
 import os
 import re
+import shutil
 import site
 import stat
+import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,10 +191,11 @@ def _unowned_pth(
         yield path.name, data
 
 
-def distributions(rootdir: Path) -> dict[str, ContextFiles]:
+def distributions(rootdir: Path, dirs: list[Path] | None = None) -> dict[str, ContextFiles]:
     """Every distribution the host's pytest can import, by normalized name, as site files.
 
     The first of two distributions with one name on sys.path wins, as for the host.
+    `dirs` defaults to the site directories on sys.path.
 
     Raises:
         EnvironmentProblem: a distribution cannot be mirrored (the message names it).
@@ -199,7 +203,7 @@ def distributions(rootdir: Path) -> dict[str, ContextFiles]:
     rewriter = Rewriter(rootdir)
     out: dict[str, ContextFiles] = {}
     taken: set[str] = set()
-    for site_dir in site_dirs():
+    for site_dir in site_dirs() if dirs is None else dirs:
         owned: set[str] = set()
         for dist in sorted(metadata.distributions(path=[str(site_dir)]), key=_sort_key):
             name = dist.metadata["Name"] or "?"
@@ -301,3 +305,45 @@ def check_imports(rootdir: Path) -> None:
             f"rootdir {rootdir}, so the sandbox cannot have it: install it into the "
             "environment (pip install ...) or move it under the rootdir"
         )
+
+
+def requirements_site(rootdir: Path, requirements: str, cache: Path | None = None) -> Path:
+    """A site directory holding `requirements` (and pytest at the host's version).
+
+    For ini `sandbox_requirements`: the image's environment is the file's, not the
+    host's. pip runs on the host, with the host's index settings and certificates;
+    only the installed files reach the image, never those settings. The result is
+    cached by the file's content, the pinned pytest and the interpreter's tags.
+
+    Raises:
+        EnvironmentProblem: the file is missing or pip could not install it.
+    """
+    path = rootdir / requirements
+    if not path.is_file():
+        raise EnvironmentProblem(f"sandbox_requirements = {requirements}: no such file")
+    pin = f"pytest=={metadata.version('pytest')}"
+    key = hashlib.sha256(
+        b"\0".join([path.read_bytes(), pin.encode(), str(next(iter(sys_tags()))).encode()])
+    )
+    base = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = base / "pytest-sandbox" / "requirements" / key.hexdigest()[:32]
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    argv += ["--no-warn-script-location", "--target", str(work), "-r", str(path), pin]
+    done = subprocess.run(argv, cwd=path.parent, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        tail = " ".join(done.stderr.strip().splitlines()[-3:])
+        raise EnvironmentProblem(
+            f"sandbox_requirements = {requirements}: pip could not install it "
+            f"(exit {done.returncode}): {tail}; fix the file or the host's pip settings, "
+            "or remove the key to mirror the host's environment instead"
+        )
+    try:
+        work.rename(target)
+    except OSError:  # another session finished the same install first
+        shutil.rmtree(work, ignore_errors=True)
+    return target

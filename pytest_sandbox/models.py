@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_sandbox.coverage_data import CoverageSpec
 from pytest_sandbox.spec import RouteSpec
 
 
@@ -32,6 +33,7 @@ class RunSettings:
     drop_unfinished: bool = False  # -x/--maxfail: a worker stopping early is expected
     labels: Mapping[str, str] = field(default_factory=dict)
     recycle_after: int = 100  # isolation="fork": tests per container before a fresh one
+    coverage: CoverageSpec | None = None  # pytest-cov measures on the host: measure inside
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,25 @@ MARKER = (
 )
 
 
+#: (name after `sandbox_`, help, type, default) of every ini key.
+INI_KEYS: tuple[tuple[str, str, str, object], ...] = (
+    ("image", "base image for sandboxes (default: the service's)", "string", ""),
+    ("scope", "default sandbox scope: test, module or session", "string", "test"),
+    ("dockerfile", "Dockerfile lines applied on top of the base image", "string", ""),
+    ("cpus", "default CPU limit", "string", "1.0"),
+    ("memory", "default memory limit (e.g. 512m)", "string", "512m"),
+    ("pids", "default process limit", "string", "256"),
+    ("timeout", "default per-test timeout in seconds", "string", "60"),
+    ("address", "sandboxd address (default: an embedded one)", "string", ""),
+    ("jobs", "sandboxes at once (default: number of CPUs)", "string", ""),
+    ("required", "fail when a marked test would run locally", "bool", False),
+    ("profile", "security profile: default or untrusted", "string", ""),
+    ("isolation", "how scope=test starts pristine: fork or container", "string", ""),
+    ("recycle", "with isolation=fork, tests per container before a fresh one", "string", ""),
+    ("requirements", "requirements file for the sandbox's environment", "string", ""),
+)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sandbox", "running tests in sandboxes")
     # Two flags, not one option with an optional value: `nargs="?"` would swallow the
@@ -78,21 +97,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="keep the sandbox of a failed test and print how to enter it",
     )
-    for name, help_text, kind, default in (
-        ("image", "base image for sandboxes (default: the service's)", "string", ""),
-        ("scope", "default sandbox scope: test, module or session", "string", "test"),
-        ("dockerfile", "Dockerfile lines applied on top of the base image", "string", ""),
-        ("cpus", "default CPU limit", "string", "1.0"),
-        ("memory", "default memory limit (e.g. 512m)", "string", "512m"),
-        ("pids", "default process limit", "string", "256"),
-        ("timeout", "default per-test timeout in seconds", "string", "60"),
-        ("address", "sandboxd address (default: an embedded one)", "string", ""),
-        ("jobs", "sandboxes at once (default: number of CPUs)", "string", ""),
-        ("required", "fail when a marked test would run locally", "bool", False),
-        ("profile", "security profile: default or untrusted", "string", ""),
-        ("isolation", "how scope=test starts pristine: fork or container", "string", ""),
-        ("recycle", "with isolation=fork, tests per container before a fresh one", "string", ""),
-    ):
+    for name, help_text, kind, default in INI_KEYS:
         parser.addini(f"sandbox_{name}", help_text, type=kind, default=default)  # type: ignore[arg-type]
 
 

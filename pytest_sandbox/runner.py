@@ -18,9 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pytest_sandbox.collector import Collector, timeout_sections
+from pytest_sandbox.coverage_data import CoverageSpec, data_from_tar, write_mapped
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
-from pytest_sandbox.snapshot import WORKER, Snapshot
+from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
 from sandboxd.api import BuildResult, ExecResult, SandboxRequest, Stream, requested_limits
@@ -243,6 +244,8 @@ class GroupRunner:
             error = str(exc)
         if self.stop.is_set():
             return [], []
+        if self.settings.coverage is not None:
+            self._take_coverage(self.settings.coverage, placement.sandbox_id, capture_dir)
         message = describe_kill(
             result,
             group.spec,
@@ -266,7 +269,20 @@ class GroupRunner:
             "recycle_after": self.settings.recycle_after,
             "deadline": self._deadline(group.spec, len(pending)),
         }
+        if self.settings.coverage is not None:
+            request["coverage"] = self.settings.coverage.worker_options(capture_dir)
         return json.dumps(request).encode() + b"\n"
+
+    def _take_coverage(self, spec: CoverageSpec, sandbox_id: str, capture_dir: str) -> None:
+        """Bring the worker's coverage data back as a parallel file beside the host's, for
+        pytest-cov's combine; a worker killed before saving it measured nothing to bring."""
+        try:
+            data = data_from_tar(self.client.get_files(sandbox_id, f"{capture_dir}/.coverage"))
+            if data is not None:
+                tag = f"{sandbox_id}.{secrets.token_hex(4)}"
+                write_mapped(data, PROJECT, spec.host_root, spec.data_file, tag)
+        except (errors.SandboxError, tarfile.TarError, OSError) as exc:
+            log.warning("no coverage data from %s: %s", sandbox_id, exc)
 
     def _recovered(
         self, placement: Placement, capture_dir: str, timeout: Mapping[str, Any] | None

@@ -50,7 +50,7 @@ SKIP_DIRS = frozenset(
     }
 )
 SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info")
-MAX_SNAPSHOT_BYTES = 48 * 1024 * 1024  # one gRPC message carries the whole build context
+MAX_SNAPSHOT_BYTES = 1024**3  # context travels as chunked blobs; this bounds host memory
 
 ContextFiles = dict[str, tuple[bytes, int]]
 
@@ -214,17 +214,19 @@ class Snapshot:
         return ":".join(paths)
 
 
-def take(rootdir: Path, exclude: Collection[Path] = ()) -> Snapshot:
+def take(rootdir: Path, exclude: Collection[Path] = (), requirements: str = "") -> Snapshot:
     """Read the project and the worker's deps once for the session.
 
     `exclude` names files the session itself writes (a --junitxml report): taking them
-    would change the image, and force a build, on every run.
+    would change the image, and force a build, on every run. `requirements` (ini
+    sandbox_requirements) replaces the host's environment with that file's.
 
     Raises:
         SnapshotTooLarge: see project_files.
         EnvironmentProblem: a distribution cannot be mirrored (see environment).
     """
-    env = environment.distributions(rootdir)
+    site_dirs = [environment.requirements_site(rootdir, requirements)] if requirements else None
+    env = environment.distributions(rootdir, site_dirs)
     context = worker_files()
     context.update(project_files(rootdir, exclude=exclude))
     return Snapshot(

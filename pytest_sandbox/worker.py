@@ -11,6 +11,7 @@ start{nodeid}, report{report}, finish{nodeid}, collect{report},
 missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code},
 and with "fork" in the request (isolation="fork", see pristine.py) recycle{reason}:
 the worker ends before the rest of its tests, which want a fresh sandbox.
+With "coverage" in the request, the run is measured into its data file.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ class WorkerPlugin:
         self.cgroup = Cgroup()
         self.config: Any = None
         self._nodeid = ""
+        self.coverage: Any = None  # a started coverage.Coverage when the host measures
         self._counters = (0, 0)
         self.watchdog = Watchdog(self.expired)
         self.forker: Any = None
@@ -255,6 +257,7 @@ class WorkerPlugin:
             "profile",
             "isolation",
             "recycle",
+            "requirements",
         ]:
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
@@ -289,6 +292,9 @@ class WorkerPlugin:
         # is left of pytest's shutdown (terminal summary, the garbage collections of
         # unconfigure, interpreter teardown) shows nobody anything in a throwaway
         # sandbox but costs a fresh container ~50 ms of CPU.
+        if self.coverage is not None:  # saved before the exit record: the host reads it next
+            self.coverage.stop()
+            self.coverage.save()
         self.channel.send("exit", code=int(exitstatus))
         reap_strays()
         sys.stderr.flush()
@@ -380,6 +386,27 @@ def _name_capture_files(capture_dir: str) -> None:
     capmod.TemporaryFile = named  # type: ignore[attr-defined]
 
 
+def start_coverage(options: dict[str, Any] | None) -> Any:
+    """Measure the run with coverage.py when the host's pytest-cov does (pytest-cov's own
+    options, paths as seen here); the controller reads the data file back and combines
+    it on the host. Without coverage.py in the sandbox nothing is measured, and said so."""
+    if not options:
+        return None
+    try:
+        import coverage
+    except ImportError:
+        print("pytest-sandbox: coverage is not importable in the sandbox", file=sys.stderr)
+        return None
+    cov = coverage.Coverage(
+        data_file=options["data_file"],
+        source=options["source"] or None,
+        branch=options["branch"] or None,
+        config_file=options["config_file"],
+    )
+    cov.start()
+    return cov
+
+
 def main() -> int:
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
@@ -399,6 +426,7 @@ def main() -> int:
         plugin.real_stdout = real_stdout
         # The worker's own terminal output is noise; reports travel as records.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        plugin.coverage = start_coverage(request.get("coverage"))
         plugins = [plugin] if plugin.forker is None else [plugin, plugin.forker]
         code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=plugins))
     except BaseException:

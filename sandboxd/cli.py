@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 
 from sandboxd import errors
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
+from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
 
 if TYPE_CHECKING:
+    from sandboxd.api import ExecResult, Sandbox
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
@@ -28,8 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--config", type=Path, help="TOML config file (defaults, caps, profiles)")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="container engine for the sandboxes (default: the config's, else docker)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_bootstrap_image(sub)
+    _add_build(sub)
+    _add_gc(sub)
+    _add_run(sub)
+    _add_info(sub)
+    _add_grade(sub)
+    return p
 
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="serve the gRPC API")
     serve.add_argument(
         "--listen",
@@ -48,22 +65,31 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
     )
 
+
+def _add_bootstrap_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     boot = sub.add_parser("bootstrap-image", help="make the offline base image (debootstrap)")
     boot.add_argument("--tag", default=DEFAULT_BASE_IMAGE)
     boot.add_argument("--mirror", default="http://deb.debian.org/debian")
     boot.add_argument("--suite", default="bookworm")
 
+
+def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     build = sub.add_parser("build", help="build an image from a Dockerfile fragment")
     build.add_argument(
         "--dockerfile", default="", help="fragment text, or @FILE to read it from a file"
     )
     build.add_argument("--base", default="", help="base image (default: the server's)")
     build.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    _add_tls(build)
 
+
+def _add_gc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gc = sub.add_parser("gc", help="remove sandbox containers left by dead instances")
     gc.add_argument("--all", action="store_true", help="also remove containers of live instances")
     gc.add_argument("--images", action="store_true", help="also remove the cached images")
 
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="run one command in a fresh sandbox")
     run.add_argument("--dockerfile", default="", help="fragment text, or @FILE")
     run.add_argument("--image", default="", help="image key or reference (default: base image)")
@@ -77,13 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
+
+def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
     info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
+    _add_tls(info)
 
-    grade = sub.add_parser("grade", help="run a pytest suite against every submission")
-    grade.add_argument("--tests", type=Path, required=True, help="the course's tests dir")
+
+def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    grade = sub.add_parser("grade", help="run a course's tests against every submission")
+    grade.add_argument(
+        "--tests", type=Path, required=True, help="the course's tests dir (course.toml optional)"
+    )
     grade.add_argument(
         "--submissions", type=Path, required=True, help="one sub-folder or .zip per submission"
     )
@@ -97,9 +131,20 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="wall seconds per submission (%(default)s)"
     )
     grade.add_argument("--memory", default="256m", help="memory per submission (%(default)s)")
+    grade.add_argument(
+        "--test-timeout",
+        type=float,
+        help="seconds per test, each test in its own run (default: course.toml's, else 0: "
+        "one run for the whole suite)",
+    )
     grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
+    grade.add_argument(
+        "--reports",
+        type=Path,
+        help="also write gradebook.csv, report.html and gradescope/NAME/results.json here",
+    )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
-    return p
+    _add_tls(grade)
 
 
 def _fragment(value: str) -> str:
@@ -111,11 +156,21 @@ def _fragment(value: str) -> str:
     return value
 
 
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    """TLS options of the client commands (else SANDBOXD_TLS_CA/_CERT/_KEY apply)."""
+    parser.add_argument("--tls-ca", type=Path, help="CA (PEM) that signed the server's cert")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mTLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key (PEM) for mTLS")
+
+
 @contextlib.contextmanager
-def _client(address: str | None, config: ServerConfig) -> Iterator[SandboxClient]:
+def _client(args: argparse.Namespace, config: ServerConfig) -> Iterator[SandboxClient]:
+    from sandboxd.channels import tls_credentials
     from sandboxd.connection import connect
 
-    with connect(address, config=config) as connection:
+    given = (args.tls_ca, args.tls_cert, args.tls_key)
+    credentials = tls_credentials(*given) if any(given) else None
+    with connect(args.address, config=config, credentials=credentials) as connection:
         yield connection.client
 
 
@@ -144,7 +199,7 @@ def cmd_bootstrap(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         result = client.build_image(
             _fragment(args.dockerfile),
             base=args.base,
@@ -218,7 +273,7 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     )
     env = _env(args.env)
     fragment = _fragment(args.dockerfile)
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         image = args.image
         digest = ""
         if fragment:
@@ -242,40 +297,48 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     if not info.finished:
         print(f"sandboxd: {result.message}", file=sys.stderr)
     if args.json:
-        applied = sandbox.limits
-        summary = {
-            "exit_code": code,
-            "command_exit_code": result.exit_code,
-            "signal": result.signal,
-            "verdict": result.verdict,
-            "message": result.message,
-            "wall_seconds": round(result.wall_seconds, 4),
-            "cpu_seconds": round(result.cpu_seconds, 4),
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "output_truncated": result.output_truncated,
-            "image": image or config.base_image,
-            "image_digest": digest or sandbox.image_digest,
-            "limits": {
-                "cpus": applied.cpus,
-                "memory_bytes": applied.memory_bytes,
-                "pids": applied.pids,
-                "timeout_seconds": applied.timeout_seconds,
-                "network": applied.network,
-            },
-        }
+        summary = _run_summary(result, sandbox, code, image or config.base_image, digest)
         sys.stdout.write("\n" + json.dumps(summary) + "\n")
     return code
 
 
+def _run_summary(
+    result: ExecResult, sandbox: Sandbox, code: int, image: str, digest: str
+) -> dict[str, object]:
+    """The JSON object `run --json` prints as its last line."""
+    applied = sandbox.limits
+    return {
+        "exit_code": code,
+        "command_exit_code": result.exit_code,
+        "signal": result.signal,
+        "verdict": result.verdict,
+        "message": result.message,
+        "wall_seconds": round(result.wall_seconds, 4),
+        "cpu_seconds": round(result.cpu_seconds, 4),
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "output_truncated": result.output_truncated,
+        "image": image,
+        "image_digest": digest or sandbox.image_digest,
+        "limits": {
+            "cpus": applied.cpus,
+            "memory_bytes": applied.memory_bytes,
+            "pids": applied.pids,
+            "timeout_seconds": applied.timeout_seconds,
+            "network": applied.network,
+        },
+    }
+
+
 def cmd_info(args: argparse.Namespace, config: ServerConfig) -> int:
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         info = client.server_info()
     print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd import grading
+    from sandboxd import grade_reports, grading
+    from sandboxd.gradebook import load_course
     from sandboxd.submissions import load_submissions
 
     settings = grading.GradeSettings(
@@ -286,18 +349,27 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
         memory_bytes=parse_size(args.memory, field="--memory"),
         jobs=args.jobs,
     )
+    course = load_course(args.tests, test_timeout=args.test_timeout)
     submissions = load_submissions(args.submissions)
+    if not submissions:
+        raise errors.InvalidArgument(
+            f"--submissions {args.submissions}: no sub-folders or .zip files to grade"
+        )
     print(f"grading {len(submissions)} submissions", file=sys.stderr, flush=True)
-    with _client(args.address, config) as client:
+    with _client(args, config) as client:
         document = grading.grade_all(
             client,
             args.tests,
             submissions,
             settings,
-            grading.junit_dir_for(args.out),
+            grading.junit_dir_for(args.reports or args.out),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            course=course,
         )
     grading.write_results(document, args.out)
+    if args.reports is not None:
+        for path in grade_reports.write_reports(document, args.reports):
+            print(f"wrote {path}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -324,9 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        overrides = {}
+        overrides = {"engine": args.engine}
         if args.command == "serve":
-            overrides = {
+            overrides |= {
                 "tokens_file": args.tokens,
                 "tls_cert": args.tls_cert,
                 "tls_key": args.tls_key,

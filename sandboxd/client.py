@@ -1,22 +1,23 @@
 """A blocking gRPC client for sandboxd, used by the CLI, the grader and the pytest plugin.
 
-Generated types stop here: callers give and get the records of sandboxd.api.
-Status codes come back as the same `SandboxError` kinds the core raises, so
-callers handle one error family whichever side of the wire they are on.
-Calls that are safe to repeat are retried on UNAVAILABLE with backoff.
+Generated types stop here: callers give and get the records of sandboxd.api (the
+conversions are in sandboxd.wire). Status codes come back as the same `SandboxError`
+kinds the core raises (sandboxd.channels), so callers handle one error family whichever
+side of the wire they are on. Calls that are safe to repeat are retried on UNAVAILABLE
+with backoff.
 
-Over 450 lines: the client and its wire conversions belong together (the generated
-types may not leave this module), and the conversions are one flat function each.
+Size: one method per RPC plus the sandbox handle; splitting the class would scatter
+one API over several modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -26,10 +27,9 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
 )
 
-from sandboxd import errors
+from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.api import (
@@ -40,13 +40,17 @@ from sandboxd.api import (
     OutputChunk,
     Sandbox,
     SandboxRequest,
-    SandboxState,
     Stream,
 )
 from sandboxd.archives import FileContent, tar_of
-from sandboxd.info import ProfileInfo, ServerInfo
-from sandboxd.limits import Caps, Limits
-from sandboxd.verdicts import by_wire
+from sandboxd.blobs import BlobDigest
+from sandboxd.channels import (
+    backoff,
+    channel_target,
+    from_rpc_error,
+    tls_credentials,
+)
+from sandboxd.info import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -56,47 +60,25 @@ OutputCallback = Callable[[Stream, bytes], None]
 CHUNK = 256 * 1024
 DIGESTS_FIRST_ABOVE = 256 * 1024
 MAX_MESSAGE = 64 * 1024 * 1024
+#: Bytes per UploadBlobs message, and per call (a call never nears the service's cap).
+BLOB_CHUNK = 1024 * 1024
+UPLOAD_BATCH = 256 * 1024 * 1024
 #: Room past an exec's own timeout for the service to kill and measure it.
 DEADLINE_SLACK = 60.0
 
 
-def _backoff() -> wait_exponential_jitter:
-    """0.1 s doubling to 2 s; tenacity 9 renamed `initial` (now deprecated) to `multiplier`."""
-    params = inspect.signature(wait_exponential_jitter).parameters
-    first = "multiplier" if "multiplier" in params else "initial"
-    return wait_exponential_jitter(max=2.0, **{first: 0.1})
-
-
-def channel_target(address: str) -> str:
-    """Turn `HOST:PORT` or `unix:PATH` into a gRPC target (gRPC takes both as is)."""
-    if address.startswith("/"):
-        return f"unix:{address}"
-    return address
-
-
-def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
-    """Map a gRPC status back to the project's error kinds."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    if name == "UNAVAILABLE" and not details:
-        details = "sandboxd is not reachable"
-    kind = errors.BY_CODE.get(name, errors.SandboxError)
-    err = kind(details or name, retry_after=_retry_after(exc))
-    err.code = name
-    return err
-
-
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    """The service's "retry-after" trailer (seconds), if it sent one."""
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for item in trailers or ():
-        if item.key == "retry-after":
-            try:
-                return float(item.value)
-            except (TypeError, ValueError):
-                return None
-    return None
+def _upload_messages(
+    batch: list[BlobDigest], blobs: Mapping[BlobDigest, bytes]
+) -> Iterator[pb.UploadBlobsRequest]:
+    """One UploadBlobs stream: each blob's digest, then its bytes in chunks."""
+    for d in batch:
+        content = memoryview(blobs[d])
+        yield pb.UploadBlobsRequest(
+            digest=pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes),
+            data=bytes(content[:BLOB_CHUNK]),
+        )
+        for start in range(BLOB_CHUNK, len(content), BLOB_CHUNK):
+            yield pb.UploadBlobsRequest(data=bytes(content[start : start + BLOB_CHUNK]))
 
 
 class SandboxClient:
@@ -119,6 +101,10 @@ class SandboxClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
         ]
         target = channel_target(address)
+        if credentials is None and not address.startswith("unix:"):
+            # Like the token: TLS settings from the environment reach every client.
+            credentials = tls_credentials()
+        self._tls = credentials is not None
         if credentials is not None:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
@@ -133,6 +119,9 @@ class SandboxClient:
         self.sandboxes = pb_grpc.SandboxServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._about = pb_grpc.InfoServiceStub(self._channel)
+        self._blobs = pb_grpc.BlobServiceStub(self._channel)
+        #: Build-context bytes this client has sent, inline or as blobs (for measurements).
+        self.context_bytes_sent = 0
 
     # -- plumbing -----------------------------------------------------------
 
@@ -156,7 +145,7 @@ class SandboxClient:
         retry = Retrying(
             retry=retry_if_exception_type(errors.EngineUnavailable),
             stop=stop_after_delay(self._retry_seconds),
-            wait=_backoff(),
+            wait=backoff(),
             reraise=True,
         )
         return retry(fn)
@@ -169,14 +158,49 @@ class SandboxClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the service answers health checks as SERVING."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise errors.EngineUnavailable(
-                f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
-            ) from None
+        """Block until the service answers health checks as SERVING.
+
+        Raises:
+            EngineUnavailable: no answer within `timeout`, or at once when the server
+                closes every connection during the TLS handshake (wrong credentials).
+        """
+        ready = grpc.channel_ready_future(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ready.result(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+                break
+            except grpc.FutureTimeoutError:
+                # A server refusing our credentials never gets ready: waiting longer is moot.
+                hint = self._handshake_hint()
+                if hint or time.monotonic() >= deadline:
+                    ready.cancel()
+                    raise errors.EngineUnavailable(
+                        f"sandboxd at {self.address} did not answer within {timeout:.0f}s"
+                        if not hint
+                        else f"sandboxd at {self.address} refused the connection{hint}"
+                    ) from None
         self._retrying(lambda: self.health())
+
+    def _handshake_hint(self) -> str:
+        """Why the connection failed, when one attempt says it was the TLS handshake
+        (a listener that accepts and then closes the socket: gRPC reports "Socket closed")."""
+        if self.address.startswith("unix:"):
+            return ""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=5.0)
+        except grpc.RpcError as exc:
+            details = str(exc.details() if isinstance(exc, grpc.Call) else exc).lower()
+            if any(w in details for w in ("handshake", "ssl", "tls", "socket closed")):
+                return (
+                    "; the TLS handshake failed: check the CA (--tls-ca, SANDBOXD_TLS_CA) and, "
+                    "for a server that requires client certificates, --tls-cert/--tls-key "
+                    "(SANDBOXD_TLS_CERT/SANDBOXD_TLS_KEY)"
+                    if self._tls
+                    else "; it may require TLS: give --tls-ca (and --tls-cert/--tls-key for "
+                    "client certificates) or SANDBOXD_TLS_CA/_CERT/_KEY"
+                )
+        return ""
 
     # -- server -------------------------------------------------------------
 
@@ -186,7 +210,7 @@ class SandboxClient:
             m = self._retrying(
                 lambda: self._call(self._about.GetServerInfo, pb.GetServerInfoRequest())
             )
-            self._info = info_from_pb(m)
+            self._info = wire.info_from_pb(m)
         return self._info
 
     def _exec_deadline(self, timeout: float) -> float:
@@ -247,7 +271,9 @@ class SandboxClient:
                         r = event.result
                         if r.needs_content:
                             return None
-                        return BuildResult(image_from_pb(r.image), r.cache_hit, r.build_seconds)
+                        return BuildResult(
+                            wire.image_from_pb(r.image), r.cache_hit, r.build_seconds
+                        )
                     if on_log is not None:
                         on_log(event.log_line)
             except grpc.RpcError as exc:
@@ -256,9 +282,19 @@ class SandboxClient:
 
         def once() -> BuildResult:
             if digests_first:
-                found = attempt(with_content=False)
-                if found is not None:
-                    return found
+                # A cache hit needs nothing more; otherwise the blobs the service lacks go
+                # up in chunks and the build names them by digest. Twice: a blob may be
+                # evicted between the upload and the build by another client's upload.
+                for _ in range(2):
+                    found = attempt(with_content=False)
+                    if found is not None:
+                        return found
+                    self.upload_missing({BlobDigest(d, len(c)): c for _, c, _, d in files})
+                raise errors.ResourceExhausted(
+                    "the service's blob store evicted this build's context before the build "
+                    "could use it; it is too small for this context and the concurrent uploads"
+                )
+            self.context_bytes_sent += sum(len(f[1]) for f in files)
             found = attempt(with_content=True)
             if found is None:
                 raise errors.SandboxError("the service asked for build content it was given")
@@ -266,13 +302,49 @@ class SandboxClient:
 
         return self._retrying(once)
 
+    # -- blobs --------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Iterable[BlobDigest]) -> list[BlobDigest]:
+        """The digests the service's blob store lacks."""
+        request = pb.FindMissingBlobsRequest(
+            digests=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in digests]
+        )
+        resp = self._retrying(lambda: self._call(self._blobs.FindMissingBlobs, request))
+        return [BlobDigest(d.sha256, d.size_bytes) for d in resp.missing]
+
+    def upload_blobs(self, blobs: Mapping[BlobDigest, bytes]) -> int:
+        """Send blobs in chunks, UPLOAD_BATCH bytes per call at most (a larger blob goes
+        alone); return the bytes sent. No message carries more than BLOB_CHUNK bytes."""
+        batches: list[list[BlobDigest]] = [[]]
+        size = 0
+        for digest in blobs:
+            if batches[-1] and size + digest.size_bytes > UPLOAD_BATCH:
+                batches.append([])
+                size = 0
+            batches[-1].append(digest)
+            size += digest.size_bytes
+        sent = 0
+        for batch in batches:
+            if batch:
+                resp = self._call(
+                    self._blobs.UploadBlobs, _upload_messages(batch, blobs), timeout=None
+                )
+                sent += resp.bytes
+        self.context_bytes_sent += sent
+        return sent
+
+    def upload_missing(self, blobs: Mapping[BlobDigest, bytes]) -> int:
+        """Upload only the blobs the service lacks; return the bytes sent."""
+        missing = self.find_missing_blobs(blobs)
+        return self.upload_blobs({d: blobs[d] for d in missing if d in blobs})
+
     def get_image(self, key: str) -> Image:
         request = pb.GetImageRequest(key=key)
-        return image_from_pb(self._retrying(lambda: self._call(self.images.GetImage, request)))
+        return wire.image_from_pb(self._retrying(lambda: self._call(self.images.GetImage, request)))
 
     def list_images(self) -> list[Image]:
         resp = self._retrying(lambda: self._call(self.images.ListImages, pb.ListImagesRequest()))
-        return [image_from_pb(m) for m in resp.images]
+        return [wire.image_from_pb(m) for m in resp.images]
 
     def delete_image(self, key: str) -> None:
         self._call(self.images.DeleteImage, pb.DeleteImageRequest(key=key))
@@ -281,8 +353,8 @@ class SandboxClient:
 
     def create_sandbox(self, request: SandboxRequest, *, timeout: float | None = 300.0) -> Sandbox:
         """A new sandbox; the caller destroys it (or use `sandbox()`, which does)."""
-        message = pb.CreateSandboxRequest(spec=request_to_pb(request))
-        return sandbox_from_pb(
+        message = pb.CreateSandboxRequest(spec=wire.request_to_pb(request))
+        return wire.sandbox_from_pb(
             self._retrying(
                 lambda: self._call(self.sandboxes.CreateSandbox, message, timeout=timeout)
             )
@@ -303,19 +375,19 @@ class SandboxClient:
 
     def prewarm(self, request: SandboxRequest, count: int = 1) -> None:
         """Ask the service to keep `count` more sandboxes of `request` warm (a hint)."""
-        message = pb.CreateSandboxRequest(spec=request_to_pb(request), prewarm=True)
+        message = pb.CreateSandboxRequest(spec=wire.request_to_pb(request), prewarm=True)
         for _ in range(count):
             self._call(self.sandboxes.CreateSandbox, message, timeout=30.0)
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         request = pb.GetSandboxRequest(sandbox_id=sandbox_id)
-        return sandbox_from_pb(self._call(self.sandboxes.GetSandbox, request))
+        return wire.sandbox_from_pb(self._call(self.sandboxes.GetSandbox, request))
 
     def list_sandboxes(self) -> list[Sandbox]:
         resp = self._retrying(
             lambda: self._call(self.sandboxes.ListSandboxes, pb.ListSandboxesRequest())
         )
-        return [sandbox_from_pb(m) for m in resp.sandboxes]
+        return [wire.sandbox_from_pb(m) for m in resp.sandboxes]
 
     def destroy_sandbox(self, sandbox_id: str, *, missing_ok: bool = True) -> None:
         request = pb.DestroySandboxRequest(sandbox_id=sandbox_id)
@@ -356,9 +428,9 @@ class SandboxClient:
         try:
             for event in self.sandboxes.Exec(request, metadata=self._metadata, timeout=deadline):
                 if event.HasField("result"):
-                    yield result_from_pb(event.result)
+                    yield wire.result_from_pb(event.result)
                 else:
-                    yield OutputChunk(_STREAMS[event.output.stream], event.output.data)
+                    yield OutputChunk(wire._STREAMS[event.output.stream], event.output.data)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -447,144 +519,3 @@ class SandboxHandle:
             if not quiet:
                 raise
             log.warning("could not destroy sandbox %s: %s", self.id, exc.message)
-
-
-# -- wire conversions ---------------------------------------------------------
-
-_STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
-_STATES: dict[int, SandboxState] = {
-    pb.SANDBOX_STATE_RUNNING: "running",
-    pb.SANDBOX_STATE_EXITED: "exited",
-    pb.SANDBOX_STATE_DESTROYED: "destroyed",
-}
-
-
-def limits_to_pb(limits: Limits) -> pb.Limits:
-    return pb.Limits(
-        cpus=limits.cpus,
-        memory_bytes=limits.memory_bytes,
-        pids=limits.pids,
-        scratch_bytes=limits.scratch_bytes,
-        network=limits.network,
-        timeout_seconds=limits.timeout_seconds,
-        output_bytes=limits.output_bytes,
-    )
-
-
-def limits_from_pb(m: pb.Limits) -> Limits:
-    return Limits(
-        cpus=m.cpus,
-        memory_bytes=m.memory_bytes,
-        pids=m.pids,
-        scratch_bytes=m.scratch_bytes,
-        network=m.network,
-        timeout_seconds=m.timeout_seconds,
-        output_bytes=m.output_bytes,
-    )
-
-
-def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
-    """The owner is not sent: the server takes it from the caller's credentials."""
-    return pb.SandboxSpec(
-        image=r.image,
-        limits=limits_to_pb(r.limits) if r.limits is not None else None,
-        env=dict(r.env),
-        workdir=r.workdir,
-        runtime=r.runtime,
-        ttl_seconds=r.ttl_seconds,
-        profile=r.profile,
-        labels=dict(r.labels),
-        preload_argv=list(r.preload_argv),
-    )
-
-
-def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
-    return SandboxRequest(
-        image=m.image,
-        limits=limits_from_pb(m.limits) if m.HasField("limits") else None,
-        env=dict(m.env),
-        workdir=m.workdir,
-        runtime=m.runtime,
-        ttl_seconds=m.ttl_seconds,
-        profile=m.profile,
-        labels=dict(m.labels),
-        preload_argv=tuple(m.preload_argv),
-    )
-
-
-def image_from_pb(m: pb.Image) -> Image:
-    return Image(
-        key=m.key,
-        digest=m.digest,
-        tag=m.tag,
-        base=m.base,
-        size_bytes=m.size_bytes,
-        created_unix=m.created_unix,
-        label=m.label,
-    )
-
-
-def sandbox_from_pb(m: pb.Sandbox) -> Sandbox:
-    return Sandbox(
-        id=m.id,
-        request=request_from_pb(m.spec),
-        limits=limits_from_pb(m.limits),
-        image_digest=m.image_digest,
-        container_id=m.container_id,
-        state=_STATES.get(m.state, "unspecified"),
-        created_unix=m.created_unix,
-        expires_unix=m.expires_unix,
-        runtime=m.runtime,
-        create_seconds=m.create_seconds,
-        from_pool=m.from_pool,
-        preloaded=m.preloaded,
-    )
-
-
-def result_from_pb(m: pb.ExecResult) -> ExecResult:
-    """Raises: SandboxError: a verdict this client does not know (a newer server)."""
-    info = by_wire(m.verdict)
-    if info is None:
-        raise errors.SandboxError(
-            f"the server sent verdict {m.verdict}, which this client does not know; "
-            "update sandboxd on this side"
-        )
-    return ExecResult(
-        exit_code=m.exit_code,
-        signal=m.signal,
-        verdict=info.name,
-        wall_seconds=m.wall_seconds,
-        cpu_seconds=m.cpu_seconds,
-        peak_memory_bytes=m.peak_memory_bytes,
-        output_truncated=m.output_truncated,
-        message=m.message,
-        stdout_bytes=m.stdout_bytes,
-        stderr_bytes=m.stderr_bytes,
-    )
-
-
-def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
-    c = m.caps
-    return ServerInfo(
-        api_version=m.api_version,
-        server_version=m.server_version,
-        engine=m.engine,
-        engine_version=m.engine_version,
-        defaults=limits_from_pb(m.default_limits),
-        caps=Caps(
-            cpus=c.cpus,
-            memory_bytes=c.memory_bytes,
-            pids=c.pids,
-            scratch_bytes=c.scratch_bytes,
-            network=c.network,
-            timeout_seconds=c.timeout_seconds,
-            output_bytes=c.output_bytes,
-            ttl_seconds=c.ttl_seconds,
-            sandboxes=c.sandboxes,
-        ),
-        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
-        default_profile=m.default_profile,
-        runtimes=tuple(m.runtimes),
-        base_image=m.base_image,
-        default_ttl_seconds=m.default_ttl_seconds,
-    )

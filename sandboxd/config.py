@@ -77,11 +77,13 @@ class ServerConfig:
     #: Containers created in parallel to fill pools.
     pool_workers: int = max(2, os.cpu_count() or 2)
     #: Identifies this service's containers; a restart gets a new one.
-    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    instance_id: str = field(default_factory=lambda: new_instance_id())
     #: Which container engine runs the sandboxes (see sandboxd.engine.ENGINES).
     engine: str = "docker"
     #: The engine's API address; None means the engine's own default (DOCKER_HOST or its socket).
     docker_host: str | None = None
+    #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
+    podman_host: str | None = None
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
@@ -111,6 +113,15 @@ class ServerConfig:
                 return p
         known = ", ".join(p.name for p in self.profiles)
         raise InvalidArgument(f"spec.profile: unknown profile {name!r} (known: {known})")
+
+
+def new_instance_id() -> str:
+    """A fresh instance id, after `SANDBOXD_INSTANCE_PREFIX` when set.
+
+    The prefix lets a test session recognise the services it started in child processes
+    (and their containers and images) among those of other sessions on the same engine.
+    """
+    return os.environ.get("SANDBOXD_INSTANCE_PREFIX", "") + uuid.uuid4().hex[:12]
 
 
 def default_state_dir() -> Path:

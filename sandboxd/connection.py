@@ -10,6 +10,7 @@ import logging
 from collections.abc import Collection
 
 from sandboxd import errors
+from sandboxd.channels import TlsCredentials
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
 from sandboxd.server import Embedded, start_embedded
@@ -58,9 +59,12 @@ def connect(
     config: ServerConfig | None = None,
     ready_timeout: float = 30.0,
     address_option: str = "--address",
+    credentials: TlsCredentials | None = None,
 ) -> Connection:
     """Connect to `address`, or start an embedded service (with `config`) when it is None.
     `address_option` is the caller's option for an address, named when embedding fails.
+    `credentials` (TLS) are for a TCP address; without them the client reads the
+    SANDBOXD_TLS_* environment.
 
     Raises:
         SandboxError: the service cannot be started or reached.
@@ -69,7 +73,7 @@ def connect(
     if not address:
         embedded = _embed(config, address_option)
         address = str(embedded.address)
-    client = SandboxClient(address)
+    client = SandboxClient(address, credentials=None if embedded else credentials)
     try:
         client.wait_ready(timeout=ready_timeout)
     except BaseException:

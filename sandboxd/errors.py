@@ -6,6 +6,20 @@ one place, and the client maps status codes back to the same kinds.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+#: A message that starts with "name: " names the request field at fault.
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*): ")
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: travels as a google.rpc.BadRequest field violation."""
+
+    field: str
+    description: str
+
 
 class SandboxError(Exception):
     """Root of every error the project raises on purpose."""
@@ -17,12 +31,30 @@ class SandboxError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        #: The request fields at fault, for clients that point at them without parsing text.
+        self.violations: tuple[FieldViolation, ...] = ()
 
 
 class InvalidArgument(SandboxError):
-    """Malformed input or a limit above the server's cap."""
+    """Malformed input or a limit above the server's cap.
+
+    `field` is the request field at fault (dotted, as in `limits.memory_bytes`), sent to
+    clients as a structured field violation. When not given it is read from the message's
+    "field: ..." prefix, the convention every check here already follows.
+    """
 
     code = "INVALID_ARGUMENT"
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        if field is None:
+            match = _FIELD_PREFIX.match(message)
+            field = match.group(1) if match else ""
+        self.field = field
+        if field:
+            self.violations = (FieldViolation(field, message),)
 
 
 class NotFound(SandboxError):

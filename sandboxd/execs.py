@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import shlex
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import processes
@@ -18,11 +16,9 @@ from sandboxd.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     SandboxError,
 )
 from sandboxd.models import SandboxRecord
-from sandboxd.paths import check_sandbox_path, check_tar
 from sandboxd.sandboxes import SandboxManager, check_env
 from sandboxd.verdicts import Judgement, Observation, judge
 
@@ -30,6 +26,15 @@ log = logging.getLogger(__name__)
 
 MAX_ARGV_BYTES = 256 * 1024
 MAX_STDIN = 32 * 1024 * 1024
+
+
+def _peak(after: CgroupSample, verdict: str, memory_limit: int) -> int:
+    """Peak memory; for a memory kill that took the container's cgroup with it (gVisor's
+    sandbox process, or the container's init), the limit: the kernel kills only there."""
+    peak = after.memory_peak_bytes or 0
+    if verdict == "out_of_memory" and peak == 0:
+        return memory_limit
+    return peak
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,9 @@ class Executor:
         """
         record = self.manager.get(sandbox_id, owner)
         timeout, output_limit = check_exec(req, record)
-        return self._run(record, req, timeout, output_limit, cancelled)
+        return self.run_record(record, req, timeout, output_limit, cancelled)
 
-    def _run(
+    def run_record(
         self,
         record: SandboxRecord,
         req: ExecRequest,
@@ -131,6 +136,7 @@ class Executor:
         output_limit: int,
         cancelled: threading.Event | None = None,
     ) -> Iterator[Output | ExecOutcome]:
+        """`run` for a record whose request was already checked (or is the service's own)."""
         run, cpu_before, started = self._begin(record, req)
         tally = _Tally(deadline=started + timeout, output_limit=output_limit)
         try:
@@ -157,6 +163,7 @@ class Executor:
                 container_alive=self._alive_after(record, exit_code, tally),
                 memory_limit=record.limits.memory_bytes,
                 pids_limit=record.limits.pids,
+                start_failure=run.proc.start_failure() or "",
             )
         )
         if judgement.verdict == "crashed":
@@ -165,7 +172,7 @@ class Executor:
             judgement=judgement,
             wall_seconds=wall,
             cpu_seconds=_cpu_seconds(cpu_before, after),
-            peak_memory_bytes=after.memory_peak_bytes or 0,
+            peak_memory_bytes=_peak(after, judgement.verdict, record.limits.memory_bytes),
             output_truncated=tally.truncated,
             stdout_bytes=tally.sizes[1],
             stderr_bytes=tally.sizes[2],
@@ -274,102 +281,6 @@ class Executor:
                 if not alive:
                     break
         return alive
-
-    def put_files(
-        self, sandbox_id: str, path: str, chunks: Iterable[bytes], owner: str = ""
-    ) -> tuple[int, int]:
-        """Unpack a tar stream under `path` (inside a writable dir); return (files, bytes).
-
-        Raises:
-            InvalidArgument: a bad path or tar member; ResourceExhausted: above the scratch size.
-        """
-        record = self.manager.get(sandbox_id, owner)
-        dest = check_sandbox_path(path, workdir=record.workdir, writable=(record.workdir, "/tmp"))
-        limit = record.limits.scratch_bytes
-        with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
-            received = 0
-            for chunk in chunks:
-                received += len(chunk)
-                if received > limit + (1 << 20):
-                    raise ResourceExhausted(
-                        f"tar stream is larger than the sandbox's scratch space ({limit} bytes)"
-                    )
-                spool.write(chunk)
-            spool.seek(0)
-            files, size = check_tar(spool)
-            if size > limit:
-                raise ResourceExhausted(
-                    f"the files add up to {size} bytes, above the sandbox's scratch space "
-                    f"({limit} bytes)"
-                )
-            spool.seek(0)
-            quoted = shlex.quote(dest)
-            script = f"mkdir -p {quoted} && exec tar -x --no-same-owner -m -C {quoted}"
-            data = spool.read()
-        outcome, _, err = self._run_with_stdin(record, ["sh", "-c", script], data)
-        if outcome.judgement.verdict != "ok":
-            detail = err.decode("utf-8", "replace").strip()[-500:]
-            if "No space left" in detail or "Cannot write" in detail:
-                raise ResourceExhausted(f"not enough scratch space in the sandbox: {detail}")
-            raise FailedPrecondition(
-                f"unpacking into {dest} failed: {detail or outcome.judgement.message}"
-            )
-        return files, size
-
-    def _run_with_stdin(
-        self, record: SandboxRecord, argv: list[str], data: bytes
-    ) -> tuple[ExecOutcome, bytes, bytes]:
-        out, err = bytearray(), bytearray()
-        outcome: ExecOutcome | None = None
-        timeout = max(record.limits.timeout_seconds, 300.0)
-        # Transfers skip the per-exec checks: they are bounded by the scratch size instead.
-        req = ExecRequest(argv=argv, stdin=data, timeout_seconds=timeout)
-        for event in self._run(record, req, timeout, 1 << 20):
-            if isinstance(event, Output):
-                (out if event.stream == 1 else err).extend(event.data[-4096:])
-            else:
-                outcome = event
-        assert outcome is not None
-        return outcome, bytes(out), bytes(err)
-
-    def get_files(
-        self, sandbox_id: str, path: str, max_bytes: int, owner: str = ""
-    ) -> Iterator[bytes]:
-        """Yield a tar stream of `path`.
-
-        Raises:
-            InvalidArgument: bad path; NotFound: no such path; ResourceExhausted: above max_bytes.
-        """
-        record = self.manager.get(sandbox_id, owner)
-        full = check_sandbox_path(path, workdir=record.workdir, writable=(record.workdir, "/tmp"))
-        cap = record.limits.scratch_bytes * 2
-        if max_bytes < 0:
-            raise InvalidArgument("max_bytes: must not be negative")
-        limit = min(max_bytes, cap) if max_bytes else cap
-        parent, _, name = full.rstrip("/").rpartition("/")
-        argv = ["tar", "-c", "-C", parent or "/", name or "."]
-        timeout = max(record.limits.timeout_seconds, 300.0)
-        req = ExecRequest(argv=argv, timeout_seconds=timeout)
-        sent = 0
-        err = bytearray()
-        for event in self._run(record, req, timeout, limit + 1):
-            if isinstance(event, Output):
-                if event.stream == 2:
-                    err.extend(event.data[-2048:])
-                    continue
-                sent += len(event.data)
-                if sent > limit:
-                    raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
-                yield event.data
-            elif event.judgement.verdict == "output_truncated":
-                raise ResourceExhausted(f"{full} is larger than {limit} bytes; ask for less")
-            elif event.judgement.verdict != "ok":
-                detail = err.decode("utf-8", "replace").strip()
-                if "No such file" in detail:
-                    raise NotFound(f"{full} does not exist in the sandbox")
-                raise FailedPrecondition(
-                    f"reading {full} failed: {detail or event.judgement.message}"
-                )
 
 
 @dataclass

@@ -1,64 +1,81 @@
-"""Batch grading: a course's pytest suite against every submission, each in a fresh sandbox.
+"""Batch grading: a course's tests against every submission, each in a fresh sandbox.
+
+A course (gradebook.py) is a pytest suite, or any toolchain through its course.toml: a
+build command, then a test command that writes JUnit XML. With a per-test timeout a
+pytest course runs each test under its own limits (grade_runs.py); otherwise the whole
+suite is one run under the submission-wide caps, which stay the outer bound either way.
 
 What decides a result, and what the submission can and cannot influence:
 
 - The verdict for limits (timed out, out of memory, process limit, output cap, crash)
   comes from the service, measured outside the sandbox; the code under test cannot
-  change it.
-- Per-test outcomes come from the JUnit XML pytest writes to a fresh, random path under
-  /tmp, fetched afterwards with GetFiles; never from what the run printed. The course's
-  tests and pytest itself live in the image, whose root file system is read-only.
-- The submission's code runs inside the pytest process, so code that sets out to do so
-  can still find that path (it is in the process's argv) or patch pytest in memory. A
-  result that contradicts pytest's exit status is marked `inconsistent`, which catches
-  a forged file without a matching exit status, not a thorough forgery.
+  change it. Points come from the course's files, read on the host.
+- Per-test outcomes come from JUnit XML written to a fresh, random path under /tmp and
+  fetched afterwards with GetFiles, or (per-test runs) from records framed by a fresh
+  nonce; never from what the run printed. The course's tests and pytest itself live in
+  the image, whose root file system is read-only.
+- The submission's code runs inside the test process, so code that sets out to do so
+  can still find that path or nonce (they are in its argv and environment) or patch
+  pytest in memory. A result that contradicts pytest's exit status is marked
+  `inconsistent`, which catches a forged file without a matching exit status, not a
+  thorough forgery.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.metadata as metadata
-import io
+import dataclasses
 import json
 import logging
-import math
-import secrets
-import signal
+import posixpath
+import shlex
 import sys
-import tarfile
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from packaging.requirements import Requirement
-
 from sandboxd import errors
 from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
-from sandboxd.client import SandboxClient, SandboxHandle
-from sandboxd.submissions import Submission, read_tree
+from sandboxd.client import SandboxClient
+from sandboxd.grade_reports import junit_xml
+from sandboxd.grade_runs import (
+    GRADER,
+    PYTEST,
+    Case,
+    Outcome,
+    SubmissionBox,
+    cpu_killed,
+    cpu_limited,
+    fresh_junit_path,
+    parse_cases,
+    run_tests,
+    tail,
+)
+from sandboxd.gradebook import Course, load_course, scored
+from sandboxd.grading_image import grader_context, image_fragment
+from sandboxd.grading_image import pytest_files as pytest_files  # re-exported
+from sandboxd.submissions import Submission
 from sandboxd.verdicts import VERDICTS, StoppedVerdict
 from sandboxd.verdicts import Verdict as ExecVerdict
 
 log = logging.getLogger(__name__)
 
-GRADER = "/opt/grader"
-WORKDIR = "/sandbox/work"
-MAX_JUNIT_BYTES = 4 * 1024 * 1024
+#: Exec verdicts where the command ran to its own end.
+VERDICT_RAN = ("ok", "nonzero_exit")
 
-#: A submission's verdict: what pytest's results say, or the service's verdict when it
-#: stopped the run (a limit, or a crash: pytest itself died or the sandbox did).
+#: A submission's verdict: what the tests' results say, or the service's verdict when it
+#: stopped the run (a limit, or a crash: the test runner itself died or the sandbox did).
 Verdict = Literal[
     "passed",  # every test passed
-    "failed",  # tests ran, some failed
-    "error",  # pytest could not run the tests (collection error, no tests, bad usage)
-    "inconsistent",  # the JUnit XML contradicts pytest's exit status
+    "failed",  # tests ran, some failed (per-test runs: also tests a limit stopped)
+    "error",  # the tests could not run (collection error, no tests, bad usage)
+    "build_failed",  # the course's build command failed; its output is the message
+    "inconsistent",  # the JUnit XML contradicts the runner's exit status
     StoppedVerdict,
 ]
-Outcome = Literal["passed", "failed", "error", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -92,64 +109,13 @@ class Grade:
     wall_seconds: float = 0.0
     image_digest: str = ""
     junit: str = ""
-
-
-# -- the image -------------------------------------------------------------------------
-
-
-def _closure(root: str) -> list[metadata.Distribution]:
-    """`root` and the distributions it needs on this interpreter, by name."""
-    seen: dict[str, metadata.Distribution] = {}
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        key = name.lower().replace("_", "-")
-        if key in seen:
-            continue
-        dist = metadata.distribution(name)
-        seen[key] = dist
-        for line in dist.requires or []:
-            req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return [seen[k] for k in sorted(seen)]
-
-
-def pytest_files(prefix: str = "grader/lib") -> dict[str, tuple[bytes, int]]:
-    """pytest and its pure-Python dependencies at the host's versions, as context files.
-
-    Raises:
-        InvalidArgument: a dependency ships compiled code (it might not run in the image).
-    """
-    out: dict[str, tuple[bytes, int]] = {}
-    for dist in _closure("pytest"):
-        for rel in dist.files or []:
-            posix = rel.as_posix()
-            if posix.startswith("..") or "__pycache__" in posix or posix.endswith(".pyc"):
-                continue  # scripts in bin/, bytecode
-            if posix.endswith((".so", ".pyd")):
-                raise errors.InvalidArgument(
-                    f"{dist.metadata['Name']} has compiled code ({posix}); cannot ship it"
-                )
-            path = Path(str(dist.locate_file(rel)))
-            if path.is_file():
-                out[f"{prefix}/{posix}"] = (path.read_bytes(), 0o644)
-    return out
-
-
-def grader_context(tests_dir: Path) -> dict[str, tuple[bytes, int]]:
-    """Build context: pytest's libraries and the course's tests, under grader/."""
-    if not tests_dir.is_dir():
-        raise errors.InvalidArgument(f"--tests {tests_dir}: not a directory")
-    files = pytest_files()
-    for name, data in read_tree(tests_dir).items():
-        files[f"grader/tests/{name}"] = (data, 0o644)
-    return files
-
-
-# Bytecode compiled at build time: the root is read-only at run time, and compiling
-# pytest from source on every run would cost each submission seconds.
-FRAGMENT = f"COPY grader/ {GRADER}/\nRUN python3 -m compileall -q {GRADER}/lib\n"
+    points: float = 0.0
+    max_points: float = 0.0
+    #: Per test: `gradebook.TestResult` as a dict (points, message, output, hidden).
+    results: list[dict[str, Any]] = field(default_factory=list)
+    #: What the submission ran under, so a result says how it was made.
+    runtime: str = ""
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 # -- one run ---------------------------------------------------------------------------
@@ -161,35 +127,7 @@ def parse_junit(data: bytes) -> dict[str, Outcome]:
     Raises:
         InvalidArgument: not JUnit XML.
     """
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise errors.InvalidArgument(f"JUnit XML does not parse: {exc}") from None
-    tests: dict[str, Outcome] = {}
-    for case in root.iter("testcase"):
-        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-        outcome: Outcome = "passed"
-        for child in case:
-            if child.tag in ("failure",):
-                outcome = "failed"
-            elif child.tag == "error":
-                outcome = "error"
-            elif child.tag == "skipped" and outcome == "passed":
-                outcome = "skipped"
-        # A test that errors in teardown after passing appears twice; the worse one counts.
-        if tests.get(test_id) in ("failed", "error"):
-            continue
-        tests[test_id] = outcome
-    return dict(sorted(tests.items()))
-
-
-def _untar_one(data: bytes) -> bytes | None:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            if member.isfile():
-                handle = tar.extractfile(member)
-                return handle.read() if handle is not None else None
-    return None
+    return {test_id: case.outcome for test_id, case in parse_cases(data).items()}
 
 
 def _stopped(verdict: ExecVerdict) -> StoppedVerdict | None:
@@ -198,17 +136,14 @@ def _stopped(verdict: ExecVerdict) -> StoppedVerdict | None:
 
 
 def judge_run(
-    result: ExecResult, tests: dict[str, Outcome] | None, cpu_limit: int = 0
+    result: ExecResult, tests: Mapping[str, Outcome] | None, cpu_limit: int = 0
 ) -> tuple[Verdict, str]:
     """The submission's verdict from the service's result and the parsed JUnit XML."""
     stopped = _stopped(result.verdict)
     if stopped is not None:
         return stopped, result.message
     code = result.exit_code
-    # The kernel ends a process at its CPU limit with SIGXCPU (SIGKILL past the hard limit).
-    if result.signal == signal.SIGXCPU or (
-        cpu_limit and result.signal == signal.SIGKILL and result.cpu_seconds >= cpu_limit
-    ):
+    if cpu_killed(result, cpu_limit):
         return "timed_out", f"CPU time limit of {cpu_limit}s exceeded"
     if result.signal:
         return "crashed", f"pytest was killed by signal {result.signal}"
@@ -228,43 +163,116 @@ def judge_run(
     return "error", f"pytest could not run the tests (exit code {code})"
 
 
-def _write_junit(path: Path, name: str, data: bytes | None, verdict: str, message: str) -> None:
-    """The fetched JUnit XML, or one error case naming the verdict when there is none."""
-    if data is None:
-        suite = ET.Element("testsuite", name=name, tests="1", errors="1", failures="0")
-        case = ET.SubElement(suite, "testcase", classname=name, name="grading")
-        ET.SubElement(case, "error", message=f"{verdict}: {message}")
-        root = ET.Element("testsuites")
-        root.append(suite)
-        data = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+def _write_junit(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
 
 
-def _fetch_junit(box: SandboxHandle, path: str) -> tuple[bytes | None, dict[str, Outcome] | None]:
-    """The JUnit XML pytest wrote and its parse; (None, None) when missing or unusable."""
-    try:
-        raw = _untar_one(box.get_files(path, max_bytes=MAX_JUNIT_BYTES))
-    except (errors.NotFound, errors.ResourceExhausted):
-        return None, None
-    if raw is None:
-        return None, None
-    try:
-        return raw, parse_junit(raw)
-    except errors.InvalidArgument:
-        return None, None
+@dataclass(frozen=True)
+class Outcomes:
+    """What running a submission's tests gave, before points: the verdict, the per-test
+    results (id -> outcome, message, output) and what the run cost."""
+
+    verdict: Verdict
+    message: str
+    cases: Mapping[str, tuple[str, str, str]]
+    exit_code: int = 0
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    wall_seconds: float = 0.0
+
+    @classmethod
+    def stopped(cls, verdict: Verdict, message: str, result: ExecResult) -> Outcomes:
+        """A submission stopped before any test ran: a failed build or collection."""
+        return cls(
+            verdict,
+            message,
+            {},
+            exit_code=result.exit_code,
+            cpu_seconds=result.cpu_seconds,
+            peak_memory_bytes=result.peak_memory_bytes,
+            wall_seconds=result.wall_seconds,
+        )
 
 
-def _pytest_argv(settings: GradeSettings, junit_path: str) -> tuple[list[str], int]:
-    """The command that runs the course's tests under a CPU-time limit, and that limit."""
-    pytest = (
-        f"python3 -m pytest {GRADER}/tests -q -p no:cacheprovider --junitxml={junit_path} "
-        f"-o junit_family=xunit2 --rootdir={GRADER}/tests"
+def _of(cases: Mapping[str, Case]) -> dict[str, tuple[str, str, str]]:
+    return {t: (c.outcome, c.message, c.output) for t, c in cases.items()}
+
+
+def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
+    """The whole suite in one exec under the submission-wide limits."""
+    junit_path = fresh_junit_path()
+    if course.runner == "command":
+        command = course.test.replace("{junit}", junit_path)
+        command = f"mkdir -p {posixpath.dirname(junit_path)} && {command}"
+    else:
+        command = shlex.join([*PYTEST, f"--junitxml={junit_path}", f"{GRADER}/tests"])
+        command = f"exec {command}"
+    command, cpu_limit = cpu_limited(command, settings.cpu_seconds)
+    # A course's own runner may apply its per-test limit itself.
+    env = {"GRADER_TEST_SECONDS": f"{course.test_timeout:g}"} if course.test_timeout else {}
+    result = box.exec(["sh", "-c", command], settings.timeout_seconds, env=env)
+    cases = box.fetch_cases(junit_path) if _stopped(result.verdict) is None else None
+    tests = {t: c.outcome for t, c in (cases or {}).items()}
+    if course.runner == "command" and cases is not None and result.verdict in VERDICT_RAN:
+        # Test runners differ in exit codes; what they wrote decides, as pytest's 0/1 would.
+        failed = any(o in ("failed", "error") for o in tests.values())
+        result = dataclasses.replace(
+            result, verdict="nonzero_exit" if failed else "ok", exit_code=int(failed)
+        )
+    verdict, message = judge_run(result, None if cases is None else tests, cpu_limit)
+    keep = verdict in ("passed", "failed")
+    return Outcomes(
+        verdict,
+        message,
+        _of(cases or {}) if keep else {},
+        exit_code=result.exit_code,
+        cpu_seconds=result.cpu_seconds,
+        peak_memory_bytes=result.peak_memory_bytes,
+        wall_seconds=result.wall_seconds,
     )
-    cpu_limit = max(1, math.ceil(settings.cpu_seconds))
-    # Soft limit: SIGXCPU; one second later the hard limit's SIGKILL, should it be ignored.
-    limit = f"ulimit -St {cpu_limit} && ulimit -Ht {cpu_limit + 1}"
-    return ["sh", "-c", f"{limit} && exec {pytest}"], cpu_limit
+
+
+def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
+    """Every test under its own limits, in as few processes as the kills allow."""
+    started = time.monotonic()
+    suite = run_tests(box, course.test_timeout, settings.timeout_seconds, settings.cpu_seconds)
+    if suite.collection_error:
+        return Outcomes.stopped("error", suite.collection_error, suite.first)
+    runs = suite.runs
+    failed = [r for r in runs if r.case.outcome in ("failed", "error")]
+    spent = [r for r in runs if r.case.message.startswith("not run:")]
+    verdict: Verdict = "timed_out" if spent else "failed" if failed else "passed"
+    message = (
+        f"{len(failed)} of {len(runs)} tests failed" if failed else f"all {len(runs)} tests passed"
+    )
+    if spent:
+        message = f"{spent[0].case.message} ({len(spent)} of {len(runs)} tests not run)"
+    return Outcomes(
+        verdict,
+        message,
+        _of({r.test_id: r.case for r in runs}),
+        exit_code=suite.first.exit_code,
+        cpu_seconds=suite.cpu_seconds,
+        peak_memory_bytes=suite.peak_memory_bytes,
+        wall_seconds=time.monotonic() - started,
+    )
+
+
+def _build(box: SubmissionBox, course: Course) -> Outcomes | None:
+    """The course's build command; an `Outcomes` when it failed, else None."""
+    output = bytearray()
+    result = box.exec(["sh", "-c", f"{course.build} 2>&1"], course.build_timeout, output)
+    if result.verdict == "ok":
+        return None
+    why = result.message
+    if result.verdict == "timed_out":
+        why = f"timed out after {course.build_timeout:.1f}s"
+    elif VERDICTS[result.verdict].finished:
+        why = f"exit code {result.exit_code}"
+    return Outcomes.stopped(
+        "build_failed", f"build failed ({why}): {tail(output, 2000).strip()}", result
+    )
 
 
 def grade_one(
@@ -273,8 +281,10 @@ def grade_one(
     image: Image,
     settings: GradeSettings,
     junit_dir: Path,
+    course: Course | None = None,
 ) -> Grade:
-    """Run the suite against one submission in a fresh sandbox, destroyed afterwards."""
+    """Run the course's tests against one submission; every sandbox is destroyed after."""
+    course = course or Course(tests_dir=Path("."))
     request = SandboxRequest(
         image=image.key,
         limits=requested_limits(
@@ -287,43 +297,44 @@ def grade_one(
         runtime=settings.runtime,
         labels={"grading": "1"},
     )
-    # A fresh name per run: the submission does not know it before it runs.
-    junit_path = f"/tmp/{secrets.token_hex(12)}/junit.xml"
-    argv, cpu_limit = _pytest_argv(settings, junit_path)
-    env = {
-        "PYTHONPATH": f"{GRADER}/lib:{WORKDIR}",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    raw: bytes | None = None
-    tests: dict[str, Outcome] | None = None
-    with client.sandbox(request) as box:
-        if submission.files:
-            box.put_files(WORKDIR, dict(submission.files))
-        result = box.exec(argv, env=env, timeout=settings.timeout_seconds)
-        if _stopped(result.verdict) is None:
-            raw, tests = _fetch_junit(box, junit_path)
-    verdict, message = judge_run(result, tests, cpu_limit)
-    tests = tests or {}
-    passed = sum(1 for o in tests.values() if o == "passed")
-    total = len(tests)
-    junit_file = junit_dir / f"{submission.name}.xml"
-    _write_junit(junit_file, submission.name, raw, verdict, message)
-    scored = verdict in ("passed", "failed")
+    box = SubmissionBox(client, request, submission, course.tests_dir)
+    try:
+        outcomes = _build(box, course) if course.build else None
+        if outcomes is None:
+            per_test = course.runner == "pytest" and course.test_timeout > 0
+            outcomes = (_per_test_run if per_test else _suite_run)(box, course, settings)
+    finally:
+        box.close()
+    return _grade(submission.name, outcomes, course, box, junit_dir)
+
+
+def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir: Path) -> Grade:
+    """The submission's grade: points from the course, and its JUnit XML written."""
+    results = scored(course.weights, o.cases)
+    junit_file = junit_dir / f"{name}.xml"
+    _write_junit(junit_file, junit_xml(name, o.verdict, o.message, results))
+    passed = sum(1 for r in results if r.outcome == "passed")
+    points = float(sum(r.score for r in results))
+    max_points = float(sum(r.max_score for r in results))
     return Grade(
-        name=submission.name,
-        verdict=verdict,
-        message=message,
-        score=round(passed / total, 4) if scored and total else 0.0,
-        passed=passed if scored else 0,
-        total=total,
-        tests=tests if scored else {},
-        exit_code=result.exit_code,
-        cpu_seconds=round(result.cpu_seconds, 3),
-        peak_memory_bytes=result.peak_memory_bytes,
-        wall_seconds=round(result.wall_seconds, 3),
-        image_digest=box.sandbox.image_digest,
+        name=name,
+        verdict=o.verdict,
+        message=o.message,
+        score=round(points / max_points, 4) if max_points else 0.0,
+        passed=passed,
+        total=len(results),
+        tests={r.test_id: cast(Outcome, r.outcome) for r in results},
+        exit_code=o.exit_code,
+        cpu_seconds=round(o.cpu_seconds, 3),
+        peak_memory_bytes=o.peak_memory_bytes,
+        wall_seconds=round(o.wall_seconds, 3),
+        image_digest=box.image_digest,
         junit=str(junit_file),
+        runtime=box.runtime,
+        limits=box.limits,
+        points=points,
+        max_points=max_points,
+        results=[asdict(r) for r in results],
     )
 
 
@@ -337,9 +348,20 @@ def grade_all(
     settings: GradeSettings,
     junit_dir: Path,
     progress: Callable[[str], None] = lambda line: None,
+    course: Course | None = None,
 ) -> dict[str, Any]:
-    """Grade every submission, `settings.jobs` at a time; the results document."""
-    built = client.build_image(FRAGMENT, context_files=grader_context(tests_dir), label="grading")
+    """Grade every submission, `settings.jobs` at a time; the results document.
+
+    Raises:
+        InvalidArgument: a bad tests folder or course.toml, or no submissions.
+        BuildFailed: the course's Dockerfile fragment does not build.
+    """
+    course = course or load_course(tests_dir)
+    if not submissions:
+        raise errors.InvalidArgument("no submissions to grade (an empty submissions folder?)")
+    built = client.build_image(
+        image_fragment(course), context_files=grader_context(tests_dir), label="grading"
+    )
     image = built.image
     progress(f"image {image.digest[:19]} ({'cached' if built.cache_hit else 'built'})")
     grades: dict[str, Grade] = {}
@@ -348,12 +370,13 @@ def grade_all(
 
     def one(sub: Submission) -> Grade:
         try:
-            grade = grade_one(client, sub, image, settings, junit_dir)
+            grade = grade_one(client, sub, image, settings, junit_dir, course)
         except errors.SandboxError as exc:
             log.warning("grading %s: %s", sub.name, exc.message)
             grade = Grade(sub.name, "error", f"service error: {exc.message}", 0.0, 0, 0)
-            _write_junit(junit_dir / f"{sub.name}.xml", sub.name, None, "error", grade.message)
-            grade.junit = str(junit_dir / f"{sub.name}.xml")
+            junit = junit_dir / f"{sub.name}.xml"
+            _write_junit(junit, junit_xml(sub.name, "error", grade.message, []))
+            grade.junit = str(junit)
         with lock:
             grades[sub.name] = grade
             progress(
@@ -369,6 +392,12 @@ def grade_all(
         "tests": str(tests_dir),
         "image": {"key": image.key, "digest": image.digest},
         "settings": asdict(settings),
+        "course": {
+            "runner": course.runner,
+            "test_timeout": course.test_timeout,
+            "build": course.build,
+            "test": course.test,
+        },
         "submissions": [asdict(grades[s.name]) for s in submissions],
     }
 
@@ -378,6 +407,7 @@ def write_results(document: Mapping[str, Any], out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
     else:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
 
 

@@ -8,14 +8,18 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from sandboxd.blobs import BlobStore
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
 from sandboxd.paths import check_relative
 
 log = logging.getLogger(__name__)
+
+#: The instance id of the service that built an image (a cache hit keeps the first one's).
+LABEL_BUILDER = "sandbox.builder"
 
 TAG_REPO = "sandbox/img"
 MAX_FRAGMENT = 64 * 1024
@@ -133,9 +137,19 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
 class ImageStore:
     """Builds images through the engine; answers repeated keys from the cache."""
 
-    def __init__(self, engine: Engine, base_image: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        base_image: str,
+        instance_id: str = "",
+        blobs: BlobStore | None = None,
+    ) -> None:
         self._engine = engine
+        #: Where digest-only context files find their content (uploaded with UploadBlobs).
+        self.blobs = blobs
         self.base_image = base_image
+        #: Recorded on every image built, so a cleanup can tell whose images are whose.
+        self.instance_id = instance_id
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._cache: dict[str, ImageRecord] = {}
@@ -198,9 +212,11 @@ class ImageStore:
                         self._grants.setdefault(key, set()).add(owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
                 return
-            if any(f.digest_only for f in context):
+            filled = self._filled(context)
+            if filled is None:
                 yield NeedsContent(key)
                 return
+            context = filled
             tag = f"{TAG_REPO}:{key[:32]}"
             dockerfile = f"FROM {base_ref}\n{fragment}\n"
             # role overrides the "base" role a derived image would inherit from its base.
@@ -212,6 +228,8 @@ class ImageStore:
             }
             if label:
                 labels["sandbox.label"] = label
+            if self.instance_id:
+                labels[LABEL_BUILDER] = self.instance_id
             if owner:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
@@ -226,6 +244,19 @@ class ImageStore:
             with self._lock:
                 self._cache[key] = record
             yield BuildOutcome(record, False, time.monotonic() - started)
+
+    def _filled(self, context: list[ContextFile]) -> list[ContextFile] | None:
+        """The context with every digest-only file's content taken from the blob store;
+        None when a blob is not there (never uploaded, or evicted since)."""
+        out = []
+        for f in context:
+            if f.digest_only:
+                content = self.blobs.read(f.sha256) if self.blobs is not None else None
+                if content is None:
+                    return None
+                f = ContextFile(f.path, content, f.mode, f.sha256)
+            out.append(f)
+        return out
 
     def _lookup(self, key: str, *, trust_recent: bool = False) -> ImageRecord | None:
         """A cached image for `key`, checking the engine still has it."""
@@ -275,14 +306,15 @@ class ImageStore:
             return owner in self._grants.get(record.key, ())
 
     def get(self, key: str, owner: str = "") -> ImageRecord:
-        """The image with this key, if `owner` may use it.
+        """The image with this key or tag, if `owner` may use it.
 
         Raises:
+            InvalidArgument: neither a key nor a tag.
             NotFound: no such image.
             PermissionDenied: another client's image.
         """
         if not _KEY.match(key):
-            raise InvalidArgument(f"key: {key!r} is not an image key (64 hex digits)")
+            key = self._key_of_tag(key)
         record = self._lookup(key, trust_recent=True)
         if record is None:
             raise NotFound(f"no image with key {key[:12]}...; build it first")
@@ -290,12 +322,33 @@ class ImageStore:
             raise PermissionDenied(f"image {key[:12]} belongs to another client")
         return record
 
+    def _key_of_tag(self, tag: str) -> str:
+        """The content key of the image a tag names, when it is one of this service's.
+
+        Raises:
+            InvalidArgument: not a key or tag; NotFound: no image of ours has that tag.
+        """
+        if not tag or "\x00" in tag or len(tag) > 512 or tag != tag.strip():
+            raise InvalidArgument(
+                f"key: {tag[:80]!r} is neither an image key (64 hex digits) nor a tag"
+            )
+        try:
+            key = self._engine.image_labels(tag).get(LABEL_KEY, "")
+        except NotFound:
+            key = ""
+        if not _KEY.match(key):
+            raise NotFound(f"no image built by sandboxd has the tag {tag[:80]!r}")
+        return key
+
     def list(self, owner: str = "") -> list[ImageRecord]:
         """The service's images that `owner` may use."""
         out = []
         for image_id, tags, labels, size in self._engine.list_images(LABEL_KEY):
             key = labels.get(LABEL_KEY, "")
-            tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0] if tags else "")
+            tags = [t for t in tags if t != "<none>:<none>"]
+            if not tags:
+                continue  # an untagged leftover: neither usable nor addressable by its key
+            tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0])
             out.append(
                 ImageRecord(
                     key=key,
@@ -309,20 +362,26 @@ class ImageStore:
             )
         return [r for r in out if self.may_use(r, owner)]
 
-    def delete(self, key: str, owner: str = "") -> None:
-        """Remove the image for `key`; a client may delete only images it built.
+    def delete(
+        self, key: str, owner: str = "", release: Callable[[str], None] = lambda _: None
+    ) -> None:
+        """Remove the image for `key` (or tag) from the engine; a client may delete only
+        images it built. `release(image id)` first makes the containers on it go.
 
         Raises:
             NotFound: no such image.
             PermissionDenied: the image is not the caller's.
+            FailedPrecondition: a live sandbox still uses it.
         """
         record = self.get(key, owner)
         if owner and record.owner != owner:
-            raise PermissionDenied(f"image {key[:12]} belongs to another client")
+            raise PermissionDenied(f"image {record.key[:12]} belongs to another client")
+        release(record.digest)
         with self._lock:
-            self._cache.pop(key, None)
-            self._verified.pop(key, None)
-        self._engine.remove_image(record.tag)
+            self._cache.pop(record.key, None)
+            self._verified.pop(record.key, None)
+        # By id, not by tag: removing a tag leaves the image behind as <none>.
+        self._engine.remove_image(record.digest)
 
     def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
         """(engine reference, digest) for a key, tag or reference given by a client.

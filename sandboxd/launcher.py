@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from sandboxd import processes
 from sandboxd.config import ServerConfig
@@ -41,6 +42,9 @@ class Launcher:
         self.engine = engine
         # Removing a container takes the engine ~0.1 s; nobody should wait for that.
         self._removals = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandbox-remove")
+        self._lock = threading.Lock()
+        #: container id -> (its image id, its background removal), until the removal ends.
+        self._pending: dict[str, tuple[str, Future[None]]] = {}
 
     def container_spec(self, prep: Prepared, sandbox_id: str, now: float) -> ContainerSpec:
         """The locked-down container `prep` asks for, labelled as this instance's."""
@@ -125,9 +129,23 @@ class Launcher:
         if record.preload is not None:
             record.preload.proc.close()
         try:
-            self._removals.submit(self.remove_now, record.container_id)
+            removal = self._removals.submit(self.remove_now, record.container_id)
         except RuntimeError:  # shutting down: remove it right here
             self.remove_now(record.container_id)
+            return
+        with self._lock:
+            self._pending[record.container_id] = (record.image_digest, removal)
+        removal.add_done_callback(lambda _: self._forget(record.container_id))
+
+    def _forget(self, container_id: str) -> None:
+        with self._lock:
+            self._pending.pop(container_id, None)
+
+    def settle(self, image_digest: str, timeout: float = 60.0) -> None:
+        """Wait until the containers of this image that are being removed are gone."""
+        with self._lock:
+            removals = [f for digest, f in self._pending.values() if digest == image_digest]
+        wait(removals, timeout=timeout)
 
     def remove_now(self, container_id: str) -> None:
         """Remove a container, logging rather than raising: the reaper retries what is left."""

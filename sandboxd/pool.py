@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 #: How long a request waits for a warm container already being made before making its own.
 INFLIGHT_WAIT_SECONDS = 1.0
+#: How long retiring a request's containers waits for those still being made.
+RETIRE_WAIT_SECONDS = 60.0
 
 
 class WarmPool:
@@ -129,6 +131,27 @@ class WarmPool:
             log.info("pool: evicted %d warm sandboxes for live ones", len(victims))
         return freed
 
+    def retire(self, match: Callable[[Prepared], bool]) -> list[SandboxRecord]:
+        """Stop warming the requests `match` picks and hand back their ready containers, for
+        the caller to remove (an image can only be removed once no container uses it)."""
+        retired: list[SandboxRecord] = []
+        deadline = time.monotonic() + RETIRE_WAIT_SECONDS
+        with self._lock:
+            for prep in [p for p in self._target if match(p)]:
+                self._target[prep] = 0
+            # Containers being made now would start on it after all: wait for them (with a
+            # zero target they are discarded as they arrive).
+            while any(n > 0 for p, n in self._inflight.items() if match(p)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._filled.wait(left)
+            for prep in [p for p in self._ready if match(p)]:
+                for record in self._ready.pop(prep):
+                    self._ids.discard(record.id)
+                    retired.append(record)
+        return retired
+
     def knows(self, sandbox_id: str) -> bool:
         with self._lock:
             return sandbox_id in self._ids
@@ -188,14 +211,19 @@ class WarmPool:
                 self._filled.notify_all()
             return
         with self._lock:
-            self._inflight[prep] -= 1
             keep = not self._stopped.is_set() and self._target.get(prep, 0) > 0
             if keep:
                 self._ready.setdefault(prep, deque()).append(record)
                 self._ids.add(record.id)
-            self._filled.notify_all()
+                self._inflight[prep] -= 1
+                self._filled.notify_all()
         if not keep:
+            # Discarded before the fill counts as done: whoever waits for the fills
+            # (`retire`) then finds the removal under way.
             self._discard(record)
+            with self._lock:
+                self._inflight[prep] -= 1
+                self._filled.notify_all()
 
     def _ensure_janitor(self) -> None:
         with self._lock:

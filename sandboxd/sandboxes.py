@@ -318,5 +318,24 @@ class SandboxManager:
         self.admission.release(record.owner, record.limits.memory_bytes)
         self.launcher.discard(record)
 
+    def release_image(self, image_digest: str) -> None:
+        """Make way for removing an image: its warm containers go, and those being removed
+        are waited for (the engine only untags an image a container still uses).
+
+        Raises:
+            FailedPrecondition: a live sandbox runs on the image.
+        """
+        with self._lock:
+            users = sorted(r.id for r in self._sandboxes.values() if r.image_digest == image_digest)
+        if users:
+            raise FailedPrecondition(
+                f"the image is in use by sandbox {', '.join(users[:5])}; destroy "
+                f"{'it' if len(users) == 1 else 'them'} first"
+            )
+        if self.pool is not None:
+            for record in self.pool.retire(lambda prep: prep.image_digest == image_digest):
+                self.launcher.discard(record)
+        self.launcher.settle(image_digest)
+
     def alive(self, record: SandboxRecord) -> bool:
         return self.engine.container_running(record.container_id)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
+from sandboxd.blobs import BlobStore
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
@@ -27,7 +29,7 @@ from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
 from sandboxd.info import describe_server
 from sandboxd.sandboxes import SandboxManager
-from sandboxd.service import ImageServicer, InfoServicer, SandboxServicer
+from sandboxd.service import BlobServicer, ImageServicer, InfoServicer, SandboxServicer
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,60 @@ MAX_MESSAGE = 64 * 1024 * 1024
 #: Longest unix socket path the kernel takes, its final NUL excluded.
 UNIX_PATH_MAX = 107
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ImageService"].full_name,
     pb.DESCRIPTOR.services_by_name["SandboxService"].full_name,
     pb.DESCRIPTOR.services_by_name["InfoService"].full_name,
+    pb.DESCRIPTOR.services_by_name["BlobService"].full_name,
 )
+
+
+def _v1_reflection_descriptor() -> None:
+    """Add grpc.reflection.v1 to the default pool, so reflection can describe itself in v1
+    too: its file is v1alpha's with the package renamed (grpcio-reflection ships only v1alpha).
+    """
+    pool = descriptor_pool.Default()
+    with contextlib.suppress(KeyError):
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = f".{proto.package}.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(old, new, 1)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new, 1)
+        method.output_type = method.output_type.replace(old, new, 1)
+    pool.Add(proto)
+
+
+def enable_reflection(service_names: tuple[str, ...], server: grpc.Server) -> None:
+    """Serve reflection as both grpc.reflection.v1 and v1alpha: clients speak one or the
+    other, and the two differ only in their package name (the messages are the same bytes)."""
+    _v1_reflection_descriptor()
+    servicer = reflection.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(
+                name,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            )
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
+    )
 
 
 @dataclass
@@ -56,7 +107,8 @@ class Core:
 def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
-    images = ImageStore(engine, config.base_image)
+    blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 
@@ -83,18 +135,22 @@ class Service:
             maximum_concurrent_rpcs=max_workers * 4,
             interceptors=[self.auth],
         )
-        pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.core.images), self.server)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.core.images, self.core.manager.release_image), self.server
+        )
         pb_grpc.add_SandboxServiceServicer_to_server(
             SandboxServicer(self.core.manager, self.core.executor, self.core.images), self.server
         )
+        if self.core.images.blobs is not None:
+            pb_grpc.add_BlobServiceServicer_to_server(
+                BlobServicer(self.core.images.blobs), self.server
+            )
         pb_grpc.add_InfoServiceServicer_to_server(
             InfoServicer(lambda: describe_server(config, self.core.engine)), self.server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.address = ""
         self._stopped = threading.Event()
 
@@ -145,6 +201,8 @@ class Service:
         except EngineUnavailable as exc:
             log.warning("%s; serving anyway, calls fail with UNAVAILABLE until it is back", exc)
         self.core.manager.start()
+        if self.core.images.blobs is not None:
+            self.core.images.blobs.start()
         self.server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("sandboxd %s serving on %s", self.config.instance_id, self.address)
@@ -165,6 +223,8 @@ class Service:
         # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
         self.core.manager.stop(keep)
+        if self.core.images.blobs is not None:
+            self.core.images.blobs.stop()
         if self.address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 Path(self.address[len("unix:") :]).unlink()

@@ -7,38 +7,35 @@ Conversions both sides of the wire need (limits, sandbox requests) are the clien
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from sandboxd import client as client_wire
-from sandboxd import errors
+from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
-from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
-from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
+from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
+from sandboxd.execs import ExecRequest, Executor, Output
+from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
-from sandboxd.limits import Caps
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
-from sandboxd.verdicts import VERDICTS
+from sandboxd.transfers import Transfers
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Metadata key an authenticating interceptor sets to the caller's client name.
 OWNER_KEY = "x-sandbox-client"
-
-_STATES = {
-    "running": pb.SANDBOX_STATE_RUNNING,
-    "exited": pb.SANDBOX_STATE_EXITED,
-    "destroyed": pb.SANDBOX_STATE_DESTROYED,
-}
 
 
 @contextlib.contextmanager
@@ -55,17 +52,64 @@ def temporary_sandbox(manager: SandboxManager, request: SandboxRequest) -> Itera
             log.warning("destroying %s after use: %s", record.id, exc)
 
 
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _detail_messages(exc: errors.SandboxError) -> list[any_pb2.Any]:
+    """The standard google.rpc details for `exc`: BadRequest naming the fields at fault,
+    RetryInfo saying when to come back."""
+    details: list[any_pb2.Any] = []
+    if exc.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+        details.append(_packed(bad))
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return details
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """The one place errors become statuses. No traceback ever reaches a client."""
+    """The one place errors become statuses. No traceback ever reaches a client.
+
+    The message is for a person; the same facts go along as google.rpc error details (and
+    the retry hint also as a "retry-after" trailer, which older clients read).
+    """
     if isinstance(exc, errors.SandboxError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
         message = exc.message
+        trailers: list[tuple[str, str | bytes]] = []
         if exc.retry_after is not None:
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after:g}"),))
+            trailers.append(("retry-after", f"{exc.retry_after:g}"))
             message = f"{message} (retry after {exc.retry_after:g}s)"
         if code == grpc.StatusCode.INTERNAL:
             log.warning("internal: %s", message)
-        context.abort(code, message)
+        details = _detail_messages(exc)
+        if details:
+            status = rpc_status.to_status(
+                status_pb2.Status(
+                    code=getattr(code_pb2, code.name), message=message, details=details
+                )
+            )
+            trailers.extend(status.trailing_metadata)
+        context.abort_with_status(_Status(code, message, tuple(trailers)))
     incident = uuid.uuid4().hex[:8]
     log.error("unexpected error (incident %s)", incident, exc_info=exc)
     context.abort(
@@ -104,103 +148,9 @@ def owner_of(context: grpc.ServicerContext) -> str:
     return ""
 
 
-def image_to_pb(record: ImageRecord) -> pb.Image:
-    return pb.Image(
-        key=record.key,
-        digest=record.digest,
-        tag=record.tag,
-        base=record.base,
-        size_bytes=record.size_bytes,
-        created_unix=record.created_unix,
-        label=record.label,
-    )
-
-
-def caps_to_pb(caps: Caps) -> pb.Caps:
-    return pb.Caps(
-        cpus=caps.cpus,
-        memory_bytes=caps.memory_bytes,
-        pids=caps.pids,
-        scratch_bytes=caps.scratch_bytes,
-        network=caps.network,
-        timeout_seconds=caps.timeout_seconds,
-        output_bytes=caps.output_bytes,
-        ttl_seconds=caps.ttl_seconds,
-        sandboxes=caps.sandboxes,
-    )
-
-
-def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
-    return pb.ServerInfo(
-        api_version=info.api_version,
-        server_version=info.server_version,
-        engine=info.engine,
-        engine_version=info.engine_version,
-        default_limits=client_wire.limits_to_pb(info.defaults),
-        caps=caps_to_pb(info.caps),
-        profiles=[
-            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
-            for p in info.profiles
-        ],
-        default_profile=info.default_profile,
-        runtimes=list(info.runtimes),
-        base_image=info.base_image,
-        default_ttl_seconds=info.default_ttl_seconds,
-    )
-
-
 def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
     """The owner comes from the caller's credentials, never from the request."""
-    return replace(client_wire.request_from_pb(spec), owner=owner)
-
-
-def sandbox_to_pb(r: SandboxRecord) -> pb.Sandbox:
-    return pb.Sandbox(
-        id=r.id,
-        spec=client_wire.request_to_pb(r.request),
-        limits=client_wire.limits_to_pb(r.limits),
-        image_digest=r.image_digest,
-        container_id=r.container_id,
-        state=_STATES[r.state],
-        created_unix=r.created_unix,
-        expires_unix=r.expires_unix,
-        runtime=r.runtime,
-        create_seconds=r.create_seconds,
-        from_pool=r.from_pool,
-        preloaded=r.preload is not None,
-    )
-
-
-def outcome_to_pb(o: ExecOutcome) -> pb.ExecResult:
-    j = o.judgement
-    return pb.ExecResult(
-        exit_code=j.exit_code,
-        signal=j.signal,
-        verdict=pb.Verdict.ValueType(VERDICTS[j.verdict].wire),
-        wall_seconds=o.wall_seconds,
-        cpu_seconds=o.cpu_seconds,
-        peak_memory_bytes=o.peak_memory_bytes,
-        output_truncated=o.output_truncated,
-        message=j.message,
-        stdout_bytes=o.stdout_bytes,
-        stderr_bytes=o.stderr_bytes,
-    )
-
-
-def context_from_pb(request: pb.BuildImageRequest) -> list[ContextFile]:
-    return [ContextFile(f.path, f.content, f.mode, f.sha256) for f in request.context_files]
-
-
-def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
-    return ExecRequest(
-        argv=list(m.argv),
-        stdin=m.stdin,
-        timeout_seconds=m.timeout_seconds,
-        output_limit_bytes=m.output_limit_bytes,
-        env=dict(m.env),
-        workdir=m.workdir,
-        attach_preload=m.attach_preload,
-    )
+    return replace(wire.request_from_pb(spec), owner=owner)
 
 
 def _chunk(event: Output) -> pb.OutputChunk:
@@ -222,18 +172,20 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.ServerInfo:
-        return info_to_pb(self.describe())
+        return wire.info_to_pb(self.describe())
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):
-    def __init__(self, images: ImageStore) -> None:
+    def __init__(self, images: ImageStore, release: Callable[[str], None] = lambda _: None) -> None:
         self.images = images
+        #: Makes the containers on an image go before it is deleted (the sandbox manager's).
+        self.release = release
 
     @streaming
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = context_from_pb(request)
+        context_files = wire.context_from_pb(request)
         for item in self.images.build(
             request.base,
             request.fragment,
@@ -246,7 +198,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
             elif isinstance(item, BuildOutcome):
                 yield pb.BuildImageEvent(
                     result=pb.BuildImageResult(
-                        image=image_to_pb(item.image),
+                        image=wire.image_to_pb(item.image),
                         cache_hit=item.cache_hit,
                         build_seconds=item.seconds,
                     )
@@ -256,28 +208,60 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
 
     @unary
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.Image:
-        return image_to_pb(self.images.get(request.key, owner_of(context)))
+        return wire.image_to_pb(self.images.get(request.key, owner_of(context)))
 
     @unary
     def ListImages(
         self, request: pb.ListImagesRequest, context: grpc.ServicerContext
     ) -> pb.ListImagesResponse:
         return pb.ListImagesResponse(
-            images=[image_to_pb(r) for r in self.images.list(owner_of(context))]
+            images=[wire.image_to_pb(r) for r in self.images.list(owner_of(context))]
         )
 
     @unary
     def DeleteImage(
         self, request: pb.DeleteImageRequest, context: grpc.ServicerContext
     ) -> pb.DeleteImageResponse:
-        self.images.delete(request.key, owner_of(context))
+        self.images.delete(request.key, owner_of(context), self.release)
         return pb.DeleteImageResponse()
+
+
+class BlobServicer(pb_grpc.BlobServiceServicer):
+    """The build context's content-addressed store: only what the service lacks travels."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    @unary
+    def FindMissingBlobs(
+        self, request: pb.FindMissingBlobsRequest, context: grpc.ServicerContext
+    ) -> pb.FindMissingBlobsResponse:
+        wanted = [BlobDigest(d.sha256, d.size_bytes) for d in request.digests]
+        missing = self.blobs.missing(wanted)
+        return pb.FindMissingBlobsResponse(
+            missing=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in missing]
+        )
+
+    @unary
+    def UploadBlobs(
+        self, request_iterator: Iterator[pb.UploadBlobsRequest], context: grpc.ServicerContext
+    ) -> pb.UploadBlobsResponse:
+        parts = (
+            UploadPart(
+                BlobDigest(m.digest.sha256, m.digest.size_bytes) if m.HasField("digest") else None,
+                m.data,
+            )
+            for m in request_iterator
+        )
+        blobs, size = self.blobs.upload(parts)
+        return pb.UploadBlobsResponse(blobs=blobs, bytes=size)
 
 
 class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def __init__(self, manager: SandboxManager, executor: Executor, images: ImageStore) -> None:
         self.manager = manager
         self.executor = executor
+        self.files = Transfers(executor)
         self.images = images
 
     @unary
@@ -291,20 +275,20 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         if not context.is_active():  # the client gave up while we were creating
             self.manager.destroy(record.id)
             raise errors.Cancelled("client went away during creation")
-        return sandbox_to_pb(record)
+        return wire.sandbox_to_pb(record)
 
     @unary
     def GetSandbox(
         self, request: pb.GetSandboxRequest, context: grpc.ServicerContext
     ) -> pb.Sandbox:
-        return sandbox_to_pb(self.manager.get(request.sandbox_id, owner_of(context)))
+        return wire.sandbox_to_pb(self.manager.get(request.sandbox_id, owner_of(context)))
 
     @unary
     def ListSandboxes(
         self, request: pb.ListSandboxesRequest, context: grpc.ServicerContext
     ) -> pb.ListSandboxesResponse:
         return pb.ListSandboxesResponse(
-            sandboxes=[sandbox_to_pb(r) for r in self.manager.list(owner_of(context))]
+            sandboxes=[wire.sandbox_to_pb(r) for r in self.manager.list(owner_of(context))]
         )
 
     @unary
@@ -320,7 +304,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     ) -> Iterator[pb.ExecEvent]:
         events = self.executor.run(
             request.sandbox_id,
-            exec_request_from_pb(request),
+            wire.exec_request_from_pb(request),
             owner_of(context),
             _cancel_event(context),
         )
@@ -328,7 +312,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             if isinstance(event, Output):
                 yield pb.ExecEvent(output=_chunk(event))
             else:
-                yield pb.ExecEvent(result=outcome_to_pb(event))
+                yield pb.ExecEvent(result=wire.outcome_to_pb(event))
 
     @unary
     def PutFiles(
@@ -336,16 +320,20 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     ) -> pb.PutFilesResponse:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
-            raise errors.InvalidArgument("PutFiles: the first message must be the header")
+            raise errors.InvalidArgument(
+                "PutFiles: the first message must be the header", field="header"
+            )
         header = first.header
 
         def chunks() -> Iterator[bytes]:
             for message in request_iterator:
                 if message.HasField("header"):
-                    raise errors.InvalidArgument("PutFiles: only the first message may be a header")
+                    raise errors.InvalidArgument(
+                        "PutFiles: only the first message may be a header", field="header"
+                    )
                 yield message.tar_chunk
 
-        files, size = self.executor.put_files(
+        files, size = self.files.put_files(
             header.sandbox_id, header.path, chunks(), owner_of(context)
         )
         return pb.PutFilesResponse(files=files, bytes=size)
@@ -354,7 +342,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def GetFiles(
         self, request: pb.GetFilesRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FileChunk]:
-        for data in self.executor.get_files(
+        for data in self.files.get_files(
             request.sandbox_id, request.path, request.max_bytes, owner_of(context)
         ):
             yield pb.FileChunk(data=data)
@@ -367,14 +355,14 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         cache_hit = False
         if request.HasField("build"):
             b = request.build
-            files = context_from_pb(b)
+            files = wire.context_from_pb(b)
             for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
                 if isinstance(item, NeedsContent):
                     raise errors.InvalidArgument(
                         "build.context_files: give the content, not just digests, in a Run"
                     )
                 if isinstance(item, BuildOutcome):
-                    image_pb, cache_hit = image_to_pb(item.image), item.cache_hit
+                    image_pb, cache_hit = wire.image_to_pb(item.image), item.cache_hit
                 else:
                     yield pb.RunEvent(build_log_line=item)
             assert image_pb is not None
@@ -382,8 +370,9 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             spec.CopyFrom(request.spec)
             spec.image = image_pb.key
         with temporary_sandbox(self.manager, request_from_pb(spec, owner)) as record:
+            self.files.collect_paths(record.id, request.collect, owner)  # refused up front
             if request.files_tar:
-                self.executor.put_files(record.id, "", [request.files_tar], owner)
+                self.files.put_files(record.id, "", [request.files_tar], owner)
             result = None
             for event in self.executor.run(
                 record.id,
@@ -394,16 +383,15 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                 if isinstance(event, Output):
                     yield pb.RunEvent(output=_chunk(event))
                 else:
-                    result = outcome_to_pb(event)
-            collected = b""
-            for path in request.collect:
-                collected += b"".join(self.executor.get_files(record.id, path, 0, owner))
+                    result = wire.outcome_to_pb(event)
+            collected = self.files.collect(record.id, request.collect, owner)
             yield pb.RunEvent(
                 result=pb.RunResult(
                     image=image_pb,
                     cache_hit=cache_hit,
-                    sandbox=sandbox_to_pb(record),
+                    sandbox=wire.sandbox_to_pb(record),
                     exec=result,
-                    collected_tar=collected,
+                    collected_tar=collected.tar,
+                    missing_paths=collected.missing,
                 )
             )

@@ -38,6 +38,8 @@ class Facts:
     pids_limit: int = 0
     timeout_seconds: float = 0.0
     output_limit: int = 0
+    #: Why the command never started, in the engine's terms (empty when it did start).
+    start_failure: str = ""
 
 
 def signal_name(number: int) -> str:
@@ -48,6 +50,8 @@ def signal_name(number: int) -> str:
 
 
 def _ended(f: Facts) -> str:
+    if f.start_failure:
+        return f"{f.start_failure} (exit code {f.exit_code})"
     if f.signal:
         return f"killed by {signal_name(f.signal)}"
     return f"exited with code {f.exit_code}"
@@ -131,6 +135,7 @@ class Observation:
     container_alive: bool
     memory_limit: int
     pids_limit: int
+    start_failure: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,5 +175,6 @@ def judge(o: Observation) -> Judgement:
         pids_limit=o.pids_limit,
         timeout_seconds=o.timeout_seconds,
         output_limit=o.output_limit,
+        start_failure=o.start_failure,
     )
     return Judgement(verdict, code, sig, VERDICTS[verdict].sentence(facts))

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent host preparation for a Debian machine, run as root: the Docker engine
-# (with gVisor registered as runtime "runsc"), the project's virtualenv and the offline
-# base image. Safe to run repeatedly; when everything is in place it takes about a second.
+# (with gVisor registered as runtime "runsc"), the project's virtualenv, the offline
+# base image, and Podman (the second engine: its API service and the base image in its
+# store). Safe to run repeatedly; when everything is in place it takes a few seconds.
 #
 # Environment: SANDBOX_VENV (default ./.venv), SANDBOX_BASE_IMAGE (default
 # sandbox-base:bookworm), SANDBOX_MIRROR (Debian mirror for the base image),
-# DOCKERD_LOG (default /var/log/dockerd.log).
+# DOCKERD_LOG (default /var/log/dockerd.log), SANDBOX_PODMAN (default 1; 0 leaves
+# Podman alone), PODMAN_SOCKET (default /run/podman/podman.sock), PODMAN_LOG (default
+# /var/log/podman-service.log).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +17,9 @@ BASE_IMAGE="${SANDBOX_BASE_IMAGE:-sandbox-base:bookworm}"
 MIRROR="${SANDBOX_MIRROR:-http://deb.debian.org/debian}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
 DAEMON_JSON=/etc/docker/daemon.json
+WANT_PODMAN="${SANDBOX_PODMAN:-1}"
+PODMAN_SOCKET="${PODMAN_SOCKET:-/run/podman/podman.sock}"
+PODMAN_LOG="${PODMAN_LOG:-/var/log/podman-service.log}"
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
@@ -45,6 +51,15 @@ have_cmd gpgv || need+=(gpgv)
 have_cmd runsc || need+=(runsc)
 have_cmd ip || need+=(iproute2)
 have_cmd flock || need+=(util-linux)
+# The grading report's test renders it in a real browser.
+have_cmd chromium || need+=(chromium)
+if [ "$WANT_PODMAN" = 1 ]; then
+    # Podman's --init (which the service asks for, as with Docker) is catatonit; runc
+    # because Podman's default crun refuses this kind of host's hybrid cgroups.
+    have_cmd podman || need+=(podman)
+    have_cmd catatonit || need+=(catatonit)
+    have_cmd runc || need+=(runc)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
     log "installing ${need[*]}"
@@ -174,4 +189,78 @@ if [ "$role" != base ]; then
     "$VENV/bin/sandboxd" bootstrap-image --tag "$BASE_IMAGE" --mirror "$MIRROR" 9>&-
     log "base image made in $((SECONDS - start)) s"
 fi
-log "ready: engine up, venv $VENV, base image $BASE_IMAGE"
+# -- Podman ------------------------------------------------------------------------------
+# The second engine: `podman system service` speaks Docker's API on PODMAN_SOCKET.
+# Settings go in a drop-in, merged by Podman over its defaults and any containers.conf
+# the machine's owner keeps. No gVisor here: Podman 4.3's API ignores the runtime a
+# container asks for (the service offers runc only with Podman; see the README).
+PODMAN_DROPIN=/etc/containers/containers.conf.d/50-sandbox.conf
+
+# Writes $2 to $1 when it differs; prints "changed" when it wrote.
+write_if_changed() {
+    if [ "$(cat "$1" 2>/dev/null)" != "$2" ]; then
+        mkdir -p "$(dirname "$1")"
+        printf '%s\n' "$2" >"$1.tmp.$$"
+        mv -f "$1.tmp.$$" "$1"
+        echo changed
+    fi
+}
+
+podman_answers() {
+    python3 - "$PODMAN_SOCKET" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b"GET /_ping HTTP/1.0\r\nHost: podman\r\n\r\n")
+sys.exit(0 if s.recv(64).startswith(b"HTTP/1.") else 1)
+PY
+}
+
+podman_pid() {
+    local pid
+    pid="$(cat /run/podman/sandbox-service.pid 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+setup_podman() {
+    local changed
+    changed="$(write_if_changed "$PODMAN_DROPIN" "# Written by the sandbox project's scripts/host-setup.sh.
+[engine]
+runtime = \"runc\"
+cgroup_manager = \"cgroupfs\"
+events_logger = \"file\"")"
+
+    if [ -n "$changed" ] && pid="$(podman_pid)"; then
+        log "restarting podman system service ($pid) for the new settings"
+        kill "$pid"
+        for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    fi
+    if ! podman_answers; then
+        log "starting podman system service on $PODMAN_SOCKET (log: $PODMAN_LOG)"
+        mkdir -p "$(dirname "$PODMAN_SOCKET")" /run/podman
+        rm -f "$PODMAN_SOCKET"
+        setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET" \
+            </dev/null >>"$PODMAN_LOG" 2>&1 9>&- &
+        echo $! >/run/podman/sandbox-service.pid
+        for _ in $(seq 1 60); do podman_answers && break; sleep 0.5; done
+        if ! podman_answers; then
+            tail -n 20 "$PODMAN_LOG" >&2 || true
+            die "podman system service did not answer within 30 s; see $PODMAN_LOG"
+        fi
+    fi
+
+    # The same image id in both stores: a rebuilt Docker base image is loaded again.
+    local want have
+    want="$(docker image inspect --format '{{.Id}}' "$BASE_IMAGE")"
+    have="$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)"
+    if [ "sha256:$have" != "$want" ] && [ "$have" != "$want" ]; then
+        log "loading $BASE_IMAGE into podman (docker save | podman load)"
+        docker save "$BASE_IMAGE" | podman load -q >/dev/null
+    fi
+}
+if [ "$WANT_PODMAN" = 1 ]; then
+    setup_podman
+fi
+
+log "ready: engine up, venv $VENV, base image $BASE_IMAGE$([ "$WANT_PODMAN" = 1 ] && echo ", podman up")"

@@ -10,8 +10,9 @@ cd "$ROOT"
 "$ROOT/scripts/host-setup.sh"
 
 VENV="${SANDBOX_VENV:-$ROOT/.venv}"
-# Docker is up at this point, so a test that would skip for want of an engine is a
-# missing test: tests that honour this variable fail instead of skipping.
+# Docker and Podman are up at this point, so a test that would skip for want of an
+# engine is a missing test: tests that honour this variable fail instead of skipping
+# (tests/integration/test_engines.py runs against both engines and never skips).
 export SANDBOX_REQUIRE_DOCKER=1
 
 status=0

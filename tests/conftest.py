@@ -22,13 +22,17 @@ import pytest
 from sandboxd.api import Sandbox, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
-from sandboxd.engine.base import LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED
+from sandboxd.engine.base import LABEL_INSTANCE, LABEL_MANAGED
+from sandboxd.images import LABEL_BUILDER
 from sandboxd.limits import Limits, MiB
 from sandboxd.server import Service, create_server
 
 BASE_IMAGE = "sandbox-base:bookworm"
 #: Every instance id made by this test session starts with this.
 SESSION_PREFIX = "t" + uuid.uuid4().hex[:5]
+# Services this session starts in child processes (pytester runs, the CLI) without an
+# explicit id get this prefix too, so the checks below see them and only them.
+os.environ["SANDBOXD_INSTANCE_PREFIX"] = SESSION_PREFIX
 _serial = itertools.count()
 _used_docker = False
 
@@ -86,28 +90,35 @@ def _no_labelled_container_left() -> Iterator[None]:
     assert not left, f"labelled containers left behind by this test session: {left}"
 
 
-def built_images() -> set[str]:
-    """Ids of the images the service built (its cache), whoever built them."""
-    out = docker("images", "-q", "--no-trunc", "--filter", f"label={LABEL_KEY}")
-    return set(out.stdout.split())
+def session_images() -> set[str]:
+    """Ids of the images built by this session's service instances (their builder label).
+
+    Another process's images are never among them, even when built during this session.
+    """
+    out = docker(
+        "images",
+        "--no-trunc",
+        "--filter",
+        f"label={LABEL_BUILDER}",
+        "--format",
+        f'{{{{.ID}}}} {{{{.Label "{LABEL_BUILDER}"}}}}',
+    )
+    rows = (line.split(" ", 1) for line in out.stdout.splitlines() if line.strip())
+    return {r[0] for r in rows if len(r) == 2 and r[1].startswith(SESSION_PREFIX)}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_images_this_session_built() -> Iterator[None]:
     """The suite builds dozens of images (every pytester project is one); the build
-    cache is for users, so the session removes what it added and leaves the rest."""
-    if os.environ.get("SANDBOX_TEST_KEEP_IMAGES"):
-        yield  # several suites share one engine: none may remove the others' images
-        return
-    try:
-        before = built_images()
-    except (OSError, subprocess.SubprocessError):
-        before = None
+    cache is for users, so the session removes what its own services built."""
     yield
-    if before is None:
-        return
-    for image in sorted(built_images() - before):
-        docker("rmi", "-f", image)
+    if os.environ.get("SANDBOX_TEST_KEEP_IMAGES"):
+        return  # SANDBOX_TEST_KEEP_IMAGES: keep them, e.g. to reuse them in the next run
+    try:
+        for image in sorted(session_images()):
+            docker("rmi", "-f", image)
+    except (OSError, subprocess.SubprocessError):
+        pass  # a cleanup failing must not fail the session
 
 
 @pytest.fixture(scope="session")

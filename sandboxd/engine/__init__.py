@@ -1,6 +1,7 @@
 """The container engine behind one Protocol (`Engine`), and the factory that picks one.
 
-`docker.py` is the Docker Engine adapter and the only module that imports docker-py.
+`docker.py` is the Docker Engine adapter and the only module that imports docker-py;
+`podman.py` adapts it to Podman's Docker-compatible API.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from sandboxd.config import ServerConfig
 
 #: Engine names a config may choose.
-ENGINES = ("docker",)
+ENGINES = ("docker", "podman")
 
 
 def make_engine(config: ServerConfig) -> Engine:
@@ -33,6 +34,10 @@ def make_engine(config: ServerConfig) -> Engine:
         from sandboxd.engine.docker import DockerEngine
 
         return DockerEngine(config.docker_host)
+    if config.engine == "podman":
+        from sandboxd.engine.podman import PodmanEngine
+
+        return PodmanEngine(config.podman_host)
     raise InvalidArgument(f"engine: unknown engine {config.engine!r} (known: {', '.join(ENGINES)})")
 
 

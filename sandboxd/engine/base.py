@@ -74,6 +74,11 @@ class ExecProcess(Protocol):
         """The exit code once ended, None while running."""
         ...
 
+    def start_failure(self) -> str | None:
+        """Why the engine could not start the command at all (once its output has ended);
+        None when it started."""
+        ...
+
     def kill(self) -> None:
         """Kill the command and everything it started."""
         ...

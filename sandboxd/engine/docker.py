@@ -1,6 +1,6 @@
 """The Docker Engine adapter: the only module that imports docker-py.
 
-Longer than the house's ~450 lines on purpose: keeping docker-py in one module means the
+Size: longer than the house's ~450 lines on purpose: keeping docker-py in one module means the
 engine calls, the exec stream (`DockerExec`) and the kill paths that need both live here.
 Host cgroup and /proc reading is in `sandboxd.cgroups`.
 """
@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -45,6 +46,10 @@ KILL_WAIT_SECONDS = 5.0
 T = TypeVar("T")
 #: Environment variable that marks every process of one exec, so they can be found inside.
 EXEC_TAG = "SANDBOXD_EXEC"
+
+#: How the engine's own message starts when the runtime could not start an exec's command.
+_START_FAILED = b"OCI runtime exec failed"
+_START_REASON = re.compile(r'exec: (".*?"): (.*?)(?:: unknown)?$')
 
 _CONNECTION_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -223,11 +228,12 @@ class DockerEngine:
 
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
-        owner = f"uid={_uid(spec.user)},gid={_gid(spec.user)}"
+        # `exec` explicitly: Docker's tmpfs default is noexec, and sandboxes exist to run
+        # what was uploaded or compiled into the scratch. nosuid and nodev stay.
         tmpfs = {
-            path: f"rw,nosuid,nodev,size={size},mode=1777"
+            path: f"rw,exec,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
-            else f"rw,nosuid,nodev,size={size},{owner},mode=755"
+            else f"rw,exec,nosuid,nodev,size={size},{self._tmpfs_owner(spec.user)},mode=755"
             for path, size in spec.scratch.items()
         }
         host_config = api.create_host_config(
@@ -270,6 +276,10 @@ class DockerEngine:
                 self.remove_container(container_id)
             raise
         return container_id
+
+    def _tmpfs_owner(self, user: str) -> str:
+        """The tmpfs option that gives a scratch mount to the sandbox's user."""
+        return f"uid={_uid(user)},gid={_gid(user)}"
 
     def remove_container(self, container_id: str) -> None:
         self._pids.pop(container_id, None)
@@ -397,12 +407,25 @@ class DockerEngine:
         """A container killed as a whole (gVisor's sandbox process at its memory limit) takes
         its cgroup with it; the engine still records that the kill was for memory."""
         try:
-            state = self.container_state(container_id)
+            state = self._settled_state(container_id)
         except SandboxError:
             return sample
         if state.get("Running"):
             return sample
         return replace(sample, oom_kills=1 if state.get("OOMKilled") else 0)
+
+    def _settled_state(self, container_id: str) -> Mapping[str, Any]:
+        """The container's state; while its cgroup is already gone but the engine still says
+        it runs (gVisor's sandbox process was just killed), ask again for up to 2 s, or the
+        memory kill would read as a crash."""
+        state = self.container_state(container_id)
+        dirs = self._cgroup_paths.get(container_id) or {}
+        for _ in range(20):
+            if not state.get("Running") or not dirs or any(p.is_dir() for p in dirs.values()):
+                break
+            time.sleep(0.1)
+            state = self.container_state(container_id)
+        return state
 
     def _sample_stats(self, container_id: str) -> CgroupSample:
         """Fallback through the stats API when the cgroup files are not ours to read."""
@@ -466,6 +489,7 @@ class DockerExec:
         self._sock = sock
         self._raw: socket.socket | None = getattr(sock, "_sock", None)
         self._killed = False
+        self._start_failure: str | None = None
 
     def write_stdin(self, data: bytes) -> None:
         if self._raw is not None:
@@ -479,14 +503,45 @@ class DockerExec:
                 self._raw.shutdown(socket.SHUT_WR)
 
     def output(self) -> Iterator[tuple[int, bytes]]:
+        # When the runtime cannot start the command, the engine writes its own error to the
+        # exec's stdout and reports 126. A first chunk that looks like that is held until
+        # the end: if no process ever ran (pid 0), it is the engine's, not the command's.
+        held = b""
+        first = True
         try:
             for stream, data in frames_iter(self._sock, tty=False):
-                if data:
+                if not data:
+                    continue
+                if first and stream == 1 and bytes(data).startswith(_START_FAILED):
+                    held = bytes(data)
+                elif held:
+                    yield 1, held
+                    held = b""
+                first = False
+                if not held:
                     yield int(stream), bytes(data)
         except (OSError, ValueError):
-            return
+            pass
+        if held and self._never_started():
+            self._start_failure = _start_failure(held)
+        elif held:
+            yield 1, held
+
+    def _never_started(self) -> bool:
+        try:
+            info = self._engine._call(lambda: self._engine.api.exec_inspect(self.exec_id))
+        except SandboxError:
+            return False
+        return not info.get("Running") and not info.get("Pid")
+
+    def start_failure(self) -> str | None:
+        return self._start_failure
 
     def exit_code(self) -> int | None:
+        if self._start_failure is not None:
+            # The engine says 126 for both; a shell says 127 for a command it cannot find.
+            missing = "not found" in self._start_failure or "no such file" in self._start_failure
+            return 127 if missing else 126
         for _ in range(100):
             try:
                 info = self._engine._call(lambda: self._engine.api.exec_inspect(self.exec_id))
@@ -542,6 +597,16 @@ def _read_until(sock: Any, word: bytes, seconds: float) -> bool:
         with contextlib.suppress(OSError):
             sock.close()
     return word in seen
+
+
+def _start_failure(engine_text: bytes) -> str:
+    """The engine's "OCI runtime exec failed: ... exec: "x": permission denied: unknown"
+    as a sentence about the command."""
+    text = engine_text.decode("utf-8", "replace").strip()
+    match = _START_REASON.search(text)
+    if match is None:
+        return f"the command could not be started: {text[:300]}"
+    return f"cannot run {match.group(1)}: {match.group(2)}"
 
 
 def _explain(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,3 +25,13 @@ class CliResult:
         lines = [line for line in self.stdout.splitlines() if line.strip()]
         assert lines, f"no output; stderr: {self.stderr}"
         return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether `predicate` became true within `timeout` seconds (polled every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -28,7 +28,6 @@ def test_building_the_same_fragment_twice_is_one_image_and_a_cache_hit(
         assert again["cache_hit"] is True
         assert again["key"] == built["key"]
         assert again["digest"] == built["digest"], "no new image was made"
-        assert again["build_seconds"] < 0.5, "the engine's build was not called"
         assert "Step 1/" not in second.stderr, "no build log on a cache hit"
         listed = subprocess.run(
             ["docker", "images", "-q", "--filter", f"label=sandbox.image-key={built['key']}"],

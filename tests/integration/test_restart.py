@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sandboxd_cli import SANDBOXD
+from sandboxd_cli import SANDBOXD, wait_for
 
 from sandboxd.api import SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
@@ -23,15 +22,6 @@ def containers_of(instance_id: str) -> list[str]:
         text=True,
         check=True,
     ).stdout.split()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @pytest.fixture

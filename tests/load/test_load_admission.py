@@ -13,7 +13,8 @@ from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.api import Sandbox, SandboxRequest, requested_limits
-from sandboxd.client import SandboxClient, request_to_pb
+from sandboxd.client import SandboxClient
+from sandboxd.wire import request_to_pb
 
 MiB = 1 << 20
 
@@ -32,13 +33,12 @@ def test_full_service_queues_then_answers_resource_exhausted_with_a_retry_hint(s
         # A waiter gets the slot a destroy frees, well before its deadline.
         got: list[Sandbox] = []
         waiter = threading.Thread(target=lambda: got.append(client.create_sandbox(_spec())))
-        started = time.monotonic()
         waiter.start()
         time.sleep(0.5)
         client.destroy_sandbox(held.pop().id)
         waiter.join(timeout=30)
+        # Its queue deadline is 3 s; refused at it, the thread would leave `got` empty.
         assert got, "the queued create never got the freed slot"
-        assert time.monotonic() - started < 3.0
         held += got
 
         # Nobody frees a slot: the create waits out the queue deadline, then is refused.
@@ -56,7 +56,7 @@ def test_full_service_queues_then_answers_resource_exhausted_with_a_retry_hint(s
         assert "slots are in use" in rpc_error.details()
         trailers = dict(rpc_error.trailing_metadata())
         assert float(trailers["retry-after"]) > 0
-        assert 2.5 <= waited < 10, waited
+        assert waited >= 2.5, waited  # it queued until its deadline first
 
         # The client hands the hint on.
         with pytest.raises(errors.ResourceExhausted) as refused:
@@ -90,11 +90,10 @@ def test_memory_budget_is_never_overcommitted(sandboxd) -> None:
         assert refused.value.retry_after
 
         # More than the whole budget can never fit: refused at once, without a hint.
-        started = time.monotonic()
         with pytest.raises(errors.ResourceExhausted) as too_big:
             client.create_sandbox(_spec(256 * MiB))
-        assert time.monotonic() - started < 0.9
         assert "whole memory budget" in too_big.value.message
+        assert too_big.value.retry_after is None, "refused before queueing, so no hint"
 
         # Still fits: 32 MiB more.
         held.append(client.create_sandbox(_spec(32 * MiB)))

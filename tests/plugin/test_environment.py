@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,52 @@ def test_a_base_image_with_another_python_is_one_message_at_session_start(
     assert err.count("has Python 3.9, but this pytest runs on Python " + host) == 1, err
     assert f"python:{host}-slim" in err
     assert "not collected in the sandbox" not in result.stdout.str()
+
+
+@pytest.fixture
+def pip_cache(
+    pytester: pytest.Pytester,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Path:
+    """A project naming requirements.txt in its ini, with a pip-install cache of its own."""
+    pytester.makeini("[pytest]\nsandbox_requirements = requirements.txt\n")
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def test_a_requirements_file_defines_the_sandbox_environment(
+    pytester: pytest.Pytester, no_leftovers: None, pip_cache: Path
+) -> None:
+    # pip on the host installs it (its index settings and certificates stay on the host);
+    # the host's own distributions are then not mirrored.
+    pytester.makefile(".txt", requirements="six==1.16.0\n")
+    pytester.makepyfile(
+        test_req="""
+        import importlib.util
+
+        def test_six_from_the_file():
+            import six
+            assert six.__version__ == "1.16.0"
+            assert six.__file__.startswith("/opt/pytest-sandbox/site/")
+
+        def test_host_only_distributions_are_not_there():
+            assert importlib.util.find_spec("hypothesis") is None
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox=all", "-rA")
+    result.assert_outcomes(passed=2)
+    assert list((pip_cache / "pytest-sandbox" / "requirements").iterdir())
+
+
+def test_a_requirements_file_pip_cannot_install_is_one_clear_message(
+    pytester: pytest.Pytester, no_leftovers: None, pip_cache: Path
+) -> None:
+    pytester.makefile(".txt", requirements="--no-index\nsix==1.16.0\n")  # offline: no registry
+    pytester.makepyfile(test_a="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*sandbox_requirements = requirements.txt: pip could not install it*remove the key*"]
+    )

@@ -99,6 +99,25 @@ CASES: list[tuple[str, str, str, list[str]]] = [
 ]
 
 
+def _write_tests(root: Path) -> Path:
+    tests = root / "tests"
+    tests.mkdir()
+    for name, text in TESTS.items():
+        (tests / name).write_text(text)
+    return tests
+
+
+def _untrusted(runtime: str, *, cpu_seconds: float, memory_bytes: int) -> grading.GradeSettings:
+    return grading.GradeSettings(
+        profile="untrusted",
+        runtime=runtime,
+        cpu_seconds=cpu_seconds,
+        timeout_seconds=60.0,
+        memory_bytes=memory_bytes,
+        jobs=2,
+    )
+
+
 def _write_submissions(root: Path) -> Path:
     subs = root / "submissions"
     subs.mkdir()
@@ -127,19 +146,9 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert len(CASES) == 20
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    for name, text in TESTS.items():
-        (tests / name).write_text(text)
+    tests = _write_tests(tmp_path)
     subs = _write_submissions(tmp_path)
-    settings = grading.GradeSettings(
-        profile="untrusted",
-        runtime="runc",
-        cpu_seconds=3.0,
-        timeout_seconds=60.0,
-        memory_bytes=96 << 20,
-        jobs=2,
-    )
+    settings = _untrusted("runc", cpu_seconds=3.0, memory_bytes=96 << 20)
     first = grading.grade_all(
         operator, tests, submissions.load_submissions(subs), settings, tmp_path / "junit1"
     )
@@ -154,10 +163,17 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
             assert got["score"] == round(len(passing) / len(ALL), 4)
         else:
             assert got["score"] == 0.0 and got["tests"] == {}, (name, got)
-        junit = ET.parse(got["junit"]).getroot()
-        assert junit.iter("testcase"), name
-    assert by_name["hog_import"]["peak_memory_bytes"] <= 100 << 20
-    assert by_name["correct0"]["cpu_seconds"] > 0
+        cases = list(ET.parse(got["junit"]).getroot().iter("testcase"))
+        assert cases, name
+        if expected in ("passed", "failed"):
+            # The file on disk says what the results say, test by test.
+            assert grading.parse_junit(Path(got["junit"]).read_bytes()) == got["tests"], name
+        else:
+            assert any(c.find("error") is not None for c in cases), name
+    # Measured, not zero: the hog reached its 96 MiB limit; the tests burned some CPU.
+    assert 48 << 20 <= by_name["hog_import"]["peak_memory_bytes"] <= 100 << 20
+    assert by_name["correct0"]["cpu_seconds"] > 0.05
+    assert by_name["correct0"]["peak_memory_bytes"] >= 4 << 20
 
     # The same batch through the CLI: the same per-test results.
     out = tmp_path / "again" / "results.json"
@@ -182,3 +198,32 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
         time.sleep(0.3)
     assert operator.list_sandboxes() == []
     assert _instance_containers(instance) == []
+
+
+# One of each kind of outcome the batch above covers, small: runsc on ptrace is slow.
+RUNSC_CASES = {"correct0", "wrong_add", "import_error", "loop_import", "hog_import"}
+
+
+def test_a_small_batch_gets_the_same_verdicts_under_runsc(
+    operator: SandboxClient, secure: SecureService, tmp_path: Path
+) -> None:
+    """`untrusted` means gVisor: grading must give the same verdicts there as on runc."""
+    tests = _write_tests(tmp_path)
+    everything = submissions.load_submissions(_write_submissions(tmp_path))
+    subs = [s for s in everything if s.name in RUNSC_CASES]
+    assert len(subs) == len(RUNSC_CASES)
+    # gVisor's own kernel counts against the memory limit: a little more room than on runc.
+    settings = _untrusted("runsc", cpu_seconds=5.0, memory_bytes=128 << 20)
+    report = grading.grade_all(operator, tests, subs, settings, tmp_path / "junit")
+    by_name = {s["name"]: s for s in report["submissions"]}
+    for name, _, expected, passing in CASES:
+        if name not in RUNSC_CASES:
+            continue
+        got = by_name[name]
+        assert got["verdict"] == expected, (name, got)
+        if expected in ("passed", "failed"):
+            assert [t for t, o in got["tests"].items() if o == "passed"] == passing, name
+    assert by_name["correct0"]["cpu_seconds"] > 0.05
+    assert by_name["correct0"]["peak_memory_bytes"] >= 4 << 20
+    assert operator.list_sandboxes() == []
+    assert by_name["hog_import"]["peak_memory_bytes"] >= 48 << 20

@@ -111,9 +111,12 @@ def test_bad_build_input_is_invalid_argument(
 
 
 def test_get_image_bad_and_unknown_keys(client: SandboxClient) -> None:
-    err = rpc_error(lambda: client.images.GetImage(pb.GetImageRequest(key="nope")))
+    err = rpc_error(lambda: client.images.GetImage(pb.GetImageRequest(key="")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not an image key" in err.details()
+    assert "neither an image key (64 hex digits) nor a tag" in err.details()
+    # Anything else may be a tag (GetImage takes tags too): unknown, not malformed.
+    err = rpc_error(lambda: client.images.GetImage(pb.GetImageRequest(key="nope")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
     err = rpc_error(lambda: client.images.GetImage(pb.GetImageRequest(key="0" * 64)))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     err = rpc_error(lambda: client.images.DeleteImage(pb.DeleteImageRequest(key="0" * 64)))

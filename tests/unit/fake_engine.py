@@ -190,6 +190,9 @@ class FakeExec:
     def exit_code(self) -> int | None:
         return 0
 
+    def start_failure(self) -> str | None:
+        return None
+
     def kill(self) -> None:
         pass
 

@@ -16,7 +16,8 @@ from sandboxd.errors import InvalidArgument
 from sandboxd.limits import Caps, GiB, Limits, MiB
 
 
-def test_defaults_without_a_file() -> None:
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SANDBOXD_INSTANCE_PREFIX", raising=False)
     cfg = load_config()
     assert cfg.base_image == "sandbox-base:bookworm"
     assert cfg.defaults == Limits()
@@ -26,6 +27,15 @@ def test_defaults_without_a_file() -> None:
 
 def test_each_config_gets_its_own_instance_id() -> None:
     assert ServerConfig().instance_id != ServerConfig().instance_id
+
+
+def test_instance_ids_take_the_prefix_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SANDBOXD_INSTANCE_PREFIX", "tabc12")
+    made = ServerConfig().instance_id
+    assert made.startswith("tabc12") and len(made) == 6 + 12
+    assert ServerConfig(instance_id="given").instance_id == "given"
 
 
 def test_file_sets_defaults_caps_and_settings(tmp_path: Path) -> None:

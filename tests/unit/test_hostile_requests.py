@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -54,7 +54,9 @@ def _fingerprint(paths: list[Path]) -> dict[str, tuple[int, float, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(canary: Path) -> Iterator[tuple[pb_grpc.SandboxServiceStub, str, grpc.Channel]]:
+def server(
+    canary: Path, instance_id_factory: Callable[[], str]
+) -> Iterator[tuple[pb_grpc.SandboxServiceStub, str, grpc.Channel]]:
     subprocess.run(["docker", "image", "inspect", BASE_IMAGE], check=True, capture_output=True)
     workdir = Path(tempfile.mkdtemp(prefix="sbx-h-", dir="/tmp"))
     config = load_config(
@@ -63,6 +65,7 @@ def server(canary: Path) -> Iterator[tuple[pb_grpc.SandboxServiceStub, str, grpc
         pool_max_per_key=0,
         defaults=Limits(memory_bytes=64 << 20, scratch_bytes=SCRATCH, timeout_seconds=20),
         state_dir=workdir / "state",
+        instance_id=instance_id_factory(),  # so the session-end leftover check sees it
     )
     service, address = create_server(config, f"unix:{workdir}/s.sock")
     channel = grpc.insecure_channel(address)

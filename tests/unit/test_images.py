@@ -8,6 +8,7 @@ from fake_engine import BASE, FakeEngine
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound
 from sandboxd.images import (
+    LABEL_BUILDER,
     MAX_FRAGMENT,
     BuildOutcome,
     ContextFile,
@@ -73,6 +74,15 @@ def test_second_build_of_same_key_is_a_cache_hit_without_engine_build(
     assert lines == []
     assert second.image.digest == first.image.digest
     assert len(engine.builds) == 1
+
+
+def test_an_image_records_the_instance_that_built_it(engine: FakeEngine) -> None:
+    _, first = build(ImageStore(engine, BASE, "builder1"))
+    assert engine.images[first.image.digest].labels[LABEL_BUILDER] == "builder1"
+    # A cache hit from another instance does not relabel it: it did not build it.
+    _, again = build(ImageStore(engine, BASE, "builder2"))
+    assert again.cache_hit
+    assert engine.images[first.image.digest].labels[LABEL_BUILDER] == "builder1"
 
 
 def test_cache_survives_a_restart_through_engine_labels(engine: FakeEngine) -> None:
@@ -154,7 +164,9 @@ def test_get_list_delete(store: ImageStore, engine: FakeEngine) -> None:
 
 
 def test_get_refuses_a_malformed_key(store: ImageStore) -> None:
-    with pytest.raises(InvalidArgument, match=r"not an image key"):
+    with pytest.raises(InvalidArgument, match=r"neither an image key .* nor a tag"):
+        store.get("abc\x00")
+    with pytest.raises(NotFound, match=r"no image built by sandboxd has the tag 'abc'"):
         store.get("abc")
 
 

@@ -15,6 +15,10 @@ Errors are gRPC status codes with a message a person can act on:
                      not allowed for it
   UNAUTHENTICATED    missing or unknown credentials
   UNAVAILABLE        the container engine cannot be reached (safe to retry)
+
+Alongside the message, INVALID_ARGUMENT carries a google.rpc.BadRequest whose
+field violations name the request field at fault, and RESOURCE_EXHAUSTED a
+google.rpc.RetryInfo when a retry can succeed (both in grpc-status-details-bin).
 """
 
 from collections import abc as _abc
@@ -265,6 +269,7 @@ class GetImageRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """The image's content key (64 hex digits) or its tag (Image.tag)."""
     def __init__(
         self,
         *,
@@ -315,10 +320,15 @@ Global___ListImagesResponse: _TypeAlias = ListImagesResponse  # noqa: Y015
 
 @_typing.final
 class DeleteImageRequest(_message.Message):
+    """Removes the image from the engine (its warm containers first); refused with
+    FAILED_PRECONDITION while a live sandbox runs on it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """The image's content key or its tag, as in GetImageRequest."""
     def __init__(
         self,
         *,
@@ -1029,14 +1039,20 @@ class RunResult(_message.Message):
     SANDBOX_FIELD_NUMBER: _builtins.int
     EXEC_FIELD_NUMBER: _builtins.int
     COLLECTED_TAR_FIELD_NUMBER: _builtins.int
+    MISSING_PATHS_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
     collected_tar: _builtins.bytes
+    """One tar archive of the collect paths that existed, each under its own name."""
     @_builtins.property
     def image(self) -> Global___Image: ...
     @_builtins.property
     def sandbox(self) -> Global___Sandbox: ...
     @_builtins.property
     def exec(self) -> Global___ExecResult: ...
+    @_builtins.property
+    def missing_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The collect paths (absolute) that did not exist when the command ended."""
+
     def __init__(
         self,
         *,
@@ -1045,10 +1061,11 @@ class RunResult(_message.Message):
         sandbox: Global___Sandbox | None = ...,
         exec: Global___ExecResult | None = ...,
         collected_tar: _builtins.bytes = ...,
+        missing_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "image", b"image", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "collected_tar", b"collected_tar", "exec", b"exec", "image", b"image", "sandbox", b"sandbox"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "collected_tar", b"collected_tar", "exec", b"exec", "image", b"image", "missing_paths", b"missing_paths", "sandbox", b"sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1201,3 +1218,111 @@ class ServerInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class BlobDigest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """hex"""
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobDigest: _TypeAlias = BlobDigest  # noqa: Y015
+
+@_typing.final
+class FindMissingBlobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlobDigest]: ...
+    def __init__(
+        self,
+        *,
+        digests: _abc.Iterable[Global___BlobDigest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindMissingBlobsRequest: _TypeAlias = FindMissingBlobsRequest  # noqa: Y015
+
+@_typing.final
+class FindMissingBlobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MISSING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlobDigest]: ...
+    def __init__(
+        self,
+        *,
+        missing: _abc.Iterable[Global___BlobDigest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindMissingBlobsResponse: _TypeAlias = FindMissingBlobsResponse  # noqa: Y015
+
+@_typing.final
+class UploadBlobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def digest(self) -> Global___BlobDigest: ...
+    def __init__(
+        self,
+        *,
+        digest: Global___BlobDigest | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBlobsRequest: _TypeAlias = UploadBlobsRequest  # noqa: Y015
+
+@_typing.final
+class UploadBlobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    blobs: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        blobs: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs", "bytes", b"bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBlobsResponse: _TypeAlias = UploadBlobsResponse  # noqa: Y015

@@ -701,3 +701,136 @@ class InfoService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BlobServiceStub:
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.FindMissingBlobs = channel.unary_unary(
+                '/sandbox.v1.BlobService/FindMissingBlobs',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsResponse.FromString,
+                _registered_method=True)
+        self.UploadBlobs = channel.stream_unary(
+                '/sandbox.v1.BlobService/UploadBlobs',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsResponse.FromString,
+                _registered_method=True)
+
+
+class BlobServiceServicer:
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    def FindMissingBlobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadBlobs(self, request_iterator, context):
+        """One stream carries any number of blobs: a message with `digest` starts a
+        blob, the messages after it carry its bytes in `data`. Each blob is checked
+        against its digest and size on arrival.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BlobServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'FindMissingBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindMissingBlobs,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsResponse.SerializeToString,
+            ),
+            'UploadBlobs': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBlobs,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sandbox.v1.BlobService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sandbox.v1.BlobService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BlobService:
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    @staticmethod
+    def FindMissingBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.BlobService/FindMissingBlobs',
+            sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.FindMissingBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBlobs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sandbox.v1.BlobService/UploadBlobs',
+            sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.UploadBlobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

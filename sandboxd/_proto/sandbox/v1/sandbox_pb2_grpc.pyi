@@ -15,6 +15,10 @@ Errors are gRPC status codes with a message a person can act on:
                      not allowed for it
   UNAUTHENTICATED    missing or unknown credentials
   UNAVAILABLE        the container engine cannot be reached (safe to retry)
+
+Alongside the message, INVALID_ARGUMENT carries a google.rpc.BadRequest whose
+field violations name the request field at fault, and RESOURCE_EXHAUSTED a
+google.rpc.RetryInfo when a retry can succeed (both in grpc-status-details-bin).
 """
 
 from collections import abc as _abc
@@ -258,3 +262,67 @@ class InfoServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.ServerInfo, _abc.Awaitable[_sandbox_pb2.ServerInfo]]: ...
 
 def add_InfoServiceServicer_to_server(servicer: InfoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class BlobServiceStub:
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> BlobServiceAsyncStub: ...
+    FindMissingBlobs: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FindMissingBlobsRequest, _sandbox_pb2.FindMissingBlobsResponse]
+    UploadBlobs: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.UploadBlobsRequest, _sandbox_pb2.UploadBlobsResponse]
+    """One stream carries any number of blobs: a message with `digest` starts a
+    blob, the messages after it carry its bytes in `data`. Each blob is checked
+    against its digest and size on arrival.
+    """
+
+@_typing.type_check_only
+class BlobServiceAsyncStub(BlobServiceStub):
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    FindMissingBlobs: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FindMissingBlobsRequest, _sandbox_pb2.FindMissingBlobsResponse]  # type: ignore[assignment]
+    UploadBlobs: _aio.StreamUnaryMultiCallable[_sandbox_pb2.UploadBlobsRequest, _sandbox_pb2.UploadBlobsResponse]  # type: ignore[assignment]
+    """One stream carries any number of blobs: a message with `digest` starts a
+    blob, the messages after it carry its bytes in `data`. Each blob is checked
+    against its digest and size on arrival.
+    """
+
+class BlobServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------- blobs
+
+    A content-addressed store for build context, the way REAPI's CAS works: the
+    client asks which blobs are missing, uploads only those in chunks, then builds
+    with ContextFile.sha256 alone; the service takes the content from the store.
+    """
+
+    @_abc_1.abstractmethod
+    def FindMissingBlobs(
+        self,
+        request: _sandbox_pb2.FindMissingBlobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.FindMissingBlobsResponse, _abc.Awaitable[_sandbox_pb2.FindMissingBlobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadBlobs(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.UploadBlobsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.UploadBlobsResponse, _abc.Awaitable[_sandbox_pb2.UploadBlobsResponse]]:
+        """One stream carries any number of blobs: a message with `digest` starts a
+        blob, the messages after it carry its bytes in `data`. Each blob is checked
+        against its digest and size on arrival.
+        """
+
+def add_BlobServiceServicer_to_server(servicer: BlobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,82 @@
+"""Bad input gets a clear message and no traceback: archives that climb out, courses
+without a test command, a build that never ends, nothing to grade."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from courses import write_tree
+
+from sandboxd import cli
+
+CALC = {"calc/calc.py": "def add(a, b):\n    return a + b\n"}
+PYTEST_COURSE = {
+    "test_calc.py": "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n"
+}
+
+
+def _grade(
+    capsys: pytest.CaptureFixture[str], tests: Path, subs: Path, *extra: str
+) -> tuple[int, str]:
+    code = cli.main(["grade", "--tests", str(tests), "--submissions", str(subs), *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_an_archive_with_a_path_outside_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tests = write_tree(tmp_path / "tests", PYTEST_COURSE)
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    with zipfile.ZipFile(subs / "evil.zip", "w") as zf:
+        zf.writestr("../../etc/cron.d/x", "* * * * * root true\n")
+    code, err = _grade(capsys, tests, subs)
+    assert code == 2
+    assert "evil.zip" in err and "climbs out of its root" in err, err
+
+
+def test_an_empty_submissions_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tests = write_tree(tmp_path / "tests", PYTEST_COURSE)
+    (tmp_path / "subs").mkdir()
+    code, err = _grade(capsys, tests, tmp_path / "subs")
+    assert code == 2
+    assert "no sub-folders or .zip files to grade" in err, err
+
+
+@pytest.mark.parametrize(
+    ("course", "expected"),
+    [
+        ('[course]\nbuild = "make"\n', "has a build command but no test command"),
+        ('[course]\ntest = "./run"\n', "must write JUnit XML to {junit}"),
+        ("[course\n", "course.toml"),
+        ('[tests]\npoints = { "x" = -1 }\n', "points cannot be negative"),
+    ],
+)
+def test_a_course_toml_that_cannot_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], course: str, expected: str
+) -> None:
+    tests = write_tree(tmp_path / "tests", {**PYTEST_COURSE, "course.toml": course})
+    subs = write_tree(tmp_path / "subs", CALC)
+    code, err = _grade(capsys, tests, subs)
+    assert code == 2
+    assert expected in err, err
+
+
+@pytest.mark.docker
+def test_a_build_that_never_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    course = '[course]\nbuild = "sleep 600"\nbuild_timeout = 2\ntest = "true {junit}"\n'
+    tests = write_tree(tmp_path / "tests", {"course.toml": course})
+    subs = write_tree(tmp_path / "subs", CALC)
+    out = tmp_path / "results.json"
+    code, _ = _grade(capsys, tests, subs, "--out", str(out), "--address", address)
+    assert code == 0
+    (grade,) = json.loads(out.read_text())["submissions"]
+    assert grade["verdict"] == "build_failed"
+    assert grade["message"].startswith("build failed (timed out after 2.0s)"), grade["message"]

@@ -1,0 +1,54 @@
+"""`make_engine` picks the adapter the config names; nothing is contacted on the way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandboxd.config import ServerConfig, load_config
+from sandboxd.engine import ENGINES, make_engine
+from sandboxd.engine.docker import DockerEngine
+from sandboxd.engine.podman import DEFAULT_PODMAN_SOCKET, PodmanEngine
+from sandboxd.errors import InvalidArgument
+
+
+def test_every_listed_engine_can_be_made() -> None:
+    assert set(ENGINES) == {"docker", "podman"}
+    for name in ENGINES:
+        make_engine(ServerConfig(engine=name))
+
+
+def test_podman_from_the_config_file_with_its_default_socket(tmp_path: Path) -> None:
+    path = tmp_path / "sandboxd.toml"
+    path.write_text('engine = "podman"\n')
+    engine = make_engine(load_config(path))
+    assert isinstance(engine, PodmanEngine)
+    assert engine.base_url == DEFAULT_PODMAN_SOCKET
+
+
+def test_podman_host_and_docker_host_are_separate_settings() -> None:
+    config = ServerConfig(engine="podman", podman_host="unix:///x/p.sock", docker_host="unix:///d")
+    podman = make_engine(config)
+    assert isinstance(podman, PodmanEngine) and podman.base_url == "unix:///x/p.sock"
+    docker = make_engine(ServerConfig(engine="docker", docker_host="unix:///d"))
+    assert type(docker) is DockerEngine and docker.base_url == "unix:///d"
+
+
+def test_an_unknown_engine_is_named_in_the_error() -> None:
+    with pytest.raises(InvalidArgument, match=r"unknown engine 'rkt' \(known: docker, podman\)"):
+        make_engine(ServerConfig(engine="rkt"))
+
+
+def test_the_cli_engine_option_overrides_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandboxd import cli
+
+    path = tmp_path / "sandboxd.toml"
+    path.write_text('engine = "docker"\n')
+    seen: list[str] = []
+    monkeypatch.setitem(cli.COMMANDS, "gc", lambda args, config: seen.append(config.engine) or 0)
+    assert cli.main(["--config", str(path), "--engine", "podman", "gc"]) == 0
+    assert cli.main(["--config", str(path), "gc"]) == 0
+    assert seen == ["podman", "docker"]
