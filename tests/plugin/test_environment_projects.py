@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,22 +22,14 @@ import pytest_sandbox
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-# What the plugin itself needs on the host, at the versions installed here (cache hits).
+CHECKOUT = Path(pytest_sandbox.__file__).resolve().parent.parent
+# What the plugin itself needs on the host: the project's declared dependencies, at the
+# versions installed here (cache hits), read from pyproject.toml so a new one is not missed.
+_DECLARED = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]["dependencies"]
 PLUGIN_DEPS = [
     f"{name}=={metadata.version(name)}"
-    for name in (
-        "pytest",
-        "pluggy",
-        "grpcio",
-        "grpcio-health-checking",
-        "grpcio-reflection",
-        "protobuf",
-        "tenacity",
-        "docker",
-        "packaging",
-    )
+    for name in (re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0] for spec in _DECLARED)
 ]
-CHECKOUT = Path(pytest_sandbox.__file__).resolve().parent.parent
 QUIET = ("-p", "no:cacheprovider", "-rA", "-q", "--color=no")
 OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", re.M)
 
@@ -59,7 +52,15 @@ def pip(python: Path, *args: str) -> None:
 
 def run_pytest(python: Path, project: Path, *args: str) -> dict[str, str]:
     """nodeid -> outcome (the -rA summary) of one pytest run of `project`."""
-    env = dict(os.environ, PYTHONPATH=str(CHECKOUT))  # the plugin from this checkout
+    # The plugin from this checkout, through a directory holding only its packages: the
+    # checkout's own root may hold the editable install's metadata, whose pytest11 entry
+    # point would register the plugin a second time next to `-p`.
+    packages = project.parent / "plugin-packages"
+    if not packages.exists():
+        packages.mkdir()
+        for name in ("pytest_sandbox", "sandboxd"):
+            (packages / name).symlink_to(CHECKOUT / name)
+    env = dict(os.environ, PYTHONPATH=str(packages))
     result = subprocess.run(
         [str(python), "-m", "pytest", "-p", "pytest_sandbox.plugin", *QUIET, *args],
         cwd=project,
