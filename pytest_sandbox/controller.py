@@ -152,9 +152,10 @@ class Controller:
         local = [it for it in session.items if it.nodeid not in self.specs]
         by_id = {it.nodeid: it for it in routed}
         rootdir = self.config.rootpath
-        if coverage_spec(self.config, snapshot.PROJECT) is not None:
-            # Coverage saves its data as the worker ends; a forked test child ends with
-            # os._exit and would take its measurements along.
+        if self.options.keep_failed or coverage_spec(self.config, snapshot.PROJECT) is not None:
+            # A kept sandbox must be the failed test's own, not one reset for the next test;
+            # and coverage saves its data as the worker ends, while a forked test child ends
+            # with os._exit and would take its measurements along.
             self.specs = {n: replace(s, isolation="container") for n, s in self.specs.items()}
         groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:

@@ -17,7 +17,7 @@ SCOPES: tuple[Scope, ...] = ("test", "module", "session")
 #: How scope=test is made pristine: a recycled container reset between tests, or a new one.
 Isolation = Literal["fork", "container"]
 ISOLATIONS: tuple[Isolation, ...] = ("fork", "container")
-DEFAULT_ISOLATION: Isolation = "container"
+DEFAULT_ISOLATION: Isolation = "fork"
 #: The profile for untrusted code always gets a brand-new container per test.
 CONTAINER_ONLY_PROFILES = frozenset({"untrusted"})
 

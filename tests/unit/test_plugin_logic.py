@@ -287,7 +287,7 @@ def test_fork_isolated_tests_of_a_spec_share_one_group_per_job() -> None:
 
     items = [Item(n) for n in "abcde"]
     fork = resolve({"isolation": "fork"}, Defaults())
-    container = resolve({}, Defaults())
+    container = resolve({"isolation": "container"}, Defaults())
     specs = {it.nodeid: fork for it in items[:4]} | {items[4].nodeid: container}
     groups = make_groups(items, specs, Path("/r"), jobs=2)  # type: ignore[arg-type]
     assert [g.nodeids for g in groups] == [
