@@ -240,7 +240,10 @@ events_logger = \"file\"")"
         log "starting podman system service on $PODMAN_SOCKET (log: $PODMAN_LOG)"
         mkdir -p "$(dirname "$PODMAN_SOCKET")" /run/podman
         rm -f "$PODMAN_SOCKET"
-        setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET" \
+        # From /: conmon, started by the service for every container, inherits its working
+        # directory and fails ("Failed to get working directory") once that is removed,
+        # e.g. the checkout this script ran from.
+        (cd / && exec setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET") \
             </dev/null >>"$PODMAN_LOG" 2>&1 9>&- &
         echo $! >/run/podman/sandbox-service.pid
         for _ in $(seq 1 60); do podman_answers && break; sleep 0.5; done
