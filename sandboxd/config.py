@@ -100,6 +100,17 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
+    #: Further base images (references) authenticated clients may build on, besides
+    #: `base_image`; they may also build on the images this server built for them. The engine
+    #: contacts a registry only for a reference listed here.
+    base_images: tuple[str, ...] = ()
+    #: Images the operator built or imported (reference, tag or key) that every client may
+    #: see and run; the base images always are, anything else of the operator's is private.
+    public_images: tuple[str, ...] = ()
+    #: Calls one authenticated client may have open at once; past it, RESOURCE_EXHAUSTED.
+    max_calls_per_client: int = 32
+    #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send a message.
+    stream_idle_seconds: float = 15.0
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -131,6 +142,7 @@ def default_state_dir() -> Path:
 
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+_LISTS = ("base_images", "public_images")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -172,6 +184,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise InvalidArgument(f"config {path}: unknown setting {key!r}")
         if key.endswith("_bytes") and isinstance(value, str):
             value = parse_size(value, field=key)
+        if key in _LISTS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"config {path}: {key} must be a list of image references")
+            value = tuple(value)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     config = ServerConfig(**kwargs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sandboxd.blobs import BlobStore
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
+from sandboxd.ownership import ImagePolicy, Ownership
 from sandboxd.paths import check_relative
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,12 @@ class ImageStore:
         base_image: str,
         instance_id: str = "",
         blobs: BlobStore | None = None,
+        policy: ImagePolicy | None = None,
     ) -> None:
         self._engine = engine
+        self.ownership = Ownership(
+            policy or ImagePolicy(bases=(base_image,)), engine.image_id, engine.image_labels
+        )
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
         self.blobs = blobs
         self.base_image = base_image
@@ -155,19 +160,20 @@ class ImageStore:
         self._cache: dict[str, ImageRecord] = {}
         self._bases: dict[str, tuple[str, float]] = {}
         self._verified: dict[str, float] = {}
-        # Clients other than the image's owner that built the same content themselves: knowing
-        # every input, they learn nothing by using it. In memory only; a rebuild grants again.
-        self._grants: dict[str, set[str]] = {}
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
             return self._building.setdefault(key, threading.Lock())
 
-    def resolve_base(self, base: str) -> tuple[str, str]:
-        """(reference, identity) of the base; identity is the engine id when present."""
+    def resolve_base(self, base: str, owner: str = "") -> tuple[str, str]:
+        """(reference, identity) of the base; identity is the engine id when present.
+
+        Raises:
+            InvalidArgument: not an image reference.
+            PermissionDenied: a base outside the operator's allowlist (for a tenant).
+        """
         base = base or self.base_image
-        if "\x00" in base or len(base) > 512 or not base.strip():
-            raise InvalidArgument(f"base: {base!r} is not an image reference")
+        self.ownership.check_base(base, owner)
         now = time.monotonic()
         with self._lock:
             hit = self._bases.get(base)
@@ -200,19 +206,21 @@ class ImageStore:
         """
         check_build_input(fragment, context)
         started = time.monotonic()
-        base_ref, base_id = self.resolve_base(base)
+        base_ref, base_id = self.resolve_base(base, owner)
         if not base_id.startswith("ref:"):
             self._check_ref(base_ref, base_id, owner)  # building FROM it would expose it too
         key = image_key(base_id, fragment, context)
         with self._key_lock(key):
             cached = self._lookup(key)
+            if cached is not None and not self._proven(cached, context, owner):
+                yield NeedsContent(key)  # a digest alone proves nothing about the content
+                return
             if cached is not None:
                 if owner and cached.owner != owner:
-                    with self._lock:
-                        self._grants.setdefault(key, set()).add(owner)
+                    self.ownership.grant(key, owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
                 return
-            filled = self._filled(context)
+            filled = self._filled(context, owner)
             if filled is None:
                 yield NeedsContent(key)
                 return
@@ -245,13 +253,24 @@ class ImageStore:
                 self._cache[key] = record
             yield BuildOutcome(record, False, time.monotonic() - started)
 
-    def _filled(self, context: list[ContextFile]) -> list[ContextFile] | None:
+    def _proven(self, cached: ImageRecord, context: list[ContextFile], owner: str) -> bool:
+        """Whether a tenant asking for another's image knows every file's content: it sent
+        it, or uploaded the blob itself. Its digest alone is no proof."""
+        if not owner or cached.owner == owner or self.ownership.granted(cached.key, owner):
+            return True
+        blobs = self.blobs
+        return all(
+            not f.digest_only or (blobs is not None and blobs.holds(f.sha256, owner))
+            for f in context
+        )
+
+    def _filled(self, context: list[ContextFile], owner: str) -> list[ContextFile] | None:
         """The context with every digest-only file's content taken from the blob store;
-        None when a blob is not there (never uploaded, or evicted since)."""
+        None when a blob is not there for `owner` (not uploaded by it, or evicted since)."""
         out = []
         for f in context:
             if f.digest_only:
-                content = self.blobs.read(f.sha256) if self.blobs is not None else None
+                content = self.blobs.read(f.sha256, owner) if self.blobs is not None else None
                 if content is None:
                     return None
                 f = ContextFile(f.path, content, f.mode, f.sha256)
@@ -298,12 +317,8 @@ class ImageStore:
         )
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
-        """Whether `owner` may see and run the image: the operator ("") and unowned images
-        (the base, operator builds) always; otherwise its builder or a client granted it."""
-        if not owner or not record.owner or record.owner == owner:
-            return True
-        with self._lock:
-            return owner in self._grants.get(record.key, ())
+        """Whether `owner` may see and run the image (see `sandboxd.ownership`)."""
+        return self.ownership.may_use(record, owner)
 
     def get(self, key: str, owner: str = "") -> ImageRecord:
         """The image with this key or tag, if `owner` may use it.

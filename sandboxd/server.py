@@ -28,6 +28,7 @@ from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
 from sandboxd.info import describe_server
+from sandboxd.ownership import ImagePolicy
 from sandboxd.sandboxes import SandboxManager
 from sandboxd.service import BlobServicer, ImageServicer, InfoServicer, SandboxServicer
 
@@ -108,7 +109,11 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
-    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
+    policy = ImagePolicy(
+        bases=(config.base_image, *config.base_images),
+        public=config.public_images,
+    )
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs, policy)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 

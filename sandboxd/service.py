@@ -237,7 +237,7 @@ class BlobServicer(pb_grpc.BlobServiceServicer):
         self, request: pb.FindMissingBlobsRequest, context: grpc.ServicerContext
     ) -> pb.FindMissingBlobsResponse:
         wanted = [BlobDigest(d.sha256, d.size_bytes) for d in request.digests]
-        missing = self.blobs.missing(wanted)
+        missing = self.blobs.missing(wanted, owner_of(context))
         return pb.FindMissingBlobsResponse(
             missing=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in missing]
         )
@@ -253,7 +253,7 @@ class BlobServicer(pb_grpc.BlobServiceServicer):
             )
             for m in request_iterator
         )
-        blobs, size = self.blobs.upload(parts)
+        blobs, size = self.blobs.upload(parts, owner_of(context))
         return pb.UploadBlobsResponse(blobs=blobs, bytes=size)
 
 
