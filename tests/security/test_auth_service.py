@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+
 import grpc
 import pytest
 from abuse import SecureService, suite_limits

@@ -80,7 +80,9 @@ def test_operator_images_are_private_unless_public(
         try:
             assert alice.get_image(built.key).digest == built.digest
             assert built.key in {i.key for i in alice.list_images()}
-            sandbox = alice.create_sandbox(SandboxRequest(image=PUBLIC_IMAGE, limits=suite_limits()))
+            sandbox = alice.create_sandbox(
+                SandboxRequest(image=PUBLIC_IMAGE, limits=suite_limits())
+            )
             alice.destroy_sandbox(sandbox.id)
         finally:
             subprocess.run(
@@ -90,7 +92,9 @@ def test_operator_images_are_private_unless_public(
         operator.delete_image(built.key)
 
 
-def _digest_only_build(client: SandboxClient, fragment: str, path: str, sha: str) -> pb.BuildImageResult:
+def _digest_only_build(
+    client: SandboxClient, fragment: str, path: str, sha: str
+) -> pb.BuildImageResult:
     request = pb.BuildImageRequest(
         fragment=fragment, context_files=[pb.ContextFile(path=path, sha256=sha)]
     )
