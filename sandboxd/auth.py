@@ -10,6 +10,7 @@ operator (no owner) unless they present a token too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -175,6 +176,8 @@ class AuthInterceptor(_Interceptor):
         return ""
 
     def _wrap(self, behavior: Behavior) -> Behavior:
+        # wraps: keeps the attributes of the inner behavior (the pool it runs on, lanes.py).
+        @functools.wraps(behavior)
         def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
             owner = self.caller(context)
             return behavior(request, _CallerContext(context, owner))  # type: ignore[arg-type]

@@ -147,9 +147,7 @@ class ImageStore:
         policy: ImagePolicy | None = None,
     ) -> None:
         self._engine = engine
-        self.ownership = Ownership(
-            policy or ImagePolicy(bases=(base_image,)), engine.image_id, engine.image_labels
-        )
+        self.ownership = Ownership(policy or ImagePolicy(bases=(base_image,)), engine)
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
         self.blobs = blobs
         self.base_image = base_image

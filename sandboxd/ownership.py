@@ -11,15 +11,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from sandboxd.engine.base import LABEL_KEY
+from sandboxd.engine.base import LABEL_KEY, Engine
 from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
-
-if TYPE_CHECKING:
-    from sandboxd.images import ImageRecord
 
 #: How long the engine ids of the public references are trusted before asking again.
 PUBLIC_TTL = 5.0
@@ -30,6 +26,19 @@ _REFERENCE = re.compile(
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
 )
 _IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class Image(Protocol):
+    """What ownership looks at in an image record (`sandboxd.images.ImageRecord`)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def tag(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,10 @@ class Ownership:
     def __init__(
         self,
         policy: ImagePolicy,
-        image_id: Callable[[str], str | None],
-        image_labels: Callable[[str], Mapping[str, str]],
+        engine: Engine,
     ) -> None:
         self.policy = policy
-        self._image_id = image_id
-        self._image_labels = image_labels
+        self._engine = engine
         self._lock = threading.Lock()
         # Clients other than the image's owner that built the same content themselves: knowing
         # every input, they learn nothing by using it. In memory only; a rebuild grants again.
@@ -91,7 +98,7 @@ class Ownership:
         with self._lock:
             return owner in self._grants.get(key, ())
 
-    def public(self, record: ImageRecord) -> bool:
+    def public(self, record: Image) -> bool:
         """Whether the operator made the image everyone's (the bases always are)."""
         names = {*self.policy.bases, *self.policy.public}
         if record.tag in names or (record.key and record.key in names):
@@ -109,7 +116,7 @@ class Ownership:
         missing = 0
         for name in names:
             try:
-                digest = self._image_id(name)
+                digest = self._engine.image_id(name)
             except NotFound:
                 digest = None
             if digest:
@@ -120,7 +127,7 @@ class Ownership:
         self._public_ids = (frozenset(found), now if complete else -PUBLIC_TTL)
         return frozenset(found)
 
-    def may_use(self, record: ImageRecord, owner: str) -> bool:
+    def may_use(self, record: Image, owner: str) -> bool:
         """The operator ("") reaches every image; a tenant its own, those it was granted
         and the public ones. Operator-built images are not public unless listed."""
         if not owner or (record.owner and record.owner == owner):
@@ -149,7 +156,7 @@ class Ownership:
                 f"its own base images ({allowed}) and on images it built"
             )
         try:
-            labels = self._image_labels(ref)
+            labels = self._engine.image_labels(ref)
         except NotFound:
             labels = {}
         if not labels.get(LABEL_KEY):

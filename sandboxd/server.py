@@ -28,6 +28,7 @@ from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
 from sandboxd.info import describe_server
+from sandboxd.lanes import CallLanes
 from sandboxd.ownership import ImagePolicy
 from sandboxd.sandboxes import SandboxManager
 from sandboxd.service import BlobServicer, ImageServicer, InfoServicer, SandboxServicer
@@ -130,6 +131,7 @@ class Service:
         self.authenticated = tokens is not None or config.tls_client_ca is not None
         # Always installed: even without credentials it drops a client-sent owner header.
         self.auth = AuthInterceptor(tokens, tls_names=config.tls_client_ca is not None)
+        self.lanes = CallLanes(config.max_calls_per_client, config.stream_idle_seconds)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandboxd-rpc"),
             options=[
@@ -138,7 +140,8 @@ class Service:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=max_workers * 4,
-            interceptors=[self.auth],
+            # Inside auth: the lanes count calls by the client name auth puts in the metadata.
+            interceptors=[self.auth, self.lanes],
         )
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageServicer(self.core.images, self.core.manager.release_image), self.server
@@ -228,6 +231,7 @@ class Service:
         # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
         self.core.manager.stop(keep)
+        self.lanes.shutdown()
         if self.core.images.blobs is not None:
             self.core.images.blobs.stop()
         if self.address.startswith("unix:"):

@@ -118,6 +118,11 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     )
 
 
+def abort_with(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """End the call with the status for `exc`, for wiring outside the servicers (it raises)."""
+    _abort(context, exc)
+
+
 def unary(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:

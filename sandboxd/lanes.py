@@ -1,0 +1,219 @@
+"""Fair use of the server's threads: no client can hold them all, and health checks and cheap
+reads never wait behind stalled calls.
+
+grpc's synchronous server gives every call one worker thread for its whole life, and a
+client stream that never sends a message holds its thread forever: one client could take
+them all. So every authenticated client has a cap on open calls, a client stream must send
+each message within a deadline (else it is cancelled), and the calls that must answer
+promptly (health, server info, listings) run on a small pool of their own, through grpc's
+`experimental_thread_pool` attribute of a handler's behavior.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from sandboxd.errors import ResourceExhausted
+from sandboxd.service import abort_with, owner_of
+
+log = logging.getLogger(__name__)
+
+#: Methods served from the reserved pool: quick, and what a prober or a scheduler polls.
+CHEAP_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/sandbox.v1.InfoService/GetServerInfo",
+        "/sandbox.v1.ImageService/GetImage",
+        "/sandbox.v1.ImageService/ListImages",
+        "/sandbox.v1.SandboxService/GetSandbox",
+        "/sandbox.v1.SandboxService/ListSandboxes",
+        "/sandbox.v1.BlobService/FindMissingBlobs",
+    }
+)
+#: Threads of the reserved pool.
+CHEAP_WORKERS = 4
+#: When a client over its cap is told to come back.
+RETRY_AFTER = 1.0
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]  # generic only in the type stubs
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+class CallLanes(_Interceptor):
+    """Counts each client's open calls, times out idle client streams, and routes cheap
+    calls to their own pool. Installed inside the authenticating interceptor, so the
+    caller's name is already in the metadata."""
+
+    def __init__(self, max_calls_per_client: int, stream_idle_seconds: float) -> None:
+        self.max_calls = max_calls_per_client
+        self.idle_seconds = stream_idle_seconds
+        self.cheap_pool = futures.ThreadPoolExecutor(
+            max_workers=CHEAP_WORKERS, thread_name_prefix="sandboxd-cheap"
+        )
+        self._lock = threading.Lock()
+        self._open: Counter[str] = Counter()
+
+    def open_calls(self, owner: str) -> int:
+        with self._lock:
+            return self._open[owner]
+
+    def _enter(self, owner: str) -> bool:
+        """Count a call of `owner`'s; False (and not counted) when it is at its cap. The
+        operator ("") has no cap: it is the machine's own user."""
+        with self._lock:
+            if owner and self.max_calls and self._open[owner] >= self.max_calls:
+                return False
+            self._open[owner] += 1
+            return True
+
+    def _leave(self, owner: str) -> None:
+        with self._lock:
+            self._open[owner] -= 1
+            if self._open[owner] <= 0:
+                del self._open[owner]
+
+    def _refuse(self, owner: str, context: grpc.ServicerContext) -> None:
+        log.info("client %s is at its cap of %d open calls", owner, self.max_calls)
+        abort_with(
+            context,
+            ResourceExhausted(
+                f"client {owner!r} has {self.max_calls} calls open, the most this server "
+                "allows one client; wait for some to finish",
+                retry_after=RETRY_AFTER,
+            ),
+        )
+
+    def _counted(self, behavior: Behavior) -> Behavior:
+        @functools.wraps(behavior)
+        def counted(request: Any, context: grpc.ServicerContext) -> Any:
+            owner = owner_of(context)
+            if not self._enter(owner):
+                self._refuse(owner, context)
+            try:
+                return behavior(request, context)
+            finally:
+                self._leave(owner)
+
+        return counted
+
+    def _counted_stream(self, behavior: Behavior) -> Behavior:
+        @functools.wraps(behavior)
+        def counted(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            owner = owner_of(context)
+            if not self._enter(owner):
+                self._refuse(owner, context)
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._leave(owner)
+
+        return counted
+
+    def _watched(self, behavior: Behavior) -> Behavior:
+        """A client stream's messages, each due within `idle_seconds`."""
+
+        @functools.wraps(behavior)
+        def watched(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior(_IdleWatch(requests, context, self.idle_seconds), context)
+
+        return watched
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        cheap = details.method in CHEAP_METHODS
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
+        )
+        for attr, make, streams_in, streams_out in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is None:
+                continue
+            if streams_in and self.idle_seconds > 0:
+                behavior = self._watched(behavior)
+            behavior = self._counted_stream(behavior) if streams_out else self._counted(behavior)
+            if cheap:
+                behavior.experimental_thread_pool = self.cheap_pool  # type: ignore[attr-defined]
+            return make(
+                behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def shutdown(self) -> None:
+        self.cheap_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _IdleWatch:
+    """Iterates a client stream; a message that does not come within `seconds` cancels the
+    call, which ends the wait (grpc has no read timeout for a server-side stream). One
+    watcher thread per call, ended when the call ends."""
+
+    def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext, seconds: float):
+        self._requests = requests
+        self._context = context
+        self._seconds = seconds
+        self._cond = threading.Condition()
+        self._due: float | None = None  # set while a message is awaited
+        self._done = False
+        context.add_callback(self._close)
+        threading.Thread(target=self._watch, daemon=True, name="stream-idle").start()
+
+    def __iter__(self) -> _IdleWatch:
+        return self
+
+    def __next__(self) -> Any:
+        with self._cond:
+            self._due = time.monotonic() + self._seconds
+            self._cond.notify()
+        try:
+            return next(self._requests)
+        finally:
+            with self._cond:
+                self._due = None
+
+    def _close(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._done:
+                if self._due is None:
+                    self._cond.wait()
+                    continue
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                break
+            else:
+                return
+        log.info(
+            "%s sent nothing for %gs on a client stream; cancelling it",
+            self._context.peer(),
+            self._seconds,
+        )
+        self._context.cancel()  # type: ignore[no-untyped-call]
