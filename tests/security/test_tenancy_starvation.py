@@ -28,7 +28,9 @@ def test_stalled_streams_do_not_starve_other_clients(
     Health.Check and other clients' calls then timed out."""
     release = threading.Event()
     calls = [
-        alice.sandboxes.PutFiles.future(_never_sends(release), metadata=alice._metadata, timeout=120)
+        alice.sandboxes.PutFiles.future(
+            _never_sends(release), metadata=alice._metadata, timeout=120
+        )
         for _ in range(STALLED)
     ]
     try:
