@@ -44,12 +44,21 @@ log = logging.getLogger(__name__)
 #: How long killing an exec's processes from inside the sandbox may take.
 KILL_WAIT_SECONDS = 5.0
 T = TypeVar("T")
+#: Size of the tmpfs over an image's VOLUME path when the container asks for no scratch.
+VOLUME_TMPFS_BYTES = 64 * 1024 * 1024
 #: Environment variable that marks every process of one exec, so they can be found inside.
 EXEC_TAG = "SANDBOXD_EXEC"
 
 #: How the engine's own message starts when the runtime could not start an exec's command.
 _START_FAILED = b"OCI runtime exec failed"
 _START_REASON = re.compile(r'exec: (".*?"): (.*?)(?:: unknown)?$')
+#: What gVisor writes to an exec's stderr when its sandbox dies under it (e.g. killed for
+#: memory): its internal RPC error naming the container. The verdict says what happened.
+_RUNSC_NOISE = re.compile(
+    rb'[^\n]*(?:in sandbox "[0-9a-f]{64}"|urpc method "containerManager\.)[^\n]*\n?'
+)
+#: A full 64-hex engine id (not an image digest): shortened to Docker's 12-digit form.
+_LONG_ID = re.compile(r"(?<![0-9a-f:])([0-9a-f]{12})[0-9a-f]{52}(?![0-9a-f])")
 
 _CONNECTION_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -226,15 +235,27 @@ class DockerEngine:
 
     # -- containers ---------------------------------------------------------
 
+    def _volumes(self, image: str) -> list[str]:
+        """The paths an image declares as VOLUME: each would get an anonymous volume on the
+        engine's disk, outside the read-only root and every size limit."""
+        data = self._safe(lambda: self.api.inspect_image(image))
+        return sorted((data.get("Config") or {}).get("Volumes") or {})
+
     def create_container(self, spec: ContainerSpec) -> str:
         api = self.api
+        scratch = dict(spec.scratch)
+        # A declared volume is covered by a tmpfs the size of /tmp's scratch instead: a mount
+        # at its path is what keeps the engine from making the volume.
+        size = scratch.get("/tmp") or max(scratch.values(), default=VOLUME_TMPFS_BYTES)
+        for path in self._volumes(spec.image):
+            scratch.setdefault(path, size)
         # `exec` explicitly: Docker's tmpfs default is noexec, and sandboxes exist to run
         # what was uploaded or compiled into the scratch. nosuid and nodev stay.
         tmpfs = {
             path: f"rw,exec,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
             else f"rw,exec,nosuid,nodev,size={size},{self._tmpfs_owner(spec.user)},mode=755"
-            for path, size in spec.scratch.items()
+            for path, size in scratch.items()
         }
         host_config = api.create_host_config(
             nano_cpus=spec.nano_cpus,
@@ -510,6 +531,8 @@ class DockerExec:
         first = True
         try:
             for stream, data in frames_iter(self._sock, tty=False):
+                if data and stream == 2:
+                    data = _RUNSC_NOISE.sub(b"", bytes(data))
                 if not data:
                     continue
                 if first and stream == 1 and bytes(data).startswith(_START_FAILED):
@@ -602,7 +625,7 @@ def _read_until(sock: Any, word: bytes, seconds: float) -> bool:
 def _start_failure(engine_text: bytes) -> str:
     """The engine's "OCI runtime exec failed: ... exec: "x": permission denied: unknown"
     as a sentence about the command."""
-    text = engine_text.decode("utf-8", "replace").strip()
+    text = scrub(engine_text.decode("utf-8", "replace"))
     match = _START_REASON.search(text)
     if match is None:
         return f"the command could not be started: {text[:300]}"
@@ -611,7 +634,13 @@ def _start_failure(engine_text: bytes) -> str:
 
 def _explain(exc: BaseException) -> str:
     explanation = getattr(exc, "explanation", None)
-    return str(explanation or exc)
+    return scrub(str(explanation or exc))
+
+
+def scrub(text: str) -> str:
+    """The engine's text without its 64-hex ids (shortened) or gVisor's internal errors."""
+    text = _RUNSC_NOISE.sub(b"", text.encode()).decode().strip() or text
+    return _LONG_ID.sub(r"\1", text)
 
 
 def _uid(user: str) -> str:
