@@ -31,6 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from sandboxd import cgroups
 from sandboxd.archives import tar_of
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.inside import KILL_SCRIPT, KILL_SLACK_SECONDS, RUNSC_NOISE, scrub
 from sandboxd.errors import (
     BuildFailed,
     EngineUnavailable,
@@ -52,13 +53,6 @@ EXEC_TAG = "SANDBOXD_EXEC"
 #: How the engine's own message starts when the runtime could not start an exec's command.
 _START_FAILED = b"OCI runtime exec failed"
 _START_REASON = re.compile(r'exec: (".*?"): (.*?)(?:: unknown)?$')
-#: What gVisor writes to an exec's stderr when its sandbox dies under it (e.g. killed for
-#: memory): its internal RPC error naming the container. The verdict says what happened.
-_RUNSC_NOISE = re.compile(
-    rb'[^\n]*(?:in sandbox "[0-9a-f]{64}"|urpc method "containerManager\.)[^\n]*\n?'
-)
-#: A full 64-hex engine id (not an image digest): shortened to Docker's 12-digit form.
-_LONG_ID = re.compile(r"(?<![0-9a-f:])([0-9a-f]{12})[0-9a-f]{52}(?![0-9a-f])")
 
 _CONNECTION_ERRORS = (
     requests.exceptions.ConnectionError,
@@ -79,6 +73,9 @@ class DockerEngine:
         self._lock = threading.RLock()
         self._pids: dict[str, int] = {}
         self._cgroup_paths: dict[str, dict[str, Path]] = {}
+        #: container id -> tags of its execs not yet closed (their processes are spared).
+        self._live_tags: dict[str, set[str]] = {}
+        self._kill_locks: dict[str, threading.Lock] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -303,6 +300,9 @@ class DockerEngine:
         return f"uid={_uid(user)},gid={_gid(user)}"
 
     def remove_container(self, container_id: str) -> None:
+        with self._lock:
+            self._kill_locks.pop(container_id, None)
+            self._live_tags.pop(container_id, None)
         self._pids.pop(container_id, None)
         self._cgroup_paths.pop(container_id, None)
         try:
@@ -367,24 +367,36 @@ class DockerEngine:
             )
         )
         exec_id = str(created["Id"])
+        started = time.monotonic()
         sock = self._call(lambda: api.exec_start(exec_id, socket=True))
-        return DockerExec(self, container_id, exec_id, sock, tag=tag, user=user)
+        self._track(container_id, tag, live=True)
+        return DockerExec(self, container_id, exec_id, sock, tag=tag, user=user, started=started)
 
-    def kill_tagged(self, container_id: str, tag: str, user: str) -> None:
-        """Kill, from inside, every process of the container that carries an exec's tag.
+    def kill_tagged(self, container_id: str, tag: str, user: str, since: float) -> None:
+        """Kill, from inside, every process the exec tagged `tag` started.
 
-        Under gVisor an exec's processes are not host processes, so killing the host side
-        of the exec leaves them running; they inherit the tag in their environment.
+        Under gVisor an exec's processes are not host processes, and under either runtime a
+        process that left the exec's tree (setsid, double fork) and dropped its environment
+        (execve with an empty one) carries neither the tag nor a parent to find it by. So
+        besides the tagged processes this kills every process that started after the exec
+        (host monotonic `since`) and does not descend from another live exec (the sandbox's
+        preloaded worker included): pid 1, the container's command and what earlier execs
+        left running are older, and other execs are known by their tags.
         """
-        script = (
-            "for _ in 1 2 3; do for d in /proc/[0-9]*; do "
-            f"grep -qsa {EXEC_TAG}={tag} $d/environ && kill -9 ${{d#/proc/}} 2>/dev/null; "
-            "done; done; echo killed"
-        )
+        with self._lock:
+            # One kill at a time per container: a second one would see the first's script
+            # as a new process of nobody's, and kill it.
+            serial = self._kill_locks.setdefault(container_id, threading.Lock())
+        with serial:
+            self._kill_inside(container_id, tag, user, since)
+
+    def _kill_inside(self, container_id: str, tag: str, user: str, since: float) -> None:
+        with self._lock:
+            keep = sorted(self._live_tags.get(container_id, set()) - {tag})
+        ago = max(0, int((time.monotonic() - since + KILL_SLACK_SECONDS) * 100))
+        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, str(ago), " ".join(keep)]
         try:
-            created = self._call(
-                lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
-            )
+            created = self._call(lambda: self.api.exec_create(container_id, argv, user=user))
             kill_id = str(created["Id"])
             # The script's own word says it is done: under gVisor a finished exec can be
             # reported as running for many seconds, and an attached start can wait forever
@@ -398,6 +410,17 @@ class DockerEngine:
             self.kill_container(container_id)
         except SandboxError as exc:
             log.debug("killing tagged processes in %s: %s", container_id[:12], exc)
+
+    def _track(self, container_id: str, tag: str, live: bool) -> None:
+        """Keep the tags of the execs still open in each container (see `kill_tagged`)."""
+        with self._lock:
+            tags = self._live_tags.setdefault(container_id, set())
+            if live:
+                tags.add(tag)
+            else:
+                tags.discard(tag)
+                if not tags:
+                    del self._live_tags[container_id]
 
     # -- measurements -------------------------------------------------------
 
@@ -501,9 +524,11 @@ class DockerExec:
         *,
         tag: str = "",
         user: str = "",
+        started: float = 0.0,
     ) -> None:
         self._engine = engine
         self._tag = tag
+        self._started = started or time.monotonic()
         self._user = user
         self.container_id = container_id
         self.exec_id = exec_id
@@ -532,7 +557,7 @@ class DockerExec:
         try:
             for stream, data in frames_iter(self._sock, tty=False):
                 if data and stream == 2:
-                    data = _RUNSC_NOISE.sub(b"", bytes(data))
+                    data = RUNSC_NOISE.sub(b"", bytes(data))
                 if not data:
                     continue
                 if first and stream == 1 and bytes(data).startswith(_START_FAILED):
@@ -584,9 +609,11 @@ class DockerExec:
             # Not local (remote engine): the only sure way is to kill the container.
             self._engine.kill_container(self.container_id)
         elif self._tag:
-            self._engine.kill_tagged(self.container_id, self._tag, self._user)
+            self._engine.kill_tagged(self.container_id, self._tag, self._user, self._started)
 
     def close(self) -> None:
+        if self._tag:
+            self._engine._track(self.container_id, self._tag, live=False)
         # Closing the SocketIO wrapper alone leaves the socket's fd open until the
         # garbage collector finds the HTTP response that still refers to it.
         with contextlib.suppress(OSError):
@@ -635,12 +662,6 @@ def _start_failure(engine_text: bytes) -> str:
 def _explain(exc: BaseException) -> str:
     explanation = getattr(exc, "explanation", None)
     return scrub(str(explanation or exc))
-
-
-def scrub(text: str) -> str:
-    """The engine's text without its 64-hex ids (shortened) or gVisor's internal errors."""
-    text = _RUNSC_NOISE.sub(b"", text.encode()).decode().strip() or text
-    return _LONG_ID.sub(r"\1", text)
 
 
 def _uid(user: str) -> str:

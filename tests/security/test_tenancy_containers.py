@@ -1,5 +1,6 @@
-"""Inside one sandbox: image volumes stay within the limits, and the engine's internals stay
-out of what a client reads (issue 11, findings 8 and 11)."""
+"""Inside one sandbox: image volumes stay within the limits, a killed exec takes what it
+started along, and the engine's internals stay out of what a client reads (issue 11,
+findings 8, 9 and 11)."""
 
 from __future__ import annotations
 
@@ -72,5 +73,50 @@ def test_a_memory_kill_reads_without_engine_internals(
         for text in (out, err, result.message.encode()):
             assert not LONG_ID.search(text), text
             assert b"urpc" not in text and b"containerManager" not in text, text
+    finally:
+        operator.destroy_sandbox(sandbox.id)
+
+
+# Leaves two spinners in a new session with an empty environment, then waits to be killed.
+DETACH = (
+    "setsid sh -c '"
+    'env -i sh -c "while :; do :; done" & env -i sh -c "while :; do :; done" &'
+    "' & sleep 60"
+)
+# Spinners still running (this script's own command line names the loop too: not counted).
+SPINNERS = (
+    "n=0; for d in /proc/[0-9]*; do [ ${d#/proc/} = $$ ] && continue; "
+    "grep -qs 'while :' $d/cmdline && n=$((n+1)); done; echo $n"
+)
+
+
+def test_a_timed_out_exec_takes_its_detached_processes_along(
+    operator: SandboxClient, runtime: str
+) -> None:
+    """Finding 9: a setsid + double fork that dropped its environment outlived the exec's
+    timeout, and the next exec was billed for its CPU. The sandbox's preloaded command and
+    what an earlier exec left running on purpose stay."""
+    spec = SandboxRequest(
+        profile="untrusted",
+        runtime=runtime,
+        limits=suite_limits(),
+        preload_argv=["sh", "-c", "cat > /dev/null; echo preload-alive"],
+    )
+    sandbox = operator.create_sandbox(spec)
+    try:
+        run(operator, sandbox.id, "nohup sleep 300 > /dev/null 2>&1 &")
+        _, _, result = run(operator, sandbox.id, DETACH, timeout=2.0)
+        assert result.verdict == "timed_out", result
+        out, _, _ = run(operator, sandbox.id, SPINNERS)
+        assert out.strip() == b"0", out
+        _, _, after = run(operator, sandbox.id, "sleep 1")
+        assert after.cpu_seconds < 0.5, after  # its own (~0.02 s), not the spinners'
+        out, _, _ = run(operator, sandbox.id, "grep -l 'sleep 300' /proc/[0-9]*/cmdline | wc -l")
+        assert int(out) >= 1, out  # the earlier exec's background job (the grep may count too)
+        got = bytearray()
+        attached = operator.exec(
+            sandbox.id, [], attach_preload=True, stdin=b"x", on_output=lambda _, d: got.extend(d)
+        )
+        assert attached.verdict == "ok" and bytes(got) == b"preload-alive\n", (attached, got)
     finally:
         operator.destroy_sandbox(sandbox.id)
