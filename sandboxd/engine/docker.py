@@ -394,7 +394,7 @@ class DockerEngine:
         with self._lock:
             keep = sorted(self._live_tags.get(container_id, set()) - {tag})
         ago = max(0, int((time.monotonic() - since + KILL_SLACK_SECONDS) * 100))
-        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, str(ago), " ".join(keep)]
+        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, str(ago), "|".join(keep)]
         try:
             created = self._call(lambda: self.api.exec_create(container_id, argv, user=user))
             kill_id = str(created["Id"])

@@ -5,41 +5,50 @@ from __future__ import annotations
 
 import re
 
-#: Processes that started this long before an exec's start was seen count as its own.
-KILL_SLACK_SECONDS = 0.5
+#: Processes that started this long before an exec's start was seen count as its own: the
+#: kill script's own start is later than asked by the engine's latency, longer under gVisor.
+KILL_SLACK_SECONDS = 1.0
 #: Run inside the sandbox as `sh -c SCRIPT NAME TAG AGO KEEP`: kills the processes tagged
-#: TAG, and those started less than AGO hundredths of a second ago that descend neither from
-#: this script nor from a process tagged with one of KEEP (the execs to spare). Clock ticks
-#: are hundredths (USER_HZ 100 on Linux and in gVisor).
+#: TAG, and those that started since the exec (AGO hundredths of a second before this
+#: script, or the oldest tagged process if earlier) and descend neither from this script nor
+#: from a process tagged with one of KEEP (tags joined by "|": the execs to spare); the
+#: container's command (a child of pid 1 that started within a second of it) stays. Clock
+#: ticks are hundredths (USER_HZ is 100 on Linux and in gVisor). Two greps a pass and shell
+#: builtins otherwise: a fork is slow under gVisor, and the sandbox may be full of processes.
 KILL_SCRIPT = r"""
 me=$$ tag=$1 ago=$2 keep=$3
-tagged() {
-  for k in $2; do grep -qsa "SANDBOXD_EXEC=$k" "/proc/$1/environ" && return 0; done
-  return 1
-}
-spared() {
-  q=$1
-  while [ "$q" -gt 1 ]; do
-    [ "$q" = "$me" ] && return 0
-    tagged "$q" "$keep" && return 0
-    read -r st 2>/dev/null < "/proc/$q/stat" || return 1
-    set -- ${st##*) }; q=$2
-  done
-  return 1
-}
+read -r st < "/proc/$me/stat"; set -- ${st##*) }; eval "since=\$(( \${20} - ago ))"
+read -r st < /proc/1/stat; set -- ${st##*) }; eval "boot=\$(( \${20} + 100 ))"
 for _ in 1 2 3; do
-  read -r up _ < /proc/uptime
-  frac=${up#*.}; frac=${frac#0}
-  since=$(( ${up%.*} * 100 + ${frac:-0} - ago ))
+  for f in $(grep -lsa "SANDBOXD_EXEC=$tag" /proc/[0-9]*/environ); do
+    d=${f%/environ}
+    if read -r st 2>/dev/null < "$d/stat"; then
+      set -- ${st##*) }; eval "[ \${20} -lt $since ] && since=\${20}"
+    fi
+    kill -9 "${d#/proc/}" 2>/dev/null
+  done
+  kept=" "
+  if [ -n "$keep" ]; then
+    for f in $(grep -lsaE "SANDBOXD_EXEC=($keep)" /proc/[0-9]*/environ); do
+      p=${f#/proc/}; kept="$kept${p%/environ} "
+    done
+  fi
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
     [ "$p" = 1 ] || [ "$p" = "$me" ] && continue
-    if tagged "$p" "$tag"; then kill -9 "$p" 2>/dev/null; continue; fi
     read -r st 2>/dev/null < "$d/stat" || continue
     set -- ${st##*) }
     eval "start=\${20}"
     [ "$start" -ge "$since" ] 2>/dev/null || continue
-    spared "$p" || kill -9 "$p" 2>/dev/null
+    [ "$2" = 1 ] && [ "$start" -le "$boot" ] && continue  # the container's own command
+    q=$p
+    while [ "$q" -gt 1 ]; do
+      case "$kept" in *" $q "*) break ;; esac
+      [ "$q" = "$me" ] && break
+      read -r st 2>/dev/null < "/proc/$q/stat" || { q=2; break; }
+      set -- ${st##*) }; q=$2
+    done
+    [ "$q" -le 1 ] 2>/dev/null && kill -9 "$p" 2>/dev/null
   done
 done
 echo killed
