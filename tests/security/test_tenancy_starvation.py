@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 from abuse import SecureService
@@ -11,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.client import SandboxClient
+from sandboxd.server import Service
 
 STALLED = 70
 
@@ -60,3 +63,33 @@ def test_stalled_streams_do_not_starve_other_clients(
             call.cancel()
     # Her slots are free again.
     assert isinstance(alice.list_sandboxes(), list)
+
+
+def test_cheap_reads_have_threads_of_their_own(
+    base_image: str, short_tmp: Path, config_factory: Callable[..., object]
+) -> None:
+    """With every worker thread held by stalled streams (the operator has no cap), health
+    checks and listings still answer: they run on a pool of their own."""
+    service = Service(config_factory(stream_idle_seconds=0), max_workers=2)  # type: ignore[arg-type]
+    address = service.listen(f"unix:{short_tmp}/lanes.sock")
+    service.start()
+    release = threading.Event()
+    try:
+        with SandboxClient(address, retry_seconds=2.0) as operator:
+            calls = [
+                operator.sandboxes.PutFiles.future(_never_sends(release), timeout=60)
+                for _ in range(4)
+            ]
+            with grpc.insecure_channel(address) as channel:
+                probe = health_pb2_grpc.HealthStub(channel)
+                answer = probe.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert isinstance(operator.list_sandboxes(), list)
+            assert operator.server_info().base_image == base_image
+            release.set()
+            for call in calls:
+                with contextlib.suppress(grpc.RpcError):
+                    call.result(timeout=30)
+    finally:
+        release.set()
+        service.stop(grace=2.0)
