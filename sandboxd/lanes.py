@@ -18,10 +18,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from sandboxd.auth import Behavior, rewrapped
+from sandboxd.auth import _Interceptor as Interceptor
 from sandboxd.errors import ResourceExhausted
 from sandboxd.service import abort_with, owner_of
 
@@ -44,14 +46,8 @@ CHEAP_WORKERS = 4
 #: When a client over its cap is told to come back.
 RETRY_AFTER = 1.0
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
-if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]  # generic only in the type stubs
-else:
-    _Interceptor = grpc.ServerInterceptor
 
-
-class CallLanes(_Interceptor):
+class CallLanes(Interceptor):
     """Counts each client's open calls, times out idle client streams, and routes cheap
     calls to their own pool. Installed inside the authenticating interceptor, so the
     caller's name is already in the metadata."""
@@ -139,27 +135,19 @@ class CallLanes(_Interceptor):
         if handler is None:
             return None
         cheap = details.method in CHEAP_METHODS
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
-        )
-        for attr, make, streams_in, streams_out in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is None:
-                continue
-            if streams_in and self.idle_seconds > 0:
+
+        def wrap(kind: str, behavior: Behavior) -> Behavior:
+            if kind.startswith("stream_") and self.idle_seconds > 0:
                 behavior = self._watched(behavior)
-            behavior = self._counted_stream(behavior) if streams_out else self._counted(behavior)
+            if kind.endswith("_stream"):
+                behavior = self._counted_stream(behavior)
+            else:
+                behavior = self._counted(behavior)
             if cheap:
                 behavior.experimental_thread_pool = self.cheap_pool  # type: ignore[attr-defined]
-            return make(
-                behavior,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            return behavior
+
+        return rewrapped(handler, wrap)
 
     def shutdown(self) -> None:
         self.cheap_pool.shutdown(wait=False, cancel_futures=True)
