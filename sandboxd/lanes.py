@@ -24,7 +24,7 @@ import grpc
 
 from sandboxd.auth import Behavior, rewrapped
 from sandboxd.auth import _Interceptor as Interceptor
-from sandboxd.errors import ResourceExhausted
+from sandboxd.errors import Cancelled, DeadlineExceeded, ResourceExhausted
 from sandboxd.service import abort_with, owner_of
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class _IdleWatch:
         self._cond = threading.Condition()
         self._due: float | None = None  # set while a message is awaited
         self._done = False
+        self._expired = False
         context.add_callback(self._close)
         threading.Thread(target=self._watch, daemon=True, name="stream-idle").start()
 
@@ -172,11 +173,24 @@ class _IdleWatch:
         return self
 
     def __next__(self) -> Any:
+        """The next message.
+
+        Raises:
+            DeadlineExceeded: none came in time (the call is cancelled already).
+            Cancelled: the client cancelled the call.
+        """
         with self._cond:
             self._due = time.monotonic() + self._seconds
             self._cond.notify()
         try:
             return next(self._requests)
+        except grpc.RpcError:
+            # A cancelled call's request iterator raises grpc's bare error: say which.
+            if self._expired:
+                raise DeadlineExceeded(
+                    f"no message for {self._seconds:g}s on a client stream"
+                ) from None
+            raise Cancelled("the client cancelled the call") from None
         finally:
             with self._cond:
                 self._due = None
@@ -199,6 +213,7 @@ class _IdleWatch:
                 break
             else:
                 return
+            self._expired = True
         log.info(
             "%s sent nothing for %gs on a client stream; cancelling it",
             self._context.peer(),

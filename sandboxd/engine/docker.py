@@ -393,15 +393,24 @@ class DockerEngine:
     def _kill_inside(self, container_id: str, tag: str, user: str, since: float) -> None:
         with self._lock:
             keep = sorted(self._live_tags.get(container_id, set()) - {tag})
-        ago = max(0, int((time.monotonic() - since + KILL_SLACK_SECONDS) * 100))
-        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, str(ago), "|".join(keep)]
+        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, "|".join(keep)]
         try:
-            created = self._call(lambda: self.api.exec_create(container_id, argv, user=user))
+            created = self._call(
+                lambda: self.api.exec_create(container_id, argv, user=user, stdin=True)
+            )
             kill_id = str(created["Id"])
+            sock = self._call(lambda: self.api.exec_start(kill_id, socket=True))
+            # How long ago the exec started, told once the script runs: counted back from the
+            # script's own start, it can only reach further back than the exec, never less
+            # far (a throttled sandbox may start the script seconds late).
+            ago = max(0, int((time.monotonic() - since + KILL_SLACK_SECONDS) * 100))
+            raw: socket.socket | None = getattr(sock, "_sock", None)
+            with contextlib.suppress(OSError):
+                if raw is not None:
+                    raw.sendall(f"{ago}\n".encode())
             # The script's own word says it is done: under gVisor a finished exec can be
             # reported as running for many seconds, and an attached start can wait forever
             # on a wedged sandbox, so neither the exec's state nor its end is waited for.
-            sock = self._call(lambda: self.api.exec_start(kill_id, socket=True))
             if _read_until(sock, b"killed", KILL_WAIT_SECONDS):
                 return
             log.warning(

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import re
 
-#: Processes that started this long before an exec's start was seen count as its own: the
-#: kill script's own start is later than asked by the engine's latency, longer under gVisor.
-KILL_SLACK_SECONDS = 1.0
-#: Run inside the sandbox as `sh -c SCRIPT NAME TAG AGO KEEP`: kills the processes tagged
-#: TAG, and those that started since the exec (AGO hundredths of a second before this
+#: Processes that started this long before an exec's start was seen count as its own (the
+#: exec's first process starts a little after it is asked for).
+KILL_SLACK_SECONDS = 0.5
+#: Run inside the sandbox as `sh -c SCRIPT NAME TAG KEEP`, AGO on stdin: kills the processes
+#: tagged TAG, and those that started since the exec (AGO hundredths of a second before this
 #: script, or the oldest tagged process if earlier) and descend neither from this script nor
 #: from a process tagged with one of KEEP (tags joined by "|": the execs to spare); the
-#: container's command (a child of pid 1 that started within a second of it) stays. Clock
+#: container's command (the oldest child of pid 1, its init; orphans are younger) stays. Clock
 #: ticks are hundredths (USER_HZ is 100 on Linux and in gVisor). Two greps a pass and shell
 #: builtins otherwise: a fork is slow under gVisor, and the sandbox may be full of processes.
 KILL_SCRIPT = r"""
-me=$$ tag=$1 ago=$2 keep=$3
+me=$$ tag=$1 keep=$2
+read -r ago
 read -r st < "/proc/$me/stat"; set -- ${st##*) }; eval "since=\$(( \${20} - ago ))"
-read -r st < /proc/1/stat; set -- ${st##*) }; eval "boot=\$(( \${20} + 100 ))"
+cmd=0 oldest=
+for d in /proc/[0-9]*; do
+  read -r st 2>/dev/null < "$d/stat" || continue
+  set -- ${st##*) }
+  [ "$2" = 1 ] || continue
+  eval "s=\${20}"
+  if [ -z "$oldest" ] || [ "$s" -lt "$oldest" ]; then oldest=$s cmd=${d#/proc/}; fi
+done
 for _ in 1 2 3; do
   for f in $(grep -lsa "SANDBOXD_EXEC=$tag" /proc/[0-9]*/environ); do
     d=${f%/environ}
@@ -35,12 +43,11 @@ for _ in 1 2 3; do
   fi
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
-    [ "$p" = 1 ] || [ "$p" = "$me" ] && continue
+    [ "$p" = 1 ] || [ "$p" = "$me" ] || [ "$p" = "$cmd" ] && continue
     read -r st 2>/dev/null < "$d/stat" || continue
     set -- ${st##*) }
     eval "start=\${20}"
     [ "$start" -ge "$since" ] 2>/dev/null || continue
-    [ "$2" = 1 ] && [ "$start" -le "$boot" ] && continue  # the container's own command
     q=$p
     while [ "$q" -gt 1 ]; do
       case "$kept" in *" $q "*) break ;; esac

@@ -61,20 +61,21 @@ def test_a_memory_kill_reads_without_engine_internals(
     operator: SandboxClient, runtime: str
 ) -> None:
     """Finding 11: under runsc an OOM-killed exec's stderr carried gVisor's internal error
-    with the 64-hex container id."""
+    with the 64-hex container id (most times, not always: three tries)."""
     spec = SandboxRequest(
         profile="untrusted", runtime=runtime, limits=suite_limits(memory_bytes=64 * MiB)
     )
-    sandbox = operator.create_sandbox(spec)
-    try:
-        out, err, result = run(operator, sandbox.id, MEMORY_BOMB, argv0="python3", timeout=10.0)
-        assert result.verdict == "out_of_memory", result
-        assert result.message == "out of memory (limit 64 MiB)"
-        for text in (out, err, result.message.encode()):
-            assert not LONG_ID.search(text), text
-            assert b"urpc" not in text and b"containerManager" not in text, text
-    finally:
-        operator.destroy_sandbox(sandbox.id)
+    for _ in range(3):
+        sandbox = operator.create_sandbox(spec)
+        try:
+            out, err, result = run(operator, sandbox.id, MEMORY_BOMB, argv0="python3", timeout=10.0)
+            assert result.verdict == "out_of_memory", result
+            assert result.message == "out of memory (limit 64 MiB)"
+            for text in (out, err, result.message.encode()):
+                assert not LONG_ID.search(text), text
+                assert b"urpc" not in text and b"containerManager" not in text, text
+        finally:
+            operator.destroy_sandbox(sandbox.id)
 
 
 # Leaves two spinners in a new session with an empty environment, then waits to be killed.
