@@ -109,8 +109,9 @@ class ServerConfig:
     public_images: tuple[str, ...] = ()
     #: Calls one authenticated client may have open at once; past it, RESOURCE_EXHAUSTED.
     max_calls_per_client: int = 32
-    #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send a message.
-    stream_idle_seconds: float = 15.0
+    #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send its first
+    #: message; past it the call is cancelled. 0 turns the deadline off.
+    first_message_seconds: float = 15.0
 
     def profile(self, name: str) -> Profile:
         """The named profile.

@@ -4,7 +4,7 @@ reads never wait behind stalled calls.
 grpc's synchronous server gives every call one worker thread for its whole life, and a
 client stream that never sends a message holds its thread forever: one client could take
 them all. So every authenticated client has a cap on open calls, a client stream must send
-each message within a deadline (else it is cancelled), and the calls that must answer
+its first message within a deadline (else it is cancelled), and the calls that must answer
 promptly (health, server info, listings) run on a small pool of their own, through grpc's
 `experimental_thread_pool` attribute of a handler's behavior.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -48,13 +47,13 @@ RETRY_AFTER = 1.0
 
 
 class CallLanes(Interceptor):
-    """Counts each client's open calls, times out idle client streams, and routes cheap
-    calls to their own pool. Installed inside the authenticating interceptor, so the
-    caller's name is already in the metadata."""
+    """Counts each client's open calls, cancels client streams whose first message is late,
+    and routes cheap calls to their own pool. Installed inside the authenticating
+    interceptor, so the caller's name is already in the metadata."""
 
-    def __init__(self, max_calls_per_client: int, stream_idle_seconds: float) -> None:
+    def __init__(self, max_calls_per_client: int, first_message_seconds: float) -> None:
         self.max_calls = max_calls_per_client
-        self.idle_seconds = stream_idle_seconds
+        self.first_message_seconds = first_message_seconds
         self.cheap_pool = futures.ThreadPoolExecutor(
             max_workers=CHEAP_WORKERS, thread_name_prefix="sandboxd-cheap"
         )
@@ -118,11 +117,11 @@ class CallLanes(Interceptor):
         return counted
 
     def _watched(self, behavior: Behavior) -> Behavior:
-        """A client stream's messages, each due within `idle_seconds`."""
+        """A client stream whose first message is due within `first_message_seconds`."""
 
         @functools.wraps(behavior)
         def watched(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            return behavior(_IdleWatch(requests, context, self.idle_seconds), context)
+            return behavior(_FirstMessage(requests, context, self.first_message_seconds), context)
 
         return watched
 
@@ -137,7 +136,7 @@ class CallLanes(Interceptor):
         cheap = details.method in CHEAP_METHODS
 
         def wrap(kind: str, behavior: Behavior) -> Behavior:
-            if kind.startswith("stream_") and self.idle_seconds > 0:
+            if kind.startswith("stream_") and self.first_message_seconds > 0:
                 behavior = self._watched(behavior)
             if kind.endswith("_stream"):
                 behavior = self._counted_stream(behavior)
@@ -153,69 +152,54 @@ class CallLanes(Interceptor):
         self.cheap_pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _IdleWatch:
-    """Iterates a client stream; a message that does not come within `seconds` cancels the
-    call, which ends the wait (grpc has no read timeout for a server-side stream). One
-    watcher thread per call, ended when the call ends."""
+class _FirstMessage:
+    """Iterates a client stream; when its first message does not come within `seconds` the
+    call is cancelled, which ends the wait (grpc has no read timeout for a server-side
+    stream). Later messages may take their time: an interactive stream waits on a person."""
 
     def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext, seconds: float):
         self._requests = requests
         self._context = context
         self._seconds = seconds
-        self._cond = threading.Condition()
-        self._due: float | None = None  # set while a message is awaited
-        self._done = False
-        self._expired = False
-        context.add_callback(self._close)
-        threading.Thread(target=self._watch, daemon=True, name="stream-idle").start()
+        self._first = True
+        self._expired = threading.Event()
 
-    def __iter__(self) -> _IdleWatch:
+    def __iter__(self) -> _FirstMessage:
         return self
 
     def __next__(self) -> Any:
         """The next message.
 
         Raises:
-            DeadlineExceeded: none came in time (the call is cancelled already).
+            DeadlineExceeded: the first did not come in time (the call is cancelled already).
             Cancelled: the client cancelled the call.
         """
-        with self._cond:
-            self._due = time.monotonic() + self._seconds
-            self._cond.notify()
+        if not self._first:
+            return self._next()
+        self._first = False
+        timer = threading.Timer(self._seconds, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._next()
+        finally:
+            timer.cancel()
+
+    def _next(self) -> Any:
         try:
             return next(self._requests)
         except grpc.RpcError:
             # A cancelled call's request iterator raises grpc's bare error: say which.
-            if self._expired:
+            if self._expired.is_set():
                 raise DeadlineExceeded(
-                    f"no message for {self._seconds:g}s on a client stream"
+                    f"no first message within {self._seconds:g}s on a client stream"
                 ) from None
             raise Cancelled("the client cancelled the call") from None
-        finally:
-            with self._cond:
-                self._due = None
 
-    def _close(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify()
-
-    def _watch(self) -> None:
-        with self._cond:
-            while not self._done:
-                if self._due is None:
-                    self._cond.wait()
-                    continue
-                left = self._due - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                break
-            else:
-                return
-            self._expired = True
+    def _expire(self) -> None:
+        self._expired.set()
         log.info(
-            "%s sent nothing for %gs on a client stream; cancelling it",
+            "%s sent no first message within %gs on a client stream; cancelling it",
             self._context.peer(),
             self._seconds,
         )

@@ -131,7 +131,7 @@ class Service:
         self.authenticated = tokens is not None or config.tls_client_ca is not None
         # Always installed: even without credentials it drops a client-sent owner header.
         self.auth = AuthInterceptor(tokens, tls_names=config.tls_client_ca is not None)
-        self.lanes = CallLanes(config.max_calls_per_client, config.stream_idle_seconds)
+        self.lanes = CallLanes(config.max_calls_per_client, config.first_message_seconds)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandboxd-rpc"),
             options=[

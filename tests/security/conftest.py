@@ -43,7 +43,7 @@ def secure(
         reap_foreign=False,
         public_images=(PUBLIC_IMAGE,),
         max_calls_per_client=16,
-        stream_idle_seconds=5.0,
+        first_message_seconds=5.0,
     )
     service = Service(config)  # type: ignore[arg-type]
     unix = service.listen(f"unix:{short_tmp}/secure.sock")

@@ -43,7 +43,7 @@ def test_stalled_streams_do_not_starve_other_clients(
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         assert isinstance(bob.list_images(), list)  # within the client's own deadline
         # Each stalled stream ends: refused at alice's cap (with a retry hint), or cancelled
-        # once it has sent nothing for the server's idle deadline.
+        # once it has sent no first message within the server's deadline.
         codes: dict[grpc.StatusCode, int] = {}
         hinted = 0
         for call in calls:
@@ -70,7 +70,7 @@ def test_cheap_reads_have_threads_of_their_own(
 ) -> None:
     """With every worker thread held by stalled streams (the operator has no cap), health
     checks and listings still answer: they run on a pool of their own."""
-    service = Service(config_factory(stream_idle_seconds=0), max_workers=2)  # type: ignore[arg-type]
+    service = Service(config_factory(first_message_seconds=0), max_workers=2)  # type: ignore[arg-type]
     address = service.listen(f"unix:{short_tmp}/lanes.sock")
     service.start()
     release = threading.Event()
