@@ -29,6 +29,7 @@ from sandboxd.execs import ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+from sandboxd.sessions import run_session
 from sandboxd.transfers import Transfers
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,28 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         events = self.executor.run(
             request.sandbox_id,
             wire.exec_request_from_pb(request),
+            owner_of(context),
+            _cancel_event(context),
+        )
+        for event in events:
+            if isinstance(event, Output):
+                yield pb.ExecEvent(output=_chunk(event))
+            else:
+                yield pb.ExecEvent(result=wire.outcome_to_pb(event))
+
+    @streaming
+    def ExecStream(
+        self, request_iterator: Iterator[pb.ExecInput], context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecEvent]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise errors.InvalidArgument(
+                "start: the first message must start the command", field="start"
+            )
+        events = run_session(
+            self.executor,
+            wire.exec_start_from_pb(first.start),
+            (wire.exec_input_from_pb(m) for m in request_iterator),
             owner_of(context),
             _cancel_event(context),
         )
