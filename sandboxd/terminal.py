@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import termios
@@ -72,13 +73,17 @@ def _forward_resizes(session: Session, fd: int) -> Iterator[None]:
         signal.signal(signal.SIGWINCH, previous)
 
 
-def _pump_stdin(session: Session, fd: int) -> None:
-    """Copy our stdin to the session until it ends; then the command reads EOF."""
-    while True:
+def _pump_stdin(session: Session, fd: int, done: threading.Event) -> None:
+    """Copy our stdin to the session until it ends (then the command reads EOF) or the
+    session does: a process that attaches again later must get the keys typed then."""
+    while not done.is_set():
         try:
-            data = os.read(fd, 4096)
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            data = os.read(fd, 4096) if ready else None
         except OSError:
             data = b""
+        if data is None or done.is_set():
+            continue
         if not data:
             session.close_stdin()
             return
@@ -104,13 +109,15 @@ def attach(
     """
     stdout = out if out is not None else sys.stdout.buffer
     stderr = err if err is not None else sys.stderr.buffer
+    done = threading.Event()
     if forward_stdin:
         threading.Thread(
-            target=_pump_stdin, args=(session, stdin_fd), daemon=True, name="terminal-stdin"
+            target=_pump_stdin, args=(session, stdin_fd, done), daemon=True, name="terminal-stdin"
         ).start()
     else:
         session.close_stdin()
     with contextlib.ExitStack() as stack:
+        stack.callback(done.set)
         if tty_mode:
             stack.enter_context(raw_mode(stdin_fd))
             stack.enter_context(_forward_resizes(session, stdin_fd))
