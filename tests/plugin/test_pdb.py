@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from sandboxd.client import SandboxClient
 from sandboxd.server import Service
 from tests.terminal_driver import Terminal
 
@@ -86,10 +87,15 @@ def test_without_a_terminal_nothing_waits(pytester: pytest.Pytester, service: Se
             assert 1 == 2
 
         @pytest.mark.sandbox
+        def test_pauses():
+            breakpoint()
+
+        @pytest.mark.sandbox
         def test_passes():
             pass
         """
     )
+    # As without a sandbox when stdin is no terminal: pdb reads end of input and quits.
     result = pytester.runpytest_subprocess(
         "--sandbox",
         "--sandbox-address",
@@ -99,8 +105,9 @@ def test_without_a_terminal_nothing_waits(pytester: pytest.Pytester, service: Se
         "no:cacheprovider",
         timeout=300,
     )
-    result.assert_outcomes(failed=1, passed=1)
-    assert "Pdb" not in result.stdout.str()
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(["*test_pauses - bdb.BdbQuit*"])
+    assert "pdb in sandbox" not in result.stdout.str()
 
 
 def test_keep_failed_prints_a_shell_line_that_works(
@@ -141,10 +148,5 @@ def test_keep_failed_prints_a_shell_line_that_works(
         )
         assert shell.stdout == b"left for inspection", shell.stderr
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "sandboxd.cli", "gc", "--help"], capture_output=True, check=False
-        )
-        from sandboxd.client import SandboxClient
-
         with SandboxClient(service.address) as client:
             client.destroy_sandbox(sandbox_id)

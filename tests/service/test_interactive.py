@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.api import ExecResult, Sandbox
+from sandboxd.api import ExecResult, Sandbox, SandboxRequest
 from sandboxd.client import ExecSession, SandboxClient
-from tests.conftest import wait_for
+from sandboxd.server import create_server
+from tests.conftest import make_config, small_limits, wait_for
 
 
 class Reader:
@@ -153,3 +155,35 @@ def test_the_first_message_must_start_the_command(client: SandboxClient) -> None
         list(client.sandboxes.ExecStream(iter([pb.ExecInput(stdin=b"x")]), timeout=30))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "start: the first message must start the command" in (info.value.details() or "")
+
+
+@pytest.fixture(scope="module")
+def podman_client(base_image: str, short_tmp: Path) -> Iterator[SandboxClient]:
+    """A client of a service whose sandboxes run under Podman (its Docker-compatible API)."""
+    svc, bound = create_server(make_config(engine="podman"), f"unix:{short_tmp}/podman-tty.sock")
+    client = SandboxClient(bound, retry_seconds=5.0)
+    try:
+        client.wait_ready(timeout=20.0)
+        yield client
+    finally:
+        client.close()
+        svc.stop(grace=2.0)
+
+
+def test_podman_tty_size_stdin_and_signals(podman_client: SandboxClient) -> None:
+    with podman_client.sandbox(SandboxRequest(limits=small_limits())) as box:
+        session = podman_client.exec_session(box.id, ["/bin/sh"], tty=True, window=(33, 91))
+        reader = Reader(session)
+        session.write(b"stty size\n")
+        reader.expect(b"33 91")
+        session.resize(20, 70)
+        session.write(b"stty size; exit 4\n")
+        reader.expect(b"20 70")
+        assert reader.finish().exit_code == 4
+        script = "trap 'echo caught HUP; exit 9' HUP; echo ready; while :; do sleep 0.1; done"
+        session = podman_client.exec_session(box.id, ["sh", "-c", script])
+        reader = Reader(session)
+        reader.expect(b"ready")
+        session.signal("SIGHUP")
+        assert reader.finish().exit_code == 9
+        assert b"caught HUP" in reader.output
