@@ -44,13 +44,14 @@ class _State:
 _state = _State()
 
 
-def configure(
-    send: Callable[..., None], pause_watchdog: Callable[[], None], directory: str
-) -> None:
-    """Called by the worker: how to reach the controller, and where to meet its terminal."""
-    _state.send = send
-    _state.pause_watchdog = pause_watchdog
+def configure(worker: Any, directory: str) -> Any:
+    """Called by the worker, which registers what this returns (this module) as a plugin:
+    its channel reaches the controller, its watchdog is paused while a person debugs (the
+    test child's own watchdog, once forked), `directory` is where to meet the terminal."""
+    _state.send = lambda kind, **data: worker.channel.send(kind, **data)
+    _state.pause_watchdog = lambda: worker.watchdog.disarm()
     _state.directory = directory
+    return sys.modules[__name__]
 
 
 def _rendezvous() -> str:

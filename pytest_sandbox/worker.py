@@ -362,15 +362,6 @@ def _forker(worker: WorkerPlugin, request: dict[str, Any]) -> Any:
     return pytest_sandbox_pristine.Forker(worker, recycle_after, float(request["deadline"]))
 
 
-def _debugger(worker: WorkerPlugin, request: dict[str, Any]) -> Any:
-    """pdb on the user's terminal (debugger.py, shipped next to this file), as a plugin."""
-    import pytest_sandbox_debugger  # type: ignore[import-not-found]
-
-    pause = lambda: worker.watchdog.disarm()  # noqa: E731 (the test child's own, once forked)
-    pytest_sandbox_debugger.configure(worker.channel.send, pause, request["capture_dir"])
-    return pytest_sandbox_debugger
-
-
 def _name_capture_files(capture_dir: str) -> None:
     """Give the global capture's two temporary files known names (stdout, stderr).
 
@@ -438,8 +429,10 @@ def main() -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         plugin.coverage = start_coverage(request.get("coverage"))
         plugins = [plugin] if plugin.forker is None else [plugin, plugin.forker]
-        if request.get("debug"):
-            plugins.append(_debugger(plugin, request))
+        if request.get("debug"):  # pdb on the user's terminal (debugger.py, shipped alongside)
+            import pytest_sandbox_debugger  # type: ignore[import-not-found]
+
+            plugins.append(pytest_sandbox_debugger.configure(plugin, request["capture_dir"]))
         code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=plugins))
     except BaseException:
         channel.send("error", text=traceback.format_exc())
