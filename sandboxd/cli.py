@@ -292,6 +292,18 @@ def _env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _command(given: list[str], hint: str) -> list[str]:
+    """The command after an optional "--".
+
+    Raises:
+        InvalidArgument: none was given (`hint` says how).
+    """
+    argv = given[1:] if given and given[0] == "--" else list(given)
+    if not argv:
+        raise errors.InvalidArgument(hint)
+    return argv
+
+
 def _show(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     out.buffer.write(data)
@@ -301,11 +313,7 @@ def _show(stream: str, data: bytes) -> None:
 def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.api import SandboxRequest, requested_limits
 
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise errors.InvalidArgument("give the command after --, e.g. sandboxd run -- python3 -V")
+    argv = _command(args.argv, "give the command after --, e.g. sandboxd run -- python3 -V")
     limits = requested_limits(
         cpus=args.cpus,
         memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
@@ -358,11 +366,7 @@ def cmd_shell(args: argparse.Namespace, config: ServerConfig) -> int:
 
 def cmd_exec(args: argparse.Namespace, config: ServerConfig) -> int:
     """Raises: InvalidArgument: no command, or -t without a terminal on stdin."""
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise errors.InvalidArgument("give the command, e.g. sandboxd exec -it SANDBOX_ID sh")
+    argv = _command(args.argv, "give the command, e.g. sandboxd exec -it SANDBOX_ID sh")
     if args.tty and not terminal.is_terminal(0):
         raise errors.InvalidArgument("-t: stdin is not a terminal (leave -t out)")
     return _interactive(args, config, argv, tty=args.tty, forward_stdin=args.interactive)

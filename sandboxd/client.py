@@ -417,15 +417,17 @@ class SandboxClient:
         With `attach_preload`, argv must be empty: stdin goes to the sandbox's preloaded
         command, which is already running.
         """
-        request = pb.ExecRequest(
-            sandbox_id=sandbox_id,
-            argv=list(argv),
-            stdin=stdin,
-            timeout_seconds=timeout,
-            output_limit_bytes=output_limit,
-            env=dict(env or {}),
-            workdir=workdir,
-            attach_preload=attach_preload,
+        request = wire.exec_request_to_pb(
+            sandbox_id,
+            ExecRequest(
+                argv=list(argv),
+                stdin=stdin,
+                timeout_seconds=timeout,
+                output_limit_bytes=output_limit,
+                env=dict(env or {}),
+                workdir=workdir,
+                attach_preload=attach_preload,
+            ),
         )
         deadline = self._exec_deadline(timeout)
         try:

@@ -283,19 +283,23 @@ def exec_input_from_pb(m: pb.ExecInput) -> ExecInput:
     raise errors.InvalidArgument("input: the message carries nothing", field="input")
 
 
+def exec_request_to_pb(sandbox_id: str, r: ExecRequest) -> pb.ExecRequest:
+    return pb.ExecRequest(
+        sandbox_id=sandbox_id,
+        argv=list(r.argv),
+        stdin=r.stdin,
+        timeout_seconds=r.timeout_seconds,
+        output_limit_bytes=r.output_limit_bytes,
+        env=dict(r.env),
+        workdir=r.workdir,
+        attach_preload=r.attach_preload,
+    )
+
+
 def exec_start_to_pb(start: ExecStart) -> pb.ExecStart:
-    r = start.request
     w = start.window
     return pb.ExecStart(
-        request=pb.ExecRequest(
-            sandbox_id=start.sandbox_id,
-            argv=list(r.argv),
-            stdin=r.stdin,
-            timeout_seconds=r.timeout_seconds,
-            output_limit_bytes=r.output_limit_bytes,
-            env=dict(r.env),
-            workdir=r.workdir,
-        ),
+        request=exec_request_to_pb(start.sandbox_id, start.request),
         tty=start.tty,
         window=pb.WindowSize(rows=w.rows, columns=w.columns) if w is not None else None,
     )
