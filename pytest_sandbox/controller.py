@@ -241,6 +241,7 @@ class Controller:
             recycle_after=self._recycle_after(),
             coverage=coverage_spec(config, snapshot.PROJECT),
             debug=self.options.debug,
+            post_mortem=self.options.debug and bool(config.getoption("usepdb")),
         )
 
     def _recycle_after(self) -> int:

@@ -35,6 +35,7 @@ class RunSettings:
     recycle_after: int = 100  # isolation="fork": tests per container before a fresh one
     coverage: CoverageSpec | None = None  # pytest-cov measures on the host: measure inside
     debug: bool = False  # a terminal to debug on: pdb (breakpoint(), --pdb) reaches it
+    post_mortem: bool = False  # --pdb with a terminal: the exec may run to the server's cap
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class GroupRunner:
         """The exec's backstop; the worker's per-test watchdog normally acts long before.
         Asking past the server's cap is refused, never lowered, so stay under it."""
         cap = self.client.server_info().caps.timeout_seconds
-        if self.settings.debug:
+        if self.settings.post_mortem:
             return cap  # a person at a pdb prompt takes longer than any test
         return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), cap)
 
