@@ -76,6 +76,8 @@ def _acquire() -> IO[str] | None:
         time.sleep(0.05)
     with open(path) as f:
         device = f.read().strip()
+    if not device.startswith("/dev/"):  # the controller could not open a terminal
+        return None
     # Not as a controlling terminal: a forked test child is a session leader.
     raw = open(os.open(device, os.O_RDWR | os.O_NOCTTY), "r+b", buffering=0)  # noqa: SIM115
     _state.terminal = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", write_through=True)

@@ -21,6 +21,8 @@ from sandboxd.client import SandboxClient
 
 #: pytest inside the sandbox builds its debugger from this class (debugger.py).
 PDB_CLASS = "pytest_sandbox_debugger:SandboxPdb"
+#: Written where the debugger waits for a terminal's path when none can be had.
+NO_TERMINAL = "none"
 
 
 def terminal_available(config: pytest.Config) -> bool:
@@ -66,8 +68,16 @@ def attach(config: pytest.Config, client: SandboxClient, request: DebugRequest) 
         except errors.SandboxError as exc:
             if tw is not None:
                 tw.line(f"pytest-sandbox: no terminal for the debugger: {exc.message}", red=True)
+            _refuse(client, request)
         if tw is not None:
             tw.sep("<", "end of pdb in the sandbox")
+
+
+def _refuse(client: SandboxClient, request: DebugRequest) -> None:
+    """Tell the waiting debugger there is no terminal, so its test goes on at once."""
+    path = shlex.quote(request.file)
+    with contextlib.suppress(errors.SandboxError):
+        client.exec(request.sandbox_id, ["sh", "-c", f"echo {NO_TERMINAL} > {path}"])
 
 
 @contextlib.contextmanager
