@@ -134,8 +134,8 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     grade.add_argument(
         "--test-timeout",
         type=float,
-        help="seconds per test, each test in its own run (default: course.toml's, else 0: "
-        "one run for the whole suite)",
+        help="seconds per test, each under its own limits (default: course.toml's, else "
+        "5, at most half of --cpu-time; 0: one run for the whole suite)",
     )
     grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
     grade.add_argument(

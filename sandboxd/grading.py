@@ -1,9 +1,11 @@
 """Batch grading: a course's tests against every submission, each in a fresh sandbox.
 
 A course (gradebook.py) is a pytest suite, or any toolchain through its course.toml: a
-build command, then a test command that writes JUnit XML. With a per-test timeout a
-pytest course runs each test under its own limits (grade_runs.py); otherwise the whole
-suite is one run under the submission-wide caps, which stay the outer bound either way.
+build command, then a test command that writes JUnit XML. A pytest course runs each test
+under its own limits (grade_runs.py; a default budget unless the course or the command
+line sets one, 0 turning it off), so one looping test does not zero a submission; a
+command course's runner gets the budget in $GRADER_TEST_SECONDS. The submission-wide
+caps stay the outer bound either way.
 
 What decides a result, and what the submission can and cannot influence:
 
@@ -44,8 +46,6 @@ from sandboxd.grade_reports import junit_xml
 from sandboxd.grade_runs import (
     GRADER,
     PYTEST,
-    Case,
-    Outcome,
     SubmissionBox,
     cpu_killed,
     cpu_limited,
@@ -54,7 +54,7 @@ from sandboxd.grade_runs import (
     run_tests,
     tail,
 )
-from sandboxd.gradebook import Course, load_course, scored
+from sandboxd.gradebook import Case, Course, Outcome, load_course, scored
 from sandboxd.grading_image import grader_context, image_fragment
 from sandboxd.grading_image import pytest_files as pytest_files  # re-exported
 from sandboxd.submissions import Submission
@@ -76,6 +76,11 @@ Verdict = Literal[
     "inconsistent",  # the JUnit XML contradicts the runner's exit status
     StoppedVerdict,
 ]
+
+
+#: Seconds each test of a pytest course gets when neither the command line nor course.toml
+#: says: room for any unit test, and a looping test leaves budget for the others.
+DEFAULT_TEST_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,15 @@ class Grade:
     #: What the submission ran under, so a result says how it was made.
     runtime: str = ""
     limits: dict[str, Any] = field(default_factory=dict)
+
+
+def test_seconds(course: Course, settings: GradeSettings, run_cap: float) -> float:
+    """Each test's budget: the command line's or course.toml's (0: off), else the default,
+    at most half the submission's CPU budget (one loop must leave room for the other
+    tests) and the server's cap on a run (`run_cap`, from its server info)."""
+    if course.test_timeout is not None:
+        return course.test_timeout
+    return min(DEFAULT_TEST_SECONDS, settings.cpu_seconds / 2, run_cap)
 
 
 # -- one run ---------------------------------------------------------------------------
@@ -175,7 +189,7 @@ class Outcomes:
 
     verdict: Verdict
     message: str
-    cases: Mapping[str, tuple[str, str, str]]
+    cases: Mapping[str, Case]
     exit_code: int = 0
     cpu_seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -195,10 +209,6 @@ class Outcomes:
         )
 
 
-def _of(cases: Mapping[str, Case]) -> dict[str, tuple[str, str, str]]:
-    return {t: (c.outcome, c.message, c.output) for t, c in cases.items()}
-
-
 def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
     """The whole suite in one exec under the submission-wide limits."""
     junit_path = fresh_junit_path()
@@ -210,7 +220,8 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
         command = f"exec {command}"
     command, cpu_limit = cpu_limited(command, settings.cpu_seconds)
     # A course's own runner may apply its per-test limit itself.
-    env = {"GRADER_TEST_SECONDS": f"{course.test_timeout:g}"} if course.test_timeout else {}
+    seconds = course.test_timeout or 0.0
+    env = {"GRADER_TEST_SECONDS": f"{seconds:g}"} if seconds else {}
     result = box.exec(["sh", "-c", command], settings.timeout_seconds, env=env)
     cases = box.fetch_cases(junit_path) if _stopped(result.verdict) is None else None
     tests = {t: c.outcome for t, c in (cases or {}).items()}
@@ -225,7 +236,7 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
     return Outcomes(
         verdict,
         message,
-        _of(cases or {}) if keep else {},
+        (cases or {}) if keep else {},
         exit_code=result.exit_code,
         cpu_seconds=result.cpu_seconds,
         peak_memory_bytes=result.peak_memory_bytes,
@@ -236,7 +247,8 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
 def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
     """Every test under its own limits, in as few processes as the kills allow."""
     started = time.monotonic()
-    suite = run_tests(box, course.test_timeout, settings.timeout_seconds, settings.cpu_seconds)
+    seconds = course.test_timeout or 0.0
+    suite = run_tests(box, seconds, settings.timeout_seconds, settings.cpu_seconds)
     if suite.collection_error:
         return Outcomes.stopped("error", suite.collection_error, suite.first)
     runs = suite.runs
@@ -251,7 +263,7 @@ def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -
     return Outcomes(
         verdict,
         message,
-        _of({r.test_id: r.case for r in runs}),
+        {r.test_id: r.case for r in runs},
         exit_code=suite.first.exit_code,
         cpu_seconds=suite.cpu_seconds,
         peak_memory_bytes=suite.peak_memory_bytes,
@@ -301,14 +313,26 @@ def grade_one(
     try:
         outcomes = _build(box, course) if course.build else None
         if outcomes is None:
-            per_test = course.runner == "pytest" and course.test_timeout > 0
+            per_test = course.runner == "pytest" and (course.test_timeout or 0.0) > 0
             outcomes = (_per_test_run if per_test else _suite_run)(box, course, settings)
     finally:
         box.close()
-    return _grade(submission.name, outcomes, course, box, junit_dir)
+    limits = {
+        **box.limits,
+        "test_seconds": course.test_timeout or 0.0,
+        "cpu_seconds": settings.cpu_seconds,
+    }
+    return _grade(submission.name, outcomes, course, box, junit_dir, limits)
 
 
-def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir: Path) -> Grade:
+def _grade(
+    name: str,
+    o: Outcomes,
+    course: Course,
+    box: SubmissionBox,
+    junit_dir: Path,
+    limits: dict[str, Any],
+) -> Grade:
     """The submission's grade: points from the course, and its JUnit XML written."""
     results = scored(course.weights, o.cases)
     junit_file = junit_dir / f"{name}.xml"
@@ -331,7 +355,7 @@ def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir
         image_digest=box.image_digest,
         junit=str(junit_file),
         runtime=box.runtime,
-        limits=box.limits,
+        limits=limits,
         points=points,
         max_points=max_points,
         results=[asdict(r) for r in results],
@@ -363,6 +387,8 @@ def grade_all(
         image_fragment(course), context_files=grader_context(tests_dir), label="grading"
     )
     image = built.image
+    run_cap = client.server_info().caps.timeout_seconds
+    course = dataclasses.replace(course, test_timeout=test_seconds(course, settings, run_cap))
     progress(f"image {image.digest[:19]} ({'cached' if built.cache_hit else 'built'})")
     grades: dict[str, Grade] = {}
     lock = threading.Lock()
@@ -374,6 +400,7 @@ def grade_all(
         except errors.SandboxError as exc:
             log.warning("grading %s: %s", sub.name, exc.message)
             grade = Grade(sub.name, "error", f"service error: {exc.message}", 0.0, 0, 0)
+            grade.image_digest, grade.runtime = image.digest, settings.runtime
             junit = junit_dir / f"{sub.name}.xml"
             _write_junit(junit, junit_xml(sub.name, "error", grade.message, []))
             grade.junit = str(junit)
