@@ -127,7 +127,8 @@ def grade(client: SandboxClient, tests: Path, subs: Path, out: Path, jobs: int, 
     course = load_course(tests)
     settings = grading.GradeSettings(jobs=jobs, runtime=rt)
     started = time.monotonic()
-    document = grading.grade_all(client, tests, load_submissions(subs), settings, out, course=course)
+    batch = load_submissions(subs)
+    document = grading.grade_all(client, tests, batch, settings, out, course=course)
     seconds = time.monotonic() - started
     verdicts = [s["verdict"] for s in document["submissions"]]
     expected = ["failed" if i % 4 == 3 else "passed" for i in range(len(verdicts))]
