@@ -31,8 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sandboxd import grade_runs, grading  # noqa: E402
-from sandboxd.client import SandboxClient  # noqa: E402
+from sandboxd import grading  # noqa: E402
+from sandboxd.client import SandboxClient, SandboxHandle  # noqa: E402
 from sandboxd.config import ServerConfig  # noqa: E402
 from sandboxd.gradebook import load_course  # noqa: E402
 from sandboxd.server import start_embedded  # noqa: E402
@@ -117,9 +117,9 @@ def profile_phases() -> Phases:
     """Time the per-submission path's calls: create (+ put files), exec, fetch, destroy."""
     phases = Phases()
     phases.wrap(SandboxClient, "create_sandbox", "create")
-    phases.wrap(grade_runs.SandboxHandle, "put_files", "put files")
-    phases.wrap(grade_runs.SandboxHandle, "exec", "test run (exec)")
-    phases.wrap(grade_runs.SandboxHandle, "destroy", "destroy")
+    phases.wrap(SandboxHandle, "put_files", "put files")
+    phases.wrap(SandboxHandle, "exec", "test run (exec)")
+    phases.wrap(SandboxHandle, "destroy", "destroy")
     return phases
 
 
