@@ -244,13 +244,24 @@ def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> O
     )
 
 
+def collection_verdict(
+    first: ExecResult, error: str, settings: GradeSettings
+) -> tuple[Verdict, str]:
+    """A submission that stopped before its first test: the limit or crash that stopped
+    it, as a whole-suite run would say (a loop or a segfault at import), else `error`."""
+    verdict, message = judge_run(first, None, cpu_limited("", settings.cpu_seconds)[1])
+    return (verdict, message) if verdict != "error" else ("error", error)
+
+
 def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
     """Every test under its own limits, in as few processes as the kills allow."""
     started = time.monotonic()
     seconds = course.test_timeout or 0.0
     suite = run_tests(box, seconds, settings.timeout_seconds, settings.cpu_seconds)
     if suite.collection_error:
-        return Outcomes.stopped("error", suite.collection_error, suite.first)
+        return Outcomes.stopped(
+            *collection_verdict(suite.first, suite.collection_error, settings), suite.first
+        )
     runs = suite.runs
     failed = [r for r in runs if r.case.outcome in ("failed", "error")]
     spent = [r for r in runs if r.case.message.startswith("not run:")]

@@ -10,7 +10,7 @@ import pytest
 
 from sandboxd import errors
 from sandboxd.api import ExecResult
-from sandboxd.grading import judge_run, parse_junit, pytest_files
+from sandboxd.grading import GradeSettings, collection_verdict, judge_run, parse_junit, pytest_files
 from sandboxd.submissions import load_submissions
 
 JUNIT = b"""<?xml version="1.0" encoding="utf-8"?>
@@ -62,6 +62,23 @@ def test_parse_junit_outcomes_sorted_and_worst_kept() -> None:
 )
 def test_judge_run(result: ExecResult, tests: dict[str, str] | None, verdict: str) -> None:
     assert judge_run(result, tests, cpu_limit=4)[0] == verdict  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("result", "verdict", "message"),
+    [
+        # A loop at import spends the submission's CPU budget: timed out, as a suite run says.
+        (ExecResult(verdict="nonzero_exit", signal=signal.SIGXCPU), "timed_out", "CPU time"),
+        (ExecResult(verdict="nonzero_exit", signal=11), "crashed", "signal 11"),
+        (ExecResult(verdict="out_of_memory", message="out of memory"), "out_of_memory", "out of"),
+        (ExecResult(verdict="nonzero_exit", exit_code=2), "error", "collection failed: E"),
+    ],
+)
+def test_a_submission_stopped_before_its_first_test(
+    result: ExecResult, verdict: str, message: str
+) -> None:
+    got = collection_verdict(result, "collection failed: E", GradeSettings())
+    assert got[0] == verdict and message in got[1], got
 
 
 def test_load_submissions_folders_and_zips_safely(tmp_path: Path) -> None:
