@@ -362,7 +362,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
             args.tests,
             submissions,
             settings,
-            grading.junit_dir_for(args.reports or args.out),
+            args.reports / "junit" if args.reports else grading.junit_dir_for(args.out),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
             course=course,
         )
