@@ -80,3 +80,22 @@ def test_a_build_that_never_ends(
     (grade,) = json.loads(out.read_text())["submissions"]
     assert grade["verdict"] == "build_failed"
     assert grade["message"].startswith("build failed (timed out after 2.0s)"), grade["message"]
+
+
+@pytest.mark.docker
+def test_a_test_command_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    course = '[course]\ntest = "./run_tests {junit}"\n'
+    tests = write_tree(tmp_path / "tests", {"course.toml": course})
+    subs = write_tree(tmp_path / "subs", CALC)
+    out = tmp_path / "results.json"
+    code, _ = _grade(capsys, tests, subs, "--out", str(out), "--address", address)
+    assert code == 0
+    (grade,) = json.loads(out.read_text())["submissions"]
+    assert grade["verdict"] == "error"
+    message = grade["message"]
+    assert message.startswith(
+        "the test command wrote no JUnit XML to {junit} (exit code 127: command not found)"
+    ), message
+    assert "run_tests: not found" in message, message
