@@ -123,7 +123,10 @@ def profile_phases() -> Phases:
     return phases
 
 
-def grade(client: SandboxClient, tests: Path, subs: Path, out: Path, jobs: int, rt: str) -> float:
+def grade(
+    client: SandboxClient, tests: Path, subs: Path, out: Path, jobs: int, rt: str
+) -> tuple[float, int]:
+    """Seconds the batch took, and how many submissions it graded at once."""
     course = load_course(tests)
     settings = grading.GradeSettings(jobs=jobs, runtime=rt)
     started = time.monotonic()
@@ -133,7 +136,7 @@ def grade(client: SandboxClient, tests: Path, subs: Path, out: Path, jobs: int, 
     verdicts = [s["verdict"] for s in document["submissions"]]
     expected = ["failed" if i % 4 == 3 else "passed" for i in range(len(verdicts))]
     assert verdicts == expected, [v for v in verdicts if v not in ("passed", "failed")]
-    return seconds
+    return seconds, int(document["settings"]["jobs"])
 
 
 def local(tests: Path, subs: Path, jobs: int) -> float:
@@ -156,7 +159,7 @@ def local(tests: Path, subs: Path, jobs: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--submissions", type=int, default=100)
-    parser.add_argument("--jobs", type=int, default=grading.GradeSettings().jobs)
+    parser.add_argument("--jobs", type=int, default=0, help="default: the grader's")
     parser.add_argument("--runtime", default="", help="default: the untrusted profile's")
     parser.add_argument("--profile", action="store_true", help="time each phase")
     args = parser.parse_args()
@@ -170,19 +173,19 @@ def main() -> int:
         (one / "s000" / "stats.py").write_text(GOOD)
         grade(client, tests, one, root / "warm", 1, args.runtime)  # the image, made once
         phases = profile_phases() if args.profile else None
-        graded = grade(client, tests, subs, root / "junit", args.jobs, args.runtime)
+        graded, jobs = grade(client, tests, subs, root / "junit", args.jobs, args.runtime)
         profiles = {p.name: p.runtime for p in client.server_info().profiles}
         runtime = args.runtime or profiles.get("untrusted", "") or "the engine's default"
     finally:
         client.close()
         emb.stop()
-    plain = local(tests, subs, args.jobs)
+    plain = local(tests, subs, jobs)
     n = args.submissions
-    print(f"{n} submissions x 8 tests, {args.jobs} at a time, default limits, {runtime}")
+    print(f"{n} submissions x 8 tests, {jobs} at a time, default limits, {runtime}")
     print(f"{'sandboxd grade':24} {graded:7.1f} s  {60 * n / graded:6.1f} submissions/min")
     print(f"{'local pytest':24} {plain:7.1f} s  {60 * n / plain:6.1f} submissions/min")
     overhead = (graded - plain) / n
-    print(f"{'overhead per submission':24} {overhead:7.2f} s  (wall, at {args.jobs} at a time)")
+    print(f"{'overhead per submission':24} {overhead:7.2f} s  (wall, at {jobs} at a time)")
     print(f"{'ratio grade / local':24} {graded / plain:7.2f}")
     if phases is not None:
         print("client-side seconds per submission, by phase (summed over jobs):")

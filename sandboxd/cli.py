@@ -123,7 +123,12 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--profile", default="untrusted", help="security profile (%(default)s)")
     grade.add_argument("--runtime", default="", help="container runtime (default: the profile's)")
-    grade.add_argument("--jobs", type=int, default=2, help="sandboxes at once (%(default)s)")
+    grade.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="submissions at once (default: two per core here, at most the server's slots)",
+    )
     grade.add_argument(
         "--cpu-time", type=float, default=10.0, help="CPU seconds per submission (%(default)s)"
     )

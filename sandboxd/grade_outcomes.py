@@ -58,7 +58,8 @@ class GradeSettings:
     memory_bytes: int = 256 * 1024 * 1024
     cpus: float = 1.0
     pids: int = 64
-    jobs: int = 2
+    #: Submissions at once; 0: two per core here, at most the server's slots.
+    jobs: int = 0
 
 
 def parse_junit(data: bytes) -> dict[str, Outcome]:

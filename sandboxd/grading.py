@@ -29,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -50,6 +51,7 @@ from sandboxd.grade_runs import SubmissionBox
 from sandboxd.gradebook import Course, Outcome, load_course, scored
 from sandboxd.grading_image import grader_context, image_fragment
 from sandboxd.grading_image import pytest_files as pytest_files  # re-exported
+from sandboxd.limits import Caps
 from sandboxd.submissions import Submission
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,24 @@ def _grade(
     )
 
 
+def jobs(settings: GradeSettings, slots: int) -> int:
+    """Submissions at once: `settings.jobs`, or when 0, two per core of this machine (a
+    submission waits on its container about as long as it computes); never more than the
+    server's sandbox slots, since the rest would only queue for admission until it
+    refuses them."""
+    wanted = settings.jobs or 2 * (os.cpu_count() or 1)
+    return max(1, min(wanted, slots or wanted))
+
+
+def resolved(course: Course, settings: GradeSettings, caps: Caps) -> tuple[Course, GradeSettings]:
+    """The course's per-test budget and the batch's parallelism, made explicit from the
+    server's caps, so the results document says what was used."""
+    course = dataclasses.replace(
+        course, test_timeout=test_seconds(course, settings, caps.timeout_seconds)
+    )
+    return course, dataclasses.replace(settings, jobs=jobs(settings, caps.sandboxes))
+
+
 # -- the batch -------------------------------------------------------------------------
 
 
@@ -199,8 +219,7 @@ def grade_all(
         image_fragment(course), context_files=grader_context(tests_dir), label="grading"
     )
     image = built.image
-    run_cap = client.server_info().caps.timeout_seconds
-    course = dataclasses.replace(course, test_timeout=test_seconds(course, settings, run_cap))
+    course, settings = resolved(course, settings, client.server_info().caps)
     progress(f"image {image.digest[:19]} ({'cached' if built.cache_hit else 'built'})")
     grades: dict[str, Grade] = {}
     lock = threading.Lock()
