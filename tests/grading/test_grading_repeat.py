@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from courses import write_tree
+from courses import GOOD, PARTIAL, TESTS, write_tree
 
 from sandboxd import cli
 
@@ -23,46 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load"))
 
 from sandboxd_process import SandboxdProcess
 
-TESTS = {
-    "test_calc.py": """
-import pytest
-from calc import add, fib, grow
-
-@pytest.mark.points(2)
-def test_add():
-    assert add(2, 3) == 5
-
-def test_fib():
-    assert fib(25) == 75025
-
-def test_grow():
-    assert len(grow(10)) == 10
-
-@pytest.mark.hidden
-@pytest.mark.parametrize("a", [1, 2])
-def test_secret(a):
-    assert add(a, 0) == a
-""",
-}
-GOOD = """
-def add(a, b):
-    return a + b
-
-def fib(n):
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-def grow(n):
-    return [0] * n
-"""
 SUBMISSIONS = {
     "good/calc.py": GOOD,
-    # fib loops, grow eats memory, add is wrong: every kind of per-test result.
-    "partial/calc.py": GOOD.replace("    a, b = 0, 1\n", "    while n > 20:\n        pass\n")
-    .replace("return [0] * n", "return [bytearray(1 << 20) for _ in range(4096)]")
-    .replace("return a + b", "return a + b + (a == 2)"),
+    # add is wrong too: every kind of per-test result.
+    "partial/calc.py": PARTIAL.replace("return a + b", "return a + b + (a == 2)"),
     "broken/calc.py": "import nope\n",
 }
 #: What a run measured, and where it wrote: the only fields allowed to differ.
@@ -125,9 +89,9 @@ def test_regrading_gives_identical_results_also_through_a_separate_serve(
     subs_by_name = {s["name"]: s for s in document["submissions"]}
     partial = {r["test_id"]: r for r in subs_by_name["partial"]["results"]}
     assert partial["test_calc::test_add"]["message"].startswith("assert 6 == 5")
-    assert partial["test_calc::test_fib"]["message"] == "timed out after 1.0s"
+    assert partial["test_calc::test_fib_big"]["message"] == "timed out after 1.0s"
     assert partial["test_calc::test_grow"]["message"] == "out of memory (limit 96 MiB)"
-    assert subs_by_name["partial"]["points"] == 1.0  # test_secret[1] alone passes
+    assert subs_by_name["partial"]["points"] == 2.0  # test_fib_small, test_secret[1]
     # Every result says what made it: the image, the limits, the runtime.
     for sub in document["submissions"]:
         assert sub["image_digest"] == document["image"]["digest"] != ""
