@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -125,8 +126,9 @@ def profile_phases() -> Phases:
 
 def grade(
     client: SandboxClient, tests: Path, subs: Path, out: Path, jobs: int, rt: str
-) -> tuple[float, int]:
-    """Seconds the batch took, and how many submissions it graded at once."""
+) -> tuple[float, int, float]:
+    """Seconds the batch took, how many submissions it graded at once, and the CPU seconds
+    its test runs used (measured by the service, inside the sandboxes)."""
     course = load_course(tests)
     settings = grading.GradeSettings(jobs=jobs, runtime=rt)
     started = time.monotonic()
@@ -136,11 +138,12 @@ def grade(
     verdicts = [s["verdict"] for s in document["submissions"]]
     expected = ["failed" if i % 4 == 3 else "passed" for i in range(len(verdicts))]
     assert verdicts == expected, [v for v in verdicts if v not in ("passed", "failed")]
-    return seconds, int(document["settings"]["jobs"])
+    cpu = sum(s["cpu_seconds"] for s in document["submissions"])
+    return seconds, int(document["settings"]["jobs"]), cpu
 
 
-def local(tests: Path, subs: Path, jobs: int) -> float:
-    """Plain pytest on each submission, `jobs` at once."""
+def local(tests: Path, subs: Path, jobs: int) -> tuple[float, float]:
+    """Plain pytest on each submission, `jobs` at once: seconds, and CPU seconds used."""
 
     def one(sub: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(sub), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -150,10 +153,12 @@ def local(tests: Path, subs: Path, jobs: int) -> float:
             cwd=sub, env=env, capture_output=True, check=False,
         )  # fmt: skip
 
-    started = time.monotonic()
+    started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, sorted(subs.iterdir())))
-    return time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return time.monotonic() - started, cpu
 
 
 def main() -> int:
@@ -173,13 +178,15 @@ def main() -> int:
         (one / "s000" / "stats.py").write_text(GOOD)
         grade(client, tests, one, root / "warm", 1, args.runtime)  # the image, made once
         phases = profile_phases() if args.profile else None
-        graded, jobs = grade(client, tests, subs, root / "junit", args.jobs, args.runtime)
+        graded, jobs, graded_cpu = grade(
+            client, tests, subs, root / "junit", args.jobs, args.runtime
+        )
         profiles = {p.name: p.runtime for p in client.server_info().profiles}
         runtime = args.runtime or profiles.get("untrusted", "") or "the engine's default"
     finally:
         client.close()
         emb.stop()
-    plain = local(tests, subs, jobs)
+    plain, plain_cpu = local(tests, subs, jobs)
     n = args.submissions
     print(f"{n} submissions x 8 tests, {jobs} at a time, default limits, {runtime}")
     print(f"{'sandboxd grade':24} {graded:7.1f} s  {60 * n / graded:6.1f} submissions/min")
@@ -187,6 +194,11 @@ def main() -> int:
     overhead = (graded - plain) / n
     print(f"{'overhead per submission':24} {overhead:7.2f} s  (wall, at {jobs} at a time)")
     print(f"{'ratio grade / local':24} {graded / plain:7.2f}")
+    print(
+        f"{'CPU s per submission':24} {graded_cpu / n:7.2f} in the sandbox, "
+        f"{plain_cpu / n:.2f} local (ratio {graded_cpu / plain_cpu:.2f}; the test "
+        "processes only, not the engine's)"
+    )
     if phases is not None:
         print("client-side seconds per submission, by phase (summed over jobs):")
         for phase, seconds in sorted(phases.seconds.items(), key=lambda kv: -kv[1]):
