@@ -106,8 +106,8 @@ def judge_run(
 
 @dataclass(frozen=True)
 class Outcomes:
-    """What running a submission's tests gave, before points: the verdict, the per-test
-    results (id -> outcome, message, output) and what the run cost."""
+    """What running a submission's tests gave, before points: the verdict, each test's
+    result by id, and what the run cost."""
 
     verdict: Verdict
     message: str

@@ -87,7 +87,7 @@ class Grade:
     limits: dict[str, Any] = field(default_factory=dict)
 
 
-def test_seconds(course: Course, settings: GradeSettings, run_cap: float) -> float:
+def per_test_seconds(course: Course, settings: GradeSettings, run_cap: float) -> float:
     """Each test's budget: the command line's or course.toml's (0: off), else the default,
     at most half the submission's CPU budget (one loop must leave room for the other
     tests) and the server's cap on a run (`run_cap`, from its server info)."""
@@ -189,7 +189,7 @@ def resolved(course: Course, settings: GradeSettings, caps: Caps) -> tuple[Cours
     """The course's per-test budget and the batch's parallelism, made explicit from the
     server's caps, so the results document says what was used."""
     course = dataclasses.replace(
-        course, test_timeout=test_seconds(course, settings, caps.timeout_seconds)
+        course, test_timeout=per_test_seconds(course, settings, caps.timeout_seconds)
     )
     return course, dataclasses.replace(settings, jobs=jobs(settings, caps.sandboxes))
 
