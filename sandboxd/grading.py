@@ -131,12 +131,13 @@ def grade_one(
             outcomes = (per_test_run if per_test else suite_run)(box, course, settings)
     finally:
         box.close()
-    limits = {
-        **box.limits,
-        "test_seconds": course.test_timeout or 0.0,
-        "cpu_seconds": settings.cpu_seconds,
-    }
+    limits = {**box.limits, **_budgets(course, settings)}
     return _grade(submission.name, outcomes, course, box, junit_dir, limits)
+
+
+def _budgets(course: Course, settings: GradeSettings) -> dict[str, Any]:
+    """The grader's own limits, recorded with the sandbox's."""
+    return {"test_seconds": course.test_timeout or 0.0, "cpu_seconds": settings.cpu_seconds}
 
 
 def _grade(
@@ -232,6 +233,7 @@ def grade_all(
             log.warning("grading %s: %s", sub.name, exc.message)
             grade = Grade(sub.name, "error", f"service error: {exc.message}", 0.0, 0, 0)
             grade.image_digest, grade.runtime = image.digest, settings.runtime
+            grade.limits = {"memory_bytes": settings.memory_bytes, **_budgets(course, settings)}
             junit = junit_dir / f"{sub.name}.xml"
             _write_junit(junit, junit_xml(sub.name, "error", grade.message, []))
             grade.junit = str(junit)
