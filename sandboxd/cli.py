@@ -165,7 +165,12 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--profile", default="untrusted", help="security profile (%(default)s)")
     grade.add_argument("--runtime", default="", help="container runtime (default: the profile's)")
-    grade.add_argument("--jobs", type=int, default=2, help="sandboxes at once (%(default)s)")
+    grade.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="submissions at once (default: two per core here, at most the server's slots)",
+    )
     grade.add_argument(
         "--cpu-time", type=float, default=10.0, help="CPU seconds per submission (%(default)s)"
     )
@@ -176,8 +181,8 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     grade.add_argument(
         "--test-timeout",
         type=float,
-        help="seconds per test, each test in its own run (default: course.toml's, else 0: "
-        "one run for the whole suite)",
+        help="seconds per test, each under its own limits (default: course.toml's, else "
+        "5, at most half of --cpu-time; 0: one run for the whole suite)",
     )
     grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
     grade.add_argument(
@@ -455,7 +460,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
             args.tests,
             submissions,
             settings,
-            grading.junit_dir_for(args.reports or args.out),
+            args.reports / "junit" if args.reports else grading.junit_dir_for(args.out),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
             course=course,
         )
