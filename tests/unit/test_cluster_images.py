@@ -127,5 +127,5 @@ def test_an_image_no_live_node_has_and_nobody_built_here_is_not_found() -> None:
     assert images.image_id(BASE) == "sha256:base"
     a.alive = False
     images.forget_node(a.node_id)
-    with pytest.raises(NotFound, match="no node of the cluster has the image .sandbox-base"):
+    with pytest.raises(NotFound, match=r"no node of the cluster has the image 'sandbox-base"):
         images.ensure(b.node_id, BASE)
