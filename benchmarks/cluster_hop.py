@@ -3,21 +3,17 @@
     .venv/bin/python benchmarks/cluster_hop.py [-n 30]
 
 Two gateways on this host, both driving the host's Docker engine: one with the Docker
-engine directly, one with the cluster engine over a local Ray cluster (a head and two
-sandbox nodes started with ray.cluster_utils, loopback only). Printed, each side by side:
-create + destroy per sandbox (sequential), exec latency of `true` (p50/p95), the throughput
-of a 1 MiB stdout exec, and sandboxes per second with 4 clients creating at once.
+engine directly, one with the cluster engine over a local Ray cluster (two sandbox nodes
+on loopback, tests/cluster/local_ray.py). Printed side by side: create + destroy per
+sandbox (sequential), exec latency of `true` (p50/p95), a 1 MiB stdout exec, and
+sandboxes per second with 4 clients creating at once.
 The multi-node version with an engine per node is benchmarks/cluster.py.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback addresses only
-os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
-
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,14 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from sandboxd.api import SandboxRequest, requested_limits  # noqa: E402
 from sandboxd.client import SandboxClient  # noqa: E402
 from sandboxd.config import ServerConfig  # noqa: E402
-from sandboxd.limits import GiB, MiB  # noqa: E402
+from sandboxd.limits import MiB  # noqa: E402
 from sandboxd.server import create_server  # noqa: E402
+from tests.cluster.local_ray import LocalRay  # noqa: E402
 
 REQUEST = SandboxRequest(
     limits=requested_limits(cpus=0.25, memory_bytes=64 * MiB, pids=64, timeout_seconds=60)
@@ -91,22 +85,12 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hop-", dir="/tmp"))
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0, "include_dashboard": False, "node_ip_address": "127.0.0.1",
-            "temp_dir": str(tmp / "ray"),
-        },
-    )  # fmt: skip
-    for name in ("n1", "n2"):
-        cluster.add_node(
-            num_cpus=2, memory=1 * GiB, resources={"sandbox_node": 1},
-            node_name=name, node_ip_address="127.0.0.1",
-        )  # fmt: skip
+    local = LocalRay()
+    local.add_node("n2")
     common = {"pool_max_per_key": 0, "reap_interval_seconds": 3600.0, "state_dir": tmp}
     direct, _ = create_server(ServerConfig(**common), f"unix:{tmp}/direct.sock")  # type: ignore[arg-type]
     gateway, _ = create_server(
-        ServerConfig(engine="cluster", cluster_address=cluster.address, **common),  # type: ignore[arg-type]
+        ServerConfig(engine="cluster", cluster_address=local.address, **common),  # type: ignore[arg-type]
         f"unix:{tmp}/gateway.sock",
     )
     results = {}
@@ -118,8 +102,8 @@ def main() -> None:
     finally:
         gateway.stop(grace=2.0)
         direct.stop(grace=2.0)
-        ray.shutdown()
-        cluster.shutdown()
+        local.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'':26}{'docker':>10}{'cluster':>10}{'ratio':>8}")
     for key in results["docker"]:
         d, c = results["docker"][key], results["cluster"][key]
