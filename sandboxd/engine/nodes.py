@@ -192,8 +192,17 @@ class Nodes:
             if isinstance(cause, SandboxError):
                 raise cause from None
             raise SandboxError(f"the agent on node {self.name(node_id)} failed: {cause}") from None
-        except _DEAD as exc:
-            self._mark_lost(node_id, _why_dead(exc))
+        except ray.exceptions.ActorUnavailableError:
+            # Unreachable for now: lost only if Ray has given up on the node too.
+            if self._still_alive(node_id):
+                raise EngineUnavailable(
+                    f"the agent on node {self.name(node_id)} cannot be reached just now"
+                ) from None
+            self._mark_lost(node_id, "it cannot be reached and Ray reports it dead")
+            self.check(node_id)
+            raise
+        except _DEAD:
+            self._mark_lost(node_id, "its agent died with it")
             self.check(node_id)
             raise  # unreachable: check raised
         except ray.exceptions.GetTimeoutError:
@@ -214,9 +223,3 @@ class Nodes:
             self._agents.clear()
         for handle in handles:
             ray.kill(handle)
-
-
-def _why_dead(exc: BaseException) -> str:
-    if isinstance(exc, ray.exceptions.ActorUnavailableError):
-        return "its agent cannot be reached"
-    return "its agent died with it"
