@@ -154,6 +154,8 @@ class Nodes:
                 handle = self._agents.get(node_id)
             if handle is not None:
                 return handle
+            if node_id[:12] not in self._known:
+                self.all(fresh=True)  # a node that just joined: its name labels containers
             name = self.name(node_id)
             handle = (
                 ray.remote(NodeAgent)
