@@ -28,7 +28,7 @@ from sandboxd.errors import InvalidArgument, NodeLost, ResourceExhausted, Sandbo
 from sandboxd.limits import GiB, MiB
 from sandboxd.server import Service, create_server
 from tests.cluster.local_ray import LocalRay
-from tests.conftest import docker, make_config, small_limits
+from tests.conftest import docker, make_config, small_limits, wait_for
 
 
 @dataclass
@@ -173,6 +173,29 @@ def test_a_request_no_node_has_room_for_waits_then_is_exhausted(lab: Lab) -> Non
     finally:
         for box in boxes:
             lab.client.destroy_sandbox(box.id)
+
+
+def test_warm_sandboxes_give_way_to_a_live_one(lab: Lab, short_tmp: Path) -> None:
+    config = make_config(
+        engine="cluster",
+        cluster_address=lab.ray.address,
+        admission_timeout_seconds=30.0,
+        pool_max_per_key=4,
+        pool_idle_seconds=600.0,
+    )
+    service, _ = create_server(config, f"unix:{short_tmp}/pooled.sock")
+    try:
+        pool = service.core.manager.pool
+        assert pool is not None
+        for _ in range(4):  # four warm 1-CPU sandboxes take all of both nodes' CPUs
+            service.core.manager.prewarm(one_cpu())
+        assert wait_for(lambda: pool.stats()["ready"] == 4, timeout=120.0), pool.stats()
+        with SandboxClient(service.address) as client:
+            other = client.create_sandbox(one_cpu(memory_bytes=96 * MiB))
+            client.destroy_sandbox(other.id)
+        assert pool.stats()["ready"] < 4
+    finally:
+        service.stop(grace=2.0)
 
 
 def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) -> None:
