@@ -269,11 +269,6 @@ class ClusterEngine:
                 remove_placement_group(group)
         self.images.forget_node(node_id)
 
-    def close(self) -> None:
-        """Stop the agents; the manager has removed the containers already."""
-        with contextlib.suppress(Exception):
-            self.nodes.shutdown()
-
 
 class RemoteExec:
     """An exec running on a node, seen through its agent (the `ExecProcess` Protocol)."""

@@ -138,7 +138,8 @@ class Nodes:
     # -- agents -----------------------------------------------------------------------------------
 
     def agent(self, node_id: str) -> Any:
-        """The node's agent, started (and its leftovers reaped) on first use.
+        """The node's agent, started (and its leftovers reaped) on first use. Agents are
+        owned by this process (the Ray driver) and end with it.
 
         Raises:
             NodeLost: the node died. EngineUnavailable: the agent did not start in time.
@@ -217,11 +218,3 @@ class Nodes:
 
     def _still_alive(self, node_id: str) -> bool:
         return any(n.node_id == node_id and n.alive for n in self.all(fresh=True))
-
-    def shutdown(self) -> None:
-        """Stop the agents (their containers are removed by the caller first) and leave."""
-        with self._lock:
-            handles = list(self._agents.values())
-            self._agents.clear()
-        for handle in handles:
-            ray.kill(handle)
