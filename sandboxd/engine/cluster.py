@@ -251,10 +251,12 @@ class ClusterEngine:
         workdir: str,
         user: str,
         stdin: bool,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> RemoteExec:
         node_id, docker_id = self._where(container_id)
         handle = self.nodes.call(
-            node_id, "exec_start", docker_id, argv, dict(env), workdir, user, stdin
+            node_id, "exec_start", docker_id, argv, dict(env), workdir, user, stdin, tty, window
         )
         return RemoteExec(self.nodes, node_id, int(handle))
 
@@ -307,6 +309,12 @@ class RemoteExec:
     def kill(self) -> None:
         with contextlib.suppress(NodeLost):
             self._call("kill")
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._call("resize", rows, columns)
+
+    def signal(self, signum: int) -> None:
+        self._call("signal", signum)
 
     def close(self) -> None:
         with contextlib.suppress(SandboxError):

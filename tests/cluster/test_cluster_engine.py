@@ -29,6 +29,7 @@ from sandboxd.limits import GiB, MiB
 from sandboxd.server import Service, create_server
 from tests.cluster.local_ray import LocalRay
 from tests.conftest import docker, make_config, small_limits, wait_for
+from tests.service.test_interactive import Reader
 
 
 @dataclass
@@ -132,6 +133,30 @@ def test_files_and_stdin_travel_through_the_agent(lab: Lab) -> None:
         assert result.verdict == "ok"
         assert b"".join(chunks) == b"through the node\n" * 1000
         assert b"blob.bin" in lab.client.get_files(box.id, "/sandbox/work/blob.bin")
+    finally:
+        lab.client.destroy_sandbox(box.id)
+
+
+def test_a_terminal_session_travels_through_the_agent(lab: Lab) -> None:
+    box = lab.client.create_sandbox(one_cpu())
+    try:
+        session = lab.client.exec_session(box.id, ["/bin/sh"], tty=True, window=(24, 80))
+        reader = Reader(session)
+        session.write(b"stty size\n")
+        reader.expect(b"24 80")
+        session.resize(40, 120)
+        session.write(b"stty size\n")
+        reader.expect(b"40 120")
+        session.write(b"exit 3\n")
+        result = reader.finish()
+        assert (result.exit_code, result.verdict) == (3, "nonzero_exit")
+        script = "trap 'echo caught; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+        session = lab.client.exec_session(box.id, ["sh", "-c", script])
+        reader = Reader(session)
+        reader.expect(b"ready")
+        session.signal("TERM")
+        assert reader.finish().exit_code == 7
+        assert b"caught" in reader.output
     finally:
         lab.client.destroy_sandbox(box.id)
 
