@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Protocol, runtime_checkable
 
 #: Label on everything the service makes; the value is the owning instance id.
 LABEL_MANAGED = "sandbox.managed"
@@ -160,3 +160,15 @@ class Engine(Protocol):
     def sample(self, container_id: str) -> CgroupSample: ...
 
     def reset_peak(self, container_id: str) -> None: ...
+
+
+@runtime_checkable
+class RoomMaking(Protocol):
+    """An engine whose containers reserve room on nodes of limited size (the cluster's).
+
+    When a new container finds no room at first, the engine calls `make_room`, which the
+    wiring points at the warm pool: warm containers give way to live ones, as admission
+    makes them do on one machine. It says whether anything went.
+    """
+
+    make_room: Callable[[], bool]
