@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_info(sub)
     _add_grade(sub)
+    _add_port_forward(sub)
     return p
 
 
@@ -145,6 +146,19 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(grade)
+
+
+def _add_port_forward(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forward = sub.add_parser(
+        "port-forward",
+        help="reach a port inside a sandbox from 127.0.0.1 (the sandbox needs no network)",
+    )
+    forward.add_argument("sandbox_id", help="the sandbox's id")
+    forward.add_argument(
+        "ports", help="LOCAL_PORT:SANDBOX_PORT (LOCAL_PORT 0 picks a free one), or one port"
+    )
+    forward.add_argument("--address", help="the sandboxd that holds the sandbox")
+    _add_tls(forward)
 
 
 def _fragment(value: str) -> str:
@@ -373,6 +387,29 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     return 0
 
 
+def cmd_port_forward(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.tunnels import Tunnel, parse_ports
+
+    local, remote = parse_ports(args.ports)
+    with _client(args, config) as client:
+        client.get_sandbox(args.sandbox_id)  # a wrong id fails here, not at the first connection
+        tunnel = Tunnel(
+            lambda upstream: client.port_forward(args.sandbox_id, remote, upstream), local
+        )
+        print(
+            f"Forwarding from 127.0.0.1:{tunnel.port} -> {args.sandbox_id}:{remote}",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            tunnel.serve_forever(
+                on_error=lambda message: print(f"sandboxd: {message}", file=sys.stderr, flush=True)
+            )
+        finally:
+            tunnel.close()
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "bootstrap-image": cmd_bootstrap,
@@ -381,6 +418,7 @@ COMMANDS = {
     "run": cmd_run,
     "grade": cmd_grade,
     "info": cmd_info,
+    "port-forward": cmd_port_forward,
 }
 
 

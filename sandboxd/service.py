@@ -26,6 +26,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
 from sandboxd.execs import ExecRequest, Executor, Output
+from sandboxd.forwarding import Forwarder
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
@@ -263,6 +264,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         self.executor = executor
         self.files = Transfers(executor)
         self.images = images
+        self.forwarder = Forwarder(manager)
 
     @unary
     def CreateSandbox(
@@ -395,3 +397,31 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     missing_paths=collected.missing,
                 )
             )
+
+    @streaming
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardFrame], context: grpc.ServicerContext
+    ) -> Iterator[pb.PortForwardFrame]:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise errors.InvalidArgument(
+                "PortForward: the first frame must be the header", field="header"
+            )
+        header = first.header
+        connection = self.forwarder.open(header.sandbox_id, header.port, owner_of(context))
+        context.add_callback(connection.close)  # the client went away: end the relay
+
+        def chunks() -> Iterator[bytes]:
+            for frame in request_iterator:
+                if frame.HasField("header"):
+                    raise errors.InvalidArgument(
+                        "PortForward: only the first frame may be a header", field="header"
+                    )
+                yield frame.data
+
+        connection.feed(chunks())
+        try:
+            for data in connection.received():
+                yield pb.PortForwardFrame(data=data)
+        finally:
+            connection.close()

@@ -13,6 +13,7 @@ from sandboxd.execs import ExecOutcome, ExecRequest
 from sandboxd.images import ContextFile, ImageRecord
 from sandboxd.info import ProfileInfo, ServerInfo
 from sandboxd.limits import Caps, Limits
+from sandboxd.mounts import Mount
 from sandboxd.sandboxes import SandboxRecord
 from sandboxd.verdicts import VERDICTS, by_wire
 
@@ -60,6 +61,7 @@ def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
         profile=r.profile,
         labels=dict(r.labels),
         preload_argv=list(r.preload_argv),
+        mounts=[pb.Mount(source=m.source, target=m.target, writable=m.writable) for m in r.mounts],
     )
 
 
@@ -74,6 +76,7 @@ def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
         profile=m.profile,
         labels=dict(m.labels),
         preload_argv=tuple(m.preload_argv),
+        mounts=tuple(Mount(x.source, x.target, x.writable) for x in m.mounts),
     )
 
 

@@ -455,6 +455,7 @@ class SandboxSpec(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     PRELOAD_ARGV_FIELD_NUMBER: _builtins.int
+    MOUNTS_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Image key, tag or reference; empty means the server's base image."""
     workdir: _builtins.str
@@ -483,6 +484,12 @@ class SandboxSpec(_message.Message):
         Sandboxes with the same spec may be kept warm in a pool, preload running.
         """
 
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mount]:
+        """Host directories to mount; each must lie below a directory the server's
+        config lists (mount_roots), and the profile must allow mounts.
+        """
+
     def __init__(
         self,
         *,
@@ -495,14 +502,49 @@ class SandboxSpec(_message.Message):
         profile: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         preload_argv: _abc.Iterable[_builtins.str] | None = ...,
+        mounts: _abc.Iterable[Global___Mount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "preload_argv", b"preload_argv", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "mounts", b"mounts", "preload_argv", b"preload_argv", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
+
+@_typing.final
+class Mount(_message.Message):
+    """A host directory seen inside the sandbox, mounted nosuid and nodev."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Absolute path on the server's host; symlinks are followed and the result
+    must lie below one of the server's mount_roots; ".." is refused.
+    """
+    target: _builtins.str
+    """Absolute path inside the sandbox; empty means the same path as source."""
+    writable: _builtins.bool
+    """Read-write instead of read-only (the default); allowed only below one of
+    the server's writable_mount_roots.
+    """
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Mount: _TypeAlias = Mount  # noqa: Y015
 
 @_typing.final
 class CreateSandboxRequest(_message.Message):
@@ -1070,6 +1112,59 @@ class RunResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunResult: _TypeAlias = RunResult  # noqa: Y015
+
+@_typing.final
+class PortForwardHeader(_message.Message):
+    """------------------------------------------------------- port forwarding"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    port: _builtins.int
+    """TCP port inside the sandbox (on 127.0.0.1), 1 to 65535."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortForwardHeader: _TypeAlias = PortForwardHeader  # noqa: Y015
+
+@_typing.final
+class PortForwardFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Bytes of the connection, in order; any size up to the message limit."""
+    @_builtins.property
+    def header(self) -> Global___PortForwardHeader:
+        """Only in the first request frame."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PortForwardHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___PortForwardFrame: _TypeAlias = PortForwardFrame  # noqa: Y015
 
 @_typing.final
 class GetServerInfoRequest(_message.Message):
