@@ -89,6 +89,10 @@ class Tunnel:
         except OSError:
             pass  # the local side went away first
         finally:
+            # shutdown, not just close: the thread reading this socket for the stream
+            # would keep it open, and the local side would never see the end.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
 
