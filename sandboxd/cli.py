@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -149,14 +150,9 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_port_forward(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    forward = sub.add_parser(
-        "port-forward",
-        help="reach a port inside a sandbox from 127.0.0.1 (the sandbox needs no network)",
-    )
+    forward = sub.add_parser("port-forward", help="reach a port inside a sandbox from 127.0.0.1")
     forward.add_argument("sandbox_id", help="the sandbox's id")
-    forward.add_argument(
-        "ports", help="LOCAL_PORT:SANDBOX_PORT (LOCAL_PORT 0 picks a free one), or one port"
-    )
+    forward.add_argument("ports", help="LOCAL_PORT:SANDBOX_PORT (LOCAL_PORT 0: any free one)")
     forward.add_argument("--address", help="the sandboxd that holds the sandbox")
     _add_tls(forward)
 
@@ -391,20 +387,13 @@ def cmd_port_forward(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.tunnels import Tunnel, parse_ports
 
     local, remote = parse_ports(args.ports)
+    say = functools.partial(print, file=sys.stderr, flush=True)
     with _client(args, config) as client:
-        client.get_sandbox(args.sandbox_id)  # a wrong id fails here, not at the first connection
-        tunnel = Tunnel(
-            lambda upstream: client.port_forward(args.sandbox_id, remote, upstream), local
-        )
-        print(
-            f"Forwarding from 127.0.0.1:{tunnel.port} -> {args.sandbox_id}:{remote}",
-            file=sys.stderr,
-            flush=True,
-        )
+        client.get_sandbox(args.sandbox_id)  # a wrong id fails here, not at a connection
+        tunnel = Tunnel(lambda up: client.port_forward(args.sandbox_id, remote, up), local)
+        say(f"Forwarding from 127.0.0.1:{tunnel.port} -> {args.sandbox_id}:{remote}")
         try:
-            tunnel.serve_forever(
-                on_error=lambda message: print(f"sandboxd: {message}", file=sys.stderr, flush=True)
-            )
+            tunnel.serve_forever(on_error=lambda message: say(f"sandboxd: {message}"))
         finally:
             tunnel.close()
     return 0
