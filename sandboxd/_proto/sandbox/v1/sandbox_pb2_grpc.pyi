@@ -4,6 +4,11 @@ isort:skip_file
 The sandbox API: build images from Dockerfile fragments, run throwaway,
 resource-limited containers, exec commands in them, move files in and out.
 
+Units, unless a comment says otherwise: sizes are bytes, durations are
+seconds (fractions allowed), times are seconds since the Unix epoch (UTC).
+A zero or empty field of a request means "the server's default"; the
+defaults and caps themselves are in ServerInfo (InfoService).
+
 Errors are gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT   a malformed request or a limit above the server's cap
                      (the message names the field and the cap)
