@@ -150,11 +150,16 @@ def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
             ttl_seconds=c.ttl_seconds,
             sandboxes=c.sandboxes,
         ),
-        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
+        profiles=tuple(
+            ProfileInfo(p.name, p.runtime, p.allow_network, p.allow_port_forward, p.allow_mounts)
+            for p in m.profiles
+        ),
         default_profile=m.default_profile,
         runtimes=tuple(m.runtimes),
         base_image=m.base_image,
         default_ttl_seconds=m.default_ttl_seconds,
+        mount_roots=tuple(m.mount_roots),
+        writable_mount_roots=tuple(m.writable_mount_roots),
     )
 
 
@@ -200,13 +205,21 @@ def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
         default_limits=limits_to_pb(info.defaults),
         caps=caps_to_pb(info.caps),
         profiles=[
-            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
+            pb.ProfileInfo(
+                name=p.name,
+                runtime=p.runtime,
+                allow_network=p.allow_network,
+                allow_port_forward=p.allow_port_forward,
+                allow_mounts=p.allow_mounts,
+            )
             for p in info.profiles
         ],
         default_profile=info.default_profile,
         runtimes=list(info.runtimes),
         base_image=info.base_image,
         default_ttl_seconds=info.default_ttl_seconds,
+        mount_roots=list(info.mount_roots),
+        writable_mount_roots=list(info.writable_mount_roots),
     )
 
 

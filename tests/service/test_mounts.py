@@ -177,3 +177,11 @@ def test_a_profile_configured_for_mounts_gets_them_under_gvisor(
     assert out.startswith("fixture content\n") and "Read-only file system" in out, out
     assert result.exit_code != 0
     assert not (roots / "data" / "new").exists()
+
+
+def test_the_server_tells_clients_what_it_allows(mounting: SandboxClient, roots: Path) -> None:
+    info = mounting.server_info()
+    assert info.mount_roots == (str(roots / "data"),)
+    assert info.writable_mount_roots == (str(roots / "out"),)
+    allowed = {p.name: (p.allow_mounts, p.allow_port_forward) for p in info.profiles}
+    assert allowed == {"default": (True, True), "untrusted": (False, False), "jail": (True, False)}

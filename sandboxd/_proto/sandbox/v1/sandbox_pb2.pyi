@@ -1326,21 +1326,30 @@ class ProfileInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     ALLOW_NETWORK_FIELD_NUMBER: _builtins.int
+    ALLOW_PORT_FORWARD_FIELD_NUMBER: _builtins.int
+    ALLOW_MOUNTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     runtime: _builtins.str
     """The runtime the profile asks for; empty means the engine's default."""
     allow_network: _builtins.bool
     """Whether its sandboxes may ask for Limits.network."""
+    allow_port_forward: _builtins.bool
+    """Whether PortForward reaches its sandboxes, and whether they may have
+    host mounts (below ServerInfo.mount_roots).
+    """
+    allow_mounts: _builtins.bool
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         runtime: _builtins.str = ...,
         allow_network: _builtins.bool = ...,
+        allow_port_forward: _builtins.bool = ...,
+        allow_mounts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network", b"allow_network", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_mounts", b"allow_mounts", "allow_network", b"allow_network", "allow_port_forward", b"allow_port_forward", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1361,6 +1370,8 @@ class ServerInfo(_message.Message):
     RUNTIMES_FIELD_NUMBER: _builtins.int
     BASE_IMAGE_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    MOUNT_ROOTS_FIELD_NUMBER: _builtins.int
+    WRITABLE_MOUNT_ROOTS_FIELD_NUMBER: _builtins.int
     api_version: _builtins.str
     """The API package, "sandbox.v1"."""
     server_version: _builtins.str
@@ -1385,6 +1396,14 @@ class ServerInfo(_message.Message):
     def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Container runtimes registered with the engine ("runc", "runsc", ...)."""
 
+    @_builtins.property
+    def mount_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Host directories below which SandboxSpec.mounts may mount read-only, and
+        read-write; both empty: no host mounts on this server.
+        """
+
+    @_builtins.property
+    def writable_mount_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1399,10 +1418,12 @@ class ServerInfo(_message.Message):
         runtimes: _abc.Iterable[_builtins.str] | None = ...,
         base_image: _builtins.str = ...,
         default_ttl_seconds: _builtins.float = ...,
+        mount_roots: _abc.Iterable[_builtins.str] | None = ...,
+        writable_mount_roots: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caps", b"caps", "default_limits", b"default_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "base_image", b"base_image", "caps", b"caps", "default_limits", b"default_limits", "default_profile", b"default_profile", "default_ttl_seconds", b"default_ttl_seconds", "engine", b"engine", "engine_version", b"engine_version", "profiles", b"profiles", "runtimes", b"runtimes", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "base_image", b"base_image", "caps", b"caps", "default_limits", b"default_limits", "default_profile", b"default_profile", "default_ttl_seconds", b"default_ttl_seconds", "engine", b"engine", "engine_version", b"engine_version", "mount_roots", b"mount_roots", "profiles", b"profiles", "runtimes", b"runtimes", "server_version", b"server_version", "writable_mount_roots", b"writable_mount_roots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
