@@ -74,6 +74,9 @@ def _absolute(path: str, field: str) -> str:
         raise InvalidArgument(f"{field}: {path[:80]!r} is not an absolute path", field=field)
     if ".." in path.split("/"):
         raise InvalidArgument(f"{field}: {path[:80]!r} has '..'; give the path itself", field=field)
+    if ":" in path or "," in path:
+        # The engines' mount syntax separates with these; such a path would be misread.
+        raise InvalidArgument(f"{field}: {path[:80]!r} has ':' or ','", field=field)
     return posixpath.normpath(path)
 
 

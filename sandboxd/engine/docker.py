@@ -253,7 +253,7 @@ class DockerEngine:
                 for name, (soft, hard) in spec.ulimits.items()
             ],
             ipc_mode="private",
-            mounts=[_bind_volume(b, spec.labels) for b in spec.binds] or None,
+            **self._host_mounts(spec),
         )
         created = self._call(
             lambda: api.create_container(
@@ -277,6 +277,10 @@ class DockerEngine:
                 self.remove_container(container_id)
             raise
         return container_id
+
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """The host config's arguments for the spec's host directories."""
+        return {"mounts": [_bind_volume(b, spec.labels) for b in spec.binds] or None}
 
     def _tmpfs_owner(self, user: str) -> str:
         """The tmpfs option that gives a scratch mount to the sandbox's user."""

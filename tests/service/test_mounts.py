@@ -185,3 +185,31 @@ def test_the_server_tells_clients_what_it_allows(mounting: SandboxClient, roots:
     assert info.writable_mount_roots == (str(roots / "out"),)
     allowed = {p.name: (p.allow_mounts, p.allow_port_forward) for p in info.profiles}
     assert allowed == {"default": (True, True), "untrusted": (False, False), "jail": (True, False)}
+
+
+def test_on_podman_too_read_only_and_writable_mounts_are_nosuid_nodev(
+    roots: Path,
+    config_factory: Callable[..., ServerConfig],
+    limits_factory: Callable[..., Limits],
+    short_tmp: Path,
+) -> None:
+    config = config_factory(
+        engine="podman", mount_roots=(roots / "data",), writable_mount_roots=(roots / "out",)
+    )
+    service, address = create_server(config, f"unix:{short_tmp}/mounts-podman.sock")
+    try:
+        with SandboxClient(address, retry_seconds=2.0) as client:
+            mounts = (Mount(str(roots / "data"), "/data"), Mount(str(roots / "out"), "/o", True))
+            with client.sandbox(SandboxRequest(limits=limits_factory(), mounts=mounts)) as box:
+                out, _ = sh(client, box.id, "grep -E ' /(data|o) ' /proc/self/mountinfo")
+                flags = {
+                    line.split()[4]: set(line.split()[5].split(",")) for line in out.splitlines()
+                }
+                assert {"ro", "nosuid", "nodev"} <= flags["/data"], out
+                assert {"rw", "nosuid", "nodev"} <= flags["/o"], out
+                out, result = sh(client, box.id, "cat /data/fixture.txt; echo x > /o/podman.txt")
+                assert out == "fixture content\n" and result.verdict == "ok", (out, result)
+        assert (roots / "out" / "podman.txt").read_text() == "x\n"
+        (roots / "out" / "podman.txt").unlink()
+    finally:
+        service.stop(grace=1.0)

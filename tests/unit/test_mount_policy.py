@@ -42,6 +42,7 @@ def test_allowed_mounts_resolve_and_default_to_read_only(config: ServerConfig) -
     [
         (Mount("relative/path"), InvalidArgument, r"source: 'relative/path' is not an absolute"),
         (Mount("/x/../y"), InvalidArgument, r"source: '/x/../y' has '..'"),
+        (Mount("{data}", "/a:b"), InvalidArgument, r"target: '/a:b' has ':' or ','"),
         (Mount("{data}", "/a/../b"), InvalidArgument, r"target: '/a/../b' has '..'"),
         (Mount("{data}", "/proc/x"), InvalidArgument, r"/proc/x is reserved"),
         (Mount("{data}", "/"), InvalidArgument, r"/ is reserved"),
