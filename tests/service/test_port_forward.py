@@ -194,3 +194,21 @@ def test_the_cli_refuses_bad_ports_before_connecting() -> None:
     )
     assert result.returncode == 2
     assert "out of range" in result.stderr
+
+
+def test_on_podman_too(
+    config_factory: Callable[..., ServerConfig],
+    limits_factory: Callable[..., Limits],
+    short_tmp: Path,
+) -> None:
+    service, address = create_server(
+        config_factory(engine="podman"), f"unix:{short_tmp}/forward-podman.sock"
+    )
+    try:
+        with SandboxClient(address, retry_seconds=2.0) as client:
+            for box in http_box(client, limits_factory(pids=32)):
+                request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
+                answer = b"".join(client.port_forward(box.id, PORT, request))
+                assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(PAGE)
+    finally:
+        service.stop(grace=1.0)
