@@ -93,7 +93,7 @@ def test_an_allowed_directory_is_readable_and_read_only_by_default(
     box = make_box(Mount(data, "/data"), Mount(f"{data}/nested"))
     out, result = sh(mounting, box, "cat /data/fixture.txt")
     assert result.verdict == "ok" and out == "fixture content\n"
-    out, result = sh(mounting, box, "echo x > /data/new 2>&1")
+    out, result = sh(mounting, box, "exec 2>&1; echo x > /data/new")
     assert result.exit_code != 0 and "Read-only file system" in out, out
     assert not (roots / "data" / "new").exists()
     # nosuid and nodev, as the kernel sees the mount
@@ -173,7 +173,7 @@ def test_a_profile_configured_for_mounts_gets_them_under_gvisor(
     mounting: SandboxClient, make_box: Callable[..., str], roots: Path
 ) -> None:
     box = make_box(Mount(str(roots / "data"), "/data"), profile="jail")
-    out, result = sh(mounting, box, "cat /data/fixture.txt; echo x > /data/new 2>&1")
+    out, result = sh(mounting, box, "exec 2>&1; cat /data/fixture.txt; echo x > /data/new")
     assert out.startswith("fixture content\n") and "Read-only file system" in out, out
     assert result.exit_code != 0
     assert not (roots / "data" / "new").exists()
