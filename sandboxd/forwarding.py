@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 from sandboxd.engine.base import ExecProcess
 from sandboxd.errors import (
-    EngineUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -187,13 +186,7 @@ class Forwarder:
                 user=record.user,
                 stdin=True,
             )
-        except NotFound:
-            raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
-        except EngineUnavailable:
-            raise
-        except SandboxError:
-            if self.manager.alive(record):
-                raise
+        except NotFound:  # (a stopped container is the engine's FAILED_PRECONDITION)
             raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
         log.info("port-forward to %s:%d", record.id, port)
         return Connection(record, port, proc)
