@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from sandboxd import errors
+from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.api import Sandbox, SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.config import UNTRUSTED_PROFILE, Profile, ServerConfig
@@ -212,3 +214,16 @@ def test_on_podman_too(
                 assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(PAGE)
     finally:
         service.stop(grace=1.0)
+
+
+def test_frames_out_of_order_are_invalid(client: SandboxClient, box: Sandbox) -> None:
+    header = pb.PortForwardFrame(header=pb.PortForwardHeader(sandbox_id=box.id, port=PORT))
+    data = pb.PortForwardFrame(data=b"GET / HTTP/1.0\r\n")
+    for frames, why in [
+        ([data], "the first frame must be the header"),
+        ([header, data, header], "only the first frame may be a header"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.sandboxes.PortForward(iter(frames), timeout=60))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in str(info.value.details())
