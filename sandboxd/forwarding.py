@@ -180,7 +180,8 @@ class Forwarder:
         try:
             proc = self.manager.engine.exec(
                 record.container_id,
-                ["python3", "-c", RELAY, str(port)],
+                # -I -S: no site packages or user environment to import; it starts sooner.
+                ["python3", "-I", "-S", "-c", RELAY, str(port)],
                 env={},
                 workdir=record.workdir,
                 user=record.user,
