@@ -106,6 +106,8 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
+    #: Forwarded connections open at once on the server: each holds a server thread.
+    max_port_forwards: int = 16
     #: Host directories below which sandboxes may mount read-only (none: no host mounts).
     mount_roots: tuple[Path, ...] = ()
     #: Host directories below which sandboxes may also mount read-write.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sandboxd.engine.base import ExecProcess
 from sandboxd.errors import (
@@ -21,6 +21,7 @@ from sandboxd.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     SandboxError,
 )
 from sandboxd.models import SandboxRecord
@@ -78,10 +79,18 @@ def check_port(port: int) -> int:
 class Connection:
     """One forwarded connection: bytes in through `feed`, bytes out from `received`."""
 
-    def __init__(self, record: SandboxRecord, port: int, proc: ExecProcess) -> None:
+    def __init__(
+        self,
+        record: SandboxRecord,
+        port: int,
+        proc: ExecProcess,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
         self.record = record
         self.port = port
         self.proc = proc
+        self._on_close = on_close
+        self._closed = False
         self._lock = threading.Lock()
         self._ended = False
         self._failure: SandboxError | None = None
@@ -147,10 +156,13 @@ class Connection:
         """End the connection now (the client went away); safe to call more than once."""
         with self._lock:
             running, self._ended = not self._ended, True
+            first, self._closed = not self._closed, True
         if running:
             self.proc.kill()
         with contextlib.suppress(OSError):
             self.proc.close()
+        if first:
+            self._on_close()
 
 
 class Forwarder:
@@ -158,6 +170,9 @@ class Forwarder:
 
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
+        self.limit = manager.config.max_port_forwards
+        self._lock = threading.Lock()
+        self._open = 0
 
     def open(self, sandbox_id: str, port: int, owner: str = "") -> Connection:
         """Connect to `port` inside the sandbox (the relay starts; the connection is made
@@ -168,6 +183,7 @@ class Forwarder:
             NotFound: unknown sandbox.
             PermissionDenied: another client's sandbox, or a profile without port-forward.
             FailedPrecondition: the sandbox is no longer running.
+            ResourceExhausted: the server's forwarded connections are all in use.
         """
         check_port(port)
         record = self.manager.get(sandbox_id, owner)
@@ -177,6 +193,7 @@ class Forwarder:
                 f"profile {profile.name!r} does not allow port-forward (the server's config can "
                 "allow it: allow_port_forward in its [[profiles]] table)"
             )
+        self._take()
         try:
             proc = self.manager.engine.exec(
                 record.container_id,
@@ -187,7 +204,25 @@ class Forwarder:
                 user=record.user,
                 stdin=True,
             )
-        except NotFound:  # (a stopped container is the engine's FAILED_PRECONDITION)
-            raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
+        except BaseException as exc:
+            self._release()
+            if isinstance(exc, NotFound):  # (a stopped container: the engine's 409)
+                raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None
+            raise
         log.info("port-forward to %s:%d", record.id, port)
-        return Connection(record, port, proc)
+        return Connection(record, port, proc, on_close=self._release)
+
+    def _take(self) -> None:
+        """Raises: ResourceExhausted: `limit` connections are open."""
+        with self._lock:
+            if self._open >= self.limit:
+                raise ResourceExhausted(
+                    f"this server forwards at most {self.limit} connections at once; close one "
+                    "(the server's config sets max_port_forwards)",
+                    retry_after=1.0,
+                )
+            self._open += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1

@@ -409,7 +409,9 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
             )
         header = first.header
         connection = self.forwarder.open(header.sandbox_id, header.port, owner_of(context))
-        context.add_callback(connection.close)  # the client went away: end the relay
+        if not context.add_callback(connection.close):  # at the call's end, however it ends
+            connection.close()  # it has ended already
+            return
 
         def chunks() -> Iterator[bytes]:
             for frame in request_iterator:

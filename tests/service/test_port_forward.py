@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,3 +228,44 @@ def test_frames_out_of_order_are_invalid(client: SandboxClient, box: Sandbox) ->
             list(client.sandboxes.PortForward(iter(frames), timeout=60))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert why in str(info.value.details())
+
+
+BANNER_SERVER = (
+    "import socket; s = socket.create_server(('127.0.0.1', 9000)); c, _ = s.accept(); "
+    "c.sendall(b'hello'); c.recv(1)"
+)
+
+
+def test_the_server_caps_connections_open_at_once(
+    config_factory: Callable[..., ServerConfig],
+    limits_factory: Callable[..., Limits],
+    short_tmp: Path,
+) -> None:
+    service, address = create_server(
+        config_factory(max_port_forwards=1), f"unix:{short_tmp}/forward-cap.sock"
+    )
+    release = threading.Event()
+
+    def held() -> Iterator[bytes]:
+        release.wait(60)
+        yield b"x"  # the banner server's cue to close
+
+    try:
+        with SandboxClient(address, retry_seconds=2.0) as client:
+            for box in http_box(client, limits_factory(pids=32)):
+                started = client.exec(
+                    box.id, ["sh", "-c", f'python3 -c "{BANNER_SERVER}" >/dev/null 2>&1 &']
+                )
+                assert started.verdict == "ok"
+                first = client.port_forward(box.id, 9000, held())
+                # The banner arrived: the first connection is open and holds the one slot.
+                assert next(first) == b"hello"
+                with pytest.raises(errors.ResourceExhausted, match="at most 1 connections"):
+                    list(client.port_forward(box.id, PORT, []))
+                release.set()
+                assert list(first) == []  # it ends, and gives its slot back
+                request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
+                assert b"".join(client.port_forward(box.id, PORT, request)).endswith(PAGE)
+    finally:
+        release.set()
+        service.stop(grace=1.0)
