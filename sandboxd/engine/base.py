@@ -95,6 +95,14 @@ class ExecProcess(Protocol):
         """Kill the command and everything it started."""
         ...
 
+    def resize(self, rows: int, columns: int) -> None:
+        """Set the size of the command's terminal (a TTY exec only)."""
+        ...
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the command's main process."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -154,7 +162,12 @@ class Engine(Protocol):
         workdir: str,
         user: str,
         stdin: bool,
-    ) -> ExecProcess: ...
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> ExecProcess:
+        """Start `argv`; with `tty`, on a pseudo-terminal of `window` (rows, columns) whose
+        output arrives as stream 1."""
+        ...
 
     def sample(self, container_id: str) -> CgroupSample: ...
 

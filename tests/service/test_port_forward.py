@@ -221,8 +221,8 @@ def test_frames_out_of_order_are_invalid(client: SandboxClient, box: Sandbox) ->
     header = pb.PortForwardFrame(header=pb.PortForwardHeader(sandbox_id=box.id, port=PORT))
     data = pb.PortForwardFrame(data=b"GET / HTTP/1.0\r\n")
     for frames, why in [
-        ([data], "the first frame must be the header"),
-        ([header, data, header], "only the first frame may be a header"),
+        ([data], "the first message must be the header"),
+        ([header, data, header], "only the first message may be a header"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             list(client.sandboxes.PortForward(iter(frames), timeout=60))
