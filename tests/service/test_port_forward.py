@@ -3,6 +3,7 @@ that has no network, one gRPC stream each, as `sandboxd port-forward` opens them
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -150,25 +151,45 @@ def test_refused_for_the_untrusted_profile(
         client.destroy_sandbox(box.id)
 
 
-def test_allowed_for_untrusted_when_the_config_says_so_under_gvisor(
+OwnService = Callable[..., contextlib.AbstractContextManager[tuple[SandboxClient, Sandbox]]]
+
+
+@pytest.fixture
+def own_service(
     config_factory: Callable[..., ServerConfig],
     limits_factory: Callable[..., Limits],
     short_tmp: Path,
+) -> OwnService:
+    """`own_service(NAME, **config)`: a service of its own and an HTTP box on it."""
+
+    @contextlib.contextmanager
+    def start(name: str, **config: object) -> Iterator[tuple[SandboxClient, Sandbox]]:
+        service, address = create_server(config_factory(**config), f"unix:{short_tmp}/{name}")
+        try:
+            with SandboxClient(address, retry_seconds=2.0) as client:
+                for box in http_box(client, limits_factory(pids=32)):
+                    yield client, box
+        finally:
+            service.stop(grace=1.0)
+
+    return start
+
+
+def the_page(client: SandboxClient, sandbox_id: str) -> bytes:
+    request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
+    answer = b"".join(client.port_forward(sandbox_id, PORT, request))
+    assert answer.startswith(b"HTTP/1.0 200"), answer[:100]
+    return answer[-len(PAGE) :]
+
+
+def test_allowed_for_untrusted_when_the_config_says_so_under_gvisor(
+    own_service: OwnService,
 ) -> None:
     allowing = Profile(**{**UNTRUSTED_PROFILE.__dict__, "allow_port_forward": True})
-    service, address = create_server(
-        config_factory(profiles=(allowing,), default_profile="untrusted"),
-        f"unix:{short_tmp}/forward.sock",
-    )
-    try:
-        with SandboxClient(address, retry_seconds=2.0) as client:
-            for box in http_box(client, limits_factory(pids=32)):
-                assert box.runtime == "runsc"
-                request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
-                answer = b"".join(client.port_forward(box.id, PORT, request))
-                assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(PAGE)
-    finally:
-        service.stop(grace=1.0)
+    config = {"profiles": (allowing,), "default_profile": "untrusted"}
+    with own_service("forward.sock", **config) as (client, box):
+        assert box.runtime == "runsc"
+        assert the_page(client, box.id) == PAGE
 
 
 def test_the_cli_forwards_a_local_port(client: SandboxClient, box: Sandbox) -> None:
@@ -199,22 +220,9 @@ def test_the_cli_refuses_bad_ports_before_connecting() -> None:
     assert "out of range" in result.stderr
 
 
-def test_on_podman_too(
-    config_factory: Callable[..., ServerConfig],
-    limits_factory: Callable[..., Limits],
-    short_tmp: Path,
-) -> None:
-    service, address = create_server(
-        config_factory(engine="podman"), f"unix:{short_tmp}/forward-podman.sock"
-    )
-    try:
-        with SandboxClient(address, retry_seconds=2.0) as client:
-            for box in http_box(client, limits_factory(pids=32)):
-                request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
-                answer = b"".join(client.port_forward(box.id, PORT, request))
-                assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(PAGE)
-    finally:
-        service.stop(grace=1.0)
+def test_on_podman_too(own_service: OwnService) -> None:
+    with own_service("forward-podman.sock", engine="podman") as (client, box):
+        assert the_page(client, box.id) == PAGE
 
 
 def test_frames_out_of_order_are_invalid(client: SandboxClient, box: Sandbox) -> None:
@@ -236,14 +244,7 @@ BANNER_SERVER = (
 )
 
 
-def test_the_server_caps_connections_open_at_once(
-    config_factory: Callable[..., ServerConfig],
-    limits_factory: Callable[..., Limits],
-    short_tmp: Path,
-) -> None:
-    service, address = create_server(
-        config_factory(max_port_forwards=1), f"unix:{short_tmp}/forward-cap.sock"
-    )
+def test_the_server_caps_connections_open_at_once(own_service: OwnService) -> None:
     release = threading.Event()
 
     def held() -> Iterator[bytes]:
@@ -251,21 +252,18 @@ def test_the_server_caps_connections_open_at_once(
         yield b"x"  # the banner server's cue to close
 
     try:
-        with SandboxClient(address, retry_seconds=2.0) as client:
-            for box in http_box(client, limits_factory(pids=32)):
-                started = client.exec(
-                    box.id, ["sh", "-c", f'python3 -c "{BANNER_SERVER}" >/dev/null 2>&1 &']
-                )
-                assert started.verdict == "ok"
-                first = client.port_forward(box.id, 9000, held())
-                # The banner arrived: the first connection is open and holds the one slot.
-                assert next(first) == b"hello"
-                with pytest.raises(errors.ResourceExhausted, match="at most 1 connections"):
-                    list(client.port_forward(box.id, PORT, []))
-                release.set()
-                assert list(first) == []  # it ends, and gives its slot back
-                request = [b"GET /index.html HTTP/1.0\r\n\r\n"]
-                assert b"".join(client.port_forward(box.id, PORT, request)).endswith(PAGE)
+        with own_service("forward-cap.sock", max_port_forwards=1) as (client, box):
+            started = client.exec(
+                box.id, ["sh", "-c", f'python3 -c "{BANNER_SERVER}" >/dev/null 2>&1 &']
+            )
+            assert started.verdict == "ok"
+            first = client.port_forward(box.id, 9000, held())
+            # The banner arrived: the first connection is open and holds the one slot.
+            assert next(first) == b"hello"
+            with pytest.raises(errors.ResourceExhausted, match="at most 1 connections"):
+                list(client.port_forward(box.id, PORT, []))
+            release.set()
+            assert list(first) == []  # it ends, and gives its slot back
+            assert the_page(client, box.id) == PAGE
     finally:
         release.set()
-        service.stop(grace=1.0)
