@@ -38,6 +38,10 @@ class Profile:
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
     allow_network: bool = True
+    #: May clients reach ports inside its sandboxes through the API (PortForward)?
+    allow_port_forward: bool = True
+    #: May its sandboxes mount host directories (below the server's mount roots)?
+    allow_mounts: bool = True
 
 
 DEFAULT_PROFILE = Profile(
@@ -51,6 +55,8 @@ UNTRUSTED_PROFILE = Profile(
     user="65534:65534",
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
+    allow_port_forward=False,
+    allow_mounts=False,
 )
 
 
@@ -105,6 +111,12 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
+    #: Forwarded connections open at once on the server: each holds a server thread.
+    max_port_forwards: int = 16
+    #: Host directories below which sandboxes may mount read-only (none: no host mounts).
+    mount_roots: tuple[Path, ...] = ()
+    #: Host directories below which sandboxes may also mount read-write.
+    writable_mount_roots: tuple[Path, ...] = ()
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -136,6 +148,7 @@ def default_state_dir() -> Path:
 
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+_PATH_LISTS = ("mount_roots", "writable_mount_roots")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -177,11 +190,26 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise InvalidArgument(f"config {path}: unknown setting {key!r}")
         if key.endswith("_bytes") and isinstance(value, str):
             value = parse_size(value, field=key)
+        if key in _PATH_LISTS:
+            value = _paths_from(value, key)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     config = ServerConfig(**kwargs)
     config.profile(config.default_profile)  # an unknown default fails at start, not per call
     return config
+
+
+def _paths_from(value: Any, key: str) -> tuple[Path, ...]:
+    """Absolute directories from a list of strings.
+
+    Raises:
+        InvalidArgument: not a list of absolute paths.
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.startswith("/") for v in value
+    ):
+        raise InvalidArgument(f'{key}: give a list of absolute paths, e.g. ["/srv/datasets"]')
+    return tuple(Path(v) for v in value)
 
 
 def _profiles_from(tables: Any) -> tuple[Profile, ...]:
@@ -213,6 +241,8 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     _expect(table, "runtime", str, where)
     _expect(table, "user", str, where)
     _expect(table, "allow_network", bool, where)
+    _expect(table, "allow_port_forward", bool, where)
+    _expect(table, "allow_mounts", bool, where)
     missing = table.get("missing_runtime", "fallback")
     if missing not in get_args(MissingRuntime):
         choices = " or ".join(repr(c) for c in get_args(MissingRuntime))

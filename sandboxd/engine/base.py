@@ -16,6 +16,17 @@ LABEL_OWNER = "sandbox.owner"
 
 
 @dataclass(frozen=True)
+class BindMount:
+    """A host directory mounted into a container (nosuid, nodev), already allowed by policy."""
+
+    #: Resolved absolute path on the engine's host.
+    source: str
+    #: Absolute path inside the container.
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to create one locked-down container."""
 
@@ -38,6 +49,7 @@ class ContainerSpec:
     #: ulimit name -> (soft, hard)
     ulimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     seccomp_default: bool = True
+    binds: tuple[BindMount, ...] = ()
 
 
 @dataclass(frozen=True)

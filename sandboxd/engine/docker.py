@@ -30,7 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from sandboxd import cgroups
 from sandboxd.archives import tar_of
-from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.base import BindMount, CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import (
     BuildFailed,
     EngineUnavailable,
@@ -261,6 +261,7 @@ class DockerEngine:
                 for name, (soft, hard) in spec.ulimits.items()
             ],
             ipc_mode="private",
+            **self._host_mounts(spec),
         )
         created = self._call(
             lambda: api.create_container(
@@ -284,6 +285,10 @@ class DockerEngine:
                 self.remove_container(container_id)
             raise
         return container_id
+
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """The host config's arguments for the spec's host directories."""
+        return {"mounts": [_bind_volume(b, spec.labels) for b in spec.binds] or None}
 
     def _tmpfs_owner(self, user: str) -> str:
         """The tmpfs option that gives a scratch mount to the sandbox's user."""
@@ -662,6 +667,25 @@ def _start_failure(engine_text: bytes) -> str:
     if match is None:
         return f"the command could not be started: {text[:300]}"
     return f"cannot run {match.group(1)}: {match.group(2)}"
+
+
+def _bind_volume(bind: BindMount, labels: Mapping[str, str]) -> docker.types.Mount:
+    """A host directory as an anonymous `local` volume with mount options, where a plain bind
+    takes only read-only: a read-only one is mounted ro,nosuid,nodev (seen from inside). The
+    local driver applies the other flags only with its read-only remount, so a writable one
+    relies on no-new-privileges and the dropped capabilities (no setuid, no mknod) instead.
+    The volume goes with its container (`v=True`); the engine unmounts it first and leaves
+    the host directory's content alone."""
+    options = "bind,nosuid,nodev" + (",ro" if bind.read_only else "")
+    return docker.types.Mount(
+        target=bind.target,
+        source="",
+        type="volume",
+        labels={k: v for k, v in labels.items() if k.startswith("sandbox.")},
+        driver_config=docker.types.DriverConfig(
+            "local", {"type": "none", "device": bind.source, "o": options}
+        ),
+    )
 
 
 def _explain(exc: BaseException) -> str:
