@@ -1282,7 +1282,9 @@ class RunResult(_message.Message):
     MISSING_PATHS_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
     collected_tar: _builtins.bytes
-    """One tar archive of the collect paths that existed, each under its own name."""
+    """One tar archive of the collect paths that existed, each under its own name;
+    empty (zero bytes) when the request asked for no paths.
+    """
     @_builtins.property
     def image(self) -> Global___Image:
         """The image built for the request's build; unset when spec.image was used."""
