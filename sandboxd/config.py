@@ -38,6 +38,10 @@ class Profile:
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
     allow_network: bool = True
+    #: May clients reach ports inside its sandboxes through the API (PortForward)?
+    allow_port_forward: bool = True
+    #: May its sandboxes mount host directories (below the server's mount roots)?
+    allow_mounts: bool = True
 
 
 DEFAULT_PROFILE = Profile(
@@ -51,6 +55,8 @@ UNTRUSTED_PROFILE = Profile(
     user="65534:65534",
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
+    allow_port_forward=False,
+    allow_mounts=False,
 )
 
 
@@ -84,6 +90,11 @@ class ServerConfig:
     docker_host: str | None = None
     #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
     podman_host: str | None = None
+    #: Ray address of the cluster's head when engine = "cluster" ("auto": RAY_ADDRESS or the
+    #: Ray node on this host).
+    cluster_address: str = "auto"
+    #: Bound on one call from the gateway to a node's agent; a dead node ends calls sooner.
+    cluster_call_timeout_seconds: float = 20.0
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
@@ -112,6 +123,12 @@ class ServerConfig:
     #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send its first
     #: message; past it the call is cancelled. 0 turns the deadline off.
     first_message_seconds: float = 15.0
+    #: Forwarded connections open at once on the server: each holds a server thread.
+    max_port_forwards: int = 16
+    #: Host directories below which sandboxes may mount read-only (none: no host mounts).
+    mount_roots: tuple[Path, ...] = ()
+    #: Host directories below which sandboxes may also mount read-write.
+    writable_mount_roots: tuple[Path, ...] = ()
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -144,6 +161,7 @@ def default_state_dir() -> Path:
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
 _LISTS = ("base_images", "public_images")
+_PATH_LISTS = ("mount_roots", "writable_mount_roots")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -189,11 +207,26 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"config {path}: {key} must be a list of image references")
             value = tuple(value)
+        if key in _PATH_LISTS:
+            value = _paths_from(value, key)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     config = ServerConfig(**kwargs)
     config.profile(config.default_profile)  # an unknown default fails at start, not per call
     return config
+
+
+def _paths_from(value: Any, key: str) -> tuple[Path, ...]:
+    """Absolute directories from a list of strings.
+
+    Raises:
+        InvalidArgument: not a list of absolute paths.
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.startswith("/") for v in value
+    ):
+        raise InvalidArgument(f'{key}: give a list of absolute paths, e.g. ["/srv/datasets"]')
+    return tuple(Path(v) for v in value)
 
 
 def _profiles_from(tables: Any) -> tuple[Profile, ...]:
@@ -225,6 +258,8 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     _expect(table, "runtime", str, where)
     _expect(table, "user", str, where)
     _expect(table, "allow_network", bool, where)
+    _expect(table, "allow_port_forward", bool, where)
+    _expect(table, "allow_mounts", bool, where)
     missing = table.get("missing_runtime", "fallback")
     if missing not in get_args(MissingRuntime):
         choices = " or ".join(repr(c) for c in get_args(MissingRuntime))

@@ -10,6 +10,8 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 - tmpfs mounts take `U` (chown to the container's user) instead of `uid=`/`gid=`.
 - An import ignores the tag asked for (the image lands as `docker.io/library/REPO:latest`
   or untagged), so the imported id is tagged afterwards.
+- Host directories go in as plain binds with `nosuid,nodev` (which Podman honours, also
+  read-write); Docker's anonymous volume with mount options comes out empty here.
 - Its API ignores the runtime a create asks for (Docker's `HostConfig.Runtime` and
   libpod's `oci_runtime` alike; podman issue #28429, fixed only in later releases): a
   container asked for under gVisor would silently run under runc. So runc is the only
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import IO
+from typing import IO, Any
 
 from sandboxd.engine.base import ContainerSpec
 from sandboxd.engine.docker import DockerEngine
@@ -73,6 +75,15 @@ class PodmanEngine(DockerEngine):
 
     def _tmpfs_owner(self, user: str) -> str:
         return "U"
+
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """Plain binds with their options: Podman takes `nosuid,nodev` there (read-write ones
+        too), and its API would mount an empty volume for Docker's volume-with-options form."""
+        binds = [
+            f"{b.source}:{b.target}:{'ro' if b.read_only else 'rw'},nosuid,nodev"
+            for b in spec.binds
+        ]
+        return {"binds": binds or None}
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
