@@ -88,7 +88,7 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def abort_with(context: grpc.ServicerContext, exc: BaseException) -> None:
     """The one place errors become statuses. No traceback ever reaches a client.
 
     The message is for a person; the same facts go along as google.rpc error details (and
@@ -120,18 +120,13 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     )
 
 
-def abort_with(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """End the call with the status for `exc`, for wiring outside the servicers (it raises)."""
-    _abort(context, exc)
-
-
 def unary(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
         except Exception as exc:
-            _abort(context, exc)
+            abort_with(context, exc)
             raise  # unreachable: abort raises
 
     return wrapper  # type: ignore[return-value]
@@ -143,7 +138,7 @@ def streaming(fn: F) -> F:
         try:
             yield from fn(self, request, context)
         except Exception as exc:
-            _abort(context, exc)
+            abort_with(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
