@@ -16,6 +16,8 @@ from sandboxd.limits import Caps, Limits, parse_size
 DEFAULT_BASE_IMAGE = "sandbox-base:bookworm"
 #: What a profile does when its runtime is not registered with the engine.
 MissingRuntime = Literal["refuse", "fallback"]
+#: What a build step may reach: nothing, only the caching package proxy, or the network.
+BuildNetwork = Literal["none", "proxy", "open"]
 #: Resource limits a container engine accepts as ulimits (setrlimit's names).
 ULIMITS = frozenset(
     {
@@ -38,6 +40,9 @@ class Profile:
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
     allow_network: bool = True
+    #: The network policy of builds under this profile; None: `none` on a server that
+    #: authenticates clients or for a profile without network, else `open`.
+    build_network: BuildNetwork | None = None
 
 
 DEFAULT_PROFILE = Profile(
@@ -51,6 +56,7 @@ UNTRUSTED_PROFILE = Profile(
     user="65534:65534",
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
+    build_network="none",
 )
 
 
@@ -100,6 +106,22 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
+    #: The profile image builds run under (runtime, user, ulimits, build network); empty
+    #: means the default profile for the operator and `untrusted` for authenticated clients.
+    build_profile: str = ""
+    #: A build ends, nothing kept, when it runs longer than this.
+    build_timeout_seconds: float = 900.0
+    #: What one build may write in all its steps.
+    build_disk_bytes: int = 4 * 1024**3
+    #: host:port of the caching package proxy that `proxy` builds reach (apt's http_proxy).
+    build_proxy: str = "sandbox-aptproxy:3142"
+    #: The internal engine network whose only other member is the proxy.
+    build_proxy_network: str = "sandbox-build"
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether TCP clients must prove who they are (tokens or client certificates)."""
+        return self.tokens_file is not None or self.tls_client_ca is not None
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -208,6 +230,9 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     _expect(table, "runtime", str, where)
     _expect(table, "user", str, where)
     _expect(table, "allow_network", bool, where)
+    if table.get("build_network", "none") not in get_args(BuildNetwork):
+        choices = ", ".join(repr(c) for c in get_args(BuildNetwork))
+        raise InvalidArgument(f"{where}.build_network: must be one of {choices}")
     missing = table.get("missing_runtime", "fallback")
     if missing not in get_args(MissingRuntime):
         choices = " or ".join(repr(c) for c in get_args(MissingRuntime))

@@ -22,6 +22,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.blobs import BlobStore
+from sandboxd.builder import StepBuilder
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
@@ -108,7 +109,8 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
-    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
+    builder = StepBuilder(engine, config)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs, builder)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))
 

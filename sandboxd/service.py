@@ -192,6 +192,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
             context_files,
             label=request.label,
             owner=owner_of(context),
+            cancel=_cancel_event(context),
         ):
             if isinstance(item, NeedsContent):
                 yield pb.BuildImageEvent(result=pb.BuildImageResult(needs_content=True))
@@ -356,7 +357,10 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         if request.HasField("build"):
             b = request.build
             files = wire.context_from_pb(b)
-            for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
+            builds = self.images.build(
+                b.base, b.fragment, files, label=b.label, owner=owner, cancel=_cancel_event(context)
+            )
+            for item in builds:
                 if isinstance(item, NeedsContent):
                     raise errors.InvalidArgument(
                         "build.context_files: give the content, not just digests, in a Run"

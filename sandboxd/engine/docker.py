@@ -8,7 +8,6 @@ Host cgroup and /proc reading is in `sandboxd.cgroups`.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -29,10 +28,8 @@ from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from sandboxd import cgroups
-from sandboxd.archives import tar_of
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import (
-    BuildFailed,
     EngineUnavailable,
     FailedPrecondition,
     InvalidArgument,
@@ -149,46 +146,36 @@ class DockerEngine:
         data = self._safe(lambda: self.api.inspect_image(ref))
         return dict((data.get("Config") or {}).get("Labels") or {})
 
-    def build_image(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
-    ) -> Iterator[str]:
-        buf = io.BytesIO(tar_of({"Dockerfile": (dockerfile.encode(), 0o644), **context}))
-        tail: list[str] = []
-        stream = self._call(
-            lambda: self.api.build(
-                fileobj=buf,
-                custom_context=True,
-                tag=tag,
-                labels=dict(labels),
-                rm=True,
-                forcerm=True,
-                decode=True,
-                pull=False,
-            )
-        )
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        data = self._safe(lambda: self.api.inspect_image(ref))
+        return dict(data.get("Config") or {})
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        if not self._call(lambda: self.api.put_archive(container_id, path, data)):
+            raise SandboxError(f"the engine did not unpack the files at {path}")
+
+    def is_directory(self, container_id: str, path: str) -> bool:
         try:
-            for chunk in stream:
-                if "error" in chunk:
-                    detail = str(chunk.get("error", "")).strip()
-                    log_tail = "\n".join(tail[-15:])
-                    raise BuildFailed(
-                        f"image build failed: {detail}\n--- build log tail ---\n{log_tail}"
-                    )
-                for line in str(chunk.get("stream", "")).splitlines():
-                    if line.strip():
-                        tail.append(line)
-                        del tail[:-50]
-                        yield line
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(exc) from None
-        except docker.errors.APIError as exc:
-            raise BuildFailed(f"image build failed: {_explain(exc)}") from None
-        if self.image_id(tag) is None:
-            raise BuildFailed("image build ended without an image:\n" + "\n".join(tail[-15:]))
+            stream, stat = self._call(lambda: self.api.get_archive(container_id, path))
+        except NotFound:
+            return False
+        with contextlib.suppress(Exception):
+            stream.close()  # only the path's stat header was wanted
+        return bool(int(stat.get("mode", 0)) & (1 << 31))  # Go's os.ModeDir
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        answer = self._call(lambda: self.api.commit(container_id, conf=dict(config)))
+        return str(answer["Id"])
+
+    def tag_image(self, image_id: str, tag: str) -> None:
+        repo, _, version = tag.rpartition(":")
+        self._call(lambda: self.api.tag(image_id, repo, version))
+
+    def disk_usage(self, container_id: str) -> int:
+        found = self._safe(
+            lambda: self.api.containers(all=True, size=True, filters={"id": container_id})
+        )
+        return int(found[0].get("SizeRw") or 0) if found else 0
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
@@ -241,8 +228,9 @@ class DockerEngine:
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,  # equal to the limit: no swap
             pids_limit=spec.pids,
-            network_mode="bridge" if spec.network else "none",
+            network_mode=(spec.network_name or "bridge") if spec.network else "none",
             cap_drop=["ALL"],
+            cap_add=list(spec.cap_add) or None,
             security_opt=["no-new-privileges:true"],
             read_only=spec.read_only,
             tmpfs=tmpfs,
@@ -258,6 +246,7 @@ class DockerEngine:
             lambda: api.create_container(
                 spec.image,
                 command=list(spec.command),
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
                 user=spec.user,
                 environment=dict(spec.env),
                 working_dir=spec.workdir,
@@ -269,6 +258,8 @@ class DockerEngine:
             )
         )
         container_id = str(created["Id"])
+        if not spec.start:
+            return container_id
         try:
             self._call(lambda: api.start(container_id))
         except BaseException:
