@@ -176,6 +176,7 @@ def copy_archive(
             target = posixpath.join(dest, relative) if into_dir else dest
             info = tarfile.TarInfo(target.lstrip("/"))
             info.size, info.uid, info.gid = len(content), uid, gid
+            info.mtime = int(time.time())
             info.mode = int(chmod, 8) if chmod else (mode or 0o644)
             tar.addfile(info, io.BytesIO(content))
     return buf.getvalue()

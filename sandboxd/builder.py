@@ -185,7 +185,8 @@ class BuildRun:
             self.state = BuildState.of_image(self.engine.image_config(self.job.base))
             for number, ins in enumerate(self.job.instructions, 1):
                 self._check_stopped(ins)
-                yield f"Step {number}/{len(self.job.instructions)} : {ins.text.splitlines()[0][:200]}"
+                first_line = ins.text.splitlines()[0][:200]
+                yield f"Step {number}/{len(self.job.instructions)} : {first_line}"
                 if ins.keyword == "RUN":
                     yield from self._run(ins)
                 elif ins.keyword in ("COPY", "ADD"):
