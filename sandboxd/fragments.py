@@ -82,6 +82,8 @@ def parse_fragment(fragment: str) -> tuple[Instruction, ...]:
     try:
         commands = dockerfile.parse_string(fragment)
     except dockerfile.GoParseError as exc:
+        if str(exc) == "file with no instructions":
+            return ()  # an empty fragment: the base image as it is
         raise InvalidArgument(f"fragment: {exc}") from None
     return tuple(_checked(c) for c in commands)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
+from sandboxd.builder import BuildJob
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
 
@@ -81,7 +83,7 @@ class FakeEngine:
             raise NotFound(f"no image {ref}")
         return dict(image.labels)
 
-    def build_image(
+    def build_image(  # what FakeBuilder calls: records the build, makes the image
         self,
         dockerfile: str,
         context: Mapping[str, tuple[bytes, int]],
@@ -211,3 +213,18 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+class FakeBuilder:
+    """Satisfies sandboxd.images.ImageBuilder: the fake engine's build, as a Dockerfile."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.jobs: list[BuildJob] = []
+
+    def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]:
+        self.jobs.append(job)
+        fragment = "\n".join(i.text for i in job.instructions)
+        yield from self.engine.build_image(
+            f"FROM {job.base}\n{fragment}\n", job.files, job.tag, job.labels
+        )
