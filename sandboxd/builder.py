@@ -340,9 +340,15 @@ class BuildRun:
     def _drop_container(self) -> None:
         with self._lock:
             container, self._container = self._container, ""
-        if container:
-            with contextlib.suppress(SandboxError):
-                self.engine.remove_container(container)
+        if not container:
+            return
+        try:
+            self.engine.remove_container(container)
+        except SandboxError as exc:
+            log.warning("removing build container %s: %s", container[:12], exc)
+            with self._lock:
+                if not self._container:
+                    self._container = container  # the watchdog tries again
 
     def _remove_layers(self) -> None:
         self._drop_container()
@@ -354,20 +360,24 @@ class BuildRun:
 
     def _watch(self) -> None:
         """Stop the build at its deadline or when the client goes away: the running
-        step's container is removed, which ends the step and everything it started."""
+        step's container is removed, which ends the step and everything it started.
+        Removal is retried until the build has noticed, so a slow engine cannot let a
+        step run on."""
         deadline = time.monotonic() + self.settings.timeout_seconds
         while not self._done.wait(0.2):
-            if self.cancel is not None and self.cancel.is_set():
-                reason = "cancelled"
-            elif time.monotonic() >= deadline:
-                reason = "deadline"
-            else:
-                continue
             with self._lock:
-                self._stopped = reason
-            log.info("build of %s stopped: %s", self.job.tag, reason)
+                stopped = self._stopped
+            if not stopped:
+                if self.cancel is not None and self.cancel.is_set():
+                    stopped = "cancelled"
+                elif time.monotonic() >= deadline:
+                    stopped = "deadline"
+                else:
+                    continue
+                with self._lock:
+                    self._stopped = stopped
+                log.info("build of %s stopped: %s", self.job.tag, stopped)
             self._drop_container()
-            return
 
     def _check_stopped(self, ins: Instruction | None) -> None:
         with self._lock:
