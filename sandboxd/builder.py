@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from sandboxd import instances
 from sandboxd.build_state import BuildState, copy_archive, fail
 from sandboxd.config import UNTRUSTED_PROFILE, BuildNetwork, Profile, ServerConfig
-from sandboxd.engine.base import LABEL_MANAGED, ContainerSpec, Engine
+from sandboxd.engine.base import LABEL_MANAGED, ContainerSpec, Engine, ExecProcess
 from sandboxd.errors import (
     BuildFailed,
     Cancelled,
@@ -171,6 +171,7 @@ class BuildRun:
     layers: list[str] = field(default_factory=list)
     written: int = 0
     _container: str = ""
+    _process: ExecProcess | None = None
     _stopped: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -216,6 +217,8 @@ class BuildRun:
         process = self.engine.exec(
             container, argv, env=env, workdir=self.state.workdir, user=user, stdin=False
         )
+        with self._lock:
+            self._process = process
         try:
             pending = b""
             for _, data in process.output():
@@ -227,6 +230,8 @@ class BuildRun:
                     yield f" ---> {line}"
             code = process.exit_code()
         finally:
+            with self._lock:
+                self._process = None
             process.close()
         self._check_stopped(ins)
         if code != 0:
@@ -262,10 +267,18 @@ class BuildRun:
     ) -> BuildFailed:
         why = f"the command returned a non-zero code: {code}"
         sample = self.engine.sample(container)
+        s = self.settings
         if sample.oom_kills:
-            why = f"out of memory (limit {format_size(self.settings.memory_bytes)})"
+            why = f"out of memory (limit {format_size(s.memory_bytes)})"
         elif sample.pids_max_events:
-            why = f"process limit ({self.settings.pids}) reached; exit code {code}"
+            why = f"process limit ({s.pids}) reached; exit code {code}"
+        elif not self.engine.container_running(container):
+            # gVisor ends the whole sandbox at a limit; its own words name internal ids.
+            why = (
+                f"the build sandbox was ended, most likely by a limit (memory "
+                f"{format_size(s.memory_bytes)}, {s.pids} processes)"
+            )
+            tail = []
         error = fail(ins, why)
         if tail:
             error = BuildFailed(f"{error.message}\n--- output tail ---\n" + "\n".join(tail))
@@ -378,6 +391,10 @@ class BuildRun:
                     self._stopped = stopped
                 log.info("build of %s stopped: %s", self.job.tag, stopped)
             self._drop_container()
+            with self._lock:
+                process = self._process
+            if process is not None:
+                process.close()  # ends the step's output even if the engine keeps it open
 
     def _check_stopped(self, ins: Instruction | None) -> None:
         with self._lock:

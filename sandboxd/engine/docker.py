@@ -555,6 +555,12 @@ class DockerExec:
             self._engine.kill_tagged(self.container_id, self._tag, self._user)
 
     def close(self) -> None:
+        # Shut down first: that wakes a thread still blocked reading the output (a build
+        # stopped from its watchdog), which a close alone does not; the engine does not
+        # always end the stream when a gVisor container is removed under it.
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.shutdown(socket.SHUT_RDWR)
         # Closing the SocketIO wrapper alone leaves the socket's fd open until the
         # garbage collector finds the HTTP response that still refers to it.
         with contextlib.suppress(OSError):
