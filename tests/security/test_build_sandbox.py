@@ -55,7 +55,7 @@ def tenant(
         profiles=(DEFAULT_PROFILE, UNTRUSTED_PROFILE, TENANT_RUNC),
         build_profile="untrusted" if runtime == "runsc" else TENANT_RUNC.name,
         defaults=Limits(cpus=1.0, memory_bytes=128 * MiB, pids=64),
-        build_timeout_seconds=60.0,
+        build_timeout_seconds=30.0,
     )
     service = Service(config)
     address = service.listen("127.0.0.1:0")
@@ -130,10 +130,11 @@ def test_a_run_step_cannot_spawn_over_the_process_limit(tenant: Tenant) -> None:
     )
     try:
         lines = build_log(tenant, f"RUN <<EOF\npython3 - <<'PY'\n{script}PY\nEOF")
-    except errors.FailedPrecondition as exc:
-        # gVisor's own processes count too: at the limit the sandbox itself ends.
+    except (errors.FailedPrecondition, errors.DeadlineExceeded) as exc:
+        # gVisor's own threads count too: at the limit its sandbox ends, or stalls until
+        # the build deadline ends it.
         assert tenant.runtime == "runsc", exc.message
-        assert "the build sandbox was ended" in exc.message
+        assert "sandbox was ended" in exc.message or "deadline" in exc.message, exc.message
         assert 'sandbox "' not in exc.message  # no internal ids
         return
     spawned = int(next(line for line in lines if line.startswith("spawned")).split()[1])
