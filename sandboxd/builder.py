@@ -281,7 +281,7 @@ class BuildRun:
             tail = []
         error = fail(ins, why)
         if tail:
-            error = BuildFailed(f"{error.message}\n--- output tail ---\n" + "\n".join(tail))
+            error = BuildFailed(f"{error.message}\n--- build log tail ---\n" + "\n".join(tail))
         return error
 
     def _check_disk(self, ins: Instruction) -> None:

@@ -99,7 +99,7 @@ def _checked(command: dockerfile.Command) -> Instruction:
     if keyword in _REFUSED:
         raise refuse(f"{keyword} is not allowed in a fragment ({_REFUSED[keyword]})")
     if keyword not in KEYWORDS:
-        raise refuse(f"unknown or unsupported instruction {keyword}")
+        raise refuse(f"unknown instruction {keyword} (or one a fragment cannot use)")
     flags = tuple(_flag(f) for f in command.flags)
     allowed = _FLAGS.get(keyword, frozenset())
     for name, _ in flags:
