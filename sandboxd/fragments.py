@@ -12,6 +12,7 @@ another image (FROM, `COPY --from`, `RUN --mount=from=`, ONBUILD), the host's ne
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,8 +73,10 @@ class Instruction:
         return next((v for k, v in self.flags if k == name), None)
 
 
+@functools.lru_cache(maxsize=256)
 def parse_fragment(fragment: str) -> tuple[Instruction, ...]:
-    """The fragment's instructions, refusing any it may not contain.
+    """The fragment's instructions, refusing any it may not contain. Remembered: a cache
+    hit repeats its fragment, and a call into the Go parser can stall for its runtime.
 
     Raises:
         InvalidArgument: unparseable, or a refused instruction, flag or source (the
