@@ -130,18 +130,18 @@ def install_fragment(repo: Repo) -> str:
     )
 
 
-def built_and_ran(address: str, repo: Repo) -> list[str]:
-    lines: list[str] = []
-    with SandboxClient(address, retry_seconds=5.0) as client:
-        client.build_image(install_fragment(repo), on_log=lines.append)
-    return lines
-
-
-def start(config: ServerConfig, address: str) -> Service:
+def build_on_a_new_service(config: ServerConfig, address: str, repo: Repo) -> list[str]:
+    """The log of the package-installing build on a service of its own."""
     service = Service(config)
     service.listen(address)
     service.start()
-    return service
+    lines: list[str] = []
+    try:
+        with SandboxClient(address, retry_seconds=5.0) as client:
+            client.build_image(install_fragment(repo), on_log=lines.append)
+    finally:
+        service.stop(grace=2.0)
+    return lines
 
 
 def test_a_package_installs_through_the_proxy(
@@ -154,12 +154,7 @@ def test_a_package_installs_through_the_proxy(
     repo = serve_repo("proxy")
     proxied = replace(DEFAULT_PROFILE, build_network="proxy")
     config = config_factory(profiles=(proxied, UNTRUSTED_PROFILE))
-    address = f"unix:{short_tmp}/build-proxy.sock"
-    service = start(config, address)
-    try:
-        lines = built_and_ran(address, repo)
-    finally:
-        service.stop(grace=2.0)
+    lines = build_on_a_new_service(config, f"unix:{short_tmp}/build-proxy.sock", repo)
     assert f" ---> hello from {repo.package}" in lines
     proxy_address = docker(
         "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{repo.network}").IPAddress}}}}',
@@ -174,11 +169,5 @@ def test_a_package_installs_under_the_single_user_default(
     config_factory: Callable[..., ServerConfig],
 ) -> None:
     repo = serve_repo("open")
-    config = config_factory()
-    address = f"unix:{short_tmp}/build-open.sock"
-    service = start(config, address)
-    try:
-        lines = built_and_ran(address, repo)
-    finally:
-        service.stop(grace=2.0)
+    lines = build_on_a_new_service(config_factory(), f"unix:{short_tmp}/build-open.sock", repo)
     assert f" ---> hello from {repo.package}" in lines

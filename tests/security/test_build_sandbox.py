@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,15 +81,6 @@ def docker(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
 
 
-def gone_within(seconds: float, predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.25)
-    return True
-
-
 def build_containers(instance_id: str) -> list[str]:
     """Ids of the build containers the instance still has, running or not."""
     out = docker("ps", "-aq", "--filter", f"label={LABEL_BUILD}={instance_id}")
@@ -151,10 +141,12 @@ def test_a_run_step_is_held_to_the_memory_limit(tenant: Tenant) -> None:
         build_log(tenant, "RUN python3 -c \"b = bytearray(400 * 1024 * 1024); print('got it')\"")
 
 
-def test_a_build_ends_with_its_clients_deadline(tenant: Tenant) -> None:
+def test_a_build_ends_with_its_clients_deadline(
+    tenant: Tenant, waiter: Callable[..., bool]
+) -> None:
     with pytest.raises(errors.DeadlineExceeded):
         build_log(tenant, "RUN sleep 600", timeout=4.0)
-    assert gone_within(10.0, lambda: not build_containers(tenant.instance_id)), build_containers(
+    assert waiter(lambda: not build_containers(tenant.instance_id), 10.0), build_containers(
         tenant.instance_id
     )
 

@@ -44,7 +44,7 @@ def test_metadata_instructions_change_the_commit_config() -> None:
     state = BuildState.of_image({"Env": ["PATH=/bin"], "Cmd": ["bash"], "Labels": {"a": "1"}})
     for ins in parse_fragment(
         'ARG V=2\nENV X="$V y" PATH=/opt:$PATH\nWORKDIR app\nWORKDIR sub\nUSER 7\n'
-        "ENTRYPOINT [\"tini\"]\nEXPOSE 80\nLABEL b=2"
+        'ENTRYPOINT ["tini"]\nEXPOSE 80\nLABEL b=2'
     ):
         state.apply(ins)
     config = state.commit_config({"c": "3"})
