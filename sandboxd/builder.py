@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import posixpath
 import threading
 import time
 import uuid
@@ -32,7 +33,7 @@ from sandboxd.errors import (
     PermissionDenied,
     SandboxError,
 )
-from sandboxd.fragments import Instruction
+from sandboxd.fragments import Instruction, expand
 from sandboxd.limits import format_size
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,9 @@ class BuildRun:
 
     def _copy(self, ins: Instruction) -> None:
         container = self._container_for(started=False)
-        dest = ins.args[-1]
-        into_dir = dest.endswith("/") or self.engine.is_directory(container, dest)
+        dest = expand(ins.args[-1], self.state.variables())
+        path = posixpath.join(self.state.workdir, dest)
+        into_dir = dest.endswith("/") or self.engine.is_directory(container, path)
         archive = copy_archive(ins, self.state, self.job.files, into_dir)
         self.written += len(archive)
         self._check_disk(ins)
