@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from sandboxd import instances
 from sandboxd.build_state import BuildState, copy_archive, fail
 from sandboxd.config import UNTRUSTED_PROFILE, BuildNetwork, Profile, ServerConfig
-from sandboxd.engine.base import LABEL_MANAGED, ContainerSpec, Engine, ExecProcess
+from sandboxd.engine.base import LABEL_MANAGED, ContainerSpec, Engine, ExecProcess, LayerEngine
 from sandboxd.errors import (
     BuildFailed,
     Cancelled,
@@ -75,6 +75,8 @@ class BuildJob:
     tag: str
     labels: Mapping[str, str]
     owner: str = ""
+    #: The fragment as the client wrote it (for an engine without layers, see EngineBuilder).
+    fragment: str = ""
 
 
 def build_settings(config: ServerConfig, owner: str, runtimes: set[str]) -> BuildSettings:
@@ -119,10 +121,39 @@ def _runtime(profile: Profile, runtimes: set[str]) -> str:
     return profile.runtime or "runc"
 
 
+def make_builder(engine: Engine, config: ServerConfig) -> StepBuilder | EngineBuilder:
+    """The sandboxed step builder when the engine can do it, else the engine's own."""
+    if isinstance(engine, LayerEngine):
+        return StepBuilder(engine, config)
+    log.warning(
+        "engine %s cannot build layer by layer: builds run in its own builder, unsandboxed",
+        type(engine).__name__,
+    )
+    return EngineBuilder(engine)
+
+
+class EngineBuilder:
+    """The engine's own builder, for an engine that is no LayerEngine (the Ray cluster's
+    gateway, whose nodes rebuild images from a recipe). The fragment is still checked by
+    sandboxd.fragments, but RUN steps get the engine's default root, network and no limits."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Build `FROM base` + fragment; yields log lines.
+
+        Raises:
+            BuildFailed: the engine's build failed (the message has the log tail).
+        """
+        dockerfile = f"FROM {job.base}\n{job.fragment}\n"
+        yield from self._engine.build_image(dockerfile, job.files, job.tag, job.labels)
+
+
 class StepBuilder:
     """Builds images step by step in sandboxes (see the module's docstring)."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: LayerEngine, config: ServerConfig) -> None:
         self._engine = engine
         self._config = config
         self._runtimes: set[str] | None = None
@@ -146,7 +177,7 @@ class StepBuilder:
         yield from run.execute()
 
 
-def reap_build_leftovers(engine: Engine) -> int:
+def reap_build_leftovers(engine: LayerEngine) -> int:
     """Remove build containers of service instances that are no longer running."""
     removed = 0
     for info in engine.list_containers(LABEL_BUILD):
@@ -162,7 +193,7 @@ def reap_build_leftovers(engine: Engine) -> int:
 class BuildRun:
     """One build in progress: its state, its layers so far, and the container it runs."""
 
-    engine: Engine
+    engine: LayerEngine
     settings: BuildSettings
     job: BuildJob
     instance_id: str

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sandboxd.blobs import BlobStore
-from sandboxd.builder import BuildJob, StepBuilder
+from sandboxd.builder import BuildJob, make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
@@ -155,7 +155,7 @@ class ImageStore:
         builder: ImageBuilder | None = None,
     ) -> None:
         self._engine = engine
-        self._builder = builder or StepBuilder(
+        self._builder = builder or make_builder(
             engine, ServerConfig(base_image=base_image, instance_id=instance_id)
         )
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
@@ -248,7 +248,7 @@ class ImageStore:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
             log.info("building image %s on %s", key[:12], base_ref)
-            job = BuildJob(base_ref, instructions, files, tag, labels, owner)
+            job = BuildJob(base_ref, instructions, files, tag, labels, owner, fragment)
             yield from self._builder.build(job, cancel)
             record = self._record(tag, key)
             if record is None:

@@ -22,7 +22,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.blobs import BlobStore
-from sandboxd.builder import StepBuilder
+from sandboxd.builder import make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
 from sandboxd.errors import EngineUnavailable, InvalidArgument
@@ -109,7 +109,7 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
-    builder = StepBuilder(engine, config)
+    builder = make_builder(engine, config)
     images = ImageStore(engine, config.base_image, config.instance_id, blobs, builder)
     manager = SandboxManager(config, engine, images)
     return Core(config, engine, images, manager, Executor(manager))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 #: Label on everything the service makes; the value is the owning instance id.
 LABEL_MANAGED = "sandbox.managed"
@@ -103,27 +103,15 @@ class Engine(Protocol):
 
     def image_labels(self, ref: str) -> Mapping[str, str]: ...
 
-    def image_config(self, ref: str) -> Mapping[str, Any]:
-        """The image's run configuration (Env, Cmd, Entrypoint, User, WorkingDir, Labels...)."""
-        ...
-
-    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
-        """Unpack a tar archive into the container's file system at `path`."""
-        ...
-
-    def is_directory(self, container_id: str, path: str) -> bool:
-        """Whether `path` is a directory in the container (False when it does not exist)."""
-        ...
-
-    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
-        """Make an image of the container's file system with exactly this run
-        configuration; returns its id. Untagged: the caller tags or removes it."""
-        ...
-
-    def tag_image(self, image_id: str, tag: str) -> None: ...
-
-    def disk_usage(self, container_id: str) -> int:
-        """Bytes the container has written to its own layer."""
+    def build_image(
+        self,
+        dockerfile: str,
+        context: Mapping[str, tuple[bytes, int]],
+        tag: str,
+        labels: Mapping[str, str],
+    ) -> Iterator[str]:
+        """Build with the engine's own builder and tag; yields log lines. Raises BuildFailed
+        with the log tail. Unsandboxed: used only for engines that are not a LayerEngine."""
         ...
 
     def import_image(
@@ -168,3 +156,32 @@ class Engine(Protocol):
     def sample(self, container_id: str) -> CgroupSample: ...
 
     def reset_peak(self, container_id: str) -> None: ...
+
+
+@runtime_checkable
+class LayerEngine(Engine, Protocol):
+    """An engine that builds images layer by layer in containers the service makes (the
+    sandboxed build of sandboxd.builder): copy files in, commit, tag, measure."""
+
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        """The image's run configuration (Env, Cmd, Entrypoint, User, WorkingDir, Labels...)."""
+        ...
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        """Unpack a tar archive into the container's file system at `path`."""
+        ...
+
+    def is_directory(self, container_id: str, path: str) -> bool:
+        """Whether `path` is a directory in the container (False when it does not exist)."""
+        ...
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        """Make an image of the container's file system with exactly this run
+        configuration; returns its id. Untagged: the caller tags or removes it."""
+        ...
+
+    def tag_image(self, image_id: str, tag: str) -> None: ...
+
+    def disk_usage(self, container_id: str) -> int:
+        """Bytes the container has written to its own layer."""
+        ...

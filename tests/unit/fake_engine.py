@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
-from sandboxd.builder import BuildJob
+from sandboxd.builder import BuildJob, EngineBuilder
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
 
@@ -83,7 +83,7 @@ class FakeEngine:
             raise NotFound(f"no image {ref}")
         return dict(image.labels)
 
-    def build_image(  # what FakeBuilder calls: records the build, makes the image
+    def build_image(
         self,
         dockerfile: str,
         context: Mapping[str, tuple[bytes, int]],
@@ -215,16 +215,13 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
-class FakeBuilder:
-    """Satisfies sandboxd.images.ImageBuilder: the fake engine's build, as a Dockerfile."""
+class FakeBuilder(EngineBuilder):
+    """The fake engine's build (it is no LayerEngine), keeping the jobs it was given."""
 
     def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.jobs: list[BuildJob] = []
 
     def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]:
         self.jobs.append(job)
-        fragment = "\n".join(i.text for i in job.instructions)
-        yield from self.engine.build_image(
-            f"FROM {job.base}\n{fragment}\n", job.files, job.tag, job.labels
-        )
+        yield from super().build(job, cancel)
