@@ -24,7 +24,8 @@ controller_key: pytest.StashKey[Controller] = pytest.StashKey()
 
 MARKER = (
     "sandbox(image=None, dockerfile=None, cpus=1.0, memory='512m', pids=256, timeout=60.0, "
-    "network=False, scope='test', env=None, runtime=None, profile=None, isolation=None): "
+    "network=False, scope='test', env=None, runtime=None, profile=None, isolation=None, "
+    "mounts=None): "
     "with --sandbox, run this test in a fresh resource-limited container"
 )
 
@@ -102,6 +103,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _options(config: pytest.Config, mode: str) -> Options:
+    from pytest_sandbox import debugging
     from pytest_sandbox.controller import Options
 
     jobs = config.getoption("sandbox_jobs") or int(str(config.getini("sandbox_jobs")) or 0)
@@ -112,6 +114,7 @@ def _options(config: pytest.Config, mode: str) -> Options:
         or None,
         jobs=jobs or os.cpu_count() or 1,
         keep_failed=bool(config.getoption("sandbox_keep_failed")),
+        debug=debugging.terminal_available(config),
     )
 
 

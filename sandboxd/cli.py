@@ -1,18 +1,24 @@
-"""`sandboxd serve | build | run | grade | info | gc | bootstrap-image`."""
+"""`sandboxd serve | build | run | shell | exec | grade | info | gc | bootstrap-image`.
+
+Size: past the house's ~450 lines on purpose: each subcommand is a parser function and a
+command function, and keeping them in one module keeps the CLI's reference in one place.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandboxd import errors
+from sandboxd import errors, terminal
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
 from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
@@ -22,6 +28,8 @@ if TYPE_CHECKING:
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
+#: Where `serve` listens by default, and so where `shell` and `exec` look first.
+DEFAULT_LISTEN = "unix:/run/sandboxd/sandboxd.sock"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_gc(sub)
     _add_run(sub)
+    _add_shell(sub)
+    _add_exec(sub)
     _add_info(sub)
     _add_grade(sub)
+    _add_port_forward(sub)
     return p
 
 
@@ -50,7 +61,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve = sub.add_parser("serve", help="serve the gRPC API")
     serve.add_argument(
         "--listen",
-        default="unix:/run/sandboxd/sandboxd.sock",
+        default=DEFAULT_LISTEN,
         help="unix:PATH or HOST:PORT (default %(default)s)",
     )
     serve.add_argument(
@@ -107,6 +118,39 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
 
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    """Options `shell` and `exec` share: where the sandbox is, and the command's deadline."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("SANDBOXD_ADDRESS") or DEFAULT_LISTEN,
+        help="the sandboxd that made the sandbox (default: $SANDBOXD_ADDRESS, else %(default)s)",
+    )
+    _add_tls(parser)
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="wall seconds (default: the sandbox's)"
+    )
+    parser.add_argument("--workdir", default="", help="working directory inside the sandbox")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+
+
+def _add_shell(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    shell = sub.add_parser(
+        "shell", help="an interactive shell (or CMD) in a running sandbox, on this terminal"
+    )
+    _add_session_options(shell)
+    shell.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    shell.add_argument("argv", nargs=argparse.REMAINDER, help="CMD ARGS... (default /bin/sh)")
+
+
+def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser("exec", help="run a command in a running sandbox (docker exec's options)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="pass stdin on")
+    ex.add_argument("-t", "--tty", action="store_true", help="on a terminal (stdin must be one)")
+    _add_session_options(ex)
+    ex.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="CMD ARGS...")
+
+
 def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info = sub.add_parser("info", help="print what the server offers (caps, profiles...) as JSON")
     info.add_argument("--address", help="ask a running sandboxd instead of an embedded one")
@@ -123,7 +167,12 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--profile", default="untrusted", help="security profile (%(default)s)")
     grade.add_argument("--runtime", default="", help="container runtime (default: the profile's)")
-    grade.add_argument("--jobs", type=int, default=2, help="sandboxes at once (%(default)s)")
+    grade.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="submissions at once (default: two per core here, at most the server's slots)",
+    )
     grade.add_argument(
         "--cpu-time", type=float, default=10.0, help="CPU seconds per submission (%(default)s)"
     )
@@ -134,8 +183,8 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     grade.add_argument(
         "--test-timeout",
         type=float,
-        help="seconds per test, each test in its own run (default: course.toml's, else 0: "
-        "one run for the whole suite)",
+        help="seconds per test, each under its own limits (default: course.toml's, else "
+        "5, at most half of --cpu-time; 0: one run for the whole suite)",
     )
     grade.add_argument("--out", type=Path, help="results JSON (default: stdout)")
     grade.add_argument(
@@ -145,6 +194,14 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(grade)
+
+
+def _add_port_forward(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forward = sub.add_parser("port-forward", help="reach a port inside a sandbox from 127.0.0.1")
+    forward.add_argument("sandbox_id", help="the sandbox's id")
+    forward.add_argument("ports", help="LOCAL_PORT:SANDBOX_PORT (LOCAL_PORT 0: any free one)")
+    forward.add_argument("--address", help="the sandboxd that holds the sandbox")
+    _add_tls(forward)
 
 
 def _fragment(value: str) -> str:
@@ -250,6 +307,18 @@ def _env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _command(given: list[str], hint: str) -> list[str]:
+    """The command after an optional "--".
+
+    Raises:
+        InvalidArgument: none was given (`hint` says how).
+    """
+    argv = given[1:] if given and given[0] == "--" else list(given)
+    if not argv:
+        raise errors.InvalidArgument(hint)
+    return argv
+
+
 def _show(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     out.buffer.write(data)
@@ -259,11 +328,7 @@ def _show(stream: str, data: bytes) -> None:
 def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.api import SandboxRequest, requested_limits
 
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise errors.InvalidArgument("give the command after --, e.g. sandboxd run -- python3 -V")
+    argv = _command(args.argv, "give the command after --, e.g. sandboxd run -- python3 -V")
     limits = requested_limits(
         cpus=args.cpus,
         memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
@@ -291,15 +356,58 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
         with client.sandbox(request) as box:
             result = box.exec(argv, on_output=_show)
         sandbox = box.sandbox
-    info = result.info
-    own = result.exit_code if result.exit_code >= 0 else 1
-    code = info.cli_exit if info.cli_exit is not None else own
-    if not info.finished:
-        print(f"sandboxd: {result.message}", file=sys.stderr)
+    code = _exit_code(result)
     if args.json:
         summary = _run_summary(result, sandbox, code, image or config.base_image, digest)
         sys.stdout.write("\n" + json.dumps(summary) + "\n")
     return code
+
+
+def _exit_code(result: ExecResult) -> int:
+    """This command's exit code for `result` (a limit's own code, else the command's);
+    a limit kill is also said on stderr."""
+    info = result.info
+    own = result.exit_code if result.exit_code >= 0 else 1
+    if not info.finished:
+        print(f"sandboxd: {result.message}", file=sys.stderr)
+    return info.cli_exit if info.cli_exit is not None else own
+
+
+def cmd_shell(args: argparse.Namespace, config: ServerConfig) -> int:
+    argv = list(args.argv) or ["/bin/sh"]
+    on_tty = terminal.is_terminal(0)
+    return _interactive(args, config, argv, tty=on_tty, forward_stdin=True)
+
+
+def cmd_exec(args: argparse.Namespace, config: ServerConfig) -> int:
+    """Raises: InvalidArgument: no command, or -t without a terminal on stdin."""
+    argv = _command(args.argv, "give the command, e.g. sandboxd exec -it SANDBOX_ID sh")
+    if args.tty and not terminal.is_terminal(0):
+        raise errors.InvalidArgument("-t: stdin is not a terminal (leave -t out)")
+    return _interactive(args, config, argv, tty=args.tty, forward_stdin=args.interactive)
+
+
+def _interactive(
+    args: argparse.Namespace,
+    config: ServerConfig,
+    argv: list[str],
+    *,
+    tty: bool,
+    forward_stdin: bool,
+) -> int:
+    """Attach this terminal to `argv` in the sandbox; exit with its exit code."""
+    with _client(args, config) as client:
+        session = client.exec_session(
+            args.sandbox_id,
+            argv,
+            tty=tty,
+            window=terminal.window(0) if tty else None,
+            timeout=args.timeout,
+            env=_env(args.env),
+            workdir=args.workdir,
+        )
+        result = terminal.attach(session, tty_mode=tty, forward_stdin=forward_stdin)
+    return _exit_code(result)
 
 
 def _run_summary(
@@ -362,7 +470,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
             args.tests,
             submissions,
             settings,
-            grading.junit_dir_for(args.reports or args.out),
+            args.reports / "junit" if args.reports else grading.junit_dir_for(args.out),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
             course=course,
         )
@@ -373,14 +481,33 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     return 0
 
 
+def cmd_port_forward(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.tunnels import Tunnel, parse_ports
+
+    local, remote = parse_ports(args.ports)
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    with _client(args, config) as client:
+        client.get_sandbox(args.sandbox_id)  # a wrong id fails here, not at a connection
+        tunnel = Tunnel(lambda up: client.port_forward(args.sandbox_id, remote, up), local)
+        say(f"Forwarding from 127.0.0.1:{tunnel.port} -> {args.sandbox_id}:{remote}")
+        try:
+            tunnel.serve_forever(on_error=lambda message: say(f"sandboxd: {message}"))
+        finally:
+            tunnel.close()
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "bootstrap-image": cmd_bootstrap,
     "build": cmd_build,
     "gc": cmd_gc,
     "run": cmd_run,
+    "shell": cmd_shell,
+    "exec": cmd_exec,
     "grade": cmd_grade,
     "info": cmd_info,
+    "port-forward": cmd_port_forward,
 }
 
 
@@ -390,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else logging.WARNING
-        if args.command in ("run", "grade", "info")
+        if args.command in ("run", "shell", "exec", "grade", "info")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,

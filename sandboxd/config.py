@@ -43,6 +43,10 @@ class Profile:
     #: The network policy of builds under this profile; None: `none` on a server that
     #: authenticates clients or for a profile without network, else `open`.
     build_network: BuildNetwork | None = None
+    #: May clients reach ports inside its sandboxes through the API (PortForward)?
+    allow_port_forward: bool = True
+    #: May its sandboxes mount host directories (below the server's mount roots)?
+    allow_mounts: bool = True
 
 
 DEFAULT_PROFILE = Profile(
@@ -57,6 +61,8 @@ UNTRUSTED_PROFILE = Profile(
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
     build_network="none",
+    allow_port_forward=False,
+    allow_mounts=False,
 )
 
 
@@ -90,6 +96,11 @@ class ServerConfig:
     docker_host: str | None = None
     #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
     podman_host: str | None = None
+    #: Ray address of the cluster's head when engine = "cluster" ("auto": RAY_ADDRESS or the
+    #: Ray node on this host).
+    cluster_address: str = "auto"
+    #: Bound on one call from the gateway to a node's agent; a dead node ends calls sooner.
+    cluster_call_timeout_seconds: float = 20.0
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
@@ -123,6 +134,13 @@ class ServerConfig:
         """Whether TCP clients must prove who they are (tokens or client certificates)."""
         return self.tokens_file is not None or self.tls_client_ca is not None
 
+    #: Forwarded connections open at once on the server: each holds a server thread.
+    max_port_forwards: int = 16
+    #: Host directories below which sandboxes may mount read-only (none: no host mounts).
+    mount_roots: tuple[Path, ...] = ()
+    #: Host directories below which sandboxes may also mount read-write.
+    writable_mount_roots: tuple[Path, ...] = ()
+
     def profile(self, name: str) -> Profile:
         """The named profile.
 
@@ -153,6 +171,7 @@ def default_state_dir() -> Path:
 
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+_PATH_LISTS = ("mount_roots", "writable_mount_roots")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -194,11 +213,26 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise InvalidArgument(f"config {path}: unknown setting {key!r}")
         if key.endswith("_bytes") and isinstance(value, str):
             value = parse_size(value, field=key)
+        if key in _PATH_LISTS:
+            value = _paths_from(value, key)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     config = ServerConfig(**kwargs)
     config.profile(config.default_profile)  # an unknown default fails at start, not per call
     return config
+
+
+def _paths_from(value: Any, key: str) -> tuple[Path, ...]:
+    """Absolute directories from a list of strings.
+
+    Raises:
+        InvalidArgument: not a list of absolute paths.
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.startswith("/") for v in value
+    ):
+        raise InvalidArgument(f'{key}: give a list of absolute paths, e.g. ["/srv/datasets"]')
+    return tuple(Path(v) for v in value)
 
 
 def _profiles_from(tables: Any) -> tuple[Profile, ...]:
@@ -233,6 +267,8 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     if table.get("build_network", "none") not in get_args(BuildNetwork):
         choices = ", ".join(repr(c) for c in get_args(BuildNetwork))
         raise InvalidArgument(f"{where}.build_network: must be one of {choices}")
+    _expect(table, "allow_port_forward", bool, where)
+    _expect(table, "allow_mounts", bool, where)
     missing = table.get("missing_runtime", "fallback")
     if missing not in get_args(MissingRuntime):
         choices = " or ".join(repr(c) for c in get_args(MissingRuntime))

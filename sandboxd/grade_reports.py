@@ -4,7 +4,8 @@
   name, score, max_score, status, output, visibility). Hidden tests get visibility
   "hidden" and no output, so not even a mistaken release shows their text.
 - `junit/NAME.xml`: JUnit XML per submission, for CI tools.
-- `gradebook.csv`: one row per submission for a spreadsheet.
+- `gradebook.csv`: one row per submission for a spreadsheet; `tests.csv`: one row per
+  test of each submission, with what the test cost (CPU seconds, peak memory).
 - `report.html`: one self-contained page (no scripts, no external resources) with a
   submissions x tests matrix coloured by outcome, per-test pass rates and every failure's
   message. Everything that came from a submission is escaped.
@@ -34,6 +35,17 @@ CSV_FIELDS = (
     "cpu_seconds",
     "peak_memory_bytes",
     "wall_seconds",
+    "message",
+)
+TEST_CSV_FIELDS = (
+    "submission",
+    "test",
+    "outcome",
+    "score",
+    "max_score",
+    "hidden",
+    "cpu_seconds",
+    "peak_memory_bytes",
     "message",
 )
 #: Outcome -> (cell colour, symbol); a symbol too, so the matrix reads without colour.
@@ -133,6 +145,34 @@ def gradebook_csv(document: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
+def per_test_csv(document: Mapping[str, Any]) -> str:
+    """One row per test of each submission: outcome, points, what it cost."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TEST_CSV_FIELDS)
+    for sub in document["submissions"]:
+        for r in sub.get("results", []):
+            row = [
+                sub["name"],
+                r["test_id"],
+                r["outcome"],
+                r["score"],
+                r["max_score"],
+                r["hidden"],
+                r.get("cpu_seconds", 0.0),
+                r.get("peak_memory_bytes", 0),
+                r["message"],
+            ]
+            writer.writerow([_cell_text(v) for v in row])
+    return out.getvalue()
+
+
+def _cost(r: Mapping[str, Any]) -> str:
+    """ "CPU 0.12 s, peak 31 MiB", or "" when the runner did not measure the test."""
+    cpu, peak = r.get("cpu_seconds", 0.0), r.get("peak_memory_bytes", 0)
+    return f"CPU {cpu:.2f} s, peak {peak / (1 << 20):.0f} MiB" if cpu or peak else ""
+
+
 # -- the HTML report ---------------------------------------------------------------------
 
 STYLE = """
@@ -167,7 +207,7 @@ def _matrix(submissions: Sequence[Mapping[str, Any]], tests: list[str]) -> list[
         for t in tests:
             r = by_test.get(t)
             colour, symbol = CELLS.get(r["outcome"], MISSING) if r else MISSING
-            tip = e(f"{t}: {r['outcome']} {r['message']}" if r else f"{t}: not run")
+            tip = e(f"{t}: {r['outcome']} {r['message']} {_cost(r)}" if r else f"{t}: not run")
             rows.append(f'<td class="cell" style="background:{colour}" title="{tip}">{symbol}</td>')
         rows.append("</tr>")
     rows.append("</table>")
@@ -202,7 +242,8 @@ def _failures(submissions: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         out.append(f"<h3>{e(sub['name'])}: {e(sub['verdict'])}</h3><pre>{e(sub['message'])}</pre>")
         for r in bad:
-            out.append(f"<p><b>{e(r['test_id'])}</b>: {e(r['outcome'])}</p>")
+            cost = f" ({_cost(r)})" if _cost(r) else ""
+            out.append(f"<p><b>{e(r['test_id'])}</b>: {e(r['outcome'])}{e(cost)}</p>")
             text = "\n".join(p for p in (r["message"], r["output"]) if p)
             if text:
                 out.append(f"<pre>{e(text)}</pre>")
@@ -247,6 +288,7 @@ def write_reports(document: Mapping[str, Any], directory: Path) -> list[Path]:
         written.append(path)
     for name, text in (
         ("gradebook.csv", gradebook_csv(document)),
+        ("tests.csv", per_test_csv(document)),
         ("report.html", html_report(document)),
     ):
         (directory / name).write_text(text, encoding="utf-8")

@@ -13,6 +13,7 @@ never from what the run printed (see grading.py for what this does and does not 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,11 +25,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sandboxd import errors
 from sandboxd.api import ExecResult, SandboxRequest
+from sandboxd.archives import tar_of
 from sandboxd.client import SandboxClient, SandboxHandle
+from sandboxd.gradebook import Case
 from sandboxd.submissions import Submission
 from sandboxd.verdicts import VERDICTS
 
@@ -43,8 +46,6 @@ MAX_OUTPUT = 4000
 PLUGIN = "sandboxd_grading_plugin"
 #: Seconds a per-test run gets on top of the test's own: starting Python and pytest.
 STARTUP_SECONDS = 3.0
-
-Outcome = Literal["passed", "failed", "error", "skipped"]
 
 PYTEST = (
     "python3",
@@ -66,15 +67,6 @@ ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "COURSE_DIR": f"{GRADER}/tests",
 }
-
-
-@dataclass(frozen=True)
-class Case:
-    """One test's result: its outcome, the line that says why, and the longer text."""
-
-    outcome: Outcome
-    message: str = ""
-    output: str = ""
 
 
 def parse_cases(data: bytes) -> dict[str, Case]:
@@ -145,8 +137,22 @@ def cpu_killed(result: ExecResult, cpu_limit: int) -> bool:
     )
 
 
+#: Up to this size a submission rides on the first command's stdin, unpacked by the shell
+#: before the command starts: one exec instead of two (a put is an exec of `tar`, which
+#: costs most under gVisor). A larger one is put on its own, within gRPC's message size.
+MAX_STDIN_SUBMISSION = 1 << 20
+_UNPACK = (
+    f"mkdir -p {WORKDIR} && tar -x -m --no-same-owner -C {WORKDIR} "
+    '|| { echo "sandboxd: unpacking the submission failed" >&2; exit 125; }; exec "$@"'
+)
+
+
 class SubmissionBox:
-    """The sandbox a submission runs in, replaceable after a kill that may have damaged it."""
+    """The sandbox a submission runs in, replaceable after a kill that may have damaged it.
+
+    A new sandbox gets the submission's files with its first command (see
+    MAX_STDIN_SUBMISSION).
+    """
 
     def __init__(
         self, client: SandboxClient, request: SandboxRequest, sub: Submission, tests_dir: Path
@@ -160,6 +166,9 @@ class SubmissionBox:
         self.runtime = ""
         self.limits: dict[str, object] = {}
         self.replaced = 0
+        self.tar = tar_of(dict(sub.files)) if sub.files else b""
+        #: The submission's files are still to be sent with the next command.
+        self.unpack = False
 
     def open(self) -> SandboxHandle:
         """The current sandbox, created (with the submission in it) when there is none."""
@@ -169,8 +178,9 @@ class SubmissionBox:
             self.image_digest = sandbox.image_digest
             self.runtime = sandbox.runtime
             self.limits = asdict(sandbox.limits)
-            if self.submission.files:
-                self.handle.put_files(WORKDIR, dict(self.submission.files))
+            self.unpack = len(self.tar) <= MAX_STDIN_SUBMISSION and bool(self.tar)
+            if self.tar and not self.unpack:
+                self.handle.put_files(WORKDIR, self.tar)
         return self.handle
 
     def owns(self, node_id: str) -> bool:
@@ -206,8 +216,16 @@ class SubmissionBox:
             if into is not None and len(into) < MAX_OUTPUT_BYTES:
                 into.extend(data)
 
-        return self.open().exec(
-            argv, env={**ENV, **(env or {})}, workdir=WORKDIR, timeout=timeout, on_output=keep
+        handle, stdin = self.open(), b""
+        if self.unpack:
+            argv, stdin, self.unpack = ["sh", "-c", _UNPACK, "sh", *argv], self.tar, False
+        return handle.exec(
+            argv,
+            env={**ENV, **(env or {})},
+            workdir=WORKDIR,
+            timeout=timeout,
+            on_output=keep,
+            stdin=stdin,
         )
 
     def fetch(self, path: str) -> bytes | None:
@@ -255,18 +273,21 @@ _RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 @dataclass
 class RunLog:
     """What the in-sandbox plugin reported: results by node id (the worst phase counts),
-    the tests started and ended, and the collected node ids (None: never got that far)."""
+    the tests started and ended (with what each cost: CPU seconds, peak bytes), and the
+    collected node ids (None: never got that far)."""
 
     cases: dict[str, Case] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
-    ended: set[str] = field(default_factory=set)
+    ended: dict[str, tuple[float, int]] = field(default_factory=dict)
     collected: list[str] | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         if "start" in record:
             self.started.add(str(record["start"]))
         if "end" in record:
-            self.ended.add(str(record["end"]))
+            cpu, peak = record.get("cpu", 0.0), record.get("peak", 0)
+            ok = isinstance(cpu, (int, float)) and isinstance(peak, int)
+            self.ended[str(record["end"])] = (float(cpu), peak) if ok else (0.0, 0)
         if isinstance(record.get("collected"), list):
             self.collected = [str(n) for n in record["collected"]]
         if "result" in record and record.get("outcome") in _RANK:
@@ -275,6 +296,11 @@ class RunLog:
             case = Case(record["outcome"], message, output)
             if node not in self.cases or _RANK[case.outcome] > _RANK[self.cases[node].outcome]:
                 self.cases[node] = case
+
+    def finished(self, node: str) -> Case:
+        """The result of a test that ran to its end, with what it cost."""
+        cpu, peak = self.ended[node]
+        return dataclasses.replace(self.cases[node], cpu_seconds=cpu, peak_memory_bytes=peak)
 
 
 def read_log(raw: bytes, nonce: str) -> RunLog:
@@ -322,11 +348,16 @@ def run_batch(
     result = box.exec(argv, max(0.5, wall), stdout, env=env, stderr=stderr)
     log = read_log(bytes(stderr), nonce)
     ids = node_ids if node_ids is not None else [n for n in log.collected or [] if box.owns(n)]
-    runs = [TestRun(junit_id(n), log.cases[n]) for n in ids if n in log.cases and n in log.ended]
+    runs = [TestRun(junit_id(n), log.finished(n)) for n in ids if n in log.cases and n in log.ended]
     killed = [n for n in ids if n in log.started and n not in log.ended]
     left = [n for n in ids if n not in log.ended and n not in killed]
     if killed:
         verdict, case = _killed_case(result, seconds)
+        # The process's cost less the finished tests' (so pytest's start counts here).
+        cpu = max(0.0, result.cpu_seconds - sum(r.case.cpu_seconds for r in runs))
+        case = dataclasses.replace(
+            case, cpu_seconds=cpu, peak_memory_bytes=result.peak_memory_bytes
+        )
         runs.append(TestRun(junit_id(killed[0]), case, verdict))
         left = [n for n in ids[ids.index(killed[0]) + 1 :] if n not in log.ended]
     elif left and not runs:

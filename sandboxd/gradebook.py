@@ -67,8 +67,9 @@ class Course:
     build: str = ""
     #: command runner: the shell command; `{junit}` is where it must write JUnit XML.
     test: str = ""
-    #: Seconds of CPU and wall time each test gets (0: one run for the whole suite).
-    test_timeout: float = 0.0
+    #: Seconds of CPU and wall time each test gets (0: one run for the whole suite;
+    #: None: not set, the grader's default applies).
+    test_timeout: float | None = None
     #: Wall seconds the build command gets.
     build_timeout: float = 120.0
     weights: Weights = field(default_factory=Weights)
@@ -96,7 +97,8 @@ def _weights(tests: Mapping[str, Any], where: str) -> Weights:
 def load_course(tests_dir: Path, *, test_timeout: float | None = None) -> Course:
     """The course in `tests_dir`: its course.toml if any, else a plain pytest suite.
 
-    `test_timeout` (from the command line) overrides the file's.
+    `test_timeout` (from the command line) overrides the file's; when neither sets it,
+    it stays None and the grader's default applies.
 
     Raises:
         InvalidArgument: no such folder, an unreadable course.toml, or a command course
@@ -121,8 +123,13 @@ def load_course(tests_dir: Path, *, test_timeout: float | None = None) -> Course
         )
     if test and "{junit}" not in test:
         raise errors.InvalidArgument(f"{path}: the test command must write JUnit XML to {{junit}}")
-    timeout = float(course.get("test_timeout", 0.0)) if test_timeout is None else test_timeout
-    if timeout < 0:
+    timeout = test_timeout
+    if timeout is None and "test_timeout" in course:
+        try:
+            timeout = float(course["test_timeout"])
+        except (TypeError, ValueError):
+            raise errors.InvalidArgument(f"{path}: test_timeout must be a number") from None
+    if timeout is not None and timeout < 0:
         raise errors.InvalidArgument(f"test timeout {timeout} cannot be negative")
     return Course(
         tests_dir=tests_dir,
@@ -200,6 +207,20 @@ def _merge_markers(weights: Weights, tests_dir: Path) -> Weights:
 
 # -- results ----------------------------------------------------------------------------
 
+Outcome = Literal["passed", "failed", "error", "skipped"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One test's result before points: its outcome, the line that says why, the longer
+    text, and what the test cost (0 where the runner does not measure it)."""
+
+    outcome: Outcome
+    message: str = ""
+    output: str = ""
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
 
 @dataclass(frozen=True)
 class TestResult:
@@ -215,19 +236,24 @@ class TestResult:
     score: float
     max_score: float
     hidden: bool
+    #: CPU seconds and peak resident bytes of the test alone (0: not measured).
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
 
 
-def scored(weights: Weights, cases: Mapping[str, tuple[str, str, str]]) -> list[TestResult]:
-    """Per-test results with points: `cases` is id -> (outcome, message, output)."""
+def scored(weights: Weights, cases: Mapping[str, Case]) -> list[TestResult]:
+    """Per-test results with points, sorted by test id."""
     return [
         TestResult(
             test_id,
-            outcome,
-            message,
-            output,
-            weights.points_of(test_id) if outcome == "passed" else 0.0,
+            case.outcome,
+            case.message,
+            case.output,
+            weights.points_of(test_id) if case.outcome == "passed" else 0.0,
             weights.points_of(test_id),
             weights.is_hidden(test_id),
+            round(case.cpu_seconds, 3),
+            case.peak_memory_bytes,
         )
-        for test_id, (outcome, message, output) in sorted(cases.items())
+        for test_id, case in sorted(cases.items())
     ]

@@ -1,9 +1,11 @@
 """Batch grading: a course's tests against every submission, each in a fresh sandbox.
 
 A course (gradebook.py) is a pytest suite, or any toolchain through its course.toml: a
-build command, then a test command that writes JUnit XML. With a per-test timeout a
-pytest course runs each test under its own limits (grade_runs.py); otherwise the whole
-suite is one run under the submission-wide caps, which stay the outer bound either way.
+build command, then a test command that writes JUnit XML. A pytest course runs each test
+under its own limits (grade_runs.py; a default budget unless the course or the command
+line sets one, 0 turning it off), so one looping test does not zero a submission; a
+command course's runner gets the budget in $GRADER_TEST_SECONDS. The submission-wide
+caps stay the outer bound either way.
 
 What decides a result, and what the submission can and cannot influence:
 
@@ -27,69 +29,36 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import posixpath
-import shlex
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from sandboxd import errors
-from sandboxd.api import ExecResult, Image, SandboxRequest, requested_limits
+from sandboxd.api import Image, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
+from sandboxd.grade_outcomes import GradeSettings as GradeSettings  # re-exported
+from sandboxd.grade_outcomes import Outcomes, Verdict, build, per_test_run, suite_run
+from sandboxd.grade_outcomes import collection_verdict as collection_verdict  # re-exported
+from sandboxd.grade_outcomes import judge_run as judge_run  # re-exported
+from sandboxd.grade_outcomes import parse_junit as parse_junit  # re-exported
 from sandboxd.grade_reports import junit_xml
-from sandboxd.grade_runs import (
-    GRADER,
-    PYTEST,
-    Case,
-    Outcome,
-    SubmissionBox,
-    cpu_killed,
-    cpu_limited,
-    fresh_junit_path,
-    parse_cases,
-    run_tests,
-    tail,
-)
-from sandboxd.gradebook import Course, load_course, scored
+from sandboxd.grade_runs import SubmissionBox
+from sandboxd.gradebook import Course, Outcome, load_course, scored
 from sandboxd.grading_image import grader_context, image_fragment
 from sandboxd.grading_image import pytest_files as pytest_files  # re-exported
+from sandboxd.limits import Caps
 from sandboxd.submissions import Submission
-from sandboxd.verdicts import VERDICTS, StoppedVerdict
-from sandboxd.verdicts import Verdict as ExecVerdict
 
 log = logging.getLogger(__name__)
 
-#: Exec verdicts where the command ran to its own end.
-VERDICT_RAN = ("ok", "nonzero_exit")
-
-#: A submission's verdict: what the tests' results say, or the service's verdict when it
-#: stopped the run (a limit, or a crash: the test runner itself died or the sandbox did).
-Verdict = Literal[
-    "passed",  # every test passed
-    "failed",  # tests ran, some failed (per-test runs: also tests a limit stopped)
-    "error",  # the tests could not run (collection error, no tests, bad usage)
-    "build_failed",  # the course's build command failed; its output is the message
-    "inconsistent",  # the JUnit XML contradicts the runner's exit status
-    StoppedVerdict,
-]
-
-
-@dataclass(frozen=True)
-class GradeSettings:
-    profile: str = "untrusted"
-    runtime: str = ""
-    #: CPU seconds the test run may use: what stops a loop, however loaded the host is.
-    cpu_seconds: float = 10.0
-    #: Wall seconds: the backstop for a run that waits instead of computing.
-    timeout_seconds: float = 60.0
-    memory_bytes: int = 256 * 1024 * 1024
-    cpus: float = 1.0
-    pids: int = 64
-    jobs: int = 2
+#: Seconds each test of a pytest course gets when neither the command line nor course.toml
+#: says: room for any unit test, and a looping test leaves budget for the others.
+DEFAULT_TEST_SECONDS = 5.0
 
 
 @dataclass
@@ -118,161 +87,18 @@ class Grade:
     limits: dict[str, Any] = field(default_factory=dict)
 
 
-# -- one run ---------------------------------------------------------------------------
-
-
-def parse_junit(data: bytes) -> dict[str, Outcome]:
-    """Test id -> outcome from pytest's JUnit XML.
-
-    Raises:
-        InvalidArgument: not JUnit XML.
-    """
-    return {test_id: case.outcome for test_id, case in parse_cases(data).items()}
-
-
-def _stopped(verdict: ExecVerdict) -> StoppedVerdict | None:
-    """The service's verdict when it, not pytest, ended the run."""
-    return None if VERDICTS[verdict].finished else cast(StoppedVerdict, verdict)
-
-
-def judge_run(
-    result: ExecResult, tests: Mapping[str, Outcome] | None, cpu_limit: int = 0
-) -> tuple[Verdict, str]:
-    """The submission's verdict from the service's result and the parsed JUnit XML."""
-    stopped = _stopped(result.verdict)
-    if stopped is not None:
-        return stopped, result.message
-    code = result.exit_code
-    if cpu_killed(result, cpu_limit):
-        return "timed_out", f"CPU time limit of {cpu_limit}s exceeded"
-    if result.signal:
-        return "crashed", f"pytest was killed by signal {result.signal}"
-    if tests is None:
-        return "error", f"pytest wrote no results (exit code {code})"
-    failed = [t for t, o in tests.items() if o in ("failed", "error")]
-    if code == 0:
-        if failed or not tests:
-            return "inconsistent", "pytest exited 0 but its results show failures or no tests"
-        return "passed", f"all {len(tests)} tests passed"
-    if code == 1:
-        if not failed:
-            return "inconsistent", "pytest exited 1 but its results show no failure"
-        return "failed", f"{len(failed)} of {len(tests)} tests failed"
-    if code == 5:
-        return "error", "no tests were collected"
-    return "error", f"pytest could not run the tests (exit code {code})"
+def per_test_seconds(course: Course, settings: GradeSettings, run_cap: float) -> float:
+    """Each test's budget: the command line's or course.toml's (0: off), else the default,
+    at most half the submission's CPU budget (one loop must leave room for the other
+    tests) and the server's cap on a run (`run_cap`, from its server info)."""
+    if course.test_timeout is not None:
+        return course.test_timeout
+    return min(DEFAULT_TEST_SECONDS, settings.cpu_seconds / 2, run_cap)
 
 
 def _write_junit(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-
-
-@dataclass(frozen=True)
-class Outcomes:
-    """What running a submission's tests gave, before points: the verdict, the per-test
-    results (id -> outcome, message, output) and what the run cost."""
-
-    verdict: Verdict
-    message: str
-    cases: Mapping[str, tuple[str, str, str]]
-    exit_code: int = 0
-    cpu_seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    wall_seconds: float = 0.0
-
-    @classmethod
-    def stopped(cls, verdict: Verdict, message: str, result: ExecResult) -> Outcomes:
-        """A submission stopped before any test ran: a failed build or collection."""
-        return cls(
-            verdict,
-            message,
-            {},
-            exit_code=result.exit_code,
-            cpu_seconds=result.cpu_seconds,
-            peak_memory_bytes=result.peak_memory_bytes,
-            wall_seconds=result.wall_seconds,
-        )
-
-
-def _of(cases: Mapping[str, Case]) -> dict[str, tuple[str, str, str]]:
-    return {t: (c.outcome, c.message, c.output) for t, c in cases.items()}
-
-
-def _suite_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
-    """The whole suite in one exec under the submission-wide limits."""
-    junit_path = fresh_junit_path()
-    if course.runner == "command":
-        command = course.test.replace("{junit}", junit_path)
-        command = f"mkdir -p {posixpath.dirname(junit_path)} && {command}"
-    else:
-        command = shlex.join([*PYTEST, f"--junitxml={junit_path}", f"{GRADER}/tests"])
-        command = f"exec {command}"
-    command, cpu_limit = cpu_limited(command, settings.cpu_seconds)
-    # A course's own runner may apply its per-test limit itself.
-    env = {"GRADER_TEST_SECONDS": f"{course.test_timeout:g}"} if course.test_timeout else {}
-    result = box.exec(["sh", "-c", command], settings.timeout_seconds, env=env)
-    cases = box.fetch_cases(junit_path) if _stopped(result.verdict) is None else None
-    tests = {t: c.outcome for t, c in (cases or {}).items()}
-    if course.runner == "command" and cases is not None and result.verdict in VERDICT_RAN:
-        # Test runners differ in exit codes; what they wrote decides, as pytest's 0/1 would.
-        failed = any(o in ("failed", "error") for o in tests.values())
-        result = dataclasses.replace(
-            result, verdict="nonzero_exit" if failed else "ok", exit_code=int(failed)
-        )
-    verdict, message = judge_run(result, None if cases is None else tests, cpu_limit)
-    keep = verdict in ("passed", "failed")
-    return Outcomes(
-        verdict,
-        message,
-        _of(cases or {}) if keep else {},
-        exit_code=result.exit_code,
-        cpu_seconds=result.cpu_seconds,
-        peak_memory_bytes=result.peak_memory_bytes,
-        wall_seconds=result.wall_seconds,
-    )
-
-
-def _per_test_run(box: SubmissionBox, course: Course, settings: GradeSettings) -> Outcomes:
-    """Every test under its own limits, in as few processes as the kills allow."""
-    started = time.monotonic()
-    suite = run_tests(box, course.test_timeout, settings.timeout_seconds, settings.cpu_seconds)
-    if suite.collection_error:
-        return Outcomes.stopped("error", suite.collection_error, suite.first)
-    runs = suite.runs
-    failed = [r for r in runs if r.case.outcome in ("failed", "error")]
-    spent = [r for r in runs if r.case.message.startswith("not run:")]
-    verdict: Verdict = "timed_out" if spent else "failed" if failed else "passed"
-    message = (
-        f"{len(failed)} of {len(runs)} tests failed" if failed else f"all {len(runs)} tests passed"
-    )
-    if spent:
-        message = f"{spent[0].case.message} ({len(spent)} of {len(runs)} tests not run)"
-    return Outcomes(
-        verdict,
-        message,
-        _of({r.test_id: r.case for r in runs}),
-        exit_code=suite.first.exit_code,
-        cpu_seconds=suite.cpu_seconds,
-        peak_memory_bytes=suite.peak_memory_bytes,
-        wall_seconds=time.monotonic() - started,
-    )
-
-
-def _build(box: SubmissionBox, course: Course) -> Outcomes | None:
-    """The course's build command; an `Outcomes` when it failed, else None."""
-    output = bytearray()
-    result = box.exec(["sh", "-c", f"{course.build} 2>&1"], course.build_timeout, output)
-    if result.verdict == "ok":
-        return None
-    why = result.message
-    if result.verdict == "timed_out":
-        why = f"timed out after {course.build_timeout:.1f}s"
-    elif VERDICTS[result.verdict].finished:
-        why = f"exit code {result.exit_code}"
-    return Outcomes.stopped(
-        "build_failed", f"build failed ({why}): {tail(output, 2000).strip()}", result
-    )
 
 
 def grade_one(
@@ -299,16 +125,29 @@ def grade_one(
     )
     box = SubmissionBox(client, request, submission, course.tests_dir)
     try:
-        outcomes = _build(box, course) if course.build else None
+        outcomes = build(box, course) if course.build else None
         if outcomes is None:
-            per_test = course.runner == "pytest" and course.test_timeout > 0
-            outcomes = (_per_test_run if per_test else _suite_run)(box, course, settings)
+            per_test = course.runner == "pytest" and (course.test_timeout or 0.0) > 0
+            outcomes = (per_test_run if per_test else suite_run)(box, course, settings)
     finally:
         box.close()
-    return _grade(submission.name, outcomes, course, box, junit_dir)
+    limits = {**box.limits, **_budgets(course, settings)}
+    return _grade(submission.name, outcomes, course, box, junit_dir, limits)
 
 
-def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir: Path) -> Grade:
+def _budgets(course: Course, settings: GradeSettings) -> dict[str, Any]:
+    """The grader's own limits, recorded with the sandbox's."""
+    return {"test_seconds": course.test_timeout or 0.0, "cpu_seconds": settings.cpu_seconds}
+
+
+def _grade(
+    name: str,
+    o: Outcomes,
+    course: Course,
+    box: SubmissionBox,
+    junit_dir: Path,
+    limits: dict[str, Any],
+) -> Grade:
     """The submission's grade: points from the course, and its JUnit XML written."""
     results = scored(course.weights, o.cases)
     junit_file = junit_dir / f"{name}.xml"
@@ -331,11 +170,29 @@ def _grade(name: str, o: Outcomes, course: Course, box: SubmissionBox, junit_dir
         image_digest=box.image_digest,
         junit=str(junit_file),
         runtime=box.runtime,
-        limits=box.limits,
+        limits=limits,
         points=points,
         max_points=max_points,
         results=[asdict(r) for r in results],
     )
+
+
+def jobs(settings: GradeSettings, slots: int) -> int:
+    """Submissions at once: `settings.jobs`, or when 0, two per core of this machine (a
+    submission waits on its container about as long as it computes); never more than the
+    server's sandbox slots, since the rest would only queue for admission until it
+    refuses them."""
+    wanted = settings.jobs or 2 * (os.cpu_count() or 1)
+    return max(1, min(wanted, slots or wanted))
+
+
+def resolved(course: Course, settings: GradeSettings, caps: Caps) -> tuple[Course, GradeSettings]:
+    """The course's per-test budget and the batch's parallelism, made explicit from the
+    server's caps, so the results document says what was used."""
+    course = dataclasses.replace(
+        course, test_timeout=per_test_seconds(course, settings, caps.timeout_seconds)
+    )
+    return course, dataclasses.replace(settings, jobs=jobs(settings, caps.sandboxes))
 
 
 # -- the batch -------------------------------------------------------------------------
@@ -363,6 +220,7 @@ def grade_all(
         image_fragment(course), context_files=grader_context(tests_dir), label="grading"
     )
     image = built.image
+    course, settings = resolved(course, settings, client.server_info().caps)
     progress(f"image {image.digest[:19]} ({'cached' if built.cache_hit else 'built'})")
     grades: dict[str, Grade] = {}
     lock = threading.Lock()
@@ -374,6 +232,8 @@ def grade_all(
         except errors.SandboxError as exc:
             log.warning("grading %s: %s", sub.name, exc.message)
             grade = Grade(sub.name, "error", f"service error: {exc.message}", 0.0, 0, 0)
+            grade.image_digest, grade.runtime = image.digest, settings.runtime
+            grade.limits = {"memory_bytes": settings.memory_bytes, **_budgets(course, settings)}
             junit = junit_dir / f"{sub.name}.xml"
             _write_junit(junit, junit_xml(sub.name, "error", grade.message, []))
             grade.junit = str(junit)

@@ -12,6 +12,11 @@ its sandbox), the tests before it keep their results and the grader knows which 
 was: it starts a new run with the tests after it. The stream is the file descriptor
 pytest started with, duplicated at import: `-p` plugins load before pytest captures
 output, and tests' own output is captured away from it.
+
+Each test's end record carries what it cost: CPU seconds (its process and the children
+it waited for) and peak resident memory. The peak is the kernel's high-water mark, reset
+before the test where the kernel allows it (/proc/self/clear_refs); where it does not
+(gVisor), it is the process's peak so far, an upper bound.
 """
 
 from __future__ import annotations
@@ -58,6 +63,32 @@ def _disarm() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak stays the process's so far
+
+
+def _peak() -> int:
+    """Peak resident bytes: VmHWM, else ru_maxrss (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     _write({"collected": [item.nodeid for item in session.items]})
 
@@ -65,12 +96,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     _write({"start": item.nodeid})
+    _reset_peak()
+    cpu = _cpu()
     _arm()
     try:
         yield
     finally:
         _disarm()
-    _write({"end": item.nodeid})
+    _write({"end": item.nodeid, "cpu": round(_cpu() - cpu, 4), "peak": _peak()})
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -25,10 +25,12 @@ from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
-from sandboxd.execs import ExecRequest, Executor, Output
+from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
+from sandboxd.forwarding import Forwarder
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+from sandboxd.sessions import run_session
 from sandboxd.transfers import Transfers
 
 log = logging.getLogger(__name__)
@@ -153,8 +155,38 @@ def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
     return replace(wire.request_from_pb(spec), owner=owner)
 
 
+def _header(messages: Iterator[Any], rpc: str) -> Any:
+    """The header of a client stream's first message.
+
+    Raises:
+        InvalidArgument: the stream is empty or starts with something else.
+    """
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise errors.InvalidArgument(f"{rpc}: the first message must be the header", field="header")
+    return first.header
+
+
+def _after_header(messages: Iterator[Any], rpc: str) -> Iterator[Any]:
+    """The rest of a client stream. Raises: InvalidArgument: another header."""
+    for message in messages:
+        if message.HasField("header"):
+            raise errors.InvalidArgument(
+                f"{rpc}: only the first message may be a header", field="header"
+            )
+        yield message
+
+
 def _chunk(event: Output) -> pb.OutputChunk:
     return pb.OutputChunk(stream=pb.Stream.ValueType(event.stream), data=event.data)
+
+
+def _exec_events(events: Iterator[Output | ExecOutcome]) -> Iterator[pb.ExecEvent]:
+    for event in events:
+        if isinstance(event, Output):
+            yield pb.ExecEvent(output=_chunk(event))
+        else:
+            yield pb.ExecEvent(result=wire.outcome_to_pb(event))
 
 
 def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
@@ -185,14 +217,10 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = wire.context_from_pb(request)
+        files, owner = wire.context_from_pb(request), owner_of(context)
+        cancel = _cancel_event(context)
         for item in self.images.build(
-            request.base,
-            request.fragment,
-            context_files,
-            label=request.label,
-            owner=owner_of(context),
-            cancel=_cancel_event(context),
+            request.base, request.fragment, files, label=request.label, owner=owner, cancel=cancel
         ):
             if isinstance(item, NeedsContent):
                 yield pb.BuildImageEvent(result=pb.BuildImageResult(needs_content=True))
@@ -264,6 +292,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         self.executor = executor
         self.files = Transfers(executor)
         self.images = images
+        self.forwarder = Forwarder(manager)
 
     @unary
     def CreateSandbox(
@@ -303,39 +332,42 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def Exec(
         self, request: pb.ExecRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExecEvent]:
-        events = self.executor.run(
-            request.sandbox_id,
-            wire.exec_request_from_pb(request),
-            owner_of(context),
-            _cancel_event(context),
+        yield from _exec_events(
+            self.executor.run(
+                request.sandbox_id,
+                wire.exec_request_from_pb(request),
+                owner_of(context),
+                _cancel_event(context),
+            )
         )
-        for event in events:
-            if isinstance(event, Output):
-                yield pb.ExecEvent(output=_chunk(event))
-            else:
-                yield pb.ExecEvent(result=wire.outcome_to_pb(event))
+
+    @streaming
+    def ExecStream(
+        self, request_iterator: Iterator[pb.ExecInput], context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecEvent]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise errors.InvalidArgument(
+                "start: the first message must start the command", field="start"
+            )
+        yield from _exec_events(
+            run_session(
+                self.executor,
+                wire.exec_start_from_pb(first.start),
+                (wire.exec_input_from_pb(m) for m in request_iterator),
+                owner_of(context),
+                _cancel_event(context),
+            )
+        )
 
     @unary
     def PutFiles(
         self, request_iterator: Iterator[pb.PutFilesRequest], context: grpc.ServicerContext
     ) -> pb.PutFilesResponse:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise errors.InvalidArgument(
-                "PutFiles: the first message must be the header", field="header"
-            )
-        header = first.header
-
-        def chunks() -> Iterator[bytes]:
-            for message in request_iterator:
-                if message.HasField("header"):
-                    raise errors.InvalidArgument(
-                        "PutFiles: only the first message may be a header", field="header"
-                    )
-                yield message.tar_chunk
-
+        header = _header(request_iterator, "PutFiles")
+        chunks = (m.tar_chunk for m in _after_header(request_iterator, "PutFiles"))
         files, size = self.files.put_files(
-            header.sandbox_id, header.path, chunks(), owner_of(context)
+            header.sandbox_id, header.path, chunks, owner_of(context)
         )
         return pb.PutFilesResponse(files=files, bytes=size)
 
@@ -399,3 +431,19 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     missing_paths=collected.missing,
                 )
             )
+
+    @streaming
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardFrame], context: grpc.ServicerContext
+    ) -> Iterator[pb.PortForwardFrame]:
+        header = _header(request_iterator, "PortForward")
+        connection = self.forwarder.open(header.sandbox_id, header.port, owner_of(context))
+        if not context.add_callback(connection.close):  # at the call's end, however it ends
+            connection.close()  # it has ended already
+            return
+        connection.feed(f.data for f in _after_header(request_iterator, "PortForward"))
+        try:
+            for data in connection.received():
+                yield pb.PortForwardFrame(data=data)
+        finally:
+            connection.close()

@@ -13,7 +13,9 @@ from sandboxd.execs import ExecOutcome, ExecRequest
 from sandboxd.images import ContextFile, ImageRecord
 from sandboxd.info import ProfileInfo, ServerInfo
 from sandboxd.limits import Caps, Limits
+from sandboxd.mounts import Mount
 from sandboxd.sandboxes import SandboxRecord
+from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 from sandboxd.verdicts import VERDICTS, by_wire
 
 _STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
@@ -60,6 +62,7 @@ def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
         profile=r.profile,
         labels=dict(r.labels),
         preload_argv=list(r.preload_argv),
+        mounts=[pb.Mount(source=m.source, target=m.target, writable=m.writable) for m in r.mounts],
     )
 
 
@@ -74,6 +77,7 @@ def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
         profile=m.profile,
         labels=dict(m.labels),
         preload_argv=tuple(m.preload_argv),
+        mounts=tuple(Mount(x.source, x.target, x.writable) for x in m.mounts),
     )
 
 
@@ -147,11 +151,16 @@ def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
             ttl_seconds=c.ttl_seconds,
             sandboxes=c.sandboxes,
         ),
-        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
+        profiles=tuple(
+            ProfileInfo(p.name, p.runtime, p.allow_network, p.allow_port_forward, p.allow_mounts)
+            for p in m.profiles
+        ),
         default_profile=m.default_profile,
         runtimes=tuple(m.runtimes),
         base_image=m.base_image,
         default_ttl_seconds=m.default_ttl_seconds,
+        mount_roots=tuple(m.mount_roots),
+        writable_mount_roots=tuple(m.writable_mount_roots),
     )
 
 
@@ -197,13 +206,21 @@ def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
         default_limits=limits_to_pb(info.defaults),
         caps=caps_to_pb(info.caps),
         profiles=[
-            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
+            pb.ProfileInfo(
+                name=p.name,
+                runtime=p.runtime,
+                allow_network=p.allow_network,
+                allow_port_forward=p.allow_port_forward,
+                allow_mounts=p.allow_mounts,
+            )
             for p in info.profiles
         ],
         default_profile=info.default_profile,
         runtimes=list(info.runtimes),
         base_image=info.base_image,
         default_ttl_seconds=info.default_ttl_seconds,
+        mount_roots=list(info.mount_roots),
+        writable_mount_roots=list(info.writable_mount_roots),
     )
 
 
@@ -254,3 +271,63 @@ def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
         workdir=m.workdir,
         attach_preload=m.attach_preload,
     )
+
+
+def exec_start_from_pb(m: pb.ExecStart) -> ExecStart:
+    window = m.window if m.HasField("window") else None
+    return ExecStart(
+        sandbox_id=m.request.sandbox_id,
+        request=exec_request_from_pb(m.request),
+        tty=m.tty,
+        window=WindowSize(window.rows, window.columns) if window is not None else None,
+    )
+
+
+def exec_input_from_pb(m: pb.ExecInput) -> ExecInput:
+    """Raises: InvalidArgument: a second start, or an empty message."""
+    kind = m.WhichOneof("input")
+    if kind == "stdin":
+        return Stdin(m.stdin)
+    if kind == "resize":
+        return Resize(WindowSize(m.resize.rows, m.resize.columns))
+    if kind == "signal":
+        return Signal(m.signal)
+    if kind == "close_stdin":
+        return CloseStdin()
+    if kind == "start":
+        raise errors.InvalidArgument("start: only the first message may start the command")
+    raise errors.InvalidArgument("input: the message carries nothing", field="input")
+
+
+def exec_request_to_pb(sandbox_id: str, r: ExecRequest) -> pb.ExecRequest:
+    return pb.ExecRequest(
+        sandbox_id=sandbox_id,
+        argv=list(r.argv),
+        stdin=r.stdin,
+        timeout_seconds=r.timeout_seconds,
+        output_limit_bytes=r.output_limit_bytes,
+        env=dict(r.env),
+        workdir=r.workdir,
+        attach_preload=r.attach_preload,
+    )
+
+
+def exec_start_to_pb(start: ExecStart) -> pb.ExecStart:
+    w = start.window
+    return pb.ExecStart(
+        request=exec_request_to_pb(start.sandbox_id, start.request),
+        tty=start.tty,
+        window=pb.WindowSize(rows=w.rows, columns=w.columns) if w is not None else None,
+    )
+
+
+def exec_input_to_pb(item: ExecInput) -> pb.ExecInput:
+    if isinstance(item, Stdin):
+        return pb.ExecInput(stdin=item.data)
+    if isinstance(item, Resize):
+        return pb.ExecInput(
+            resize=pb.WindowSize(rows=item.window.rows, columns=item.window.columns)
+        )
+    if isinstance(item, Signal):
+        return pb.ExecInput(signal=item.name)
+    return pb.ExecInput(close_stdin=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -13,6 +13,17 @@ LABEL_SANDBOX = "sandbox.id"
 LABEL_KEY = "sandbox.image-key"
 LABEL_EXPIRES = "sandbox.expires"
 LABEL_OWNER = "sandbox.owner"
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host directory mounted into a container (nosuid, nodev), already allowed by policy."""
+
+    #: Resolved absolute path on the engine's host.
+    source: str
+    #: Absolute path inside the container.
+    target: str
+    read_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class ContainerSpec:
     network_name: str = ""
     #: False: created but never started (files are copied in, then it is committed).
     start: bool = True
+    binds: tuple[BindMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,14 @@ class ExecProcess(Protocol):
 
     def kill(self) -> None:
         """Kill the command and everything it started."""
+        ...
+
+    def resize(self, rows: int, columns: int) -> None:
+        """Set the size of the command's terminal (a TTY exec only)."""
+        ...
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the command's main process."""
         ...
 
     def close(self) -> None: ...
@@ -151,11 +171,28 @@ class Engine(Protocol):
         workdir: str,
         user: str,
         stdin: bool,
-    ) -> ExecProcess: ...
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> ExecProcess:
+        """Start `argv`; with `tty`, on a pseudo-terminal of `window` (rows, columns) whose
+        output arrives as stream 1."""
+        ...
 
     def sample(self, container_id: str) -> CgroupSample: ...
 
     def reset_peak(self, container_id: str) -> None: ...
+
+
+@runtime_checkable
+class RoomMaking(Protocol):
+    """An engine whose containers reserve room on nodes of limited size (the cluster's).
+
+    When a new container finds no room at first, the engine calls `make_room`, which the
+    wiring points at the warm pool: warm containers give way to live ones, as admission
+    makes them do on one machine. It says whether anything went.
+    """
+
+    make_room: Callable[[], bool]
 
 
 @runtime_checkable

@@ -13,6 +13,8 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 - A commit ignores the configuration sent with it (Docker's `conf`): the image would keep
   the build container's entrypoint and labels. The configuration goes as `changes`
   (Dockerfile lines) instead.
+- Host directories go in as plain binds with `nosuid,nodev` (which Podman honours, also
+  read-write); Docker's anonymous volume with mount options comes out empty here.
 - Its API ignores the runtime a create asks for (Docker's `HostConfig.Runtime` and
   libpod's `oci_runtime` alike; podman issue #28429, fixed only in later releases): a
   container asked for under gVisor would silently run under runc. So runc is the only
@@ -81,6 +83,15 @@ class PodmanEngine(DockerEngine):
         changes = _changes_of(config)
         answer = self._call(lambda: self.api.commit(container_id, changes=changes))
         return str(answer["Id"])
+
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """Plain binds with their options: Podman takes `nosuid,nodev` there (read-write ones
+        too), and its API would mount an empty volume for Docker's volume-with-options form."""
+        binds = [
+            f"{b.source}:{b.target}:{'ro' if b.read_only else 'rw'},nosuid,nodev"
+            for b in spec.binds
+        ]
+        return {"binds": binds or None}
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]

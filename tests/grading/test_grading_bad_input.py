@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from courses import write_tree
@@ -67,16 +68,37 @@ def test_a_course_toml_that_cannot_work(
     assert expected in err, err
 
 
-@pytest.mark.docker
-def test_a_build_that_never_ends(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str
-) -> None:
-    course = '[course]\nbuild = "sleep 600"\nbuild_timeout = 2\ntest = "true {junit}"\n'
+def _grade_course(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str, course: str
+) -> dict[str, Any]:
+    """The one submission's result under a command course with this course.toml."""
     tests = write_tree(tmp_path / "tests", {"course.toml": course})
     subs = write_tree(tmp_path / "subs", CALC)
     out = tmp_path / "results.json"
     code, _ = _grade(capsys, tests, subs, "--out", str(out), "--address", address)
     assert code == 0
     (grade,) = json.loads(out.read_text())["submissions"]
+    return grade  # type: ignore[no-any-return]
+
+
+@pytest.mark.docker
+def test_a_build_that_never_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    course = '[course]\nbuild = "sleep 600"\nbuild_timeout = 2\ntest = "true {junit}"\n'
+    grade = _grade_course(tmp_path, capsys, address, course)
     assert grade["verdict"] == "build_failed"
     assert grade["message"].startswith("build failed (timed out after 2.0s)"), grade["message"]
+
+
+@pytest.mark.docker
+def test_a_test_command_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    grade = _grade_course(tmp_path, capsys, address, '[course]\ntest = "./run_tests {junit}"\n')
+    assert grade["verdict"] == "error"
+    message = grade["message"]
+    assert message.startswith(
+        "the test command wrote no JUnit XML to {junit} (exit code 127: command not found)"
+    ), message
+    assert "run_tests: not found" in message, message

@@ -15,6 +15,7 @@ from abuse import SecureService
 from sandboxd import cli, grading, submissions
 from sandboxd.client import SandboxClient
 from sandboxd.engine.base import LABEL_INSTANCE
+from sandboxd.gradebook import load_course
 
 TESTS = {
     "test_calc.py": """
@@ -149,9 +150,11 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
     tests = _write_tests(tmp_path)
     subs = _write_submissions(tmp_path)
     settings = _untrusted("runc", cpu_seconds=3.0, memory_bytes=96 << 20)
+    # The whole suite in one run per submission (per-test limits are tests/grading's).
     first = grading.grade_all(
-        operator, tests, submissions.load_submissions(subs), settings, tmp_path / "junit1"
-    )
+        operator, tests, submissions.load_submissions(subs), settings, tmp_path / "junit1",
+        course=load_course(tests, test_timeout=0),
+    )  # fmt: skip
     by_name = {s["name"]: s for s in first["submissions"]}
     for name, _, expected, passing in CASES:
         got = by_name[name]
@@ -180,7 +183,8 @@ def test_a_batch_of_20_gets_the_right_verdicts_twice(
     out.parent.mkdir()
     code = cli.main([
         "grade", "--tests", str(tests), "--submissions", str(subs), "--profile", "untrusted",
-        "--runtime", "runc", "--cpu-time", "3", "--timeout", "60", "--memory", "96m", "--jobs", "2",
+        "--runtime", "runc", "--test-timeout", "0", "--cpu-time", "3", "--timeout", "60",
+        "--memory", "96m", "--jobs", "2",
         "--out", str(out), "--address", secure.unix,
     ])  # fmt: skip
     assert code == 0
@@ -214,7 +218,10 @@ def test_a_small_batch_gets_the_same_verdicts_under_runsc(
     assert len(subs) == len(RUNSC_CASES)
     # gVisor's own kernel counts against the memory limit: a little more room than on runc.
     settings = _untrusted("runsc", cpu_seconds=5.0, memory_bytes=128 << 20)
-    report = grading.grade_all(operator, tests, subs, settings, tmp_path / "junit")
+    report = grading.grade_all(
+        operator, tests, subs, settings, tmp_path / "junit",
+        course=load_course(tests, test_timeout=0),
+    )  # fmt: skip
     by_name = {s["name"]: s for s in report["submissions"]}
     for name, _, expected, passing in CASES:
         if name not in RUNSC_CASES:

@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any
 
-from sandboxd.grade_reports import gradebook_csv, gradescope, html_report
+from sandboxd.grade_reports import gradebook_csv, gradescope, html_report, per_test_csv
 
 
 def _result(test_id: str, outcome: str, message: str = "", hidden: bool = False) -> dict[str, Any]:
@@ -19,6 +19,8 @@ def _result(test_id: str, outcome: str, message: str = "", hidden: bool = False)
         "score": worth if outcome == "passed" else 0.0,
         "max_score": worth,
         "hidden": hidden,
+        "cpu_seconds": 0.25,
+        "peak_memory_bytes": 3 << 20,
     }
 
 
@@ -83,6 +85,15 @@ def test_the_csv_does_not_start_a_cell_with_a_formula() -> None:
     assert rows[1]["verdict"] == "passed"
 
 
+def test_the_tests_csv_has_a_row_per_test_with_its_cost() -> None:
+    rows = list(csv.DictReader(io.StringIO(per_test_csv(DOCUMENT))))
+    assert [(r["test"], r["outcome"]) for r in rows] == [
+        ("m::a", "passed"), ("m::b", "failed"), ("m::c", "failed"), ("m::a", "passed"),
+    ]  # fmt: skip
+    assert rows[0]["submission"].startswith("'=") and rows[3]["submission"] == "ok"
+    assert (rows[1]["cpu_seconds"], rows[1]["peak_memory_bytes"]) == ("0.25", str(3 << 20))
+
+
 def test_the_html_escapes_everything_and_loads_nothing() -> None:
     page = html_report(DOCUMENT)
     assert "<script" not in page
@@ -94,3 +105,4 @@ def test_the_html_escapes_everything_and_loads_nothing() -> None:
     assert "<td class='num'>2 / 2</td><td><span class='bar' style='width:100px'>" in page
     assert "<td class='num'>0 / 2</td>" in page
     assert "secret expected value" in page  # staff see hidden tests' failures
+    assert "(CPU 0.25 s, peak 3 MiB)" in page

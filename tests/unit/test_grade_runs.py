@@ -6,7 +6,8 @@ import json
 import signal
 
 from sandboxd.api import ExecResult
-from sandboxd.grade_runs import Case, _killed_case, junit_id, parse_cases, read_log
+from sandboxd.grade_runs import _killed_case, junit_id, parse_cases, read_log
+from sandboxd.gradebook import Case
 
 
 def test_junit_ids_follow_pytest() -> None:
@@ -27,14 +28,15 @@ def test_the_log_keeps_the_worst_phase_and_ignores_unframed_lines() -> None:
             "n0",
             {"result": "t.py::a", "when": "call", "outcome": "passed"},
             {"result": "t.py::a", "when": "teardown", "outcome": "error", "message": "boom"},
-            {"end": "t.py::a"},
+            {"end": "t.py::a", "cpu": 0.25, "peak": 4096},
             {"start": "t.py::b"},
         )
         + _lines("other", {"end": "t.py::b"})
     )
     log = read_log(raw + _lines("n0", {"collected": ["t.py::a", "t.py::b"]}), "n0")
     assert log.cases == {"t.py::a": Case("error", "boom", "")}
-    assert log.started == {"t.py::a", "t.py::b"} and log.ended == {"t.py::a"}
+    assert log.started == {"t.py::a", "t.py::b"} and set(log.ended) == {"t.py::a"}
+    assert log.finished("t.py::a") == Case("error", "boom", "", 0.25, 4096)
     assert log.collected == ["t.py::a", "t.py::b"]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd import errors
-from sandboxd.gradebook import Weights, load_course, scored
+from sandboxd.gradebook import Case, Weights, load_course, scored
 
 MARKED = """
 import pytest
@@ -37,7 +37,7 @@ class TestGroup:
 
 def test_a_folder_without_course_toml_is_a_pytest_course(tmp_path: Path) -> None:
     course = load_course(tmp_path)
-    assert course.runner == "pytest" and course.test_timeout == 0.0 and not course.build
+    assert course.runner == "pytest" and course.test_timeout is None and not course.build
 
 
 def test_markers_give_points_and_visibility(tmp_path: Path) -> None:
@@ -82,9 +82,9 @@ def test_scores_count_points_of_passed_tests() -> None:
     results = scored(
         weights,
         {
-            "m::big": ("passed", "", ""),
-            "m::small": ("failed", "assert 1 == 2", "trace"),
-            "m::hidden_one": ("passed", "", ""),
+            "m::big": Case("passed"),
+            "m::small": Case("failed", "assert 1 == 2", "trace"),
+            "m::hidden_one": Case("passed"),
         },
     )
     assert [(r.test_id, r.score, r.max_score, r.hidden) for r in results] == [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import zipfile
 from pathlib import Path
@@ -10,7 +11,17 @@ import pytest
 
 from sandboxd import errors
 from sandboxd.api import ExecResult
-from sandboxd.grading import judge_run, parse_junit, pytest_files
+from sandboxd.gradebook import Course
+from sandboxd.grading import (
+    GradeSettings,
+    collection_verdict,
+    jobs,
+    judge_run,
+    parse_junit,
+    pytest_files,
+    resolved,
+)
+from sandboxd.limits import Caps
 from sandboxd.submissions import load_submissions
 
 JUNIT = b"""<?xml version="1.0" encoding="utf-8"?>
@@ -62,6 +73,38 @@ def test_parse_junit_outcomes_sorted_and_worst_kept() -> None:
 )
 def test_judge_run(result: ExecResult, tests: dict[str, str] | None, verdict: str) -> None:
     assert judge_run(result, tests, cpu_limit=4)[0] == verdict  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("result", "verdict", "message"),
+    [
+        # A loop at import spends the submission's CPU budget: timed out, as a suite run says.
+        (ExecResult(verdict="nonzero_exit", signal=signal.SIGXCPU), "timed_out", "CPU time"),
+        (ExecResult(verdict="nonzero_exit", signal=11), "crashed", "signal 11"),
+        (ExecResult(verdict="out_of_memory", message="out of memory"), "out_of_memory", "out of"),
+        (ExecResult(verdict="nonzero_exit", exit_code=2), "error", "collection failed: E"),
+    ],
+)
+def test_a_submission_stopped_before_its_first_test(
+    result: ExecResult, verdict: str, message: str
+) -> None:
+    got = collection_verdict(result, "collection failed: E", GradeSettings())
+    assert got[0] == verdict and message in got[1], got
+
+
+def test_defaults_come_from_the_machine_and_the_server_caps(tmp_path: Path) -> None:
+    assert jobs(GradeSettings(jobs=3), slots=64) == 3
+    assert jobs(GradeSettings(jobs=100), slots=8) == 8  # more would queue for admission
+    assert jobs(GradeSettings(), slots=64) == 2 * (os.cpu_count() or 1)
+    caps = Caps(timeout_seconds=2.0, sandboxes=1)
+    course, settings = resolved(Course(tmp_path), GradeSettings(cpu_seconds=20.0), caps)
+    assert (course.test_timeout, settings.jobs) == (2.0, 1)  # the server's cap on a run
+    course, _ = resolved(Course(tmp_path), GradeSettings(cpu_seconds=6.0), Caps())
+    assert course.test_timeout == 3.0  # half the CPU budget: a loop leaves room
+    course, _ = resolved(Course(tmp_path), GradeSettings(), Caps())
+    assert course.test_timeout == 5.0
+    course, _ = resolved(Course(tmp_path, test_timeout=0.0), GradeSettings(), Caps())
+    assert course.test_timeout == 0.0  # off: one run for the whole suite
 
 
 def test_load_submissions_folders_and_zips_safely(tmp_path: Path) -> None:

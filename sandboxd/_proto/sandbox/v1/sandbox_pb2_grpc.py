@@ -270,6 +270,11 @@ class SandboxServiceStub:
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
                 response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.ExecStream = channel.stream_stream(
+                '/sandbox.v1.SandboxService/ExecStream',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+                _registered_method=True)
         self.PutFiles = channel.stream_unary(
                 '/sandbox.v1.SandboxService/PutFiles',
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.PutFilesRequest.SerializeToString,
@@ -284,6 +289,11 @@ class SandboxServiceStub:
                 '/sandbox.v1.SandboxService/Run',
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
                 response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.RunEvent.FromString,
+                _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/sandbox.v1.SandboxService/PortForward',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
                 _registered_method=True)
 
 
@@ -324,6 +334,14 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecStream(self, request_iterator, context):
+        """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+        See ExecInput for the order of messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutFiles(self, request_iterator, context):
         """First message names the sandbox and destination; the rest carry a tar
         stream in chunks. Paths are confined to the sandbox's writable dirs.
@@ -341,6 +359,17 @@ class SandboxServiceServicer:
 
     def Run(self, request, context):
         """Create, put files, exec, collect files and destroy, in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PortForward(self, request_iterator, context):
+        """One TCP connection to a port inside a sandbox, which needs no network for it: the
+        first request frame carries only the header, the rest carry the bytes the client
+        sends; response frames carry the bytes the sandbox's side sends. Closing the request
+        stream half-closes the connection; the end of the response stream is the other side
+        closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -374,6 +403,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecRequest.FromString,
                     response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
             ),
+            'ExecStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecStream,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecInput.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
+            ),
             'PutFiles': grpc.stream_unary_rpc_method_handler(
                     servicer.PutFiles,
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.PutFilesRequest.FromString,
@@ -388,6 +422,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.RunRequest.FromString,
                     response_serializer=sandbox_dot_v1_dot_sandbox__pb2.RunEvent.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -538,6 +577,33 @@ class SandboxService:
             _registered_method=True)
 
     @staticmethod
+    def ExecStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sandbox.v1.SandboxService/ExecStream',
+            sandbox_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def PutFiles(request_iterator,
             target,
             options=(),
@@ -608,6 +674,33 @@ class SandboxService:
             '/sandbox.v1.SandboxService/Run',
             sandbox_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
             sandbox_dot_v1_dot_sandbox__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sandbox.v1.SandboxService/PortForward',
+            sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
             options,
             channel_credentials,
             insecure,

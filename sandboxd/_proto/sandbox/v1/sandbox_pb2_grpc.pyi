@@ -4,6 +4,11 @@ isort:skip_file
 The sandbox API: build images from Dockerfile fragments, run throwaway,
 resource-limited containers, exec commands in them, move files in and out.
 
+Units, unless a comment says otherwise: sizes are bytes, durations are
+seconds (fractions allowed), times are seconds since the Unix epoch (UTC).
+A zero or empty field of a request means "the server's default"; the
+defaults and caps themselves are in ServerInfo (InfoService).
+
 Errors are gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT   a malformed request or a limit above the server's cap
                      (the message names the field and the cap)
@@ -123,6 +128,10 @@ class SandboxServiceStub:
     """Run a command; stdout/stderr arrive as chunks while it runs, the last
     event is the result. Cancelling the call kills the command.
     """
+    ExecStream: _grpc.StreamStreamMultiCallable[_sandbox_pb2.ExecInput, _sandbox_pb2.ExecEvent]
+    """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+    See ExecInput for the order of messages.
+    """
     PutFiles: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.PutFilesRequest, _sandbox_pb2.PutFilesResponse]
     """First message names the sandbox and destination; the rest carry a tar
     stream in chunks. Paths are confined to the sandbox's writable dirs.
@@ -131,6 +140,13 @@ class SandboxServiceStub:
     """A tar stream of the path, in chunks."""
     Run: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.RunRequest, _sandbox_pb2.RunEvent]
     """Create, put files, exec, collect files and destroy, in one call."""
+    PortForward: _grpc.StreamStreamMultiCallable[_sandbox_pb2.PortForwardFrame, _sandbox_pb2.PortForwardFrame]
+    """One TCP connection to a port inside a sandbox, which needs no network for it: the
+    first request frame carries only the header, the rest carry the bytes the client
+    sends; response frames carry the bytes the sandbox's side sends. Closing the request
+    stream half-closes the connection; the end of the response stream is the other side
+    closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -145,6 +161,10 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """Run a command; stdout/stderr arrive as chunks while it runs, the last
     event is the result. Cancelling the call kills the command.
     """
+    ExecStream: _aio.StreamStreamMultiCallable[_sandbox_pb2.ExecInput, _sandbox_pb2.ExecEvent]  # type: ignore[assignment]
+    """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+    See ExecInput for the order of messages.
+    """
     PutFiles: _aio.StreamUnaryMultiCallable[_sandbox_pb2.PutFilesRequest, _sandbox_pb2.PutFilesResponse]  # type: ignore[assignment]
     """First message names the sandbox and destination; the rest carry a tar
     stream in chunks. Paths are confined to the sandbox's writable dirs.
@@ -153,6 +173,13 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """A tar stream of the path, in chunks."""
     Run: _aio.UnaryStreamMultiCallable[_sandbox_pb2.RunRequest, _sandbox_pb2.RunEvent]  # type: ignore[assignment]
     """Create, put files, exec, collect files and destroy, in one call."""
+    PortForward: _aio.StreamStreamMultiCallable[_sandbox_pb2.PortForwardFrame, _sandbox_pb2.PortForwardFrame]  # type: ignore[assignment]
+    """One TCP connection to a port inside a sandbox, which needs no network for it: the
+    first request frame carries only the header, the rest carry the bytes the client
+    sends; response frames carry the bytes the sandbox's side sends. Closing the request
+    stream half-closes the connection; the end of the response stream is the other side
+    closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+    """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------- sandboxes"""
@@ -196,6 +223,16 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ExecStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.ExecInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ExecEvent], _abc.AsyncIterator[_sandbox_pb2.ExecEvent]]:
+        """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+        See ExecInput for the order of messages.
+        """
+
+    @_abc_1.abstractmethod
     def PutFiles(
         self,
         request_iterator: _MaybeAsyncIterator[_sandbox_pb2.PutFilesRequest],
@@ -220,6 +257,19 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.RunEvent], _abc.AsyncIterator[_sandbox_pb2.RunEvent]]:
         """Create, put files, exec, collect files and destroy, in one call."""
+
+    @_abc_1.abstractmethod
+    def PortForward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.PortForwardFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.PortForwardFrame], _abc.AsyncIterator[_sandbox_pb2.PortForwardFrame]]:
+        """One TCP connection to a port inside a sandbox, which needs no network for it: the
+        first request frame carries only the header, the rest carry the bytes the client
+        sends; response frames carry the bytes the sandbox's side sends. Closing the request
+        stream half-closes the connection; the end of the response stream is the other side
+        closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+        """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
