@@ -301,11 +301,13 @@ class BuildRun:
         why = f"the command returned a non-zero code: {code}"
         sample = self.engine.sample(container)
         s = self.settings
+        # 128 (or no code at all) is runsc's own answer when its sandbox went under the exec.
+        gvisor_lost = s.runtime == "runsc" and code in (None, 128)
         if sample.oom_kills:
             why = f"out of memory (limit {format_size(s.memory_bytes)})"
         elif sample.pids_max_events:
             why = f"process limit ({s.pids}) reached; exit code {code}"
-        elif not self.engine.container_running(container):
+        elif gvisor_lost or not self.engine.container_running(container):
             # gVisor ends the whole sandbox at a limit; its own words name internal ids.
             why = (
                 f"the build sandbox was ended, most likely by a limit (memory "

@@ -152,7 +152,10 @@ def test_a_build_ends_with_its_clients_deadline(
 
 
 def test_a_build_ends_at_the_servers_build_deadline(
-    base_image: str, short_tmp: Path, config_factory: Callable[..., ServerConfig]
+    base_image: str,
+    short_tmp: Path,
+    config_factory: Callable[..., ServerConfig],
+    waiter: Callable[..., bool],
 ) -> None:
     config = config_factory(build_timeout_seconds=3.0)
     service = Service(config)
@@ -162,7 +165,7 @@ def test_a_build_ends_at_the_servers_build_deadline(
         with SandboxClient(address, retry_seconds=5.0) as client:
             with pytest.raises(errors.DeadlineExceeded, match=r"build deadline of 3s passed"):
                 client.build_image(f"RUN echo {uuid.uuid4().hex}\nRUN sleep 600")
-            assert not build_containers(config.instance_id)
+            assert waiter(lambda: not build_containers(config.instance_id), 10.0)
             assert not built_images(config.instance_id)
     finally:
         service.stop(grace=2.0)
