@@ -16,6 +16,8 @@ from sandboxd.limits import Caps, Limits, parse_size
 DEFAULT_BASE_IMAGE = "sandbox-base:bookworm"
 #: What a profile does when its runtime is not registered with the engine.
 MissingRuntime = Literal["refuse", "fallback"]
+#: What a build step may reach: nothing, only the caching package proxy, or the network.
+BuildNetwork = Literal["none", "proxy", "open"]
 #: Resource limits a container engine accepts as ulimits (setrlimit's names).
 ULIMITS = frozenset(
     {
@@ -38,6 +40,9 @@ class Profile:
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
     allow_network: bool = True
+    #: The network policy of builds under this profile; None: `none` on a server that
+    #: authenticates clients or for a profile without network, else `open`.
+    build_network: BuildNetwork | None = None
     #: May clients reach ports inside its sandboxes through the API (PortForward)?
     allow_port_forward: bool = True
     #: May its sandboxes mount host directories (below the server's mount roots)?
@@ -55,6 +60,7 @@ UNTRUSTED_PROFILE = Profile(
     user="65534:65534",
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
+    build_network="none",
     allow_port_forward=False,
     allow_mounts=False,
 )
@@ -123,6 +129,23 @@ class ServerConfig:
     #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send its first
     #: message; past it the call is cancelled. 0 turns the deadline off.
     first_message_seconds: float = 15.0
+    #: The profile image builds run under (runtime, user, ulimits, build network); empty
+    #: means the default profile for the operator and `untrusted` for authenticated clients.
+    build_profile: str = ""
+    #: A build ends, nothing kept, when it runs longer than this.
+    build_timeout_seconds: float = 900.0
+    #: What one build may write in all its steps.
+    build_disk_bytes: int = 4 * 1024**3
+    #: host:port of the caching package proxy that `proxy` builds reach (apt's http_proxy).
+    build_proxy: str = "sandbox-aptproxy:3142"
+    #: The internal engine network whose only other member is the proxy.
+    build_proxy_network: str = "sandbox-build"
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether TCP clients must prove who they are (tokens or client certificates)."""
+        return self.tokens_file is not None or self.tls_client_ca is not None
+
     #: Forwarded connections open at once on the server: each holds a server thread.
     max_port_forwards: int = 16
     #: Host directories below which sandboxes may mount read-only (none: no host mounts).
@@ -258,6 +281,9 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     _expect(table, "runtime", str, where)
     _expect(table, "user", str, where)
     _expect(table, "allow_network", bool, where)
+    if table.get("build_network", "none") not in get_args(BuildNetwork):
+        choices = ", ".join(repr(c) for c in get_args(BuildNetwork))
+        raise InvalidArgument(f"{where}.build_network: must be one of {choices}")
     _expect(table, "allow_port_forward", bool, where)
     _expect(table, "allow_mounts", bool, where)
     missing = table.get("missing_runtime", "fallback")

@@ -10,10 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from sandboxd.blobs import BlobStore
+from sandboxd.builder import BuildJob, make_builder
+from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
-from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
+from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
+from sandboxd.fragments import Instruction, parse_fragment
 from sandboxd.ownership import ImagePolicy, Ownership
 from sandboxd.paths import check_relative
 
@@ -25,7 +29,6 @@ LABEL_BUILDER = "sandbox.builder"
 TAG_REPO = "sandbox/img"
 MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
-_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 #: How long a base reference's resolved id is trusted before asking the engine again.
@@ -97,11 +100,19 @@ def normalize_fragment(fragment: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def check_build_input(fragment: str, context: list[ContextFile]) -> None:
-    """Refuse fragments and context files that cannot be a valid, bounded build.
+class ImageBuilder(Protocol):
+    """Runs a build job; `sandboxd.builder.StepBuilder` is the real one."""
+
+    def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]: ...
+
+
+def check_build_input(fragment: str, context: list[ContextFile]) -> tuple[Instruction, ...]:
+    """The fragment's instructions, once fragment and context files are known to make a
+    valid, bounded build.
 
     Raises:
-        InvalidArgument: oversized, NUL bytes, a FROM line, or a bad context path.
+        InvalidArgument: oversized, NUL bytes, a refused instruction (FROM, `--from`,
+            remote ADD, VOLUME...), or a bad context path.
     """
     if len(fragment) > MAX_FRAGMENT:
         raise InvalidArgument(
@@ -109,10 +120,7 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         )
     if "\x00" in fragment:
         raise InvalidArgument("fragment: contains a NUL byte")
-    if _FROM.search(fragment):
-        raise InvalidArgument(
-            "fragment: FROM is not allowed in a fragment; the base image is given by `base`"
-        )
+    instructions = parse_fragment(fragment)
     total = 0
     seen: set[str] = set()
     for f in context:
@@ -133,6 +141,7 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         raise InvalidArgument(
             f"context_files: {total} bytes in all is above the limit of {MAX_CONTEXT}"
         )
+    return instructions
 
 
 class ImageStore:
@@ -145,9 +154,13 @@ class ImageStore:
         instance_id: str = "",
         blobs: BlobStore | None = None,
         policy: ImagePolicy | None = None,
+        builder: ImageBuilder | None = None,
     ) -> None:
         self._engine = engine
         self.ownership = Ownership(policy or ImagePolicy(bases=(base_image,)), engine)
+        self._builder = builder or make_builder(
+            engine, ServerConfig(base_image=base_image, instance_id=instance_id)
+        )
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
         self.blobs = blobs
         self.base_image = base_image
@@ -194,15 +207,17 @@ class ImageStore:
         *,
         label: str = "",
         owner: str = "",
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | BuildOutcome | NeedsContent]:
-        """Yield build log lines, then one BuildOutcome.
+        """Yield build log lines, then one BuildOutcome; `cancel` set ends the build.
 
         Raises:
             InvalidArgument: bad fragment or context.
-            BuildFailed: the engine's build failed (message has the log tail).
+            BuildFailed: a build step failed (the message names the fragment's line).
+            DeadlineExceeded, Cancelled: the build's deadline passed, the client went away.
             EngineUnavailable: the engine cannot be reached.
         """
-        check_build_input(fragment, context)
+        instructions = check_build_input(fragment, context)
         started = time.monotonic()
         base_ref, base_id = self.resolve_base(base, owner)
         if not base_id.startswith("ref:"):
@@ -224,7 +239,6 @@ class ImageStore:
                 return
             context = filled
             tag = f"{TAG_REPO}:{key[:32]}"
-            dockerfile = f"FROM {base_ref}\n{fragment}\n"
             # role overrides the "base" role a derived image would inherit from its base.
             labels = {
                 LABEL_MANAGED: "1",
@@ -240,10 +254,8 @@ class ImageStore:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
             log.info("building image %s on %s", key[:12], base_ref)
-            try:
-                yield from self._engine.build_image(dockerfile, files, tag, labels)
-            except BuildFailed as exc:
-                raise BuildFailed(_in_fragment_terms(exc.message, fragment)) from None
+            job = BuildJob(base_ref, instructions, files, tag, labels, owner, fragment)
+            yield from self._builder.build(job, cancel)
             record = self._record(tag, key)
             if record is None:
                 raise NotFound(f"image {tag} vanished right after its build")
@@ -431,19 +443,3 @@ class ImageStore:
         )  # fmt: skip
         if not self.may_use(record, owner):
             raise PermissionDenied(f"image {ref[:80]!r} belongs to another client")
-
-
-_DOCKERFILE_LINE = re.compile(r"parse error (?:on )?line (\d+)")
-
-
-def _in_fragment_terms(message: str, fragment: str) -> str:
-    """Point a parse error at the user's fragment: the engine counts lines of the
-    Dockerfile we wrote, whose first line is our FROM."""
-    match = _DOCKERFILE_LINE.search(message)
-    if match is None:
-        return message
-    number = int(match.group(1)) - 1
-    lines = fragment.replace("\r\n", "\n").split("\n")
-    if not 1 <= number <= len(lines):
-        return message
-    return f"{message}\n--- fragment line {number} ---\n{lines[number - 1][:200]}"

@@ -22,6 +22,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.blobs import BlobStore
+from sandboxd.builder import make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
 from sandboxd.engine.base import RoomMaking
@@ -115,7 +116,8 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
         bases=(config.base_image, *config.base_images),
         public=config.public_images,
     )
-    images = ImageStore(engine, config.base_image, config.instance_id, blobs, policy)
+    builder = make_builder(engine, config)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs, policy, builder)
     manager = SandboxManager(config, engine, images)
     pool = manager.pool
     if pool is not None and isinstance(engine, RoomMaking):

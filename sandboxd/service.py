@@ -217,13 +217,10 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = wire.context_from_pb(request)
+        files, owner = wire.context_from_pb(request), owner_of(context)
+        cancel = _cancel_event(context)
         for item in self.images.build(
-            request.base,
-            request.fragment,
-            context_files,
-            label=request.label,
-            owner=owner_of(context),
+            request.base, request.fragment, files, label=request.label, owner=owner, cancel=cancel
         ):
             if isinstance(item, NeedsContent):
                 yield pb.BuildImageEvent(result=pb.BuildImageResult(needs_content=True))
@@ -392,7 +389,10 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         if request.HasField("build"):
             b = request.build
             files = wire.context_from_pb(b)
-            for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
+            builds = self.images.build(
+                b.base, b.fragment, files, label=b.label, owner=owner, cancel=_cancel_event(context)
+            )
+            for item in builds:
                 if isinstance(item, NeedsContent):
                     raise errors.InvalidArgument(
                         "build.context_files: give the content, not just digests, in a Run"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 #: Label on everything the service makes; the value is the owning instance id.
 LABEL_MANAGED = "sandbox.managed"
@@ -49,6 +49,14 @@ class ContainerSpec:
     #: ulimit name -> (soft, hard)
     ulimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     seccomp_default: bool = True
+    #: Replaces the image's entrypoint when given (a build step's keep-alive process).
+    entrypoint: tuple[str, ...] | None = None
+    #: Capabilities given back after all are dropped (a build step's package installs).
+    cap_add: tuple[str, ...] = ()
+    #: A named engine network to join instead of the default bridge (needs `network`).
+    network_name: str = ""
+    #: False: created but never started (files are copied in, then it is committed).
+    start: bool = True
     binds: tuple[BindMount, ...] = ()
 
 
@@ -122,7 +130,8 @@ class Engine(Protocol):
         tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
-        """Build and tag; yields log lines. Raises BuildFailed with the log tail."""
+        """Build with the engine's own builder and tag; yields log lines. Raises BuildFailed
+        with the log tail. Unsandboxed: used only for engines that are not a LayerEngine."""
         ...
 
     def import_image(
@@ -184,3 +193,32 @@ class RoomMaking(Protocol):
     """
 
     make_room: Callable[[], bool]
+
+
+@runtime_checkable
+class LayerEngine(Engine, Protocol):
+    """An engine that builds images layer by layer in containers the service makes (the
+    sandboxed build of sandboxd.builder): copy files in, commit, tag, measure."""
+
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        """The image's run configuration (Env, Cmd, Entrypoint, User, WorkingDir, Labels...)."""
+        ...
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        """Unpack a tar archive into the container's file system at `path`."""
+        ...
+
+    def is_directory(self, container_id: str, path: str) -> bool:
+        """Whether `path` is a directory in the container (False when it does not exist)."""
+        ...
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        """Make an image of the container's file system with exactly this run
+        configuration; returns its id. Untagged: the caller tags or removes it."""
+        ...
+
+    def tag_image(self, image_id: str, tag: str) -> None: ...
+
+    def disk_usage(self, container_id: str) -> int:
+        """Bytes the container has written to its own layer."""
+        ...

@@ -162,6 +162,8 @@ class DockerEngine:
         tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
+        """The engine's own builder: root, the engine's network, no limits. Only for engines
+        that cannot build step by step (the cluster's nodes); see sandboxd.builder."""
         buf = io.BytesIO(tar_of({"Dockerfile": (dockerfile.encode(), 0o644), **context}))
         tail: list[str] = []
         stream = self._call(
@@ -195,6 +197,37 @@ class DockerEngine:
             raise BuildFailed(f"image build failed: {_explain(exc)}") from None
         if self.image_id(tag) is None:
             raise BuildFailed("image build ended without an image:\n" + "\n".join(tail[-15:]))
+
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        data = self._safe(lambda: self.api.inspect_image(ref))
+        return dict(data.get("Config") or {})
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        if not self._call(lambda: self.api.put_archive(container_id, path, data)):
+            raise SandboxError(f"the engine did not unpack the files at {path}")
+
+    def is_directory(self, container_id: str, path: str) -> bool:
+        try:
+            stream, stat = self._call(lambda: self.api.get_archive(container_id, path))
+        except NotFound:
+            return False
+        with contextlib.suppress(Exception):
+            stream.close()  # only the path's stat header was wanted
+        return bool(int(stat.get("mode", 0)) & (1 << 31))  # Go's os.ModeDir
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        answer = self._call(lambda: self.api.commit(container_id, conf=dict(config)))
+        return str(answer["Id"])
+
+    def tag_image(self, image_id: str, tag: str) -> None:
+        repo, _, version = tag.rpartition(":")
+        self._call(lambda: self.api.tag(image_id, repo, version))
+
+    def disk_usage(self, container_id: str) -> int:
+        found = self._safe(
+            lambda: self.api.containers(all=True, size=True, filters={"id": container_id})
+        )
+        return int(found[0].get("SizeRw") or 0) if found else 0
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
@@ -246,11 +279,11 @@ class DockerEngine:
         data = self._safe(lambda: self.api.inspect_image(image))
         return sorted((data.get("Config") or {}).get("Volumes") or {})
 
-    def create_container(self, spec: ContainerSpec) -> str:
-        api = self.api
+    def _tmpfs(self, spec: ContainerSpec) -> dict[str, str]:
+        """The spec's scratch mounts, plus one over each VOLUME the image declares: a tmpfs
+        the size of /tmp's scratch at its path is what keeps the engine from making an
+        anonymous volume on its own disk."""
         scratch = dict(spec.scratch)
-        # A declared volume is covered by a tmpfs the size of /tmp's scratch instead: a mount
-        # at its path is what keeps the engine from making the volume.
         size = scratch.get("/tmp") or max(scratch.values(), default=VOLUME_TMPFS_BYTES)
         bound = {b.target for b in spec.binds}
         for path in self._volumes(spec.image):
@@ -258,19 +291,24 @@ class DockerEngine:
                 scratch.setdefault(path, size)
         # `exec` explicitly: Docker's tmpfs default is noexec, and sandboxes exist to run
         # what was uploaded or compiled into the scratch. nosuid and nodev stay.
-        tmpfs = {
+        return {
             path: f"rw,exec,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
             else f"rw,exec,nosuid,nodev,size={size},{self._tmpfs_owner(spec.user)},mode=755"
             for path, size in scratch.items()
         }
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        api = self.api
+        tmpfs = self._tmpfs(spec)
         host_config = api.create_host_config(
             nano_cpus=spec.nano_cpus,
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,  # equal to the limit: no swap
             pids_limit=spec.pids,
-            network_mode="bridge" if spec.network else "none",
+            network_mode=(spec.network_name or "bridge") if spec.network else "none",
             cap_drop=["ALL"],
+            cap_add=list(spec.cap_add) or None,
             security_opt=["no-new-privileges:true"],
             read_only=spec.read_only,
             tmpfs=tmpfs,
@@ -287,6 +325,7 @@ class DockerEngine:
             lambda: api.create_container(
                 spec.image,
                 command=list(spec.command),
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
                 user=spec.user,
                 environment=dict(spec.env),
                 working_dir=spec.workdir,
@@ -298,6 +337,8 @@ class DockerEngine:
             )
         )
         container_id = str(created["Id"])
+        if not spec.start:
+            return container_id
         try:
             self._call(lambda: api.start(container_id))
         except BaseException:
@@ -677,6 +718,12 @@ class DockerExec:
             self._engine.kill_tagged(self.container_id, self._tag, self._user, self._started)
 
     def close(self) -> None:
+        # Shut down first: that wakes a thread still blocked reading the output (a build
+        # stopped from its watchdog), which a close alone does not; the engine does not
+        # always end the stream when a gVisor container is removed under it.
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.shutdown(socket.SHUT_RDWR)
         if self._tag:
             self._engine._track(self.container_id, self._tag, live=False)
         # Closing the SocketIO wrapper alone leaves the socket's fd open until the
