@@ -573,7 +573,9 @@ class DockerEngine:
         """Fallback through the stats API when the cgroup files are not ours to read."""
         try:
             stats = self._call(lambda: self.api.stats(container_id, stream=False))
-        except SandboxError:
+        except (SandboxError, ValueError):
+            # ValueError: a container removed meanwhile (its sandbox destroyed under a
+            # running command) can answer with an empty body instead of JSON.
             return CgroupSample()
         mem = stats.get("memory_stats") or {}
         cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}

@@ -1023,7 +1023,8 @@ class ExecInput(_message.Message):
     the command runs. Stdin, resizes and signals that arrive after the command
     ended (before the client closes its side) fail the call with
     FAILED_PRECONDITION once the result has been sent; a client closes its side
-    when it receives the result. A resize without a TTY, an unknown signal name
+    when it receives the result (the service ends the call 5 seconds after the
+    result when the client does not). A resize without a TTY, an unknown signal name
     or a second start fail it with INVALID_ARGUMENT and kill the command.
     """
 
