@@ -1,4 +1,4 @@
-"""`sandboxd serve | build | run | grade | info | gc | bootstrap-image`."""
+"""`sandboxd serve | daemon | build | run | grade | info | gc | bootstrap-image`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_daemon(sub)
     _add_bootstrap_image(sub)
     _add_build(sub)
     _add_gc(sub)
@@ -63,6 +64,26 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM) for TCP")
     serve.add_argument(
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
+
+
+def _add_daemon(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    daemon = sub.add_parser(
+        "daemon", help="the per-user local sandboxd that pytest --sandbox and run use"
+    )
+    daemon.add_argument(
+        "action",
+        choices=("start", "status", "stop", "run"),
+        help="start it in the background, say whether it runs, stop it, or run it here",
+    )
+    daemon.add_argument(
+        "--socket", type=Path, help="its unix socket (default: $SANDBOXD_SOCKET, else per user)"
+    )
+    daemon.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="SECONDS",
+        help="exit after this long without clients (default: the config's, 900)",
     )
 
 
@@ -102,7 +123,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--runtime", default="", help="container runtime, e.g. runsc")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
-    run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    run.add_argument(
+        "--address", help="use this sandboxd instead of the local daemon (started when needed)"
+    )
+    run.add_argument(
+        "--embedded", action="store_true", help="run a service in this process, not the daemon"
+    )
     _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
@@ -164,14 +190,49 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _client(args: argparse.Namespace, config: ServerConfig) -> Iterator[SandboxClient]:
+def _client(
+    args: argparse.Namespace, config: ServerConfig, *, local: bool = False
+) -> Iterator[SandboxClient]:
+    """A client of `--address`; without one, of the local daemon when `local` (unless
+    --embedded or $SANDBOXD_EMBEDDED), else of a service embedded in this process."""
+    from sandboxd import daemon
     from sandboxd.channels import tls_credentials
-    from sandboxd.connection import connect
+    from sandboxd.connection import Connection, connect
 
     given = (args.tls_ca, args.tls_cert, args.tls_key)
     credentials = tls_credentials(*given) if any(given) else None
-    with connect(args.address, config=config, credentials=credentials) as connection:
+    embedded = getattr(args, "embedded", False) or daemon.embedded_by_default()
+    connection: Connection
+    if args.address or not local or embedded:
+        connection = connect(args.address, config=config, credentials=credentials)
+    else:
+        connection = daemon.connect_local(config_path=args.config)
+    with connection:
         yield connection.client
+
+
+def cmd_daemon(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd import daemon
+
+    paths = daemon.DaemonPaths(args.socket) if args.socket else daemon.default_paths()
+    idle = args.idle_exit if args.idle_exit is not None else config.daemon_idle_seconds
+    if args.action == "run":
+        return daemon.Daemon(config, paths, idle).run()
+    if args.action == "start":
+        started = daemon.ensure_started(paths, args.config, args.idle_exit)
+        state = "started" if started else "already running"
+        print(f"sandboxd daemon {state} on {paths.address} (pid {daemon.running_pid(paths)})")
+        return 0
+    if args.action == "stop":
+        pid = daemon.stop(paths)
+        print("no sandboxd daemon was running" if pid is None else f"stopped pid {pid}")
+        return 0
+    pid = daemon.running_pid(paths)
+    if pid is None or not daemon.answers(paths):
+        print(f"no sandboxd daemon on {paths.address}")
+        return 3
+    print(f"sandboxd daemon pid {pid} on {paths.address}, log {paths.log}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
@@ -273,7 +334,7 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     )
     env = _env(args.env)
     fragment = _fragment(args.dockerfile)
-    with _client(args, config) as client:
+    with _client(args, config, local=True) as client:
         image = args.image
         digest = ""
         if fragment:
@@ -375,6 +436,7 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
 
 COMMANDS = {
     "serve": cmd_serve,
+    "daemon": cmd_daemon,
     "bootstrap-image": cmd_bootstrap,
     "build": cmd_build,
     "gc": cmd_gc,
@@ -391,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose
         else logging.WARNING
         if args.command in ("run", "grade", "info")
+        or (args.command == "daemon" and args.action != "run")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
