@@ -26,7 +26,7 @@ from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSetting
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
-from sandboxd import errors
+from sandboxd import daemon, errors
 from sandboxd.connection import Connection, connect
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Options:
     address: str | None
     jobs: int
     keep_failed: bool
+    embedded: bool = False
 
 
 def make_groups(
@@ -114,7 +115,7 @@ class Controller:
                 requirements = str(self.config.getini("sandbox_requirements"))
                 snap = snapshot.take(self.config.rootpath, outputs, requirements)
                 self._early_result["snap"] = snap
-                conn = connect(self.options.address, address_option="--sandbox-address")
+                conn = self._connect()
                 self._early_result["conn"] = conn
             except BaseException as exc:  # re-raised on the main thread
                 self._early_result["error"] = exc
@@ -123,6 +124,27 @@ class Controller:
 
         self._early = threading.Thread(target=work, name="sandbox-early", daemon=True)
         self._early.start()
+
+    def _connect(self) -> Connection:
+        """The address given, else a service in this session, else the local daemon.
+
+        Raises:
+            SandboxError: none can be reached or started.
+        """
+        if self.options.address or self.options.embedded:
+            return connect(self.options.address, address_option="--sandbox-address")
+        return daemon.connect_local()
+
+    def forced_isolation(self) -> str | None:
+        """Why scope-test tests get a fresh container whatever their isolation says."""
+        if self.options.keep_failed:
+            # A kept sandbox must be the failed test's own, not one reset for the next test.
+            return "--sandbox-keep-failed"
+        if coverage_spec(self.config, snapshot.PROJECT) is not None:
+            # Coverage saves its data as the worker ends, while a forked test child ends
+            # with os._exit and would take its measurements along.
+            return "--cov"
+        return None
 
     def _early_ready(self) -> snapshot.Snapshot:
         """Wait for the early work; the connection is kept either way, so close() ends it."""
@@ -152,10 +174,7 @@ class Controller:
         local = [it for it in session.items if it.nodeid not in self.specs]
         by_id = {it.nodeid: it for it in routed}
         rootdir = self.config.rootpath
-        if self.options.keep_failed or coverage_spec(self.config, snapshot.PROJECT) is not None:
-            # A kept sandbox must be the failed test's own, not one reset for the next test;
-            # and coverage saves its data as the worker ends, while a forked test child ends
-            # with os._exit and would take its measurements along.
+        if self.forced_isolation() is not None:
             self.specs = {n: replace(s, isolation="container") for n, s in self.specs.items()}
         groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:
