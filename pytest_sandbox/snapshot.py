@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import sys
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,45 @@ class SnapshotTooLarge(Exception):
 
 
 def _walk(root: Path) -> Iterator[Path]:
+    listed = _git_listed(root)
+    if listed is None:
+        yield from _walk_tree(root)
+        return
+    for path in listed:
+        rel = path.relative_to(root).parts
+        if any(part in SKIP_DIRS or part.endswith(SKIP_SUFFIXES) for part in rel):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            yield from _walk_tree(path)  # a submodule: git lists only its directory
+        else:
+            yield path
+
+
+def _git_listed(root: Path) -> list[Path] | None:
+    """The files git would list under `root` (tracked, plus untracked ones not ignored),
+    or None when `root` is not in a git work tree or git is missing.
+
+    Following the project's .gitignore keeps a stray report or log from changing the
+    image key and forcing a build; git itself does the matching, so nested .gitignore
+    files, negations and .git/info/exclude mean what they mean to git.
+    """
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others"]
+            + ["--exclude-standard"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    names = sorted({os.fsdecode(n) for n in out.stdout.split(b"\0") if n})
+    return [root / name for name in names]
+
+
+def _walk_tree(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath)
         dirnames[:] = sorted(
@@ -81,7 +121,8 @@ def _mode(st: os.stat_result) -> int:
 def project_files(
     root: Path, prefix: str = "project", exclude: Collection[Path] = ()
 ) -> ContextFiles:
-    """Regular files under `root` minus VCS data, venvs, caches, build output and `exclude`.
+    """Regular files under `root` minus VCS data, venvs, caches, build output and `exclude`;
+    in a git work tree only those git lists (tracked, or untracked and not ignored).
 
     Raises:
         SnapshotTooLarge: the files add up to more than one build context can carry.
