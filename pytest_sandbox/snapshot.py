@@ -84,9 +84,9 @@ def _git_listed(root: Path) -> list[Path] | None:
     files, negations and .git/info/exclude mean what they mean to git.
     """
     try:
+        listing = ["ls-files", "-z", "--cached", "--others", "--exclude-standard"]
         out = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others"]
-            + ["--exclude-standard"],
+            ["git", "-C", str(root), *listing],
             capture_output=True,
             timeout=60,
             check=False,
