@@ -23,6 +23,7 @@ from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.coverage_data import coverage_spec
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
+from pytest_sandbox.progress import BuildLine
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
@@ -221,13 +222,19 @@ class Controller:
             assert self.connection is not None
             self._runner = self._make_runner(self.connection, snap)
         specs = {group.spec.build_key: group.spec for group in groups}
-        for spec in specs.values():
-            try:
-                self._runner.images.get(spec)
-            except errors.SandboxError as exc:
-                problem = snapshot.interpreter_problem(str(exc), spec.image)
-                if problem is not None:
-                    raise snapshot.EnvironmentProblem(problem) from None
+        line = BuildLine(self.config.pluginmanager.get_plugin("terminalreporter"))
+        self._runner.images.watch = line.watcher
+        try:
+            for spec in specs.values():
+                try:
+                    self._runner.images.get(spec)
+                except errors.SandboxError as exc:
+                    problem = snapshot.interpreter_problem(str(exc), spec.image)
+                    if problem is not None:
+                        raise snapshot.EnvironmentProblem(problem) from None
+        finally:
+            line.finish()
+            self._runner.images.watch = None
 
     def _settings(self, snap: snapshot.Snapshot) -> RunSettings:
         config = self.config
@@ -383,6 +390,10 @@ class Controller:
         if self.connection is not None:
             self.connection.close(keep=[k.sandbox_id for k in self.kept])
             self.connection = None
+
+    def report_build_failures(self, terminal: pytest.TerminalReporter) -> None:
+        if self._runner is not None:
+            self._runner.images.failures.report(terminal)
 
     def summary_lines(self) -> list[str]:
         lines = []

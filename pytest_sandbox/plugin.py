@@ -195,7 +195,10 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     controller = terminalreporter.config.stash.get(controller_key, None)
-    if controller is None or not controller.kept:
+    if controller is None:
+        return
+    controller.report_build_failures(terminalreporter)
+    if not controller.kept:
         return
     terminalreporter.section("sandboxes kept for inspection")
     for line in controller.summary_lines():
