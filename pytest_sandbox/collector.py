@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_sandbox.models import ItemResult, Placement, RunSettings
+from pytest_sandbox.models import ItemResult, Placement, RunSettings, WarningRecord
 from pytest_sandbox.outcome import timeout_message
 from pytest_sandbox.records import RecordReader, Tail
 
@@ -130,6 +130,17 @@ class Collector:
     def worker_recycle(self, record: Record) -> None:
         self.recycled = str(record.get("reason") or "recycled")
         log.debug("sandbox %s recycled: %s", self.placement.sandbox_id, self.recycled)
+
+    def worker_warning(self, record: Record) -> None:
+        self.emit(
+            WarningRecord(
+                str(record.get("nodeid", "")),
+                str(record.get("message", "")),
+                str(record.get("category", "")),
+                str(record.get("filename", "")),
+                int(record.get("lineno") or 0),
+            )
+        )
 
     def worker_error(self, record: Record) -> None:
         self.stderr.add(str(record.get("text", "")).encode())

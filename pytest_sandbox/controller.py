@@ -22,9 +22,16 @@ import pytest
 from pytest_sandbox import environment, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.coverage_data import coverage_spec
-from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
+from pytest_sandbox.models import (
+    Group,
+    GroupDone,
+    ItemResult,
+    Kept,
+    RunSettings,
+    WarningRecord,
+)
 from pytest_sandbox.progress import BuildLine
-from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
+from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, warning_message
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import daemon, errors
@@ -342,6 +349,8 @@ class Controller:
                 finished += 1
             elif isinstance(event, Kept):
                 self.kept.append(event)
+            elif isinstance(event, WarningRecord):
+                self._warn(event)
             elif isinstance(event, ItemResult):
                 self._fire(by_id[event.nodeid], event)
                 if session.shouldfail or session.shouldstop:
@@ -373,6 +382,18 @@ class Controller:
             rep.user_properties = [*rep.user_properties, *props]
             ihook.pytest_runtest_logreport(report=rep)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+    def _warn(self, record: WarningRecord) -> None:
+        """Into the host's warnings summary, as xdist's controller forwards a worker's."""
+        message = warning_message(record, str(self.config.rootpath))
+        self.config.hook.pytest_warning_recorded.call_historic(
+            kwargs={
+                "warning_message": message,
+                "when": "runtest",
+                "nodeid": record.nodeid,
+                "location": None,
+            }
+        )
 
     def _abort(self) -> None:
         """Ctrl-C or an internal error: no sandbox of this session may outlive it."""

@@ -332,6 +332,22 @@ class WorkerPlugin:
                 report.sections.append(("sandbox limit", reason))
         self.channel.send("report", report=self._serialize(report))
 
+    def pytest_warning_recorded(
+        self, warning_message: Any, when: str, nodeid: str, location: Any
+    ) -> None:
+        # Collection warnings reach the host from its own collection of the same files.
+        if when != "runtest":
+            return
+        category = warning_message.category
+        self.channel.send(
+            "warning",
+            nodeid=nodeid,
+            message=str(warning_message.message),
+            category=f"{category.__module__}.{category.__qualname__}",
+            filename=str(warning_message.filename),
+            lineno=int(warning_message.lineno or 0),
+        )
+
     def expired(self, nodeid: str, seconds: float) -> None:
         frames = sys._current_frames()
         main = frames.get(threading.main_thread().ident or 0)
