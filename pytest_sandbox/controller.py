@@ -110,7 +110,8 @@ class Controller:
     _runner: GroupRunner | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        self._start_early()
+        if not self.config.option.collectonly:  # --co needs neither service nor snapshot
+            self._start_early()
 
     def _start_early(self) -> None:
         """Read the project and start (or reach) the service while pytest collects:
