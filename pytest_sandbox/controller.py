@@ -35,7 +35,7 @@ from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, wa
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import daemon, errors
-from sandboxd.connection import Connection, connect
+from sandboxd.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,11 @@ class Controller:
         Raises:
             SandboxError: none can be reached or started.
         """
-        if self.options.address or self.options.embedded:
-            return connect(self.options.address, address_option="--sandbox-address")
-        return daemon.connect_local()
+        return daemon.open_connection(
+            self.options.address,
+            local=not self.options.embedded,
+            address_option="--sandbox-address",
+        )
 
     def forced_isolation(self) -> str | None:
         """Why scope-test tests get a fresh container whatever their isolation says."""

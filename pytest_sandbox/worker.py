@@ -239,26 +239,13 @@ class WorkerPlugin:
             ("--sandbox-address", {}),
             ("--sandbox-jobs", {}),
             ("--sandbox-keep-failed", {"action": "store_true"}),
+            ("--sandbox-embedded", {"action": "store_true"}),
             ("--sandbox-isolation", {}),
         ):
             with contextlib.suppress(ValueError):
                 group.addoption(opt, **kwargs)
-        for name in [
-            "image",
-            "scope",
-            "dockerfile",
-            "cpus",
-            "memory",
-            "pids",
-            "timeout",
-            "address",
-            "jobs",
-            "required",
-            "profile",
-            "isolation",
-            "recycle",
-            "requirements",
-        ]:
+        names = "image scope dockerfile cpus memory pids timeout address embedded jobs required"
+        for name in (*names.split(), "profile", "isolation", "recycle", "requirements"):
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
 

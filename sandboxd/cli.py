@@ -68,22 +68,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_daemon(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    daemon = sub.add_parser(
-        "daemon", help="the per-user local sandboxd that pytest --sandbox and run use"
-    )
+    daemon = sub.add_parser("daemon", help="the per-user local sandboxd (pytest --sandbox, run)")
+    daemon.add_argument("action", choices=("start", "status", "stop", "run"), help="run: here")
+    daemon.add_argument("--socket", type=Path, help="default: $SANDBOXD_SOCKET, else per user")
     daemon.add_argument(
-        "action",
-        choices=("start", "status", "stop", "run"),
-        help="start it in the background, say whether it runs, stop it, or run it here",
-    )
-    daemon.add_argument(
-        "--socket", type=Path, help="its unix socket (default: $SANDBOXD_SOCKET, else per user)"
-    )
-    daemon.add_argument(
-        "--idle-exit",
-        type=float,
-        metavar="SECONDS",
-        help="exit after this long without clients (default: the config's, 900)",
+        "--idle-exit", type=float, metavar="S", help="exit after S seconds without clients"
     )
 
 
@@ -123,12 +112,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--runtime", default="", help="container runtime, e.g. runsc")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
-    run.add_argument(
-        "--address", help="use this sandboxd instead of the local daemon (started when needed)"
-    )
-    run.add_argument(
-        "--embedded", action="store_true", help="run a service in this process, not the daemon"
-    )
+    run.add_argument("--address", help="use this sandboxd instead of the local daemon")
+    run.add_argument("--embedded", action="store_true", help="a service in this process")
     _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
@@ -193,21 +178,17 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
 def _client(
     args: argparse.Namespace, config: ServerConfig, *, local: bool = False
 ) -> Iterator[SandboxClient]:
-    """A client of `--address`; without one, of the local daemon when `local` (unless
-    --embedded or $SANDBOXD_EMBEDDED), else of a service embedded in this process."""
+    """Without --address: the local daemon when `local` (and not --embedded), else a
+    service embedded in this process."""
     from sandboxd import daemon
     from sandboxd.channels import tls_credentials
-    from sandboxd.connection import Connection, connect
 
     given = (args.tls_ca, args.tls_cert, args.tls_key)
     credentials = tls_credentials(*given) if any(given) else None
-    embedded = getattr(args, "embedded", False) or daemon.embedded_by_default()
-    connection: Connection
-    if args.address or not local or embedded:
-        connection = connect(args.address, config=config, credentials=credentials)
-    else:
-        connection = daemon.connect_local(config_path=args.config)
-    with connection:
+    local = local and not getattr(args, "embedded", False)
+    with daemon.open_connection(
+        args.address, config=config, credentials=credentials, local=local, config_path=args.config
+    ) as connection:
         yield connection.client
 
 
@@ -218,21 +199,9 @@ def cmd_daemon(args: argparse.Namespace, config: ServerConfig) -> int:
     idle = args.idle_exit if args.idle_exit is not None else config.daemon_idle_seconds
     if args.action == "run":
         return daemon.Daemon(config, paths, idle).run()
-    if args.action == "start":
-        started = daemon.ensure_started(paths, args.config, args.idle_exit)
-        state = "started" if started else "already running"
-        print(f"sandboxd daemon {state} on {paths.address} (pid {daemon.running_pid(paths)})")
-        return 0
-    if args.action == "stop":
-        pid = daemon.stop(paths)
-        print("no sandboxd daemon was running" if pid is None else f"stopped pid {pid}")
-        return 0
-    pid = daemon.running_pid(paths)
-    if pid is None or not daemon.answers(paths):
-        print(f"no sandboxd daemon on {paths.address}")
-        return 3
-    print(f"sandboxd daemon pid {pid} on {paths.address}, log {paths.log}")
-    return 0
+    code, message = daemon.control(args.action, paths, args.config, args.idle_exit)
+    print(message)
+    return code
 
 
 def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd import errors
+from sandboxd.channels import TlsCredentials
 from sandboxd.config import ServerConfig
 from sandboxd.connection import Connection, connect
 
@@ -185,6 +186,28 @@ def connect_local(
     return DaemonConnection(connection, lease)
 
 
+def open_connection(
+    address: str | None,
+    *,
+    config: ServerConfig | None = None,
+    credentials: TlsCredentials | None = None,
+    local: bool = True,
+    config_path: Path | None = None,
+    address_option: str = "--address",
+) -> Connection:
+    """The service at `address`; without one, the local daemon when `local` (and the
+    environment does not ask for an embedded service), else one embedded here.
+
+    Raises:
+        SandboxError: none can be reached or started.
+    """
+    if address or not local or embedded_by_default():
+        return connect(
+            address, config=config, credentials=credentials, address_option=address_option
+        )
+    return connect_local(config_path=config_path)
+
+
 def ensure_started(
     paths: DaemonPaths, config_path: Path | None = None, idle: float | None = None
 ) -> bool:
@@ -272,6 +295,28 @@ def stop(paths: DaemonPaths, timeout: float = 30.0) -> int | None:
             raise errors.EngineUnavailable(f"the local sandboxd (pid {pid}) did not stop")
         time.sleep(0.05)
     return pid
+
+
+def control(
+    action: str, paths: DaemonPaths, config_path: Path | None, idle: float | None
+) -> tuple[int, str]:
+    """`sandboxd daemon start|stop|status`: (exit code, what to tell the person); status
+    exits 3 when no daemon answers.
+
+    Raises:
+        SandboxError: it cannot be started or stopped.
+    """
+    if action == "start":
+        started = ensure_started(paths, config_path, idle)
+        state = "started" if started else "already running"
+        return 0, f"sandboxd daemon {state} on {paths.address} (pid {running_pid(paths)})"
+    if action == "stop":
+        pid = stop(paths)
+        return 0, "no sandboxd daemon was running" if pid is None else f"stopped pid {pid}"
+    pid = running_pid(paths)
+    if pid is None or not answers(paths):
+        return 3, f"no sandboxd daemon on {paths.address}"
+    return 0, f"sandboxd daemon pid {pid} on {paths.address}, log {paths.log}"
 
 
 class Daemon:
