@@ -122,7 +122,7 @@ class Controller:
                 xmlpath = getattr(self.config.option, "xmlpath", None)
                 outputs = [Path(xmlpath)] if xmlpath else []
                 requirements = str(self.config.getini("sandbox_requirements"))
-                snap = snapshot.take(self.config.rootpath, outputs, requirements)
+                snap = snapshot.take(self.config.rootpath, outputs, requirements, lazy=True)
                 self._early_result["snap"] = snap
                 conn = self._connect()
                 self._early_result["conn"] = conn

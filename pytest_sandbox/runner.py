@@ -22,6 +22,7 @@ from pytest_sandbox.coverage_data import CoverageSpec, data_from_tar, write_mapp
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.progress import BuildFailures
+from pytest_sandbox.reuse import BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
@@ -77,6 +78,8 @@ class ImageCache:
         self._builds: dict[tuple[str, str], Future[BuildResult]] = {}
         self.watch = watch
         self.failures = BuildFailures()
+        self._env_lock = threading.Lock()
+        self._built = BuiltEnvironments()
 
     def get(self, spec: RouteSpec) -> BuildResult:
         """Raises: SandboxError (BuildFailed with the log tail) from the service."""
@@ -96,9 +99,21 @@ class ImageCache:
         return future.result()
 
     def _build(self, spec: RouteSpec) -> BuildResult:
-        """The environment's images in order (mostly cache hits), then the project's."""
+        """The project's image on the environment's: an earlier session's environment
+        image when the fingerprint matches and the service still has it, else the
+        environment's images in order (mostly cache hits), then the project's."""
+        key = None
+        if self._snapshot.env_fingerprint:
+            key = reuse_key(self._snapshot.env_fingerprint, spec.image, spec.dockerfile)
+            tag = self._built.get(key)
+            if tag is not None:
+                try:
+                    return self._project(spec, tag, 1, 1)
+                except errors.SandboxError as exc:
+                    log.info("environment image %s is gone, building it again: %s", tag, exc)
+        snap = self._environment()
         base = spec.image
-        stages = self._snapshot.environment(spec.dockerfile)
+        stages = snap.environment(spec.dockerfile)
         count = len(stages) + 1
         for number, (fragment, files) in enumerate(stages, 1):
             built = self._client.build_image(
@@ -109,13 +124,29 @@ class ImageCache:
                 on_log=self._watch(spec, number, count),
             )
             base = built.image.tag
+        result = self._project(spec, base, count, count)
+        if key is not None:
+            self._built.put(key, base)
+        return result
+
+    def _project(self, spec: RouteSpec, base: str, number: int, count: int) -> BuildResult:
         return self._client.build_image(
             self._snapshot.fragment(),
             base=base,
             context_files=self._snapshot.context,
             label="pytest-sandbox",
-            on_log=self._watch(spec, count, count),
+            on_log=self._watch(spec, number, count),
         )
+
+    def _environment(self) -> Snapshot:
+        """The snapshot with its environment read, once for all threads.
+
+        Raises:
+            EnvironmentProblem: a distribution cannot be mirrored.
+        """
+        with self._env_lock:
+            self._snapshot = self._snapshot.with_environment()
+            return self._snapshot
 
     def _watch(self, spec: RouteSpec, number: int, count: int) -> Callable[[str], None] | None:
         return None if self.watch is None else self.watch(spec.build_key, number, count)

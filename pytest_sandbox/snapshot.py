@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pytest_sandbox import environment
@@ -226,6 +226,22 @@ class Snapshot:
     has_src: bool
     layers: tuple[Layer, ...] = ()
     python: str = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    #: Set when the layers are not read yet: equal fingerprints, equal environments.
+    env_fingerprint: str = ""
+    #: (rootdir, site dirs or None for sys.path's) to read the layers from.
+    env_source: tuple[Path, tuple[Path, ...] | None] | None = None
+
+    def with_environment(self) -> Snapshot:
+        """This snapshot with its environment's layers read.
+
+        Raises:
+            EnvironmentProblem: a distribution cannot be mirrored (see environment).
+        """
+        if self.layers or self.env_source is None:
+            return self
+        rootdir, dirs = self.env_source
+        env = environment.distributions(rootdir, list(dirs) if dirs is not None else None)
+        return replace(self, layers=tuple(environment.layers(env)), env_fingerprint="")
 
     def environment(self, user_fragment: str) -> list[tuple[str, ContextFiles]]:
         """(fragment, context) of each environment image, to build in order."""
@@ -255,26 +271,31 @@ class Snapshot:
         return ":".join(paths)
 
 
-def take(rootdir: Path, exclude: Collection[Path] = (), requirements: str = "") -> Snapshot:
+def take(
+    rootdir: Path, exclude: Collection[Path] = (), requirements: str = "", *, lazy: bool = False
+) -> Snapshot:
     """Read the project and the worker's deps once for the session.
 
     `exclude` names files the session itself writes (a --junitxml report): taking them
     would change the image, and force a build, on every run. `requirements` (ini
-    sandbox_requirements) replaces the host's environment with that file's.
+    sandbox_requirements) replaces the host's environment with that file's. With `lazy`,
+    the environment is only fingerprinted; `with_environment` reads it when needed.
 
     Raises:
         SnapshotTooLarge: see project_files.
         EnvironmentProblem: a distribution cannot be mirrored (see environment).
     """
     site_dirs = [environment.requirements_site(rootdir, requirements)] if requirements else None
-    env = environment.distributions(rootdir, site_dirs)
     context = worker_files()
     context.update(project_files(rootdir, exclude=exclude))
-    return Snapshot(
+    snap = Snapshot(
         context=context,
         has_src=(rootdir / "src").is_dir(),
-        layers=tuple(environment.layers(env)),
+        env_source=(rootdir, tuple(site_dirs) if site_dirs is not None else None),
     )
+    if lazy:
+        return replace(snap, env_fingerprint=environment.fingerprint(rootdir, site_dirs))
+    return snap.with_environment()
 
 
 def sandbox_path(host_path: Path, rootdir: Path) -> str | None:
