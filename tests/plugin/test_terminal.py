@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_sandbox import environment
 from pytest_sandbox.progress import describe, plain
+from pytest_sandbox.reuse import BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import project_files
 
 
@@ -154,3 +156,27 @@ def test_routed_warnings_reach_the_warnings_summary(
         ]
     )
     result.assert_outcomes(passed=2, warnings=1)
+
+
+def test_environment_fingerprint_follows_file_metadata(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    info = site / "demo-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site / "demo.py").write_text("X = 1\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+    (info / "RECORD").write_text("demo.py,,\ndemo-1.0.dist-info/METADATA,,\n")
+    first = environment.fingerprint(tmp_path, [site])
+    assert environment.fingerprint(tmp_path, [site]) == first
+    (site / "demo.py").write_text("X = 22\n")  # another size: another environment
+    assert environment.fingerprint(tmp_path, [site]) != first
+
+
+def test_built_environments_remember_the_last_tag(tmp_path: Path) -> None:
+    built = BuiltEnvironments(tmp_path / "cache" / "environments.json")
+    key = reuse_key("fingerprint", "", "RUN true")
+    assert built.get(key) is None
+    built.put(key, "sandbox/img:one")
+    built.put(key, "sandbox/img:two")
+    assert BuiltEnvironments(built.path).get(key) == "sandbox/img:two"
+    built.path.write_text("not json")
+    assert built.get(key) is None
