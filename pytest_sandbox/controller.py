@@ -8,9 +8,9 @@ terminal, -x, --lf and junitxml see nothing unusual.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
-import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -88,6 +88,10 @@ def _relpath(path: Path, rootdir: Path) -> str:
         return path.relative_to(rootdir).as_posix()
     except ValueError:
         return str(path)
+
+
+def _project_label(rootdir: Path) -> str:
+    return hashlib.sha256(str(rootdir.resolve()).encode()).hexdigest()[:12]
 
 
 def _mirrored(plugin: str) -> bool:
@@ -269,7 +273,10 @@ class Controller:
             keep_failed=self.options.keep_failed,
             echo_output=config.getoption("capture") == "no",
             drop_unfinished=bool(config.getoption("maxfail")),
-            labels={"pytest-sandbox.session": secrets.token_hex(6)},
+            # The same for every session of the project: a daemon's warm pool is keyed by
+            # the whole request, labels included, so a per-session value would make every
+            # session miss the containers the previous one left warm.
+            labels={"pytest-sandbox.session": _project_label(config.rootpath)},
             recycle_after=self._recycle_after(),
             coverage=coverage_spec(config, snapshot.PROJECT),
         )
