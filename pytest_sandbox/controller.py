@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import environment, snapshot
+from pytest_sandbox import environment, reuse, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.coverage_data import coverage_spec
 from pytest_sandbox.models import (
@@ -124,7 +124,10 @@ class Controller:
         def work() -> None:
             try:
                 xmlpath = getattr(self.config.option, "xmlpath", None)
+                # Files the session writes are not the project's, even when under it
+                # (pytester's HOME is the project: the reuse file is then inside).
                 outputs = [Path(xmlpath)] if xmlpath else []
+                outputs.append(reuse.default_path())
                 requirements = str(self.config.getini("sandbox_requirements"))
                 snap = snapshot.take(self.config.rootpath, outputs, requirements, lazy=True)
                 self._early_result["snap"] = snap
