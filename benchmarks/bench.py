@@ -12,11 +12,19 @@
 (h) pytest --sandbox=all, scope test, isolation fork (a recycled container, reset
     between tests), and (c) again, each on N and 2N tests: the marginal cost per test
     over local, next to the engine's churn per container
+(i) the local daemon: a one-test project under `pytest --sandbox` with the daemon warm,
+    over local, and the time from launch to the first routed test starting, with the
+    daemon warm and with none running (the session starts it; images already built)
 plus the time from launching `pytest --sandbox` to the first routed test starting.
 
     .venv/bin/python benchmarks/bench.py --isolation-only [-n 60]
 
-measures (a), (e) at one parallelism and (c)/(h) on N and 2N only.
+measures (a), (e) at one parallelism and (c)/(h) on N and 2N only, and
+
+    .venv/bin/python benchmarks/bench.py --daemon-only [-n 60]
+
+(i) and (d)'s module-scope marginal cost only. Plugin runs use a daemon on a socket of
+the benchmark's own, stopped at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pytest_sandbox import snapshot  # noqa: E402
+from sandboxd import daemon  # noqa: E402
 from sandboxd.api import SandboxRequest  # noqa: E402
 from sandboxd.client import SandboxClient  # noqa: E402
 from sandboxd.config import ServerConfig  # noqa: E402
@@ -137,13 +146,31 @@ def main() -> int:
     parser.add_argument(
         "--isolation-only", action="store_true", help="only (a), (e), (c) and (h) on N and 2N"
     )
+    parser.add_argument(
+        "--daemon-only", action="store_true", help="only (i) and the module-scope marginal cost"
+    )
     args = parser.parse_args()
+    paths = daemon.DaemonPaths(Path(tempfile.mkdtemp(prefix="sbxb-", dir="/tmp")) / "d.sock")
+    os.environ[daemon.SOCKET_ENV] = str(paths.socket)
+    os.environ.pop(daemon.EMBEDDED_ENV, None)
+    try:
+        return run(args, paths)
+    finally:
+        daemon.stop(paths)
+
+
+def run(args: argparse.Namespace, paths: daemon.DaemonPaths) -> int:
     n = args.n
     levels = [int(x) for x in args.parallel.split(",")]
     project = make_project(n)
     results: dict[str, object] = {"n": n, "cpus": os.cpu_count()}
     if args.isolation_only:
         return isolation_only(project, n, levels[0], results)
+    if args.daemon_only:
+        results.update(bench_daemon(project, paths))
+        results.update(bench_module(project))
+        report_daemon(results)
+        return 0
 
     emb = start_embedded(ServerConfig())
     client = SandboxClient(emb.address)
@@ -269,8 +296,10 @@ def main() -> int:
     results["first_test_start"] = {"seconds": float(started_prop or "nan") - launched}
 
     results.update(bench_isolation(project, best_p))
+    results.update(bench_daemon(project, paths))
     report(results)
     report_isolation(results)
+    report_daemon(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}")
@@ -313,6 +342,69 @@ def isolation_only(project: Path, n: int, parallel: int, results: dict[str, obje
     results.update(bench_isolation(project, parallel))
     report_isolation(results)
     return 0
+
+
+def first_start(project: Path) -> float:
+    """Seconds from launching `pytest --sandbox` to its one routed test starting."""
+    xml = project.parent / f"{project.name}-first.xml"
+    launched = time.time()
+    timed([*PYTEST, "--sandbox=all", f"--junitxml={xml}", "test_first.py"], project)
+    started = next(
+        p.get("value") for p in ET.parse(xml).iter("property") if p.get("name") == "started_unix"
+    )
+    return float(started or "nan") - launched
+
+
+def bench_daemon(project: Path, paths: daemon.DaemonPaths) -> dict[str, object]:
+    """(i): a one-test project, local and with the daemon warm; first routed test, warm
+    and with no daemon running (its images built: what a developer's next day looks like)."""
+    timed([*PYTEST, "--sandbox=all", "test_first.py"], project)  # builds, leaves it warm
+    local = min(timed([*PYTEST, "test_first.py"], project)[0] for _ in range(3))
+    warm = min(timed([*PYTEST, "--sandbox=all", "test_first.py"], project)[0] for _ in range(3))
+    first_warm = min(first_start(project) for _ in range(3))
+    cold = []
+    for _ in range(3):
+        daemon.stop(paths)
+        cold.append(first_start(project))
+    return {
+        "i_local_one": {"wall": local},
+        "i_daemon_warm_one": {"wall": warm},
+        "i_first_warm": {"seconds": first_warm},
+        "i_first_cold": {"seconds": min(cold)},
+    }
+
+
+def bench_module(project: Path) -> dict[str, object]:
+    """(d)'s module scope on N and 2N tests, and local on both."""
+    out: dict[str, object] = {}
+    for name, file in (("", "test_trivial.py"), ("_2n", "test_double.py")):
+        out[f"a_local{name}"] = {"wall": timed([*PYTEST, file], project)[0]}
+        args = ["--sandbox=all", "--sandbox-scope=module", file]
+        out[f"sandbox_module{name}"] = {"wall": timed([*PYTEST, *args], project)[0]}
+    return out
+
+
+def report_daemon(r: dict[str, object]) -> None:
+    wall = functools.partial(_wall, r)
+    first_warm = r["i_first_warm"]["seconds"]  # type: ignore[index]
+    first_cold = r["i_first_cold"]["seconds"]  # type: ignore[index]
+    overhead = wall("i_daemon_warm_one") - wall("i_local_one")
+    print("\nthe local daemon (best of 3 each)")
+    print(f"{'(i) one test, local':40} {wall('i_local_one'):8.2f} s")
+    print(
+        f"{'(i) one test, --sandbox, daemon warm':40} {wall('i_daemon_warm_one'):8.2f} s  "
+        f"{overhead:+.2f} s over local  [target <= +0.6]"
+    )
+    for label, seconds, target in (
+        ("(i) first routed test, daemon warm", first_warm, "[target <= 1.0]"),
+        ("(i) first routed test, no daemon", first_cold, "[target <= 1.5]"),
+    ):
+        print(f"{label:40} {seconds:8.2f} s after launch  {target}")
+    if "sandbox_module_2n" in r:
+        n = int(r["n"])  # type: ignore[call-overload]
+        local = wall("a_local_2n") - wall("a_local")
+        marginal = ((wall("sandbox_module_2n") - wall("sandbox_module")) - local) / n * 1e3
+        print(f"{'(d) scope=module marginal':40} {marginal:8.1f} ms/test  [target <= 5]")
 
 
 def _wall(r: dict[str, object], key: str) -> float:

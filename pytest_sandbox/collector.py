@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_sandbox.models import DebugRequest, ItemResult, Placement, RunSettings
+from pytest_sandbox.models import DebugRequest, ItemResult, Placement, RunSettings, WarningRecord
 from pytest_sandbox.outcome import timeout_message
 from pytest_sandbox.records import RecordReader, Tail
 
@@ -138,6 +138,17 @@ class Collector:
                 str(record.get("nodeid", "")),
                 int(record["pid"]),
                 str(record["file"]),
+            )
+        )
+
+    def worker_warning(self, record: Record) -> None:
+        self.emit(
+            WarningRecord(
+                str(record.get("nodeid", "")),
+                str(record.get("message", "")),
+                str(record.get("category", "")),
+                str(record.get("filename", "")),
+                int(record.get("lineno") or 0),
             )
         )
 

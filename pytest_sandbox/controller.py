@@ -8,9 +8,9 @@ terminal, -x, --lf and junitxml see nothing unusual.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
-import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -19,15 +19,25 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import debugging, environment, snapshot
+from pytest_sandbox import debugging, environment, reuse, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.coverage_data import coverage_spec
-from pytest_sandbox.models import DebugRequest, Group, GroupDone, ItemResult, Kept, RunSettings
-from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
+from pytest_sandbox.kept import kept_lines, service_address
+from pytest_sandbox.models import (
+    DebugRequest,
+    Group,
+    GroupDone,
+    ItemResult,
+    Kept,
+    RunSettings,
+    WarningRecord,
+)
+from pytest_sandbox.progress import BuildLine
+from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, warning_message
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
-from sandboxd import errors
-from sandboxd.connection import Connection, connect
+from sandboxd import daemon, errors
+from sandboxd.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,7 @@ class Options:
     keep_failed: bool
     #: This process has a terminal: pdb in a sandbox (--pdb, breakpoint()) may use it.
     debug: bool = False
+    embedded: bool = False
 
 
 def make_groups(
@@ -83,6 +94,10 @@ def _relpath(path: Path, rootdir: Path) -> str:
         return str(path)
 
 
+def _project_label(rootdir: Path) -> str:
+    return hashlib.sha256(str(rootdir.resolve()).encode()).hexdigest()[:12]
+
+
 def _mirrored(plugin: str) -> bool:
     """Whether a plugin named with -p exists inside: all but the host-only sandbox plugin."""
     return not plugin.startswith(("sandbox", "pytest_sandbox"))
@@ -103,7 +118,8 @@ class Controller:
     _runner: GroupRunner | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        self._start_early()
+        if not self.config.option.collectonly:  # --co needs neither service nor snapshot
+            self._start_early()
 
     def _start_early(self) -> None:
         """Read the project and start (or reach) the service while pytest collects:
@@ -112,11 +128,14 @@ class Controller:
         def work() -> None:
             try:
                 xmlpath = getattr(self.config.option, "xmlpath", None)
+                # Files the session writes are not the project's, even when under it
+                # (pytester's HOME is the project: the reuse file is then inside).
                 outputs = [Path(xmlpath)] if xmlpath else []
+                outputs.append(reuse.default_path())
                 requirements = str(self.config.getini("sandbox_requirements"))
-                snap = snapshot.take(self.config.rootpath, outputs, requirements)
+                snap = snapshot.take(self.config.rootpath, outputs, requirements, lazy=True)
                 self._early_result["snap"] = snap
-                conn = connect(self.options.address, address_option="--sandbox-address")
+                conn = self._connect()
                 self._early_result["conn"] = conn
             except BaseException as exc:  # re-raised on the main thread
                 self._early_result["error"] = exc
@@ -125,6 +144,29 @@ class Controller:
 
         self._early = threading.Thread(target=work, name="sandbox-early", daemon=True)
         self._early.start()
+
+    def _connect(self) -> Connection:
+        """The address given, else a service in this session, else the local daemon.
+
+        Raises:
+            SandboxError: none can be reached or started.
+        """
+        return daemon.open_connection(
+            self.options.address,
+            local=not self.options.embedded,
+            address_option="--sandbox-address",
+        )
+
+    def forced_isolation(self) -> str | None:
+        """Why scope-test tests get a fresh container whatever their isolation says."""
+        if self.options.keep_failed:
+            # A kept sandbox must be the failed test's own, not one reset for the next test.
+            return "--sandbox-keep-failed"
+        if coverage_spec(self.config, snapshot.PROJECT) is not None:
+            # Coverage saves its data as the worker ends, while a forked test child ends
+            # with os._exit and would take its measurements along.
+            return "--cov"
+        return None
 
     def _early_ready(self) -> snapshot.Snapshot:
         """Wait for the early work; the connection is kept either way, so close() ends it."""
@@ -154,10 +196,7 @@ class Controller:
         local = [it for it in session.items if it.nodeid not in self.specs]
         by_id = {it.nodeid: it for it in routed}
         rootdir = self.config.rootpath
-        if self.options.keep_failed or coverage_spec(self.config, snapshot.PROJECT) is not None:
-            # A kept sandbox must be the failed test's own, not one reset for the next test;
-            # and coverage saves its data as the worker ends, while a forked test child ends
-            # with os._exit and would take its measurements along.
+        if self.forced_isolation() is not None:
             self.specs = {n: replace(s, isolation="container") for n, s in self.specs.items()}
         groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:
@@ -204,13 +243,19 @@ class Controller:
             assert self.connection is not None
             self._runner = self._make_runner(self.connection, snap)
         specs = {group.spec.build_key: group.spec for group in groups}
-        for spec in specs.values():
-            try:
-                self._runner.images.get(spec)
-            except errors.SandboxError as exc:
-                problem = snapshot.interpreter_problem(str(exc), spec.image)
-                if problem is not None:
-                    raise snapshot.EnvironmentProblem(problem) from None
+        line = BuildLine(self.config.pluginmanager.get_plugin("terminalreporter"))
+        self._runner.images.watch = line.watcher
+        try:
+            for spec in specs.values():
+                try:
+                    self._runner.images.get(spec)
+                except errors.SandboxError as exc:
+                    problem = snapshot.interpreter_problem(str(exc), spec.image)
+                    if problem is not None:
+                        raise snapshot.EnvironmentProblem(problem) from None
+        finally:
+            line.finish()
+            self._runner.images.watch = None
 
     def _settings(self, snap: snapshot.Snapshot) -> RunSettings:
         config = self.config
@@ -237,7 +282,10 @@ class Controller:
             keep_failed=self.options.keep_failed,
             echo_output=config.getoption("capture") == "no",
             drop_unfinished=bool(config.getoption("maxfail")),
-            labels={"pytest-sandbox.session": secrets.token_hex(6)},
+            # The same for every session of the project: a daemon's warm pool is keyed by
+            # the whole request, labels included, so a per-session value would make every
+            # session miss the containers the previous one left warm.
+            labels={"pytest-sandbox.session": _project_label(config.rootpath)},
             recycle_after=self._recycle_after(),
             coverage=coverage_spec(config, snapshot.PROJECT),
             debug=self.options.debug,
@@ -324,6 +372,8 @@ class Controller:
                 self.kept.append(event)
             elif isinstance(event, DebugRequest) and self.connection is not None:
                 debugging.attach(self.config, self.connection.client, event)
+            elif isinstance(event, WarningRecord):
+                self._warn(event)
             elif isinstance(event, ItemResult):
                 self._fire(by_id[event.nodeid], event)
                 if session.shouldfail or session.shouldstop:
@@ -356,6 +406,18 @@ class Controller:
             ihook.pytest_runtest_logreport(report=rep)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
+    def _warn(self, record: WarningRecord) -> None:
+        """Into the host's warnings summary, as xdist's controller forwards a worker's."""
+        message = warning_message(record, str(self.config.rootpath))
+        self.config.hook.pytest_warning_recorded.call_historic(
+            kwargs={
+                "warning_message": message,
+                "when": "runtest",
+                "nodeid": record.nodeid,
+                "location": None,
+            }
+        )
+
     def _abort(self) -> None:
         """Ctrl-C or an internal error: no sandbox of this session may outlive it."""
         self._stop.set()
@@ -373,23 +435,9 @@ class Controller:
             self.connection.close(keep=[k.sandbox_id for k in self.kept])
             self.connection = None
 
+    def report_build_failures(self, terminal: pytest.TerminalReporter) -> None:
+        if self._runner is not None:
+            self._runner.images.failures.report(terminal)
+
     def summary_lines(self) -> list[str]:
-        lines = []
-        address = self.options.address
-        for kept in self.kept:
-            lines.append(f"kept the sandbox of {', '.join(kept.nodeids)}:")
-            if address:
-                # Through the service: works wherever it runs, not only on the engine's host.
-                lines.append(f"    sandboxd shell --address {address} {kept.sandbox_id}")
-            else:
-                lines.append(f"    docker exec -it {kept.container_id} bash")
-        if lines and address:
-            lines.append(
-                "(kept until the service ends it: its TTL, a few minutes past the tests' timeout)"
-            )
-        elif lines:
-            lines.append(
-                "(kept until the next sandboxd start or `sandboxd gc` removes them; with "
-                "--sandbox-address, a `sandboxd shell` line that works from anywhere)"
-            )
-        return lines
+        return kept_lines(self.kept, service_address(self.options.address, self.options.embedded))

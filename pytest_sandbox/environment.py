@@ -227,6 +227,41 @@ def distributions(rootdir: Path, dirs: list[Path] | None = None) -> dict[str, Co
     return out
 
 
+def fingerprint(rootdir: Path, dirs: list[Path] | None = None) -> str:
+    """A digest of what `distributions` reads, from file metadata alone (no contents).
+
+    Equal fingerprints mean equal mirrored environments (same files, sizes and times,
+    same rootdir, same Python and mirroring code), so a session can reuse the image
+    chain a previous one built without reading hundreds of megabytes again.
+    """
+    digest = hashlib.sha256(f"{sys.version_info[:3]}|{rootdir.resolve()}".encode())
+    for source in (Path(__file__), Path(__file__).with_name("snapshot.py")):
+        digest.update(source.read_bytes())
+    for site_dir in site_dirs() if dirs is None else dirs:
+        digest.update(f"\0site {site_dir}".encode())
+        found = metadata.distributions(path=[str(site_dir)])
+        for dist in sorted(found, key=lambda d: str(d.locate_file(""))):
+            base = str(dist.locate_file(""))
+            record = dist.read_text("RECORD")
+            if record is None:  # no RECORD to list its files by: never reuse
+                digest.update(os.urandom(16))
+                continue
+            digest.update(f"\0dist {base}\0{record}".encode())
+            for line in record.splitlines():
+                digest.update(_stat_line(os.path.join(base, line.split(",", 1)[0])))
+        for path in sorted(site_dir.glob("*.pth")):
+            digest.update(_stat_line(str(path)))
+    return digest.hexdigest()
+
+
+def _stat_line(path: str) -> bytes:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"\0{path} -".encode()
+    return f"\0{path} {st.st_mode} {st.st_size} {st.st_mtime_ns}".encode()
+
+
 def _sort_key(dist: metadata.Distribution) -> str:
     return _normalize(dist.metadata["Name"] or "")
 

@@ -76,3 +76,14 @@ class DebugRequest:
 @dataclass(frozen=True)
 class GroupDone:
     group: Group
+
+
+@dataclass(frozen=True)
+class WarningRecord:
+    """A warning a routed test raised, for the host's warnings summary."""
+
+    nodeid: str
+    message: str
+    category: str  # module.qualname
+    filename: str
+    lineno: int

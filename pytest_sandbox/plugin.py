@@ -39,7 +39,8 @@ INI_KEYS: tuple[tuple[str, str, str, object], ...] = (
     ("memory", "default memory limit (e.g. 512m)", "string", "512m"),
     ("pids", "default process limit", "string", "256"),
     ("timeout", "default per-test timeout in seconds", "string", "60"),
-    ("address", "sandboxd address (default: an embedded one)", "string", ""),
+    ("address", "sandboxd address (default: the per-user local daemon)", "string", ""),
+    ("embedded", "without an address, a sandboxd in the session, not the daemon", "bool", False),
     ("jobs", "sandboxes at once (default: number of CPUs)", "string", ""),
     ("required", "fail when a marked test would run locally", "bool", False),
     ("profile", "security profile: default or untrusted", "string", ""),
@@ -80,7 +81,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--sandbox-address",
         default=None,
         metavar="HOST:PORT|unix:PATH",
-        help="use a running sandboxd instead of an embedded one",
+        help="use this sandboxd instead of the per-user local daemon (started when needed)",
+    )
+    group.addoption(
+        "--sandbox-embedded",
+        action="store_true",
+        default=False,
+        help="run a sandboxd inside this session instead of using the local daemon",
     )
     group.addoption(
         "--sandbox-jobs", type=int, default=None, metavar="N", help="run up to N sandboxes at once"
@@ -105,6 +112,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _options(config: pytest.Config, mode: str) -> Options:
     from pytest_sandbox import debugging
     from pytest_sandbox.controller import Options
+    from sandboxd.daemon import embedded_by_default
 
     jobs = config.getoption("sandbox_jobs") or int(str(config.getini("sandbox_jobs")) or 0)
     return Options(
@@ -115,6 +123,8 @@ def _options(config: pytest.Config, mode: str) -> Options:
         jobs=jobs or os.cpu_count() or 1,
         keep_failed=bool(config.getoption("sandbox_keep_failed")),
         debug=debugging.terminal_available(config),
+        embedded=bool(config.getoption("sandbox_embedded") or config.getini("sandbox_embedded"))
+        or embedded_by_default(),
     )
 
 
@@ -167,15 +177,31 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     controller = config.stash.get(controller_key, None)
     if controller is None:
         return None
+    from sandboxd.daemon import default_paths
+
     opts = controller.options
-    where = opts.address or "embedded sandboxd"
+    if opts.address:
+        where = f"sandboxd at {opts.address}"
+    elif opts.embedded:
+        where = "a sandboxd embedded in this session"
+    else:
+        where = f"the local sandboxd daemon ({default_paths().address})"
     routed = "every test" if opts.mode == "all" else "tests marked sandbox"
-    return f"sandbox: {routed} via {where}, up to {opts.jobs} at once"
+    defaults = session_defaults(config)
+    forced = controller.forced_isolation()
+    isolation = defaults.isolation if forced is None else f"container ({forced})"
+    return (
+        f"sandbox: {routed} via {where}, up to {opts.jobs} at once; "
+        f"scope {defaults.scope}, isolation {isolation}"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     controller = terminalreporter.config.stash.get(controller_key, None)
-    if controller is None or not controller.kept:
+    if controller is None:
+        return
+    controller.report_build_failures(terminalreporter)
+    if not controller.kept:
         return
     terminalreporter.section("sandboxes kept for inspection")
     for line in controller.summary_lines():

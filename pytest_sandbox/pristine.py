@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from _pytest import runner as pytest_runner
+from _pytest.warnings import catch_warnings_for_item
 
 # Kernel views, not storage; under /dev only these two hold what a test can create.
 SKIP_TREES = ("/proc", "/sys")
@@ -322,7 +323,10 @@ class Forker:
                 self.worker.expired(nodeid, seconds)
 
             self.worker.enter_child(expired)
-            pytest_runner.pytest_runtest_protocol(item, None)
+            # The worker's own catch (around this hook) records in the worker, whose copy
+            # of the list this child cannot fill: the child records and reports its own.
+            with catch_warnings_for_item(item.config, item.ihook, "runtest", item):
+                pytest_runner.pytest_runtest_protocol(item, None)
             self.worker.watchdog.disarm()
             session = item.session
             said = {"end": "ok", "shouldfail": session.shouldfail, "shouldstop": session.shouldstop}

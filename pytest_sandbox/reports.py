@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import pytest
 
+from pytest_sandbox.models import WarningRecord
 from pytest_sandbox.snapshot import PROJECT
 
 
@@ -125,3 +128,23 @@ def adopt_subtests(config: pytest.Config, reports: Sequence[Any], datas: Sequenc
             object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
         if report.failed and top is not None:
             config.stash[failed_subtests_key][top.id] += 1
+
+
+def warning_message(record: WarningRecord, rootdir: str) -> warnings.WarningMessage:
+    """The host's WarningMessage for a warning raised inside, as xdist rebuilds them: the
+    category itself when its module is loaded here (never imported on the word of the
+    sandbox), else UserWarning naming it."""
+    module, _, name = record.category.rpartition(".")
+    category: type[Warning] = UserWarning
+    text = f"{record.category}: {record.message}"
+    found = getattr(sys.modules.get(module or "builtins"), name, None)
+    if isinstance(found, type) and issubclass(found, Warning):
+        category, text = found, record.message
+    filename = record.filename
+    if filename.startswith(PROJECT):
+        filename = rootdir + filename[len(PROJECT) :]
+    try:
+        message: Warning = category(text)
+    except Exception:  # a category whose constructor wants other arguments
+        category, message = UserWarning, UserWarning(f"{record.category}: {record.message}")
+    return warnings.WarningMessage(message, category, filename, record.lineno)

@@ -21,6 +21,8 @@ from pytest_sandbox.collector import Collector, timeout_sections
 from pytest_sandbox.coverage_data import CoverageSpec, data_from_tar, write_mapped
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
+from pytest_sandbox.progress import BuildFailures
+from pytest_sandbox.reuse import BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
@@ -59,14 +61,25 @@ class Registry:
                 log.warning("could not destroy sandbox %s: %s", sandbox_id, exc)
 
 
-class ImageCache:
-    """One build per (base, fragment) for the session, shared by all threads."""
+#: (build key, image number, images in the chain) -> the build's on_log callback.
+WatchBuild = Callable[[tuple[str, str], int, int], Callable[[str], None]]
 
-    def __init__(self, client: SandboxClient, snapshot: Snapshot) -> None:
+
+class ImageCache:
+    """One build per (base, fragment) for the session, shared by all threads; a failed
+    build is recorded once in `failures`, for one report per spec."""
+
+    def __init__(
+        self, client: SandboxClient, snapshot: Snapshot, watch: WatchBuild | None = None
+    ) -> None:
         self._client = client
         self._snapshot = snapshot
         self._lock = threading.Lock()
         self._builds: dict[tuple[str, str], Future[BuildResult]] = {}
+        self.watch = watch
+        self.failures = BuildFailures()
+        self._env_lock = threading.Lock()
+        self._built = BuiltEnvironments()
 
     def get(self, spec: RouteSpec) -> BuildResult:
         """Raises: SandboxError (BuildFailed with the log tail) from the service."""
@@ -78,24 +91,65 @@ class ImageCache:
         if owner:
             try:
                 future.set_result(self._build(spec))
+            except errors.SandboxError as exc:
+                self.failures.add(spec.build_key, str(exc))
+                future.set_exception(exc)
             except BaseException as exc:
                 future.set_exception(exc)
         return future.result()
 
     def _build(self, spec: RouteSpec) -> BuildResult:
-        """The environment's images in order (mostly cache hits), then the project's."""
+        """The project's image on the environment's: an earlier session's environment
+        image when the fingerprint matches and the service still has it, else the
+        environment's images in order (mostly cache hits), then the project's."""
+        key = None
+        if self._snapshot.env_fingerprint:
+            key = reuse_key(self._snapshot.env_fingerprint, spec.image, spec.dockerfile)
+            tag = self._built.get(key)
+            if tag is not None:
+                try:
+                    return self._project(spec, tag, 1, 1)
+                except errors.SandboxError as exc:
+                    log.info("environment image %s is gone, building it again: %s", tag, exc)
+        snap = self._environment()
         base = spec.image
-        for fragment, files in self._snapshot.environment(spec.dockerfile):
+        stages = snap.environment(spec.dockerfile)
+        count = len(stages) + 1
+        for number, (fragment, files) in enumerate(stages, 1):
             built = self._client.build_image(
-                fragment, base=base, context_files=files, label="pytest-sandbox-env"
+                fragment,
+                base=base,
+                context_files=files,
+                label="pytest-sandbox-env",
+                on_log=self._watch(spec, number, count),
             )
             base = built.image.tag
+        result = self._project(spec, base, count, count)
+        if key is not None:
+            self._built.put(key, base)
+        return result
+
+    def _project(self, spec: RouteSpec, base: str, number: int, count: int) -> BuildResult:
         return self._client.build_image(
             self._snapshot.fragment(),
             base=base,
             context_files=self._snapshot.context,
             label="pytest-sandbox",
+            on_log=self._watch(spec, number, count),
         )
+
+    def _environment(self) -> Snapshot:
+        """The snapshot with its environment read, once for all threads.
+
+        Raises:
+            EnvironmentProblem: a distribution cannot be mirrored.
+        """
+        with self._env_lock:
+            self._snapshot = self._snapshot.with_environment()
+            return self._snapshot
+
+    def _watch(self, spec: RouteSpec, number: int, count: int) -> Callable[[str], None] | None:
+        return None if self.watch is None else self.watch(spec.build_key, number, count)
 
 
 def read_capture_tar(data: bytes) -> dict[str, str]:
@@ -148,8 +202,9 @@ class GroupRunner:
         spec = group.spec
         try:
             build = self.images.get(spec)
-        except errors.SandboxError as exc:
-            self._fail_all(list(group.nodeids), f"sandbox image build failed: {exc}", None)
+        except errors.SandboxError:
+            message = self.images.failures.test_message(spec.build_key)
+            self._fail_all(list(group.nodeids), message, None)
             return
         pending = list(group.nodeids)
         while pending and not self.stop.is_set():

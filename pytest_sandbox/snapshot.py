@@ -11,9 +11,10 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import sys
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pytest_sandbox import environment
@@ -60,6 +61,45 @@ class SnapshotTooLarge(Exception):
 
 
 def _walk(root: Path) -> Iterator[Path]:
+    listed = _git_listed(root)
+    if listed is None:
+        yield from _walk_tree(root)
+        return
+    for path in listed:
+        rel = path.relative_to(root).parts
+        if any(part in SKIP_DIRS or part.endswith(SKIP_SUFFIXES) for part in rel):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            yield from _walk_tree(path)  # a submodule: git lists only its directory
+        else:
+            yield path
+
+
+def _git_listed(root: Path) -> list[Path] | None:
+    """The files git would list under `root` (tracked, plus untracked ones not ignored),
+    or None when `root` is not in a git work tree or git is missing.
+
+    Following the project's .gitignore keeps a stray report or log from changing the
+    image key and forcing a build; git itself does the matching, so nested .gitignore
+    files, negations and .git/info/exclude mean what they mean to git.
+    """
+    try:
+        listing = ["ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+        out = subprocess.run(
+            ["git", "-C", str(root), *listing],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    names = sorted({os.fsdecode(n) for n in out.stdout.split(b"\0") if n})
+    return [root / name for name in names]
+
+
+def _walk_tree(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         base = Path(dirpath)
         dirnames[:] = sorted(
@@ -81,7 +121,8 @@ def _mode(st: os.stat_result) -> int:
 def project_files(
     root: Path, prefix: str = "project", exclude: Collection[Path] = ()
 ) -> ContextFiles:
-    """Regular files under `root` minus VCS data, venvs, caches, build output and `exclude`.
+    """Regular files under `root` minus VCS data, venvs, caches, build output and `exclude`;
+    in a git work tree only those git lists (tracked, or untracked and not ignored).
 
     Raises:
         SnapshotTooLarge: the files add up to more than one build context can carry.
@@ -185,6 +226,22 @@ class Snapshot:
     has_src: bool
     layers: tuple[Layer, ...] = ()
     python: str = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    #: Set when the layers are not read yet: equal fingerprints, equal environments.
+    env_fingerprint: str = ""
+    #: (rootdir, site dirs or None for sys.path's) to read the layers from.
+    env_source: tuple[Path, tuple[Path, ...] | None] | None = None
+
+    def with_environment(self) -> Snapshot:
+        """This snapshot with its environment's layers read.
+
+        Raises:
+            EnvironmentProblem: a distribution cannot be mirrored (see environment).
+        """
+        if self.layers or self.env_source is None:
+            return self
+        rootdir, dirs = self.env_source
+        env = environment.distributions(rootdir, list(dirs) if dirs is not None else None)
+        return replace(self, layers=tuple(environment.layers(env)), env_fingerprint="")
 
     def environment(self, user_fragment: str) -> list[tuple[str, ContextFiles]]:
         """(fragment, context) of each environment image, to build in order."""
@@ -214,26 +271,31 @@ class Snapshot:
         return ":".join(paths)
 
 
-def take(rootdir: Path, exclude: Collection[Path] = (), requirements: str = "") -> Snapshot:
+def take(
+    rootdir: Path, exclude: Collection[Path] = (), requirements: str = "", *, lazy: bool = False
+) -> Snapshot:
     """Read the project and the worker's deps once for the session.
 
     `exclude` names files the session itself writes (a --junitxml report): taking them
     would change the image, and force a build, on every run. `requirements` (ini
-    sandbox_requirements) replaces the host's environment with that file's.
+    sandbox_requirements) replaces the host's environment with that file's. With `lazy`,
+    the environment is only fingerprinted; `with_environment` reads it when needed.
 
     Raises:
         SnapshotTooLarge: see project_files.
         EnvironmentProblem: a distribution cannot be mirrored (see environment).
     """
     site_dirs = [environment.requirements_site(rootdir, requirements)] if requirements else None
-    env = environment.distributions(rootdir, site_dirs)
     context = worker_files()
     context.update(project_files(rootdir, exclude=exclude))
-    return Snapshot(
+    snap = Snapshot(
         context=context,
         has_src=(rootdir / "src").is_dir(),
-        layers=tuple(environment.layers(env)),
+        env_source=(rootdir, tuple(site_dirs) if site_dirs is not None else None),
     )
+    if lazy:
+        return replace(snap, env_fingerprint=environment.fingerprint(rootdir, site_dirs))
+    return snap.with_environment()
 
 
 def sandbox_path(host_path: Path, rootdir: Path) -> str | None:

@@ -240,26 +240,13 @@ class WorkerPlugin:
             ("--sandbox-address", {}),
             ("--sandbox-jobs", {}),
             ("--sandbox-keep-failed", {"action": "store_true"}),
+            ("--sandbox-embedded", {"action": "store_true"}),
             ("--sandbox-isolation", {}),
         ):
             with contextlib.suppress(ValueError):
                 group.addoption(opt, **kwargs)
-        for name in [
-            "image",
-            "scope",
-            "dockerfile",
-            "cpus",
-            "memory",
-            "pids",
-            "timeout",
-            "address",
-            "jobs",
-            "required",
-            "profile",
-            "isolation",
-            "recycle",
-            "requirements",
-        ]:
+        names = "image scope dockerfile cpus memory pids timeout address embedded jobs required"
+        for name in (*names.split(), "profile", "isolation", "recycle", "requirements"):
             with contextlib.suppress(ValueError):
                 parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
 
@@ -332,6 +319,22 @@ class WorkerPlugin:
                     crash.message = f"{reason}; {crash.message}"
                 report.sections.append(("sandbox limit", reason))
         self.channel.send("report", report=self._serialize(report))
+
+    def pytest_warning_recorded(
+        self, warning_message: Any, when: str, nodeid: str, location: Any
+    ) -> None:
+        # Collection warnings reach the host from its own collection of the same files.
+        if when != "runtest":
+            return
+        category = warning_message.category
+        self.channel.send(
+            "warning",
+            nodeid=nodeid,
+            message=str(warning_message.message),
+            category=f"{category.__module__}.{category.__qualname__}",
+            filename=str(warning_message.filename),
+            lineno=int(warning_message.lineno or 0),
+        )
 
     def expired(self, nodeid: str, seconds: float) -> None:
         frames = sys._current_frames()

@@ -1,4 +1,4 @@
-"""`sandboxd serve | build | run | shell | exec | grade | info | gc | bootstrap-image`.
+"""`sandboxd serve | daemon | build | run | shell | exec | grade | info | gc | bootstrap-image`.
 
 Size: past the house's ~450 lines on purpose: each subcommand is a parser function and a
 command function, and keeping them in one module keeps the CLI's reference in one place.
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_daemon(sub)
     _add_bootstrap_image(sub)
     _add_build(sub)
     _add_gc(sub)
@@ -74,6 +75,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM) for TCP")
     serve.add_argument(
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)"
+    )
+
+
+def _add_daemon(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    daemon = sub.add_parser("daemon", help="the per-user local sandboxd (pytest --sandbox, run)")
+    daemon.add_argument("action", choices=("start", "status", "stop", "run"), help="run: here")
+    daemon.add_argument("--socket", type=Path, help="default: $SANDBOXD_SOCKET, else per user")
+    daemon.add_argument(
+        "--idle-exit", type=float, metavar="S", help="exit after S seconds without clients"
     )
 
 
@@ -113,7 +123,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--runtime", default="", help="container runtime, e.g. runsc")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--json", action="store_true", help="print a JSON result as the last line")
-    run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
+    run.add_argument("--address", help="use this sandboxd instead of the local daemon")
+    run.add_argument("--embedded", action="store_true", help="a service in this process")
     _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
@@ -221,14 +232,33 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _client(args: argparse.Namespace, config: ServerConfig) -> Iterator[SandboxClient]:
+def _client(
+    args: argparse.Namespace, config: ServerConfig, *, local: bool = False
+) -> Iterator[SandboxClient]:
+    """Without --address: the local daemon when `local` (and not --embedded), else a
+    service embedded in this process."""
+    from sandboxd import daemon
     from sandboxd.channels import tls_credentials
-    from sandboxd.connection import connect
 
     given = (args.tls_ca, args.tls_cert, args.tls_key)
     credentials = tls_credentials(*given) if any(given) else None
-    with connect(args.address, config=config, credentials=credentials) as connection:
+    local = local and not getattr(args, "embedded", False)
+    with daemon.open_connection(
+        args.address, config=config, credentials=credentials, local=local, config_path=args.config
+    ) as connection:
         yield connection.client
+
+
+def cmd_daemon(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd import daemon
+
+    paths = daemon.DaemonPaths(args.socket) if args.socket else daemon.default_paths()
+    idle = args.idle_exit if args.idle_exit is not None else config.daemon_idle_seconds
+    if args.action == "run":
+        return daemon.Daemon(config, paths, idle).run()
+    code, message = daemon.control(args.action, paths, args.config, args.idle_exit)
+    print(message)
+    return code
 
 
 def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
@@ -338,7 +368,7 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     )
     env = _env(args.env)
     fragment = _fragment(args.dockerfile)
-    with _client(args, config) as client:
+    with _client(args, config, local=True) as client:
         image = args.image
         digest = ""
         if fragment:
@@ -499,6 +529,7 @@ def cmd_port_forward(args: argparse.Namespace, config: ServerConfig) -> int:
 
 COMMANDS = {
     "serve": cmd_serve,
+    "daemon": cmd_daemon,
     "bootstrap-image": cmd_bootstrap,
     "build": cmd_build,
     "gc": cmd_gc,
@@ -518,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose
         else logging.WARNING
         if args.command in ("run", "shell", "exec", "grade", "info")
+        or (args.command == "daemon" and args.action != "run")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,

@@ -115,6 +115,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: The local daemon (`sandboxd daemon`) exits after this long without clients.
+    daemon_idle_seconds: float = 900.0
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
     #: Further base images (references) authenticated clients may build on, besides

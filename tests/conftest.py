@@ -33,6 +33,9 @@ SESSION_PREFIX = "t" + uuid.uuid4().hex[:5]
 # Services this session starts in child processes (pytester runs, the CLI) without an
 # explicit id get this prefix too, so the checks below see them and only them.
 os.environ["SANDBOXD_INSTANCE_PREFIX"] = SESSION_PREFIX
+# No address means a service embedded in the one process, not the per-user daemon: the
+# suite must leave no daemon behind (tests/plugin/test_daemon.py starts its own).
+os.environ["SANDBOXD_EMBEDDED"] = "1"
 _serial = itertools.count()
 _used_docker = False
 
