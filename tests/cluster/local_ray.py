@@ -2,8 +2,11 @@
 code): `ray.cluster_utils.Cluster` with every node on loopback and a private temp dir.
 
 The head is sandbox node n1 (one raylet fewer on a 2-core machine); more nodes join with
-`add_node`. On a loaded machine a raylet can miss Ray's fixed 30 s registration wait, so
-starting the head is tried again, after killing what the failed try left running.
+`add_node`. On a loaded machine a raylet can take longer than Ray's fixed 30 s wait for it
+to register with the head (it registers once its agents, slow Python imports, are up): the
+wait is made patient instead (`patient_registration`), which costs nothing when the node is
+quick. Should the head fail anyway, starting it is tried again, after killing what the
+failed try left running.
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.ray_constants
+import ray._private.services
 from ray.cluster_utils import Cluster
+
+# Also when Ray was imported first (the variable above is read once, at its import): this
+# process (the tests' driver and gateway) must resolve "127.0.0.1" to loopback, not to the
+# host's own outside address, where nothing listens and no test may send.
+ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 NODE_CPUS = 2
 NODE_MEMORY = 1 << 30
@@ -35,6 +46,8 @@ HEALTH = {
     "health_check_failure_threshold": 3,
 }
 START_TRIES = 3
+#: How long a new node may take to register with the head before its start has failed.
+REGISTER_SECONDS = 180.0
 
 
 def node_args(name: str) -> dict[str, Any]:
@@ -64,12 +77,13 @@ class LocalRay:
         for attempt in range(1, START_TRIES + 1):
             cluster = Cluster(initialize_head=False)
             try:
-                cluster.add_node(
-                    **node_args("n1"),
-                    include_dashboard=False,
-                    temp_dir=self.temp_dir,
-                    _system_config=HEALTH,
-                )
+                with patient_registration():
+                    cluster.add_node(
+                        **node_args("n1"),
+                        include_dashboard=False,
+                        temp_dir=self.temp_dir,
+                        _system_config=HEALTH,
+                    )
                 return cluster
             except Exception:
                 self._kill_leftovers()
@@ -78,8 +92,9 @@ class LocalRay:
         raise AssertionError("unreachable")
 
     def add_node(self, name: str) -> Any:
-        self.nodes[name] = self.cluster.add_node(**node_args(name))
-        self.cluster.wait_for_nodes()
+        with patient_registration():
+            self.nodes[name] = self.cluster.add_node(**node_args(name))
+        self.cluster.wait_for_nodes(timeout=REGISTER_SECONDS)
         return self.nodes[name]
 
     def kill_node(self, name: str) -> None:
@@ -100,6 +115,31 @@ class LocalRay:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def patient_registration() -> Iterator[None]:
+    """Within the block, a starting node waits up to `REGISTER_SECONDS` for its raylet to
+    register, instead of Ray's fixed 30 s: `Node()` polls `services.get_node` in a loop
+    that gives up after 30 s, so each poll here waits on until the node is there."""
+    services = ray._private.services
+    get_node = services.get_node
+
+    def patient(gcs_address: str, node_id: str) -> Any:
+        deadline = time.monotonic() + REGISTER_SECONDS
+        while True:
+            try:
+                return get_node(gcs_address, node_id)
+            except RuntimeError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    services.get_node = patient
+    try:
+        yield
+    finally:
+        services.get_node = get_node
 
 
 def _pids_naming(text: str) -> list[int]:
