@@ -11,13 +11,8 @@ failed try left running.
 
 from __future__ import annotations
 
-import os
-
-# Before Ray is imported: address discovery gives loopback, with no probe to the outside.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
-
 import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -27,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray._private.ray_constants
+import ray._private.ray_constants as ray_constants
 import ray._private.services
 from ray.cluster_utils import Cluster
 
-# Also when Ray was imported first (the variable above is read once, at its import): this
-# process (the tests' driver and gateway) must resolve "127.0.0.1" to loopback, not to the
-# host's own outside address, where nothing listens and no test may send.
-ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+#: What this cluster's processes (and this one, the tests' driver and gateway) are started
+#: with, and only while it runs: address discovery gives loopback, with no probe of the
+#: host's outside address (where nothing of ours listens and no test may send); a raylet
+#: waits long for its agents. Later clusters of the same session (the namespace lab) get
+#: their own settings back.
+LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_agent_register_timeout_ms": "300000"}
 
 NODE_CPUS = 2
 NODE_MEMORY = 1 << 30
@@ -66,7 +63,17 @@ class LocalRay:
 
     def __init__(self) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        self.cluster = self._start_head()
+        self._saved_env = {name: os.environ.get(name) for name in LOCAL_ENV}
+        self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        os.environ.update(LOCAL_ENV)
+        # Read once, when Ray was imported (maybe before this module): set it here too.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            self.cluster = self._start_head()
+        except BaseException:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._restore_env()
+            raise
         self.nodes: dict[str, Any] = {"n1": self.cluster.head_node}
 
     @property
@@ -108,6 +115,15 @@ class LocalRay:
             self.cluster.shutdown()
         self._kill_leftovers()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._restore_env()
+
+    def _restore_env(self) -> None:
+        ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def _kill_leftovers(self) -> None:
         """Kill the Ray processes this cluster started: their command lines name its temp dir."""
