@@ -62,14 +62,8 @@ class FakeNodes:
     def generation(self, node_id: str) -> int:
         return 1
 
-    def call(
-        self,
-        node_id: str,
-        method: str,
-        *args: Any,
-        timeout: float | None = None,
-        generation: int | None = None,
-    ) -> Any:
+    def call(self, node_id: str, method: str, *args: Any, **options: Any) -> Any:
+        """`Nodes.call`; its options (timeout, agent generation) do not matter here."""
         node = self.by_id[node_id]
         if method == "image_info":
             return node.images.get(args[0])
