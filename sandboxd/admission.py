@@ -4,13 +4,20 @@ Admission counts what it let in (sandboxes being created and live ones alike) an
 told when each goes, so it needs no view of the sandbox registry. Warm containers of
 the pool count against the same budget; when a live request needs their memory,
 admission evicts them.
+
+A create waits for room up to the admission timeout, or less when the call that asked has a
+nearer deadline (`call_deadline`): the client then hears RESOURCE_EXHAUSTED with a retry
+hint, not a bare DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import ResourceExhausted
@@ -22,6 +29,34 @@ from sandboxd.pool import WarmPool
 RETRY_AFTER_SECONDS = 5.0
 #: The memory budget of a cluster gateway when none is configured: no bound of its own.
 CLUSTER_BUDGET = 1 << 60
+#: Time kept back from a call's deadline to send the refusal before the client gives up.
+ANSWER_MARGIN_SECONDS = 0.5
+
+#: When (time.monotonic()) the call creating a sandbox must have its answer, if it has a
+#: deadline. A context variable, not a parameter, because the cluster engine waits for room
+#: too (placement), below the `Engine` seam, which knows nothing of calls and deadlines.
+_CALL_DEADLINE: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+
+@contextlib.contextmanager
+def call_deadline(seconds: float | None) -> Iterator[None]:
+    """Within the block, waits for room end in time for a call due in `seconds`."""
+    if seconds is None:
+        yield
+        return
+    token = _CALL_DEADLINE.set(time.monotonic() + seconds - ANSWER_MARGIN_SECONDS)
+    try:
+        yield
+    finally:
+        _CALL_DEADLINE.reset(token)
+
+
+def wait_limit(timeout: float) -> float:
+    """How long a wait for room may last: `timeout`, or less when the call is due sooner."""
+    deadline = _CALL_DEADLINE.get()
+    if deadline is None:
+        return timeout
+    return max(0.0, min(timeout, deadline - time.monotonic()))
 
 
 class Admission:
@@ -53,14 +88,15 @@ class Admission:
 
         Raises:
             ResourceExhausted: the client is at its cap, no slot or memory frees within the
-                admission timeout, or the request alone is larger than the whole budget.
+                admission timeout (or the call's deadline, see `call_deadline`), or the
+                request alone is larger than the whole budget.
         """
         if memory > self.budget:
             raise ResourceExhausted(
                 f"limits.memory_bytes: {format_size(memory)} is more than this server's whole "
                 f"memory budget of {format_size(self.budget)}; ask for less"
             )
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + wait_limit(self.timeout)
         with self._changed:
             self._check_client(owner)
             while True:

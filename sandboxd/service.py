@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandboxd.admission import call_deadline
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.forwarding import Forwarder
@@ -301,7 +302,8 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         if request.prewarm:
             self.manager.prewarm(request_from_pb(request.spec, owner_of(context)))
             return pb.Sandbox()
-        record = self.manager.create(request_from_pb(request.spec, owner_of(context)))
+        with call_deadline(context.time_remaining()):
+            record = self.manager.create(request_from_pb(request.spec, owner_of(context)))
         if not context.is_active():  # the client gave up while we were creating
             self.manager.destroy(record.id)
             raise errors.Cancelled("client went away during creation")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -139,6 +140,7 @@ class NodeAgent:
             "version": self.engine.version(),
             "runtimes": sorted(self.engine.runtimes()),
             "reaped": self.reaped,
+            "pid": os.getpid(),
         }
 
     # -- engine calls, passed through ------------------------------------------------------------

@@ -31,6 +31,7 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 
+from sandboxd.admission import wait_limit
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.engine.cluster_images import ClusterImages
 from sandboxd.engine.nodes import Nodes
@@ -50,11 +51,20 @@ NOTHING = Need(cpus=0.0, memory_bytes=0)
 
 
 @dataclass(frozen=True)
-class Placed:
-    """Where a container runs and the reservation that holds its room."""
+class Where:
+    """Where a container runs: its node, its id there, and the agent generation that made
+    it (calls for it go to that agent only; when it died, so did the container)."""
 
     node_id: str
     docker_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a container runs and the reservation that holds its room."""
+
+    where: Where
     group: PlacementGroup
 
 
@@ -138,80 +148,108 @@ class ClusterEngine:
         group = placement_group([need.bundle()], strategy="STRICT_PACK")
         try:
             node_id = self._wait_placed(group, need.describe())
-            self.images.ensure(node_id, spec.image)
-            docker_id = str(self.nodes.call(node_id, "create_container", spec))
+            where = self._create_on(node_id, spec)
         except BaseException:
             remove_placement_group(group)
             raise
-        container_id = f"{docker_id}@{node_id[:12]}"
+        container_id = f"{where.docker_id}@{node_id[:12]}"
         with self._lock:
-            self._placed[container_id] = Placed(node_id, docker_id, group)
+            self._placed[container_id] = Placed(where, group)
         return container_id
+
+    def _create_on(self, node_id: str, spec: ContainerSpec) -> Where:
+        """Create the container on its node; once more with a fresh agent when the node's
+        agent turns out to have died (the node is up: its room is still reserved).
+
+        Raises:
+            NodeLost: the node died, or its fresh agent died too.
+        """
+        for attempt in (1, 2):
+            try:
+                self.images.ensure(node_id, spec.image)
+                generation = self.nodes.generation(node_id)
+                docker_id = self.nodes.call(
+                    node_id, "create_container", spec, generation=generation
+                )
+                return Where(node_id, str(docker_id), generation)
+            except NodeLost:
+                if attempt == 2 or self.nodes.is_lost(node_id):
+                    raise
+        raise AssertionError("unreachable")
 
     def _wait_placed(self, group: PlacementGroup, what: str) -> str:
         """Wait for Ray to place the group; when it is not placed at once, warm containers
-        give way (`make_room`) and the wait goes on to the placement timeout.
+        give way (`make_room`) and the wait goes on to the placement timeout, or to the
+        create call's deadline when that is nearer (as admission waits on one machine).
 
         Raises:
-            ResourceExhausted: not placed within the placement timeout.
+            ResourceExhausted: not placed in time.
         """
         started = time.monotonic()
-        first = min(ROOM_CHECK_SECONDS, self.placement_timeout)
+        limit = wait_limit(self.placement_timeout)
         try:
-            ray.get(group.ready(), timeout=first)
+            ray.get(group.ready(), timeout=min(ROOM_CHECK_SECONDS, limit))
         except ray.exceptions.GetTimeoutError:
             if self.make_room():
                 log.info("no room for %s at once: warm sandboxes gave way", what)
-            self._wait_more(group, what, self.placement_timeout - (time.monotonic() - started))
+            self._wait_more(group, what, limit, limit - (time.monotonic() - started))
         table = placement_group_table(group)
         return str(table["bundles_to_node_id"][0])
 
-    def _wait_more(self, group: PlacementGroup, what: str, seconds: float) -> None:
+    def _wait_more(self, group: PlacementGroup, what: str, limit: float, seconds: float) -> None:
         try:
             ray.get(group.ready(), timeout=max(0.0, seconds))
         except ray.exceptions.GetTimeoutError:
             raise ResourceExhausted(
-                f"no node of the cluster had {what} free within "
-                f"{self.placement_timeout:g}s ({capacity(self.nodes.alive())} in all); "
-                "retry in a few seconds",
+                f"no node of the cluster had {what} free within {limit:.3g}s "
+                f"({capacity(self.nodes.alive())} in all); retry in a few seconds",
                 retry_after=RETRY_AFTER_SECONDS,
             ) from None
 
-    def _where(self, container_id: str) -> tuple[str, str]:
-        """(node id, docker id) of one of our container ids.
+    def _where(self, container_id: str) -> Where:
+        """Where one of our containers runs.
 
         Raises:
-            NodeLost: its node is gone.
+            NodeLost: its node, or the agent that made it, is gone.
         """
         with self._lock:
             placed = self._placed.get(container_id)
         if placed is not None:
-            self.nodes.check(placed.node_id)
-            return placed.node_id, placed.docker_id
+            self.nodes.check(placed.where.node_id, placed.where.generation)
+            return placed.where
         docker_id, _, short = container_id.partition("@")
-        return self.nodes.by_short_id(short).node_id, docker_id
+        node_id = self.nodes.by_short_id(short).node_id
+        return Where(node_id, docker_id, self.nodes.generation(node_id))
+
+    def _call(self, where: Where, method: str, *args: Any) -> Any:
+        return self.nodes.call(
+            where.node_id, method, where.docker_id, *args, generation=where.generation
+        )
 
     def remove_container(self, container_id: str) -> None:
         with self._lock:
             placed = self._placed.pop(container_id, None)
         try:
-            node_id, docker_id = self._where(container_id)
-            self.nodes.call(node_id, "remove_container", docker_id)
+            self._call(self._where_or(placed, container_id), "remove_container")
         except NodeLost:
-            pass  # gone with its node; the node's next agent reaps what is left
+            pass  # gone with its node or agent; the node's next agent reaps what is left
         finally:
             if placed is not None:
                 with contextlib.suppress(Exception):
                     remove_placement_group(placed.group)
 
+    def _where_or(self, placed: Placed | None, container_id: str) -> Where:
+        if placed is None:
+            return self._where(container_id)
+        self.nodes.check(placed.where.node_id, placed.where.generation)
+        return placed.where
+
     def kill_container(self, container_id: str) -> None:
         with contextlib.suppress(NodeLost):
-            node_id, docker_id = self._where(container_id)
-            self.nodes.call(node_id, "kill_container", docker_id)
+            self._call(self._where(container_id), "kill_container")
 
     def container_running(self, container_id: str) -> bool:
-        node_id, docker_id = self._where(container_id)
-        return bool(self.nodes.call(node_id, "container_running", docker_id))
+        return bool(self._call(self._where(container_id), "container_running"))
 
     def list_containers(self, label: str) -> list[ContainerInfo]:
         out: list[ContainerInfo] = []
@@ -234,13 +272,11 @@ class ClusterEngine:
         return out
 
     def sample(self, container_id: str) -> CgroupSample:
-        node_id, docker_id = self._where(container_id)
-        sample: CgroupSample = self.nodes.call(node_id, "sample", docker_id)
+        sample: CgroupSample = self._call(self._where(container_id), "sample")
         return sample
 
     def reset_peak(self, container_id: str) -> None:
-        node_id, docker_id = self._where(container_id)
-        self.nodes.call(node_id, "reset_peak", docker_id)
+        self._call(self._where(container_id), "reset_peak")
 
     def exec(
         self,
@@ -254,36 +290,43 @@ class ClusterEngine:
         tty: bool = False,
         window: tuple[int, int] | None = None,
     ) -> RemoteExec:
-        node_id, docker_id = self._where(container_id)
-        handle = self.nodes.call(
-            node_id, "exec_start", docker_id, argv, dict(env), workdir, user, stdin, tty, window
-        )
-        return RemoteExec(self.nodes, node_id, int(handle))
+        where = self._where(container_id)
+        handle = self._call(where, "exec_start", argv, dict(env), workdir, user, stdin, tty, window)
+        return RemoteExec(self.nodes, where, int(handle))
 
-    def _drop_node(self, node_id: str) -> None:
-        """A node was lost: give back the reservations of its containers at once (Ray would
-        otherwise re-place them on other nodes, holding room for containers that are gone)."""
+    def _drop_node(self, node_id: str, generation: int | None) -> None:
+        """A node was lost, or the agent `generation` on it died: give back the reservations
+        of the containers that went with it at once (for a lost node, Ray would otherwise
+        re-place them on other nodes, holding room for containers that are gone)."""
         with self._lock:
-            gone = [cid for cid, p in self._placed.items() if p.node_id == node_id]
-            groups = [self._placed[cid].group for cid in gone]
+            groups = [
+                p.group
+                for p in self._placed.values()
+                if p.where.node_id == node_id
+                and (generation is None or p.where.generation == generation)
+            ]
         for group in groups:
             with contextlib.suppress(Exception):
                 remove_placement_group(group)
-        self.images.forget_node(node_id)
+        if generation is None:
+            self.images.forget_node(node_id)
 
 
 class RemoteExec:
     """An exec running on a node, seen through its agent (the `ExecProcess` Protocol)."""
 
-    def __init__(self, nodes: Nodes, node_id: str, handle: int) -> None:
+    def __init__(self, nodes: Nodes, where: Where, handle: int) -> None:
         self._nodes = nodes
-        self._node_id = node_id
+        self._where = where
         self._handle = handle
         #: (exit code, start failure) once the output has ended.
         self._ended: tuple[int | None, str | None] | None = None
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        return self._nodes.call(self._node_id, method, self._handle, *args, timeout=timeout)
+        where = self._where
+        return self._nodes.call(
+            where.node_id, method, self._handle, *args, timeout=timeout, generation=where.generation
+        )
 
     def write_stdin(self, data: bytes) -> None:
         self._call("write_stdin", data)

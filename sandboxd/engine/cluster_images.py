@@ -170,20 +170,24 @@ class ClusterImages:
         return node_id
 
     def _build_on(self, node_id: str, recipe: Recipe, tag: str) -> Iterator[str]:
+        # The build is the agent's that started it: should it die, the build ends NodeLost.
+        generation = self._nodes.generation(node_id)
         handle = self._nodes.call(
-            node_id, "build_start", recipe.dockerfile, recipe.context, tag, recipe.labels
-        )
+            node_id, "build_start", recipe.dockerfile, recipe.context, tag, recipe.labels,
+            generation=generation,
+        )  # fmt: skip
         try:
             ended = None
             while ended is None:
                 chunks, ended = self._nodes.call(
-                    node_id, "read", handle, 1.0, timeout=BUILD_SILENCE_SECONDS
-                )
+                    node_id, "read", handle, 1.0, timeout=BUILD_SILENCE_SECONDS,
+                    generation=generation,
+                )  # fmt: skip
                 for _, line in chunks:
                     yield bytes(line).decode("utf-8", "replace")
         finally:
             try:
-                self._nodes.call(node_id, "close", handle)
+                self._nodes.call(node_id, "close", handle, generation=generation)
             except SandboxError as exc:
                 log.debug("closing build %s: %s", handle, exc)
 

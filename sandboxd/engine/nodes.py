@@ -1,6 +1,11 @@
 """The gateway's view of the Ray cluster: which sandbox nodes exist, their agents, and calls
 to them with bounded waits that turn a dead node into a clear `NodeLost`.
 
+Agents come in generations: when a node's agent dies while the node stays up, the sandboxes
+that agent made are lost with it (calls for them end with `NodeLost`), but the node is not:
+its next call starts a fresh agent, which reaps the dead one's containers and serves new
+sandboxes. A node Ray reports dead is lost for good; when it comes back it has a new Ray id.
+
 The only other module besides `cluster.py` that imports Ray; both are imported only when
 the config names the cluster engine.
 """
@@ -44,12 +49,17 @@ class Nodes:
         self._view: list[NodeInfo] = []
         self._view_at = -NODES_TTL_SECONDS
         self._known: dict[str, NodeInfo] = {}
-        self._agents: dict[str, Any] = {}
+        #: Per node: the live agent's handle and its generation.
+        self._agents: dict[str, tuple[Any, int]] = {}
+        self._generations: dict[str, int] = {}
+        #: Why an agent generation, (node id, generation), died.
+        self._dead: dict[tuple[str, int], str] = {}
         self._facts: dict[str, dict[str, Any]] = {}
         self._creating: dict[str, threading.Lock] = {}
         self._lost: dict[str, str] = {}
-        #: Told the node id of a node found lost (the engine drops its reservations).
-        self.on_lost: Callable[[str], None] = lambda _: None
+        #: Told (node id, None) of a node found lost and (node id, generation) of an agent
+        #: that died on a live node: the engine drops the reservations of their containers.
+        self.on_lost: Callable[[str, int | None], None] = lambda node_id, generation: None
 
     # -- the cluster ------------------------------------------------------------------------------
 
@@ -110,12 +120,18 @@ class Nodes:
         self.check(node.node_id)
         return node
 
-    def check(self, node_id: str) -> None:
-        """Raises: NodeLost when the node was found lost."""
+    def check(self, node_id: str, generation: int | None = None) -> None:
+        """Raises: NodeLost when the node was found lost, or the agent `generation` died."""
         with self._lock:
             reason = self._lost.get(node_id)
+            if reason is None and generation is not None:
+                reason = self._dead.get((node_id, generation))
         if reason is not None:
             raise NodeLost(f"node {self.name(node_id)} was lost ({reason})")
+
+    def is_lost(self, node_id: str) -> bool:
+        with self._lock:
+            return node_id in self._lost
 
     def name(self, node_id: str) -> str:
         node = self._known.get(node_id[:12])
@@ -133,61 +149,117 @@ class Nodes:
             self._lost[node_id] = reason
             self._agents.pop(node_id, None)
         log.warning("node %s was lost: %s", self.name(node_id), reason)
-        self.on_lost(node_id)
+        self.on_lost(node_id, None)
+
+    def _mark_agent_dead(self, node_id: str, generation: int, reason: str) -> None:
+        """One agent died on a node that is still up: its sandboxes are lost, the node is not."""
+        with self._lock:
+            if (node_id, generation) in self._dead:
+                return
+            self._dead[(node_id, generation)] = reason
+            if self._agents.get(node_id, (None, -1))[1] == generation:
+                del self._agents[node_id]
+        log.warning("the agent on node %s died: %s", self.name(node_id), reason)
+        self.on_lost(node_id, generation)
+
+    def _agent_died(self, node_id: str, generation: int, exc: BaseException) -> None:
+        """Raises: NodeLost, for the node when Ray reports it dead, else for the generation."""
+        if isinstance(exc, ray.exceptions.NodeDiedError) or not self._still_alive(node_id):
+            self._mark_lost(node_id, "its agent died with it")
+        else:
+            self._mark_agent_dead(
+                node_id, generation, "its agent died; the node's new sandboxes get a new one"
+            )
+        self.check(node_id, generation)
 
     # -- agents -----------------------------------------------------------------------------------
 
     def agent(self, node_id: str) -> Any:
-        """The node's agent, started (and its leftovers reaped) on first use. Agents are
-        owned by this process (the Ray driver) and end with it.
+        """The node's live agent (see `current`).
+
+        Raises:
+            NodeLost: the node died. EngineUnavailable: the agent did not start in time.
+        """
+        return self.current(node_id)[0]
+
+    def generation(self, node_id: str) -> int:
+        """The generation of the node's live agent, started if there is none.
+
+        Raises:
+            NodeLost: the node died. EngineUnavailable: the agent did not start in time.
+        """
+        return self.current(node_id)[1]
+
+    def current(self, node_id: str) -> tuple[Any, int]:
+        """The node's live agent and its generation, started (and the node's leftovers
+        reaped) on first use and after an agent died. Agents are owned by this process (the
+        Ray driver) and end with it.
 
         Raises:
             NodeLost: the node died. EngineUnavailable: the agent did not start in time.
         """
         self.check(node_id)
         with self._lock:
-            handle: Any = self._agents.get(node_id)
+            live = self._agents.get(node_id)
             creating = self._creating.setdefault(node_id, threading.Lock())
-        if handle is not None:
-            return handle
+        if live is not None:
+            return live
         with creating:
             with self._lock:
-                handle = self._agents.get(node_id)
-            if handle is not None:
-                return handle
-            if node_id[:12] not in self._known:
-                self.all(fresh=True)  # a node that just joined: its name labels containers
-            name = self.name(node_id)
-            handle = (
-                ray.remote(NodeAgent)
-                .options(
-                    num_cpus=0,
-                    max_concurrency=AGENT_CONCURRENCY,
-                    max_restarts=0,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                )
-                .remote(self.instance_id, name)
-            )
-            facts = self._get(node_id, handle.describe.remote(), self.call_timeout * 3)
-            with self._lock:
-                self._agents[node_id] = handle
-                self._facts[node_id] = facts
-            log.info("agent started on node %s (%s)", name, facts)
-            return handle
+                live = self._agents.get(node_id)
+                if live is None:
+                    generation = self._generations.get(node_id, 0) + 1
+                    self._generations[node_id] = generation
+            if live is not None:
+                return live
+            return self._start_agent(node_id, generation)
 
-    def call(self, node_id: str, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Call the node agent's `method`, waiting a bounded time.
+    def _start_agent(self, node_id: str, generation: int) -> tuple[Any, int]:
+        if node_id[:12] not in self._known:
+            self.all(fresh=True)  # a node that just joined: its name labels containers
+        name = self.name(node_id)
+        handle: Any = (
+            ray.remote(NodeAgent)
+            .options(
+                num_cpus=0,
+                max_concurrency=AGENT_CONCURRENCY,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            )
+            .remote(self.instance_id, name)
+        )
+        facts = self._get(node_id, generation, handle.describe.remote(), self.call_timeout * 3)
+        with self._lock:
+            self._agents[node_id] = (handle, generation)
+            self._facts[node_id] = facts
+        log.info("agent %d started on node %s (%s)", generation, name, facts)
+        return handle, generation
+
+    def call(
+        self,
+        node_id: str,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        generation: int | None = None,
+    ) -> Any:
+        """Call the node agent's `method`, waiting a bounded time. With `generation`, the
+        call is for what that agent made (a container, an exec): only that agent will do.
 
         Raises:
-            NodeLost: the node (or its agent) died.
+            NodeLost: the node, or the agent `generation`, died.
             EngineUnavailable: the agent did not answer in time.
             SandboxError: what the agent raised.
         """
-        handle = self.agent(node_id)
+        self.check(node_id, generation)
+        handle, current = self.current(node_id)
+        if generation is not None and generation != current:
+            self._mark_agent_dead(node_id, generation, "its agent died")
+            self.check(node_id, generation)
         ref = getattr(handle, method).remote(*args)
-        return self._get(node_id, ref, self.call_timeout if timeout is None else timeout)
+        return self._get(node_id, current, ref, self.call_timeout if timeout is None else timeout)
 
-    def _get(self, node_id: str, ref: Any, timeout: float) -> Any:
+    def _get(self, node_id: str, generation: int, ref: Any, timeout: float) -> Any:
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.RayTaskError as exc:
@@ -204,10 +276,9 @@ class Nodes:
             self._mark_lost(node_id, "it cannot be reached and Ray reports it dead")
             self.check(node_id)
             raise
-        except _DEAD:
-            self._mark_lost(node_id, "its agent died with it")
-            self.check(node_id)
-            raise  # unreachable: check raised
+        except _DEAD as exc:
+            self._agent_died(node_id, generation, exc)
+            raise  # unreachable: _agent_died raised
         except ray.exceptions.GetTimeoutError:
             if not self._still_alive(node_id):
                 self._mark_lost(node_id, "it stopped answering and Ray reports it dead")

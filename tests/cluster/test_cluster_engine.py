@@ -10,7 +10,9 @@ runs last, as it replaces node n2. Everything stays on loopback.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +22,12 @@ from typing import Any
 
 import pytest
 
+from sandboxd import cli
 from sandboxd.api import SandboxRequest
 from sandboxd.client import SandboxClient
 from sandboxd.engine.agent import LABEL_NODE
 from sandboxd.engine.base import LABEL_INSTANCE
+from sandboxd.engine.cluster import ClusterEngine
 from sandboxd.errors import InvalidArgument, NodeLost, ResourceExhausted, SandboxError
 from sandboxd.limits import GiB, MiB
 from sandboxd.server import Service, create_server
@@ -193,6 +197,11 @@ def test_a_request_no_node_has_room_for_waits_then_is_exhausted(lab: Lab) -> Non
         with pytest.raises(ResourceExhausted, match="no node of the cluster had") as caught:
             lab.client.create_sandbox(one_cpu(), timeout=60.0)
         assert caught.value.retry_after
+        # A call due sooner than the admission timeout (4 s) is answered within its own
+        # deadline: RESOURCE_EXHAUSTED with a retry hint, not DEADLINE_EXCEEDED.
+        with pytest.raises(ResourceExhausted, match="no node of the cluster had") as caught:
+            lab.client.create_sandbox(one_cpu(), timeout=2.0)
+        assert caught.value.retry_after
         lab.client.destroy_sandbox(boxes.pop().id)  # room again: the next one is placed
         boxes.append(lab.client.create_sandbox(one_cpu()))
     finally:
@@ -221,6 +230,62 @@ def test_warm_sandboxes_give_way_to_a_live_one(lab: Lab, short_tmp: Path) -> Non
         assert pool.stats()["ready"] < 4
     finally:
         service.stop(grace=2.0)
+
+
+def test_a_node_whose_agent_died_gets_a_fresh_agent(lab: Lab) -> None:
+    engine = lab.service.core.engine
+    assert isinstance(engine, ClusterEngine)
+    old = lab.client.create_sandbox(one_cpu())
+    boxes = []
+    try:
+        node_id = engine.nodes.by_short_id(node_of(old.container_id)).node_id
+        name = engine.nodes.name(node_id)
+        os.kill(engine.nodes.facts(node_id)["pid"], signal.SIGKILL)  # the agent's worker
+        for _ in range(2):  # the dead agent's sandbox stays lost
+            with pytest.raises(NodeLost, match=f"node {name} was lost"):
+                lab.client.exec(old.id, ["true"])
+        # The node is up: its share of four new 1-CPU sandboxes lands there and runs.
+        boxes = [lab.client.create_sandbox(one_cpu()) for _ in range(4)]
+        there = [b for b in boxes if node_of(b.container_id) == node_of(old.container_id)]
+        assert there, [b.container_id for b in boxes]
+        for box in there:
+            assert lab.client.exec(box.id, ["true"]).verdict == "ok"
+        # The fresh agent reaped what the dead one made.
+        assert old.container_id.partition("@")[0][:12] not in containers_labelled(
+            lab.instance_id, name
+        )
+    finally:
+        for box in [old, *boxes]:
+            lab.client.destroy_sandbox(box.id)
+
+
+def test_run_and_grade_commands_work_through_the_gateway(
+    lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = lab.service.address
+    assert cli.main(["run", "--address", address, "--json", "--", "echo", "via-gateway"]) == 0
+    out = capsys.readouterr().out
+    assert "via-gateway" in out and json.loads(out.strip().splitlines()[-1])["verdict"] == "ok"
+    write_files(tmp_path / "tests", {"test_add.py": ADD_TEST})
+    write_files(tmp_path / "subs" / "good", {"calc.py": "def add(a, b):\n    return a + b\n"})
+    write_files(tmp_path / "subs" / "bad", {"calc.py": "def add(a, b):\n    return a - b\n"})
+    results = tmp_path / "results.json"
+    code = cli.main([
+        "grade", "--tests", str(tmp_path / "tests"), "--submissions", str(tmp_path / "subs"),
+        "--runtime", "runc", "--out", str(results), "--address", address,
+    ])  # fmt: skip
+    assert code == 0
+    verdicts = {s["name"]: s["verdict"] for s in json.loads(results.read_text())["submissions"]}
+    assert verdicts == {"good": "passed", "bad": "failed"}
+
+
+ADD_TEST = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+
+
+def write_files(root: Path, files: dict[str, str]) -> None:
+    root.mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).write_text(text)
 
 
 def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) -> None:

@@ -263,3 +263,19 @@ def test_a_value_above_its_cap_is_quoted_as_sent(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A client compares the message with what it sent: 1e+14 or 8.58993e+09 is neither.
     assert f"limits.{field}: {value} " in (err.details() or "")
+
+
+def test_a_create_waits_for_room_up_to_its_own_deadline(
+    own_service: Callable[..., tuple[Service, SandboxClient]],
+    limits_factory: Callable[..., Limits],
+) -> None:
+    # The admission timeout is far off: the call's 2 s deadline bounds the wait, and the
+    # client still hears RESOURCE_EXHAUSTED with a retry hint, not DEADLINE_EXCEEDED.
+    _, client = own_service(caps=Caps(sandboxes=1), admission_timeout_seconds=120.0)
+    box = client.create_sandbox(SandboxRequest(limits=small(limits_factory)))
+    try:
+        with pytest.raises(errors.ResourceExhausted, match="sandbox slots") as raised:
+            client.create_sandbox(SandboxRequest(limits=small(limits_factory)), timeout=2.0)
+        assert raised.value.retry_after
+    finally:
+        client.destroy_sandbox(box.id)

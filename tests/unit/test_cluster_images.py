@@ -59,7 +59,11 @@ class FakeNodes:
     def agent(self, node_id: str) -> FakeAgent:
         return FakeAgent(self.by_id[node_id])
 
-    def call(self, node_id: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+    def generation(self, node_id: str) -> int:
+        return 1
+
+    def call(self, node_id: str, method: str, *args: Any, **options: Any) -> Any:
+        """`Nodes.call`; its options (timeout, agent generation) do not matter here."""
         node = self.by_id[node_id]
         if method == "image_info":
             return node.images.get(args[0])

@@ -9,6 +9,7 @@ import pytest
 from fake_engine import BASE, FakeEngine, eventually
 
 from sandboxd import instances
+from sandboxd.admission import call_deadline, wait_limit
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import (
     LABEL_EXPIRES,
@@ -133,6 +134,23 @@ def test_admission_refuses_past_the_cap_with_a_retry_hint(engine: FakeEngine) ->
         m.destroy(first.id)
         m.create(SandboxRequest())
         assert eventually(lambda: len(engine.containers) == 2)
+    finally:
+        m.stop()
+
+
+def test_a_create_waits_for_a_slot_no_longer_than_its_call_deadline(engine: FakeEngine) -> None:
+    m = make_manager(engine, caps=Caps(sandboxes=1), admission_timeout_seconds=60.0)
+    m.start()
+    try:
+        m.create(SandboxRequest())
+        with call_deadline(1.0):
+            assert wait_limit(60.0) <= 1.0
+            with pytest.raises(ResourceExhausted, match=r"all 1 sandbox slots") as info:
+                m.create(SandboxRequest())
+        assert info.value.retry_after is not None
+        assert wait_limit(60.0) == 60.0  # outside the call, the admission timeout again
+        with call_deadline(None):
+            assert wait_limit(60.0) == 60.0
     finally:
         m.stop()
 
