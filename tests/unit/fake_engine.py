@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO
 
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
@@ -137,6 +137,13 @@ class FakeEngine:
         self._check()
         self.removed.append(container_id)
         self.containers.pop(container_id, None)
+
+    def rename_container(self, container_id: str, name: str) -> None:
+        self._check()
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        c = self.containers[container_id]
+        c.spec = replace(c.spec, name=name)
 
     def kill_container(self, container_id: str) -> None:
         if container_id in self.containers:
