@@ -389,7 +389,7 @@ class Controller:
             )
         elif lines:
             lines.append(
-                "(kept until the next sandboxd start or `sandboxd gc` removes them; with "
-                "--sandbox-address, a `sandboxd shell` line that works from anywhere)"
+                "(kept until its TTL, a few minutes past the tests' timeout, or `sandboxd gc "
+                "--all`; with --sandbox-address, a `sandboxd shell` line that works from anywhere)"
             )
         return lines
