@@ -274,7 +274,7 @@ def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
 
     engine = make_engine(config)
     removed = 0
-    for info in reaping.leftovers(engine, time.time(), sweep="all" if args.all else "orphans"):
+    for info in reaping.LeftoverRule("all" if args.all else "orphans").find(engine, time.time()):
         engine.remove_container(info.id)
         removed += 1
     images = 0

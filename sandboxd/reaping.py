@@ -2,7 +2,7 @@
 
 The reaper is given what it needs from the sandbox manager as callables (the live
 records, how to destroy one, whether an id is known), so it imports no manager.
-`is_leftover` is the one rule for what may be removed; the reaper and `sandboxd gc`
+`LeftoverRule` is the one rule for what may be removed; the reaper and `sandboxd gc`
 both ask it.
 
 A sandbox kept for inspection outlives its instance on purpose. Docker fixes labels at
@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from sandboxd import instances
@@ -53,52 +54,45 @@ def kept_until(name: str) -> float | None:
     return _float(until) if mark else None
 
 
-def is_leftover(
-    info: ContainerInfo,
-    now: float,
-    *,
-    sweep: Sweep = "orphans",
-    ours: str = "",
-    known: Callable[[str], bool] = lambda _: False,
-) -> bool:
-    """Whether a labelled container may be removed: the one rule of every reaper.
+def _unknown(sandbox_id: str) -> bool:
+    return False
 
-    `ours` is the asking instance (none for `sandboxd gc`), whose containers go only
-    when forgotten (`known` says no) and old enough that no create is still recording them.
+
+@dataclass(frozen=True)
+class LeftoverRule:
+    """What a pass may remove: the one rule of every reaper and of `sandboxd gc`.
+
+    `ours` is the asking instance (none for `sandboxd gc`), whose containers go only when
+    forgotten (`known` says no) and old enough that no create is still recording them.
     """
-    until = kept_until(info.name)
-    if until is not None:
-        return sweep == "all" or until <= now
-    owner = info.labels.get(LABEL_INSTANCE, "")
-    if owner and owner == ours:
-        forgotten = not known(info.labels.get(LABEL_SANDBOX, ""))
-        return forgotten and now - info.created_unix >= FORGOTTEN_AFTER_SECONDS
-    if sweep != "orphans" or not instances.is_alive(owner):
-        return True
-    expires = _float(info.labels.get(LABEL_EXPIRES, ""))
-    return expires is not None and expires <= now
 
+    sweep: Sweep = "orphans"
+    ours: str = ""
+    known: Callable[[str], bool] = _unknown
 
-def leftovers(
-    engine: Engine,
-    now: float,
-    *,
-    sweep: Sweep = "orphans",
-    ours: str = "",
-    known: Callable[[str], bool] = lambda _: False,
-) -> list[ContainerInfo]:
-    """Labelled containers that `is_leftover` says may go.
+    def takes(self, info: ContainerInfo, now: float) -> bool:
+        """Whether this labelled container may be removed at `now`."""
+        until = kept_until(info.name)
+        if until is not None:
+            return self.sweep == "all" or until <= now
+        owner = info.labels.get(LABEL_INSTANCE, "")
+        if owner and owner == self.ours:
+            forgotten = not self.known(info.labels.get(LABEL_SANDBOX, ""))
+            return forgotten and now - info.created_unix >= FORGOTTEN_AFTER_SECONDS
+        if self.sweep != "orphans" or not instances.is_alive(owner):
+            return True
+        expires = _float(info.labels.get(LABEL_EXPIRES, ""))
+        return expires is not None and expires <= now
 
-    Raises:
-        EngineUnavailable: the engine cannot be reached.
-    """
-    # Only containers with an instance label are sandboxes: image labels (managed=1
-    # included) are inherited by every container made from the image, a build's too.
-    return [
-        info
-        for info in engine.list_containers(LABEL_INSTANCE)
-        if is_leftover(info, now, sweep=sweep, ours=ours, known=known)
-    ]
+    def find(self, engine: Engine, now: float) -> list[ContainerInfo]:
+        """The engine's labelled containers that this rule takes.
+
+        Raises:
+            EngineUnavailable: the engine cannot be reached.
+        """
+        # Only containers with an instance label are sandboxes: image labels (managed=1
+        # included) are inherited by every container made from the image, a build's too.
+        return [i for i in engine.list_containers(LABEL_INSTANCE) if self.takes(i, now)]
 
 
 class Reaper:
@@ -174,13 +168,10 @@ class Reaper:
         for a host where this service is the only one). Kept ones wait for their time.
         """
         removed = 0
-        found = leftovers(
-            self.engine,
-            time.time(),
-            sweep="foreign" if foreign else "orphans",
-            ours=self.config.instance_id,
-            known=self._known,
+        rule = LeftoverRule(
+            "foreign" if foreign else "orphans", self.config.instance_id, self._known
         )
+        found = rule.find(self.engine, time.time())
         for info in found:
             log.info("reaping %s left by instance %s", info.name, _owner(info))
             with contextlib.suppress(SandboxError):

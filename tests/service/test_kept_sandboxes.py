@@ -57,7 +57,7 @@ def spared_by_a_foreign_sweep(svc: Service, container_id: str) -> bool:
     Asks the rule rather than running the pass: that would remove the sandboxes of every
     other service on this engine.
     """
-    found = reaping.leftovers(svc.core.engine, time.time(), sweep="foreign")
+    found = reaping.LeftoverRule("foreign").find(svc.core.engine, time.time())
     return all(info.id != container_id for info in found)
 
 

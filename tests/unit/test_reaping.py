@@ -1,4 +1,4 @@
-"""The one rule for leftovers (`reaping.is_leftover`), as the reaper and `sandboxd gc` use it."""
+"""The one rule for leftovers (`reaping.LeftoverRule`), as the reaper and `sandboxd gc` use it."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from sandboxd.images import ImageStore
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
 
 NOW = 1_000_000.0
+Rule = reaping.LeftoverRule
 
 
 def new_id() -> str:
@@ -54,30 +55,30 @@ def live() -> Iterator[str]:
 
 
 def test_a_dead_instances_container_is_a_leftover_whatever_its_expiry() -> None:
-    assert reaping.is_leftover(info(new_id(), expires=NOW + 3600), NOW)
-    assert reaping.is_leftover(info(new_id()), NOW)
-    assert reaping.is_leftover(info(""), NOW)  # no owner: nobody answers for it
+    assert Rule().takes(info(new_id(), expires=NOW + 3600), NOW)
+    assert Rule().takes(info(new_id()), NOW)
+    assert Rule().takes(info(""), NOW)  # no owner: nobody answers for it
 
 
 def test_a_live_instances_container_goes_only_past_its_expiry_or_when_foreign(live: str) -> None:
-    assert not reaping.is_leftover(info(live, expires=NOW + 1), NOW)
-    assert not reaping.is_leftover(info(live), NOW)  # no expiry stated: its owner decides
-    assert reaping.is_leftover(info(live, expires=NOW), NOW)
-    assert reaping.is_leftover(info(live, expires=NOW + 1), NOW, sweep="foreign")
-    assert reaping.is_leftover(info(live, expires=NOW + 1), NOW, sweep="all")
+    assert not Rule().takes(info(live, expires=NOW + 1), NOW)
+    assert not Rule().takes(info(live), NOW)  # no expiry stated: its owner decides
+    assert Rule().takes(info(live, expires=NOW), NOW)
+    assert Rule(sweep="foreign").takes(info(live, expires=NOW + 1), NOW)
+    assert Rule(sweep="all").takes(info(live, expires=NOW + 1), NOW)
 
 
 def test_our_own_container_goes_only_when_forgotten_and_old_enough() -> None:
     me = new_id()
     old = NOW - reaping.FORGOTTEN_AFTER_SECONDS
     young = NOW - reaping.FORGOTTEN_AFTER_SECONDS + 1
-    assert reaping.is_leftover(info(me, created=old), NOW, ours=me)
-    assert not reaping.is_leftover(info(me, created=young), NOW, ours=me)
-    assert not reaping.is_leftover(info(me, created=old), NOW, ours=me, known=lambda s: True)
+    assert Rule(ours=me).takes(info(me, created=old), NOW)
+    assert not Rule(ours=me).takes(info(me, created=young), NOW)
+    assert not Rule(ours=me, known=lambda s: True).takes(info(me, created=old), NOW)
     # Our own are ours even for a foreign sweep, and past the label's expiry: the TTL in
     # memory decides those (reap_expired).
     mine = info(me, expires=NOW - 1, created=young)
-    assert not reaping.is_leftover(mine, NOW, ours=me, sweep="foreign")
+    assert not Rule(ours=me, sweep="foreign").takes(mine, NOW)
 
 
 def test_kept_name_round_trips_and_replaces_an_earlier_mark() -> None:
@@ -93,13 +94,14 @@ def test_a_kept_container_is_spared_by_every_sweep_until_its_time(live: str) -> 
     kept = reaping.kept_name("sandbox-s1", NOW + 60)
     dead_owner = info(new_id(), name=kept)
     live_owner = info(live, name=kept, expires=NOW - 1)
+    sweeps: tuple[reaping.Sweep, ...] = ("orphans", "foreign")
     for candidate in (dead_owner, live_owner):
-        for sweep in ("orphans", "foreign"):
-            assert not reaping.is_leftover(candidate, NOW, sweep=sweep)  # type: ignore[arg-type]
-            assert reaping.is_leftover(candidate, NOW + 60, sweep=sweep)  # type: ignore[arg-type]
-        assert reaping.is_leftover(candidate, NOW, sweep="all")  # gc --all: a person asked
+        for sweep in sweeps:
+            assert not Rule(sweep=sweep).takes(candidate, NOW)
+            assert Rule(sweep=sweep).takes(candidate, NOW + 60)
+        assert Rule(sweep="all").takes(candidate, NOW)  # gc --all: a person asked
     # Unreadable time after the mark: not kept, so the usual rule applies (owner dead).
-    assert reaping.is_leftover(info(new_id(), name="sandbox-s1.kept-until-x"), NOW)
+    assert Rule().takes(info(new_id(), name="sandbox-s1.kept-until-x"), NOW)
 
 
 def test_leftovers_lists_only_labelled_containers_the_rule_takes(
@@ -108,7 +110,7 @@ def test_leftovers_lists_only_labelled_containers_the_rule_takes(
     dead = engine.add_container(info(new_id()).labels)
     engine.add_container(info(live, expires=time.time() + 3600).labels)
     engine.add_container({LABEL_MANAGED: "1"})  # inherited from an image: not a sandbox
-    assert [i.id for i in reaping.leftovers(engine, time.time())] == [dead]
+    assert [i.id for i in Rule().find(engine, time.time())] == [dead]
 
 
 def make_manager(engine: FakeEngine) -> SandboxManager:
