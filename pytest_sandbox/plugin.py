@@ -24,7 +24,8 @@ controller_key: pytest.StashKey[Controller] = pytest.StashKey()
 
 MARKER = (
     "sandbox(image=None, dockerfile=None, cpus=1.0, memory='512m', pids=256, timeout=60.0, "
-    "network=False, scope='test', env=None, runtime=None, profile=None, isolation=None): "
+    "network=False, scope='test', env=None, runtime=None, profile=None, isolation=None, "
+    "mounts=None): "
     "with --sandbox, run this test in a fresh resource-limited container"
 )
 

@@ -203,6 +203,7 @@ class GroupRunner:
             env=env,
             runtime=spec.runtime,
             profile=spec.profile,
+            mounts=spec.mounts,
             ttl_seconds=min(
                 self._deadline(spec, count) + 300.0, self.client.server_info().caps.ttl_seconds
             ),

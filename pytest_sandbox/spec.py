@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytest
 
+from sandboxd.api import Mount
 from sandboxd.errors import InvalidArgument
 from sandboxd.limits import format_size, parse_size
 
@@ -34,6 +35,7 @@ MARKER_KWARGS = (
     "runtime",
     "profile",
     "isolation",
+    "mounts",
 )
 
 
@@ -83,6 +85,8 @@ class RouteSpec:
     runtime: str = ""
     profile: str = ""
     isolation: Isolation = "container"
+    #: Host directories the server mounts in (read-only unless asked and allowed).
+    mounts: tuple[Mount, ...] = ()
 
     @property
     def forks(self) -> bool:
@@ -112,10 +116,15 @@ def _scope(value: object) -> Scope:
     return value
 
 
-def _isolation(value: object, profile: str) -> Isolation:
+def _isolation(value: object, profile: str, mounts: tuple[Mount, ...] = ()) -> Isolation:
+    """The isolation asked for, or "container" where a fork could not be made pristine: for
+    the untrusted profile, and with a writable host mount, whose new files are the test's
+    output on the host, which the reset between forked tests would remove."""
     if value not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, not {value!r}")
-    return "container" if profile in CONTAINER_ONLY_PROFILES else value
+    if profile in CONTAINER_ONLY_PROFILES or any(m.writable for m in mounts):
+        return "container"
+    return value
 
 
 def _env(value: object, host_env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -130,6 +139,34 @@ def _env(value: object, host_env: Mapping[str, str]) -> tuple[tuple[str, str], .
         names = [str(n) for n in value]
         return tuple(sorted((n, host_env[n]) for n in names if n in host_env))
     raise ValueError(f"env must be a dict or a list of variable names, not {value!r}")
+
+
+def _mounts(value: object) -> tuple[Mount, ...]:
+    """`"/host/dir"`, `"/host/dir:/in/sandbox"`, `"/host/dir:/in/sandbox:rw"` (Docker's -v
+    form), or `Mount` objects; one or a list of them.
+
+    Raises:
+        ValueError: an item of another form.
+    """
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, (str, Mount)) else value
+    if not isinstance(items, Iterable):
+        raise ValueError(f"mounts must be a list of paths or Mount objects, not {value!r}")
+    mounts: list[Mount] = []
+    for item in items:
+        if isinstance(item, Mount):
+            mounts.append(item)
+            continue
+        if not isinstance(item, str):
+            raise ValueError(f"mounts: {item!r} is not a path or a Mount")
+        parts = item.split(":")
+        mode = parts.pop() if len(parts) == 3 else "ro"
+        if len(parts) > 2 or mode not in ("ro", "rw") or not parts[0]:
+            raise ValueError(f"mounts: {item!r} is not SOURCE[:TARGET[:ro|rw]]")
+        target = parts[1] if len(parts) == 2 else ""
+        mounts.append(Mount(parts[0], target, writable=mode == "rw"))
+    return tuple(mounts)
 
 
 def marker_kwargs(item: pytest.Item) -> dict[str, Any] | None:
@@ -176,6 +213,7 @@ def resolve(
     if cpus <= 0 or pids <= 0 or timeout <= 0:
         raise ValueError("cpus, pids and timeout must be positive")
     profile = str(get("profile", defaults.profile))
+    mounts = _mounts(kwargs.get("mounts"))
     return RouteSpec(
         image=str(get("image", defaults.image)),
         dockerfile=str(get("dockerfile", defaults.dockerfile)).strip(),
@@ -188,7 +226,8 @@ def resolve(
         env=_env(kwargs.get("env"), host_env),
         runtime=str(get("runtime", "")),
         profile=profile,
-        isolation=_isolation(get("isolation", defaults.isolation), profile),
+        isolation=_isolation(get("isolation", defaults.isolation), profile, mounts),
+        mounts=mounts,
     )
 
 

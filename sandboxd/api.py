@@ -14,6 +14,7 @@ from typing import Any, Literal
 from sandboxd.images import ImageRecord as Image
 from sandboxd.limits import Limits
 from sandboxd.models import SandboxRequest
+from sandboxd.mounts import Mount
 from sandboxd.verdicts import VERDICTS, Verdict, VerdictInfo
 
 Stream = Literal["stdout", "stderr"]
@@ -24,6 +25,7 @@ __all__ = [
     "ExecResult",
     "FilesPut",
     "Image",
+    "Mount",
     "OutputChunk",
     "Sandbox",
     "SandboxRequest",

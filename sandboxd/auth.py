@@ -10,6 +10,7 @@ operator (no owner) unless they present a token too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -175,6 +176,8 @@ class AuthInterceptor(_Interceptor):
         return ""
 
     def _wrap(self, behavior: Behavior) -> Behavior:
+        # wraps: keeps the attributes of the inner behavior (the pool it runs on, lanes.py).
+        @functools.wraps(behavior)
         def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
             owner = self.caller(context)
             return behavior(request, _CallerContext(context, owner))  # type: ignore[arg-type]
@@ -189,21 +192,29 @@ class AuthInterceptor(_Interceptor):
         handler = continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        )
-        for attr, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(
-                    self._wrap(behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrapped(handler, lambda _, behavior: self._wrap(behavior))
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[str, Behavior], Behavior]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with its behavior replaced by `wrap(kind, behavior)`; the kind is e.g.
+    "stream_unary" (requests streamed, one response)."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    )
+    for attr, make in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(
+                wrap(attr, behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

@@ -5,6 +5,10 @@ service lacks, streams only those in chunks, then builds naming files by digest.
 live on disk under the service's state dir, one file per SHA-256, within a size budget;
 the least recently used go first when a new blob needs room. The directory belongs to
 one service instance: removed at stop, and removed at the next start if it crashed.
+
+Between tenants a digest is not a secret: a blob counts as present for a client only once
+that client uploaded it itself, so knowing a file's SHA-256 gives neither its content nor an
+image built from it. The operator (no owner) sees every blob.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class BlobStore:
         self.max_upload = max_upload
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # sha256 -> size, oldest use first
+        self._holders: dict[str, set[str]] = {}  # sha256 -> the clients that uploaded it
         self._total = 0
         #: Bytes received by uploads since the store was made, kept or not (for measurements).
         self.received_bytes = 0
@@ -89,25 +94,33 @@ class BlobStore:
         """Remove every blob and the directory itself."""
         with self._lock:
             self._index.clear()
+            self._holders.clear()
             self._total = 0
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def missing(self, digests: Iterable[BlobDigest]) -> list[BlobDigest]:
-        """The digests the store lacks; the ones it has count as used (they are about to be)."""
+    def _held(self, sha256: str, owner: str) -> bool:
+        """Whether `owner` may read the blob: it uploaded it (the operator reads all).
+        Called with the lock held."""
+        return sha256 in self._index and (not owner or owner in self._holders.get(sha256, ()))
+
+    def missing(self, digests: Iterable[BlobDigest], owner: str = "") -> list[BlobDigest]:
+        """The digests the store lacks for `owner`; the ones it has count as used (they are
+        about to be)."""
         out = []
         with self._lock:
             for d in digests:
                 check_digest(d)
-                if self._index.get(d.sha256) == d.size_bytes:
+                if self._index.get(d.sha256) == d.size_bytes and self._held(d.sha256, owner):
                     self._index.move_to_end(d.sha256)
                 elif d not in out:
                     out.append(d)
         return out
 
-    def read(self, sha256: str) -> bytes | None:
-        """A blob's content, or None when the store does not have it (never had or evicted)."""
+    def read(self, sha256: str, owner: str = "") -> bytes | None:
+        """A blob's content, or None when the store does not have it for `owner` (never
+        uploaded by it, or evicted)."""
         with self._lock:
-            if sha256 not in self._index:
+            if not self._held(sha256, owner):
                 return None
             self._index.move_to_end(sha256)
         try:
@@ -115,8 +128,13 @@ class BlobStore:
         except FileNotFoundError:  # evicted between the look-up and the read
             return None
 
-    def upload(self, parts: Iterator[UploadPart]) -> tuple[int, int]:
-        """Store the blobs of one upload stream; return (blobs, bytes) received.
+    def holds(self, sha256: str, owner: str = "") -> bool:
+        """Whether `owner` uploaded this blob and the store still has it."""
+        with self._lock:
+            return self._held(sha256, owner)
+
+    def upload(self, parts: Iterator[UploadPart], owner: str = "") -> tuple[int, int]:
+        """Store the blobs of one upload stream for `owner`; return (blobs, bytes) received.
 
         Raises:
             InvalidArgument: data before any digest, or content not matching its digest/size.
@@ -131,7 +149,7 @@ class BlobStore:
                 if part.digest is not None:
                     if current is not None and handle is not None:
                         handle.close()
-                        self._commit(current)
+                        self._commit(current, owner)
                         blobs += 1
                     digest = self._admit(check_digest(part.digest), received)
                     fd, name = tempfile.mkstemp(prefix=".upload-", dir=self.root)
@@ -154,7 +172,7 @@ class BlobStore:
                     current = (digest, path, h, size)
             if current is not None and handle is not None:
                 handle.close()
-                self._commit(current)
+                self._commit(current, owner)
                 blobs += 1
                 current = None
         finally:
@@ -179,7 +197,7 @@ class BlobStore:
             )
         return digest
 
-    def _commit(self, current: tuple[BlobDigest, Path, hashlib._Hash, int]) -> None:
+    def _commit(self, current: tuple[BlobDigest, Path, hashlib._Hash, int], owner: str) -> None:
         """Check the received blob against its digest and size, then make room and keep it.
 
         Raises:
@@ -193,7 +211,9 @@ class BlobStore:
                 f"{h.hexdigest()[:12]}, not the {digest.size_bytes} bytes announced"
             )
         with self._lock:
-            if digest.sha256 in self._index:  # a concurrent upload of the same blob won
+            if owner:
+                self._holders.setdefault(digest.sha256, set()).add(owner)
+            if digest.sha256 in self._index:  # an earlier or concurrent upload of it won
                 self._index.move_to_end(digest.sha256)
                 path.unlink()
                 return
@@ -208,6 +228,7 @@ class BlobStore:
         Called with the lock held."""
         while self._index and self._total > keep_at_most:
             sha, size = self._index.popitem(last=False)
+            self._holders.pop(sha, None)
             self._total -= size
             with contextlib.suppress(FileNotFoundError):
                 (self.root / sha).unlink()

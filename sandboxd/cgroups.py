@@ -28,6 +28,11 @@ def cgroup_dirs(pid: int, *, root: Path = CGROUP_ROOT, proc: Path = PROC) -> dic
     with contextlib.suppress(OSError, ValueError):
         for line in (proc / str(pid) / "cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
+            if not path.strip("/"):
+                # A hierarchy's root is no container's cgroup: an exited process (a removed
+                # container's init, not yet reaped) shows "/", and the root's counters are
+                # the whole host's.
+                continue
             for name in controllers.split(",") if controllers else [""]:
                 candidate = (root / name if name else root) / path.lstrip("/")
                 if candidate.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_exec(sub)
     _add_info(sub)
     _add_grade(sub)
+    _add_port_forward(sub)
     return p
 
 
@@ -193,6 +195,14 @@ def _add_grade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     grade.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(grade)
+
+
+def _add_port_forward(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    forward = sub.add_parser("port-forward", help="reach a port inside a sandbox from 127.0.0.1")
+    forward.add_argument("sandbox_id", help="the sandbox's id")
+    forward.add_argument("ports", help="LOCAL_PORT:SANDBOX_PORT (LOCAL_PORT 0: any free one)")
+    forward.add_argument("--address", help="the sandboxd that holds the sandbox")
+    _add_tls(forward)
 
 
 def _fragment(value: str) -> str:
@@ -471,6 +481,22 @@ def cmd_grade(args: argparse.Namespace, config: ServerConfig) -> int:
     return 0
 
 
+def cmd_port_forward(args: argparse.Namespace, config: ServerConfig) -> int:
+    from sandboxd.tunnels import Tunnel, parse_ports
+
+    local, remote = parse_ports(args.ports)
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    with _client(args, config) as client:
+        client.get_sandbox(args.sandbox_id)  # a wrong id fails here, not at a connection
+        tunnel = Tunnel(lambda up: client.port_forward(args.sandbox_id, remote, up), local)
+        say(f"Forwarding from 127.0.0.1:{tunnel.port} -> {args.sandbox_id}:{remote}")
+        try:
+            tunnel.serve_forever(on_error=lambda message: say(f"sandboxd: {message}"))
+        finally:
+            tunnel.close()
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "bootstrap-image": cmd_bootstrap,
@@ -481,6 +507,7 @@ COMMANDS = {
     "exec": cmd_exec,
     "grade": cmd_grade,
     "info": cmd_info,
+    "port-forward": cmd_port_forward,
 }
 
 

@@ -511,6 +511,30 @@ class SandboxClient:
             raise from_rpc_error(exc) from None
         return bytes(out)
 
+    def port_forward(
+        self, sandbox_id: str, port: int, upstream: Iterable[bytes]
+    ) -> Iterator[bytes]:
+        """One TCP connection to `port` inside the sandbox: `upstream` is what to send (its
+        end half-closes the connection); the result yields what comes back until the other
+        side closes. Closing the result early ends the connection."""
+
+        def frames() -> Iterator[pb.PortForwardFrame]:
+            yield pb.PortForwardFrame(header=pb.PortForwardHeader(sandbox_id=sandbox_id, port=port))
+            for data in upstream:
+                yield pb.PortForwardFrame(data=data)
+
+        # No deadline: a forwarded connection lasts as long as its two ends want.
+        call = self.sandboxes.PortForward(frames(), metadata=self._metadata)
+        try:
+            for frame in call:
+                yield frame.data
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            # Ends the relay inside too; a finished call ignores it. (The stubs leave
+            # RpcContext.cancel untyped.)
+            call.cancel()  # type: ignore[no-untyped-call]
+
 
 class ExecSession:
     """One interactive exec: `write`, `resize`, `signal` and `close_stdin` may be called

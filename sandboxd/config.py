@@ -16,6 +16,8 @@ from sandboxd.limits import Caps, Limits, parse_size
 DEFAULT_BASE_IMAGE = "sandbox-base:bookworm"
 #: What a profile does when its runtime is not registered with the engine.
 MissingRuntime = Literal["refuse", "fallback"]
+#: What a build step may reach: nothing, only the caching package proxy, or the network.
+BuildNetwork = Literal["none", "proxy", "open"]
 #: Resource limits a container engine accepts as ulimits (setrlimit's names).
 ULIMITS = frozenset(
     {
@@ -38,6 +40,13 @@ class Profile:
     #: ulimit name -> (soft, hard)
     ulimits: tuple[tuple[str, int, int], ...] = ()
     allow_network: bool = True
+    #: The network policy of builds under this profile; None: `none` on a server that
+    #: authenticates clients or for a profile without network, else `open`.
+    build_network: BuildNetwork | None = None
+    #: May clients reach ports inside its sandboxes through the API (PortForward)?
+    allow_port_forward: bool = True
+    #: May its sandboxes mount host directories (below the server's mount roots)?
+    allow_mounts: bool = True
 
 
 DEFAULT_PROFILE = Profile(
@@ -51,6 +60,9 @@ UNTRUSTED_PROFILE = Profile(
     user="65534:65534",
     ulimits=(("nofile", 256, 256), ("fsize", 64 << 20, 64 << 20), ("core", 0, 0)),
     allow_network=False,
+    build_network="none",
+    allow_port_forward=False,
+    allow_mounts=False,
 )
 
 
@@ -84,6 +96,11 @@ class ServerConfig:
     docker_host: str | None = None
     #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
     podman_host: str | None = None
+    #: Ray address of the cluster's head when engine = "cluster" ("auto": RAY_ADDRESS or the
+    #: Ray node on this host).
+    cluster_address: str = "auto"
+    #: Bound on one call from the gateway to a node's agent; a dead node ends calls sooner.
+    cluster_call_timeout_seconds: float = 20.0
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"
@@ -100,6 +117,41 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
+    #: Further base images (references) authenticated clients may build on, besides
+    #: `base_image`; they may also build on the images this server built for them. The engine
+    #: contacts a registry only for a reference listed here.
+    base_images: tuple[str, ...] = ()
+    #: Images the operator built or imported (reference, tag or key) that every client may
+    #: see and run; the base images always are, anything else of the operator's is private.
+    public_images: tuple[str, ...] = ()
+    #: Calls one authenticated client may have open at once; past it, RESOURCE_EXHAUSTED.
+    max_calls_per_client: int = 32
+    #: How long a client-streaming call (PutFiles, UploadBlobs) may take to send its first
+    #: message; past it the call is cancelled. 0 turns the deadline off.
+    first_message_seconds: float = 15.0
+    #: The profile image builds run under (runtime, user, ulimits, build network); empty
+    #: means the default profile for the operator and `untrusted` for authenticated clients.
+    build_profile: str = ""
+    #: A build ends, nothing kept, when it runs longer than this.
+    build_timeout_seconds: float = 900.0
+    #: What one build may write in all its steps.
+    build_disk_bytes: int = 4 * 1024**3
+    #: host:port of the caching package proxy that `proxy` builds reach (apt's http_proxy).
+    build_proxy: str = "sandbox-aptproxy:3142"
+    #: The internal engine network whose only other member is the proxy.
+    build_proxy_network: str = "sandbox-build"
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether TCP clients must prove who they are (tokens or client certificates)."""
+        return self.tokens_file is not None or self.tls_client_ca is not None
+
+    #: Forwarded connections open at once on the server: each holds a server thread.
+    max_port_forwards: int = 16
+    #: Host directories below which sandboxes may mount read-only (none: no host mounts).
+    mount_roots: tuple[Path, ...] = ()
+    #: Host directories below which sandboxes may also mount read-write.
+    writable_mount_roots: tuple[Path, ...] = ()
 
     def profile(self, name: str) -> Profile:
         """The named profile.
@@ -131,6 +183,8 @@ def default_state_dir() -> Path:
 
 
 _PATHS = ("state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+_LISTS = ("base_images", "public_images")
+_PATH_LISTS = ("mount_roots", "writable_mount_roots")
 
 
 def _limits_from(table: dict[str, Any], cls: type[Any], where: str) -> Any:
@@ -172,11 +226,30 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise InvalidArgument(f"config {path}: unknown setting {key!r}")
         if key.endswith("_bytes") and isinstance(value, str):
             value = parse_size(value, field=key)
+        if key in _LISTS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"config {path}: {key} must be a list of image references")
+            value = tuple(value)
+        if key in _PATH_LISTS:
+            value = _paths_from(value, key)
         kwargs[key] = Path(value) if key in _PATHS else value
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     config = ServerConfig(**kwargs)
     config.profile(config.default_profile)  # an unknown default fails at start, not per call
     return config
+
+
+def _paths_from(value: Any, key: str) -> tuple[Path, ...]:
+    """Absolute directories from a list of strings.
+
+    Raises:
+        InvalidArgument: not a list of absolute paths.
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.startswith("/") for v in value
+    ):
+        raise InvalidArgument(f'{key}: give a list of absolute paths, e.g. ["/srv/datasets"]')
+    return tuple(Path(v) for v in value)
 
 
 def _profiles_from(tables: Any) -> tuple[Profile, ...]:
@@ -208,6 +281,11 @@ def _profile_from(table: dict[str, Any], where: str) -> Profile:
     _expect(table, "runtime", str, where)
     _expect(table, "user", str, where)
     _expect(table, "allow_network", bool, where)
+    if table.get("build_network", "none") not in get_args(BuildNetwork):
+        choices = ", ".join(repr(c) for c in get_args(BuildNetwork))
+        raise InvalidArgument(f"{where}.build_network: must be one of {choices}")
+    _expect(table, "allow_port_forward", bool, where)
+    _expect(table, "allow_mounts", bool, where)
     missing = table.get("missing_runtime", "fallback")
     if missing not in get_args(MissingRuntime):
         choices = " or ".join(repr(c) for c in get_args(MissingRuntime))

@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sandboxd import processes
 from sandboxd.engine.base import CgroupSample
@@ -176,7 +176,12 @@ class Executor:
             )
         )
         if judgement.verdict == "crashed":
-            record.state = "exited"
+            if record.state == "destroyed":
+                # Not a crash the command caused: a caller destroyed the sandbox under it.
+                message = "the sandbox was destroyed while the command ran"
+                judgement = replace(judgement, message=message)
+            else:
+                record.state = "exited"
         yield ExecOutcome(
             judgement=judgement,
             wall_seconds=wall,

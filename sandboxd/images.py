@@ -10,10 +10,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from sandboxd.blobs import BlobStore
+from sandboxd.builder import BuildJob, make_builder
+from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
-from sandboxd.errors import BuildFailed, InvalidArgument, NotFound, PermissionDenied
+from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
+from sandboxd.fragments import Instruction, parse_fragment
+from sandboxd.ownership import ImagePolicy, Ownership
 from sandboxd.paths import check_relative
 
 log = logging.getLogger(__name__)
@@ -24,7 +29,6 @@ LABEL_BUILDER = "sandbox.builder"
 TAG_REPO = "sandbox/img"
 MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
-_FROM = re.compile(r"^\s*FROM\s", re.IGNORECASE | re.MULTILINE)
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 #: How long a base reference's resolved id is trusted before asking the engine again.
@@ -96,11 +100,19 @@ def normalize_fragment(fragment: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def check_build_input(fragment: str, context: list[ContextFile]) -> None:
-    """Refuse fragments and context files that cannot be a valid, bounded build.
+class ImageBuilder(Protocol):
+    """Runs a build job; `sandboxd.builder.StepBuilder` is the real one."""
+
+    def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]: ...
+
+
+def check_build_input(fragment: str, context: list[ContextFile]) -> tuple[Instruction, ...]:
+    """The fragment's instructions, once fragment and context files are known to make a
+    valid, bounded build.
 
     Raises:
-        InvalidArgument: oversized, NUL bytes, a FROM line, or a bad context path.
+        InvalidArgument: oversized, NUL bytes, a refused instruction (FROM, `--from`,
+            remote ADD, VOLUME...), or a bad context path.
     """
     if len(fragment) > MAX_FRAGMENT:
         raise InvalidArgument(
@@ -108,10 +120,7 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         )
     if "\x00" in fragment:
         raise InvalidArgument("fragment: contains a NUL byte")
-    if _FROM.search(fragment):
-        raise InvalidArgument(
-            "fragment: FROM is not allowed in a fragment; the base image is given by `base`"
-        )
+    instructions = parse_fragment(fragment)
     total = 0
     seen: set[str] = set()
     for f in context:
@@ -132,6 +141,7 @@ def check_build_input(fragment: str, context: list[ContextFile]) -> None:
         raise InvalidArgument(
             f"context_files: {total} bytes in all is above the limit of {MAX_CONTEXT}"
         )
+    return instructions
 
 
 class ImageStore:
@@ -143,8 +153,14 @@ class ImageStore:
         base_image: str,
         instance_id: str = "",
         blobs: BlobStore | None = None,
+        policy: ImagePolicy | None = None,
+        builder: ImageBuilder | None = None,
     ) -> None:
         self._engine = engine
+        self.ownership = Ownership(policy or ImagePolicy(bases=(base_image,)), engine)
+        self._builder = builder or make_builder(
+            engine, ServerConfig(base_image=base_image, instance_id=instance_id)
+        )
         #: Where digest-only context files find their content (uploaded with UploadBlobs).
         self.blobs = blobs
         self.base_image = base_image
@@ -155,19 +171,20 @@ class ImageStore:
         self._cache: dict[str, ImageRecord] = {}
         self._bases: dict[str, tuple[str, float]] = {}
         self._verified: dict[str, float] = {}
-        # Clients other than the image's owner that built the same content themselves: knowing
-        # every input, they learn nothing by using it. In memory only; a rebuild grants again.
-        self._grants: dict[str, set[str]] = {}
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
             return self._building.setdefault(key, threading.Lock())
 
-    def resolve_base(self, base: str) -> tuple[str, str]:
-        """(reference, identity) of the base; identity is the engine id when present."""
+    def resolve_base(self, base: str, owner: str = "") -> tuple[str, str]:
+        """(reference, identity) of the base; identity is the engine id when present.
+
+        Raises:
+            InvalidArgument: not an image reference.
+            PermissionDenied: a base outside the operator's allowlist (for a tenant).
+        """
         base = base or self.base_image
-        if "\x00" in base or len(base) > 512 or not base.strip():
-            raise InvalidArgument(f"base: {base!r} is not an image reference")
+        self.ownership.check_base(base, owner)
         now = time.monotonic()
         with self._lock:
             hit = self._bases.get(base)
@@ -190,35 +207,38 @@ class ImageStore:
         *,
         label: str = "",
         owner: str = "",
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | BuildOutcome | NeedsContent]:
-        """Yield build log lines, then one BuildOutcome.
+        """Yield build log lines, then one BuildOutcome; `cancel` set ends the build.
 
         Raises:
             InvalidArgument: bad fragment or context.
-            BuildFailed: the engine's build failed (message has the log tail).
+            BuildFailed: a build step failed (the message names the fragment's line).
+            DeadlineExceeded, Cancelled: the build's deadline passed, the client went away.
             EngineUnavailable: the engine cannot be reached.
         """
-        check_build_input(fragment, context)
+        instructions = check_build_input(fragment, context)
         started = time.monotonic()
-        base_ref, base_id = self.resolve_base(base)
+        base_ref, base_id = self.resolve_base(base, owner)
         if not base_id.startswith("ref:"):
             self._check_ref(base_ref, base_id, owner)  # building FROM it would expose it too
         key = image_key(base_id, fragment, context)
         with self._key_lock(key):
             cached = self._lookup(key)
+            if cached is not None and not self._proven(cached, context, owner):
+                yield NeedsContent(key)  # a digest alone proves nothing about the content
+                return
             if cached is not None:
                 if owner and cached.owner != owner:
-                    with self._lock:
-                        self._grants.setdefault(key, set()).add(owner)
+                    self.ownership.grant(key, owner)
                 yield BuildOutcome(cached, True, time.monotonic() - started)
                 return
-            filled = self._filled(context)
+            filled = self._filled(context, owner)
             if filled is None:
                 yield NeedsContent(key)
                 return
             context = filled
             tag = f"{TAG_REPO}:{key[:32]}"
-            dockerfile = f"FROM {base_ref}\n{fragment}\n"
             # role overrides the "base" role a derived image would inherit from its base.
             labels = {
                 LABEL_MANAGED: "1",
@@ -234,10 +254,8 @@ class ImageStore:
                 labels[LABEL_OWNER] = owner
             files = {f.path: (f.content, f.mode or 0o644) for f in context}
             log.info("building image %s on %s", key[:12], base_ref)
-            try:
-                yield from self._engine.build_image(dockerfile, files, tag, labels)
-            except BuildFailed as exc:
-                raise BuildFailed(_in_fragment_terms(exc.message, fragment)) from None
+            job = BuildJob(base_ref, instructions, files, tag, labels, owner, fragment)
+            yield from self._builder.build(job, cancel)
             record = self._record(tag, key)
             if record is None:
                 raise NotFound(f"image {tag} vanished right after its build")
@@ -245,13 +263,24 @@ class ImageStore:
                 self._cache[key] = record
             yield BuildOutcome(record, False, time.monotonic() - started)
 
-    def _filled(self, context: list[ContextFile]) -> list[ContextFile] | None:
+    def _proven(self, cached: ImageRecord, context: list[ContextFile], owner: str) -> bool:
+        """Whether a tenant asking for another's image knows every file's content: it sent
+        it, or uploaded the blob itself. Its digest alone is no proof."""
+        if not owner or cached.owner == owner or self.ownership.granted(cached.key, owner):
+            return True
+        blobs = self.blobs
+        return all(
+            not f.digest_only or (blobs is not None and blobs.holds(f.sha256, owner))
+            for f in context
+        )
+
+    def _filled(self, context: list[ContextFile], owner: str) -> list[ContextFile] | None:
         """The context with every digest-only file's content taken from the blob store;
-        None when a blob is not there (never uploaded, or evicted since)."""
+        None when a blob is not there for `owner` (not uploaded by it, or evicted since)."""
         out = []
         for f in context:
             if f.digest_only:
-                content = self.blobs.read(f.sha256) if self.blobs is not None else None
+                content = self.blobs.read(f.sha256, owner) if self.blobs is not None else None
                 if content is None:
                     return None
                 f = ContextFile(f.path, content, f.mode, f.sha256)
@@ -298,12 +327,8 @@ class ImageStore:
         )
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
-        """Whether `owner` may see and run the image: the operator ("") and unowned images
-        (the base, operator builds) always; otherwise its builder or a client granted it."""
-        if not owner or not record.owner or record.owner == owner:
-            return True
-        with self._lock:
-            return owner in self._grants.get(record.key, ())
+        """Whether `owner` may see and run the image (see `sandboxd.ownership`)."""
+        return self.ownership.may_use(record, owner)
 
     def get(self, key: str, owner: str = "") -> ImageRecord:
         """The image with this key or tag, if `owner` may use it.
@@ -418,19 +443,3 @@ class ImageStore:
         )  # fmt: skip
         if not self.may_use(record, owner):
             raise PermissionDenied(f"image {ref[:80]!r} belongs to another client")
-
-
-_DOCKERFILE_LINE = re.compile(r"parse error (?:on )?line (\d+)")
-
-
-def _in_fragment_terms(message: str, fragment: str) -> str:
-    """Point a parse error at the user's fragment: the engine counts lines of the
-    Dockerfile we wrote, whose first line is our FROM."""
-    match = _DOCKERFILE_LINE.search(message)
-    if match is None:
-        return message
-    number = int(match.group(1)) - 1
-    lines = fragment.replace("\r\n", "\n").split("\n")
-    if not 1 <= number <= len(lines):
-        return message
-    return f"{message}\n--- fragment line {number} ---\n{lines[number - 1][:200]}"

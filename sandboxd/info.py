@@ -22,6 +22,8 @@ class ProfileInfo:
     #: The runtime the profile asks for; "" means the engine's default.
     runtime: str
     allow_network: bool
+    allow_port_forward: bool = False
+    allow_mounts: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class ServerInfo:
     runtimes: tuple[str, ...]
     base_image: str
     default_ttl_seconds: float
+    #: Host directories below which sandboxes may mount (read-only; read-write).
+    mount_roots: tuple[str, ...] = ()
+    writable_mount_roots: tuple[str, ...] = ()
 
 
 def server_version() -> str:
@@ -61,10 +66,15 @@ def describe_server(config: ServerConfig, engine: Engine) -> ServerInfo:
         defaults=config.defaults,
         caps=config.caps,
         profiles=tuple(
-            ProfileInfo(p.name, p.runtime or "", p.allow_network) for p in config.profiles
+            ProfileInfo(
+                p.name, p.runtime or "", p.allow_network, p.allow_port_forward, p.allow_mounts
+            )
+            for p in config.profiles
         ),
         default_profile=config.default_profile,
         runtimes=tuple(sorted(engine.runtimes())),
         base_image=config.base_image,
         default_ttl_seconds=config.default_ttl_seconds,
+        mount_roots=tuple(str(p) for p in config.mount_roots),
+        writable_mount_roots=tuple(str(p) for p in config.writable_mount_roots),
     )

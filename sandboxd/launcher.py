@@ -87,6 +87,7 @@ class Launcher:
             network=limits.network,
             runtime=None if prep.runtime == "runc" else prep.runtime,
             ulimits=ulimits,
+            binds=prep.mounts,
         )
 
     def launch(self, prep: Prepared) -> SandboxRecord:

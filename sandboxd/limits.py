@@ -127,7 +127,10 @@ def resolve(requested: Limits | None, defaults: Limits, caps: Caps) -> Limits:
     ]
     for field, value, cap, shown in over:
         if value > cap:
-            raise InvalidArgument(f"limits.{field}: {value:g} is above the server's cap of {shown}")
+            # Integers as sent (a client compares them with its request); `:g` would turn
+            # 8589934593 into 8.58993e+09.
+            sent = str(value) if isinstance(value, int) else f"{value:g}"
+            raise InvalidArgument(f"limits.{field}: {sent} is above the server's cap of {shown}")
     if out.network and not caps.network:
         raise InvalidArgument("limits.network: this server does not allow network access")
     if out.cpus < 0.01:

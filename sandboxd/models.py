@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sandboxd.config import Profile
+from sandboxd.engine.base import BindMount
 from sandboxd.limits import Limits
+from sandboxd.mounts import Mount
 from sandboxd.processes import Started
 
 State = Literal["running", "exited", "destroyed"]
@@ -31,6 +33,7 @@ class SandboxRequest:
     labels: Mapping[str, str] = field(default_factory=dict)
     owner: str = ""
     preload_argv: tuple[str, ...] = ()
+    mounts: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Prepared:
     env: tuple[tuple[str, str], ...]
     labels: tuple[tuple[str, str], ...]
     preload_argv: tuple[str, ...]
+    #: Host directories, resolved and allowed by policy.
+    mounts: tuple[BindMount, ...] = ()
 
 
 @dataclass

@@ -29,6 +29,7 @@ from sandboxd.images import ImageStore
 from sandboxd.launcher import Launcher
 from sandboxd.limits import check_ttl, resolve
 from sandboxd.models import Prepared, SandboxRecord, SandboxRequest
+from sandboxd.mounts import check_mounts
 from sandboxd.pool import WarmPool
 from sandboxd.reaping import Reaper
 
@@ -186,9 +187,9 @@ class SandboxManager:
         """Validate a request and resolve everything a container for it needs.
 
         Raises:
-            InvalidArgument: bad limits, env, labels, workdir, runtime, preload or TTL.
+            InvalidArgument: bad limits, env, labels, workdir, runtime, preload, mounts or TTL.
             NotFound: unknown image.
-            PermissionDenied: profile not usable.
+            PermissionDenied: profile not usable, or a mount the server's policy refuses.
         """
         cfg = self.config
         profile = cfg.profile(req.profile)
@@ -209,6 +210,7 @@ class SandboxManager:
             raise InvalidArgument(
                 f"spec.workdir: {workdir[:80]!r} must be an absolute path without '..'"
             )
+        mounts = check_mounts(req.mounts, profile, cfg, scratch=("/tmp", workdir))
         runtime_name = self._choose_runtime(req.runtime, profile)
         image_ref, digest = self.images.resolve_ref(req.image, req.owner)
         return Prepared(
@@ -221,6 +223,7 @@ class SandboxManager:
             env=tuple(sorted(env.items())),
             labels=tuple(sorted(req.labels.items())),
             preload_argv=tuple(req.preload_argv),
+            mounts=mounts,
         )
 
     def create(self, req: SandboxRequest) -> SandboxRecord:

@@ -22,12 +22,16 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.blobs import BlobStore
+from sandboxd.builder import make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
+from sandboxd.engine.base import RoomMaking
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
 from sandboxd.info import describe_server
+from sandboxd.lanes import CallLanes
+from sandboxd.ownership import ImagePolicy
 from sandboxd.sandboxes import SandboxManager
 from sandboxd.service import BlobServicer, ImageServicer, InfoServicer, SandboxServicer
 
@@ -108,8 +112,17 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     if engine is None:
         engine = make_engine(config)
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
-    images = ImageStore(engine, config.base_image, config.instance_id, blobs)
+    policy = ImagePolicy(
+        bases=(config.base_image, *config.base_images),
+        public=config.public_images,
+    )
+    builder = make_builder(engine, config)
+    images = ImageStore(engine, config.base_image, config.instance_id, blobs, policy, builder)
     manager = SandboxManager(config, engine, images)
+    pool = manager.pool
+    if pool is not None and isinstance(engine, RoomMaking):
+        # Every warm container goes: the engine cannot say which node the new one needs.
+        engine.make_room = lambda: pool.evict(1 << 62) > 0
     return Core(config, engine, images, manager, Executor(manager))
 
 
@@ -125,6 +138,7 @@ class Service:
         self.authenticated = tokens is not None or config.tls_client_ca is not None
         # Always installed: even without credentials it drops a client-sent owner header.
         self.auth = AuthInterceptor(tokens, tls_names=config.tls_client_ca is not None)
+        self.lanes = CallLanes(config.max_calls_per_client, config.first_message_seconds)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandboxd-rpc"),
             options=[
@@ -133,7 +147,8 @@ class Service:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=max_workers * 4,
-            interceptors=[self.auth],
+            # Inside auth: the lanes count calls by the client name auth puts in the metadata.
+            interceptors=[self.auth, self.lanes],
         )
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageServicer(self.core.images, self.core.manager.release_image), self.server
@@ -223,6 +238,7 @@ class Service:
         # removing them first turned execs that would have finished in time into errors.
         done.wait(grace + 1)
         self.core.manager.stop(keep)
+        self.lanes.shutdown()
         if self.core.images.blobs is not None:
             self.core.images.blobs.stop()
         if self.address.startswith("unix:"):

@@ -26,6 +26,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
 from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
+from sandboxd.forwarding import Forwarder
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
@@ -87,7 +88,7 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def abort_with(context: grpc.ServicerContext, exc: BaseException) -> None:
     """The one place errors become statuses. No traceback ever reaches a client.
 
     The message is for a person; the same facts go along as google.rpc error details (and
@@ -125,7 +126,7 @@ def unary(fn: F) -> F:
         try:
             return fn(self, request, context)
         except Exception as exc:
-            _abort(context, exc)
+            abort_with(context, exc)
             raise  # unreachable: abort raises
 
     return wrapper  # type: ignore[return-value]
@@ -137,7 +138,7 @@ def streaming(fn: F) -> F:
         try:
             yield from fn(self, request, context)
         except Exception as exc:
-            _abort(context, exc)
+            abort_with(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
@@ -152,6 +153,28 @@ def owner_of(context: grpc.ServicerContext) -> str:
 def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
     """The owner comes from the caller's credentials, never from the request."""
     return replace(wire.request_from_pb(spec), owner=owner)
+
+
+def _header(messages: Iterator[Any], rpc: str) -> Any:
+    """The header of a client stream's first message.
+
+    Raises:
+        InvalidArgument: the stream is empty or starts with something else.
+    """
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise errors.InvalidArgument(f"{rpc}: the first message must be the header", field="header")
+    return first.header
+
+
+def _after_header(messages: Iterator[Any], rpc: str) -> Iterator[Any]:
+    """The rest of a client stream. Raises: InvalidArgument: another header."""
+    for message in messages:
+        if message.HasField("header"):
+            raise errors.InvalidArgument(
+                f"{rpc}: only the first message may be a header", field="header"
+            )
+        yield message
 
 
 def _chunk(event: Output) -> pb.OutputChunk:
@@ -194,13 +217,10 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     def BuildImage(
         self, request: pb.BuildImageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BuildImageEvent]:
-        context_files = wire.context_from_pb(request)
+        files, owner = wire.context_from_pb(request), owner_of(context)
+        cancel = _cancel_event(context)
         for item in self.images.build(
-            request.base,
-            request.fragment,
-            context_files,
-            label=request.label,
-            owner=owner_of(context),
+            request.base, request.fragment, files, label=request.label, owner=owner, cancel=cancel
         ):
             if isinstance(item, NeedsContent):
                 yield pb.BuildImageEvent(result=pb.BuildImageResult(needs_content=True))
@@ -246,7 +266,7 @@ class BlobServicer(pb_grpc.BlobServiceServicer):
         self, request: pb.FindMissingBlobsRequest, context: grpc.ServicerContext
     ) -> pb.FindMissingBlobsResponse:
         wanted = [BlobDigest(d.sha256, d.size_bytes) for d in request.digests]
-        missing = self.blobs.missing(wanted)
+        missing = self.blobs.missing(wanted, owner_of(context))
         return pb.FindMissingBlobsResponse(
             missing=[pb.BlobDigest(sha256=d.sha256, size_bytes=d.size_bytes) for d in missing]
         )
@@ -262,7 +282,7 @@ class BlobServicer(pb_grpc.BlobServiceServicer):
             )
             for m in request_iterator
         )
-        blobs, size = self.blobs.upload(parts)
+        blobs, size = self.blobs.upload(parts, owner_of(context))
         return pb.UploadBlobsResponse(blobs=blobs, bytes=size)
 
 
@@ -272,6 +292,7 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         self.executor = executor
         self.files = Transfers(executor)
         self.images = images
+        self.forwarder = Forwarder(manager)
 
     @unary
     def CreateSandbox(
@@ -343,23 +364,10 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def PutFiles(
         self, request_iterator: Iterator[pb.PutFilesRequest], context: grpc.ServicerContext
     ) -> pb.PutFilesResponse:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise errors.InvalidArgument(
-                "PutFiles: the first message must be the header", field="header"
-            )
-        header = first.header
-
-        def chunks() -> Iterator[bytes]:
-            for message in request_iterator:
-                if message.HasField("header"):
-                    raise errors.InvalidArgument(
-                        "PutFiles: only the first message may be a header", field="header"
-                    )
-                yield message.tar_chunk
-
+        header = _header(request_iterator, "PutFiles")
+        chunks = (m.tar_chunk for m in _after_header(request_iterator, "PutFiles"))
         files, size = self.files.put_files(
-            header.sandbox_id, header.path, chunks(), owner_of(context)
+            header.sandbox_id, header.path, chunks, owner_of(context)
         )
         return pb.PutFilesResponse(files=files, bytes=size)
 
@@ -381,7 +389,10 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
         if request.HasField("build"):
             b = request.build
             files = wire.context_from_pb(b)
-            for item in self.images.build(b.base, b.fragment, files, label=b.label, owner=owner):
+            builds = self.images.build(
+                b.base, b.fragment, files, label=b.label, owner=owner, cancel=_cancel_event(context)
+            )
+            for item in builds:
                 if isinstance(item, NeedsContent):
                     raise errors.InvalidArgument(
                         "build.context_files: give the content, not just digests, in a Run"
@@ -420,3 +431,19 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
                     missing_paths=collected.missing,
                 )
             )
+
+    @streaming
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardFrame], context: grpc.ServicerContext
+    ) -> Iterator[pb.PortForwardFrame]:
+        header = _header(request_iterator, "PortForward")
+        connection = self.forwarder.open(header.sandbox_id, header.port, owner_of(context))
+        if not context.add_callback(connection.close):  # at the call's end, however it ends
+            connection.close()  # it has ended already
+            return
+        connection.feed(f.data for f in _after_header(request_iterator, "PortForward"))
+        try:
+            for data in connection.received():
+                yield pb.PortForwardFrame(data=data)
+        finally:
+            connection.close()

@@ -147,6 +147,8 @@ class Transfers:
         """
         record = self.executor.manager.get(sandbox_id, owner)
         full = self.collect_paths(sandbox_id, paths, owner)
+        if not full:  # nothing asked for: no exec, and no 10 KiB of tar padding
+            return Collected(b"", ())
         # One tar with a -C per path; the shell reports the missing ones on stderr.
         lines = ["set --"]
         for path in full:

@@ -13,6 +13,7 @@ from sandboxd.execs import ExecOutcome, ExecRequest
 from sandboxd.images import ContextFile, ImageRecord
 from sandboxd.info import ProfileInfo, ServerInfo
 from sandboxd.limits import Caps, Limits
+from sandboxd.mounts import Mount
 from sandboxd.sandboxes import SandboxRecord
 from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 from sandboxd.verdicts import VERDICTS, by_wire
@@ -61,6 +62,7 @@ def request_to_pb(r: SandboxRequest) -> pb.SandboxSpec:
         profile=r.profile,
         labels=dict(r.labels),
         preload_argv=list(r.preload_argv),
+        mounts=[pb.Mount(source=m.source, target=m.target, writable=m.writable) for m in r.mounts],
     )
 
 
@@ -75,6 +77,7 @@ def request_from_pb(m: pb.SandboxSpec) -> SandboxRequest:
         profile=m.profile,
         labels=dict(m.labels),
         preload_argv=tuple(m.preload_argv),
+        mounts=tuple(Mount(x.source, x.target, x.writable) for x in m.mounts),
     )
 
 
@@ -148,11 +151,16 @@ def info_from_pb(m: pb.ServerInfo) -> ServerInfo:
             ttl_seconds=c.ttl_seconds,
             sandboxes=c.sandboxes,
         ),
-        profiles=tuple(ProfileInfo(p.name, p.runtime, p.allow_network) for p in m.profiles),
+        profiles=tuple(
+            ProfileInfo(p.name, p.runtime, p.allow_network, p.allow_port_forward, p.allow_mounts)
+            for p in m.profiles
+        ),
         default_profile=m.default_profile,
         runtimes=tuple(m.runtimes),
         base_image=m.base_image,
         default_ttl_seconds=m.default_ttl_seconds,
+        mount_roots=tuple(m.mount_roots),
+        writable_mount_roots=tuple(m.writable_mount_roots),
     )
 
 
@@ -198,13 +206,21 @@ def info_to_pb(info: ServerInfo) -> pb.ServerInfo:
         default_limits=limits_to_pb(info.defaults),
         caps=caps_to_pb(info.caps),
         profiles=[
-            pb.ProfileInfo(name=p.name, runtime=p.runtime, allow_network=p.allow_network)
+            pb.ProfileInfo(
+                name=p.name,
+                runtime=p.runtime,
+                allow_network=p.allow_network,
+                allow_port_forward=p.allow_port_forward,
+                allow_mounts=p.allow_mounts,
+            )
             for p in info.profiles
         ],
         default_profile=info.default_profile,
         runtimes=list(info.runtimes),
         base_image=info.base_image,
         default_ttl_seconds=info.default_ttl_seconds,
+        mount_roots=list(info.mount_roots),
+        writable_mount_roots=list(info.writable_mount_roots),
     )
 
 

@@ -8,7 +8,8 @@
 # sandbox-base:bookworm), SANDBOX_MIRROR (Debian mirror for the base image),
 # DOCKERD_LOG (default /var/log/dockerd.log), SANDBOX_PODMAN (default 1; 0 leaves
 # Podman alone), PODMAN_SOCKET (default /run/podman/podman.sock), PODMAN_LOG (default
-# /var/log/podman-service.log).
+# /var/log/podman-service.log), SANDBOX_BUILD_PROXY (default 1: the caching package
+# proxy that builds under the `proxy` network policy reach; 0 leaves it alone).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +21,12 @@ DAEMON_JSON=/etc/docker/daemon.json
 WANT_PODMAN="${SANDBOX_PODMAN:-1}"
 PODMAN_SOCKET="${PODMAN_SOCKET:-/run/podman/podman.sock}"
 PODMAN_LOG="${PODMAN_LOG:-/var/log/podman-service.log}"
+WANT_BUILD_PROXY="${SANDBOX_BUILD_PROXY:-1}"
+# Names the server config's defaults expect (build_proxy, build_proxy_network).
+BUILD_NETWORK=sandbox-build
+BUILD_BRIDGE=sbx-build0
+PROXY_NAME=sandbox-aptproxy
+PROXY_IMAGE=sandbox-aptproxy:bookworm
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
@@ -189,6 +196,37 @@ if [ "$role" != base ]; then
     "$VENV/bin/sandboxd" bootstrap-image --tag "$BASE_IMAGE" --mirror "$MIRROR" 9>&-
     log "base image made in $((SECONDS - start)) s"
 fi
+# -- build package proxy -----------------------------------------------------------------
+# Builds under the `proxy` policy join an internal network whose only other member is
+# Debian's apt-cacher-ng, which alone reaches the mirrors. The host has an address on
+# that bridge too; dropping everything that comes in on it keeps builds off the host's
+# services (the bridge has a fixed name so the rule can name it).
+setup_build_proxy() {
+    if ! docker network inspect "$BUILD_NETWORK" >/dev/null 2>&1; then
+        log "making the internal build network $BUILD_NETWORK"
+        docker network create --internal -o "com.docker.network.bridge.name=$BUILD_BRIDGE" \
+            "$BUILD_NETWORK" >/dev/null
+    fi
+    iptables -C INPUT -i "$BUILD_BRIDGE" -j DROP 2>/dev/null \
+        || iptables -I INPUT -i "$BUILD_BRIDGE" -j DROP
+    if ! docker image inspect "$PROXY_IMAGE" >/dev/null 2>&1; then
+        log "making $PROXY_IMAGE (apt-cacher-ng on $BASE_IMAGE)"
+        printf 'FROM %s\nRUN apt-get update && apt-get install -y --no-install-recommends %s %s\n' \
+            "$BASE_IMAGE" apt-cacher-ng "&& rm -rf /var/lib/apt/lists/*" \
+            | docker build -q -t "$PROXY_IMAGE" - >/dev/null 9>&-
+    fi
+    if [ "$(docker inspect --format '{{.State.Running}}' "$PROXY_NAME" 2>/dev/null)" != true ]; then
+        log "starting the build package proxy $PROXY_NAME on $BUILD_NETWORK"
+        docker rm -f "$PROXY_NAME" >/dev/null 2>&1 || true
+        docker run -d --name "$PROXY_NAME" --restart unless-stopped "$PROXY_IMAGE" \
+            apt-cacher-ng -c /etc/apt-cacher-ng ForeGround=1 >/dev/null 9>&-
+        docker network connect "$BUILD_NETWORK" "$PROXY_NAME"
+    fi
+}
+if [ "$WANT_BUILD_PROXY" = 1 ]; then
+    setup_build_proxy
+fi
+
 # -- Podman ------------------------------------------------------------------------------
 # The second engine: `podman system service` speaks Docker's API on PODMAN_SOCKET.
 # Settings go in a drop-in, merged by Podman over its defaults and any containers.conf

@@ -178,6 +178,12 @@ def config_factory() -> Callable[..., ServerConfig]:
 
 
 @pytest.fixture(scope="session")
+def waiter() -> Callable[..., bool]:
+    """`wait_for(predicate, timeout)`, for test directories whose own conftest shadows this one."""
+    return wait_for
+
+
+@pytest.fixture(scope="session")
 def limits_factory() -> Callable[..., Limits]:
     """Factory: `limits_factory(**overrides)`, small limits for a 2-core machine."""
     return small_limits

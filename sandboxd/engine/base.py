@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 #: Label on everything the service makes; the value is the owning instance id.
 LABEL_MANAGED = "sandbox.managed"
@@ -13,6 +13,17 @@ LABEL_SANDBOX = "sandbox.id"
 LABEL_KEY = "sandbox.image-key"
 LABEL_EXPIRES = "sandbox.expires"
 LABEL_OWNER = "sandbox.owner"
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host directory mounted into a container (nosuid, nodev), already allowed by policy."""
+
+    #: Resolved absolute path on the engine's host.
+    source: str
+    #: Absolute path inside the container.
+    target: str
+    read_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,15 @@ class ContainerSpec:
     #: ulimit name -> (soft, hard)
     ulimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     seccomp_default: bool = True
+    #: Replaces the image's entrypoint when given (a build step's keep-alive process).
+    entrypoint: tuple[str, ...] | None = None
+    #: Capabilities given back after all are dropped (a build step's package installs).
+    cap_add: tuple[str, ...] = ()
+    #: A named engine network to join instead of the default bridge (needs `network`).
+    network_name: str = ""
+    #: False: created but never started (files are copied in, then it is committed).
+    start: bool = True
+    binds: tuple[BindMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,8 @@ class Engine(Protocol):
         tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
-        """Build and tag; yields log lines. Raises BuildFailed with the log tail."""
+        """Build with the engine's own builder and tag; yields log lines. Raises BuildFailed
+        with the log tail. Unsandboxed: used only for engines that are not a LayerEngine."""
         ...
 
     def import_image(
@@ -165,3 +186,44 @@ class Engine(Protocol):
     def sample(self, container_id: str) -> CgroupSample: ...
 
     def reset_peak(self, container_id: str) -> None: ...
+
+
+@runtime_checkable
+class RoomMaking(Protocol):
+    """An engine whose containers reserve room on nodes of limited size (the cluster's).
+
+    When a new container finds no room at first, the engine calls `make_room`, which the
+    wiring points at the warm pool: warm containers give way to live ones, as admission
+    makes them do on one machine. It says whether anything went.
+    """
+
+    make_room: Callable[[], bool]
+
+
+@runtime_checkable
+class LayerEngine(Engine, Protocol):
+    """An engine that builds images layer by layer in containers the service makes (the
+    sandboxed build of sandboxd.builder): copy files in, commit, tag, measure."""
+
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        """The image's run configuration (Env, Cmd, Entrypoint, User, WorkingDir, Labels...)."""
+        ...
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        """Unpack a tar archive into the container's file system at `path`."""
+        ...
+
+    def is_directory(self, container_id: str, path: str) -> bool:
+        """Whether `path` is a directory in the container (False when it does not exist)."""
+        ...
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        """Make an image of the container's file system with exactly this run
+        configuration; returns its id. Untagged: the caller tags or removes it."""
+        ...
+
+    def tag_image(self, image_id: str, tag: str) -> None: ...
+
+    def disk_usage(self, container_id: str) -> int:
+        """Bytes the container has written to its own layer."""
+        ...

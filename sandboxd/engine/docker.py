@@ -30,7 +30,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from sandboxd import cgroups
 from sandboxd.archives import tar_of
-from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.base import BindMount, CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.inside import KILL_SCRIPT, KILL_SLACK_SECONDS, RUNSC_NOISE, scrub
 from sandboxd.errors import (
     BuildFailed,
     EngineUnavailable,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 #: How long killing an exec's processes from inside the sandbox may take.
 KILL_WAIT_SECONDS = 5.0
 T = TypeVar("T")
+#: Size of the tmpfs over an image's VOLUME path when the container asks for no scratch.
+VOLUME_TMPFS_BYTES = 64 * 1024 * 1024
 #: Environment variable that marks every process of one exec, so they can be found inside.
 EXEC_TAG = "SANDBOXD_EXEC"
 
@@ -70,6 +73,9 @@ class DockerEngine:
         self._lock = threading.RLock()
         self._pids: dict[str, int] = {}
         self._cgroup_paths: dict[str, dict[str, Path]] = {}
+        #: container id -> tags of its execs not yet closed (their processes are spared).
+        self._live_tags: dict[str, set[str]] = {}
+        self._kill_locks: dict[str, threading.Lock] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -156,6 +162,8 @@ class DockerEngine:
         tag: str,
         labels: Mapping[str, str],
     ) -> Iterator[str]:
+        """The engine's own builder: root, the engine's network, no limits. Only for engines
+        that cannot build step by step (the cluster's nodes); see sandboxd.builder."""
         buf = io.BytesIO(tar_of({"Dockerfile": (dockerfile.encode(), 0o644), **context}))
         tail: list[str] = []
         stream = self._call(
@@ -190,6 +198,37 @@ class DockerEngine:
         if self.image_id(tag) is None:
             raise BuildFailed("image build ended without an image:\n" + "\n".join(tail[-15:]))
 
+    def image_config(self, ref: str) -> Mapping[str, Any]:
+        data = self._safe(lambda: self.api.inspect_image(ref))
+        return dict(data.get("Config") or {})
+
+    def put_archive(self, container_id: str, path: str, data: bytes) -> None:
+        if not self._call(lambda: self.api.put_archive(container_id, path, data)):
+            raise SandboxError(f"the engine did not unpack the files at {path}")
+
+    def is_directory(self, container_id: str, path: str) -> bool:
+        try:
+            stream, stat = self._call(lambda: self.api.get_archive(container_id, path))
+        except NotFound:
+            return False
+        with contextlib.suppress(Exception):
+            stream.close()  # only the path's stat header was wanted
+        return bool(int(stat.get("mode", 0)) & (1 << 31))  # Go's os.ModeDir
+
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        answer = self._call(lambda: self.api.commit(container_id, conf=dict(config)))
+        return str(answer["Id"])
+
+    def tag_image(self, image_id: str, tag: str) -> None:
+        repo, _, version = tag.rpartition(":")
+        self._call(lambda: self.api.tag(image_id, repo, version))
+
+    def disk_usage(self, container_id: str) -> int:
+        found = self._safe(
+            lambda: self.api.containers(all=True, size=True, filters={"id": container_id})
+        )
+        return int(found[0].get("SizeRw") or 0) if found else 0
+
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
     ) -> str:
@@ -207,6 +246,14 @@ class DockerEngine:
         if image is None:
             raise SandboxError(f"importing {tag} produced no image")
         return image
+
+    def save_image(self, ref: str) -> bytes:
+        """The image as a `docker save` tar, to load into another engine (no registry)."""
+        return b"".join(self._call(lambda: self.api.get_image(ref)))
+
+    def load_image(self, data: bytes) -> None:
+        """Load a `docker save` tar; the image keeps its id and tags."""
+        self._call(lambda: list(self.api.load_image(data)))
 
     def remove_image(self, ref: str) -> None:
         with contextlib.suppress(NotFound):
@@ -226,23 +273,42 @@ class DockerEngine:
 
     # -- containers ---------------------------------------------------------
 
-    def create_container(self, spec: ContainerSpec) -> str:
-        api = self.api
+    def _volumes(self, image: str) -> list[str]:
+        """The paths an image declares as VOLUME: each would get an anonymous volume on the
+        engine's disk, outside the read-only root and every size limit."""
+        data = self._safe(lambda: self.api.inspect_image(image))
+        return sorted((data.get("Config") or {}).get("Volumes") or {})
+
+    def _tmpfs(self, spec: ContainerSpec) -> dict[str, str]:
+        """The spec's scratch mounts, plus one over each VOLUME the image declares: a tmpfs
+        the size of /tmp's scratch at its path is what keeps the engine from making an
+        anonymous volume on its own disk."""
+        scratch = dict(spec.scratch)
+        size = scratch.get("/tmp") or max(scratch.values(), default=VOLUME_TMPFS_BYTES)
+        bound = {b.target for b in spec.binds}
+        for path in self._volumes(spec.image):
+            if path not in bound:  # a host mount there already keeps the volume away
+                scratch.setdefault(path, size)
         # `exec` explicitly: Docker's tmpfs default is noexec, and sandboxes exist to run
         # what was uploaded or compiled into the scratch. nosuid and nodev stay.
-        tmpfs = {
+        return {
             path: f"rw,exec,nosuid,nodev,size={size},mode=1777"
             if path == "/tmp"
             else f"rw,exec,nosuid,nodev,size={size},{self._tmpfs_owner(spec.user)},mode=755"
-            for path, size in spec.scratch.items()
+            for path, size in scratch.items()
         }
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        api = self.api
+        tmpfs = self._tmpfs(spec)
         host_config = api.create_host_config(
             nano_cpus=spec.nano_cpus,
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,  # equal to the limit: no swap
             pids_limit=spec.pids,
-            network_mode="bridge" if spec.network else "none",
+            network_mode=(spec.network_name or "bridge") if spec.network else "none",
             cap_drop=["ALL"],
+            cap_add=list(spec.cap_add) or None,
             security_opt=["no-new-privileges:true"],
             read_only=spec.read_only,
             tmpfs=tmpfs,
@@ -253,11 +319,13 @@ class DockerEngine:
                 for name, (soft, hard) in spec.ulimits.items()
             ],
             ipc_mode="private",
+            **self._host_mounts(spec),
         )
         created = self._call(
             lambda: api.create_container(
                 spec.image,
                 command=list(spec.command),
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
                 user=spec.user,
                 environment=dict(spec.env),
                 working_dir=spec.workdir,
@@ -269,6 +337,8 @@ class DockerEngine:
             )
         )
         container_id = str(created["Id"])
+        if not spec.start:
+            return container_id
         try:
             self._call(lambda: api.start(container_id))
         except BaseException:
@@ -277,11 +347,18 @@ class DockerEngine:
             raise
         return container_id
 
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """The host config's arguments for the spec's host directories."""
+        return {"mounts": [_bind_volume(b, spec.labels) for b in spec.binds] or None}
+
     def _tmpfs_owner(self, user: str) -> str:
         """The tmpfs option that gives a scratch mount to the sandbox's user."""
         return f"uid={_uid(user)},gid={_gid(user)}"
 
     def remove_container(self, container_id: str) -> None:
+        with self._lock:
+            self._kill_locks.pop(container_id, None)
+            self._live_tags.pop(container_id, None)
         self._pids.pop(container_id, None)
         self._cgroup_paths.pop(container_id, None)
         try:
@@ -354,8 +431,12 @@ class DockerEngine:
             )
         )
         exec_id = str(created["Id"])
+        started = time.monotonic()
         sock = self._call(lambda: api.exec_start(exec_id, socket=True, tty=tty))
-        proc = DockerExec(self, container_id, exec_id, sock, tag=tag, user=user, tty=tty)
+        self._track(container_id, tag, live=True)
+        proc = DockerExec(
+            self, container_id, exec_id, sock, tag=tag, user=user, tty=tty, started=started
+        )
         if tty and window is not None:
             proc.resize(*window)
         return proc
@@ -383,26 +464,45 @@ class DockerEngine:
         sock = self._call(lambda: self.api.exec_start(str(created["Id"]), socket=True))
         _read_until(sock, b"signalled", KILL_WAIT_SECONDS)
 
-    def kill_tagged(self, container_id: str, tag: str, user: str) -> None:
-        """Kill, from inside, every process of the container that carries an exec's tag.
+    def kill_tagged(self, container_id: str, tag: str, user: str, since: float) -> None:
+        """Kill, from inside, every process the exec tagged `tag` started.
 
-        Under gVisor an exec's processes are not host processes, so killing the host side
-        of the exec leaves them running; they inherit the tag in their environment.
+        Under gVisor an exec's processes are not host processes, and under either runtime a
+        process that left the exec's tree (setsid, double fork) and dropped its environment
+        (execve with an empty one) carries neither the tag nor a parent to find it by. So
+        besides the tagged processes this kills every process that started after the exec
+        (host monotonic `since`) and does not descend from another live exec (the sandbox's
+        preloaded worker included): pid 1, the container's command and what earlier execs
+        left running are older, and other execs are known by their tags.
         """
-        script = (
-            "for _ in 1 2 3; do for d in /proc/[0-9]*; do "
-            f"grep -qsa {EXEC_TAG}={tag} $d/environ && kill -9 ${{d#/proc/}} 2>/dev/null; "
-            "done; done; echo killed"
-        )
+        with self._lock:
+            # One kill at a time per container: a second one would see the first's script
+            # as a new process of nobody's, and kill it.
+            serial = self._kill_locks.setdefault(container_id, threading.Lock())
+        with serial:
+            self._kill_inside(container_id, tag, user, since)
+
+    def _kill_inside(self, container_id: str, tag: str, user: str, since: float) -> None:
+        with self._lock:
+            keep = sorted(self._live_tags.get(container_id, set()) - {tag})
+        argv = ["sh", "-c", KILL_SCRIPT, "sandboxd-kill", tag, "|".join(keep)]
         try:
             created = self._call(
-                lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
+                lambda: self.api.exec_create(container_id, argv, user=user, stdin=True)
             )
             kill_id = str(created["Id"])
+            sock = self._call(lambda: self.api.exec_start(kill_id, socket=True))
+            # How long ago the exec started, told once the script runs: counted back from the
+            # script's own start, it can only reach further back than the exec, never less
+            # far (a throttled sandbox may start the script seconds late).
+            ago = max(0, int((time.monotonic() - since + KILL_SLACK_SECONDS) * 100))
+            raw: socket.socket | None = getattr(sock, "_sock", None)
+            with contextlib.suppress(OSError):
+                if raw is not None:
+                    raw.sendall(f"{ago}\n".encode())
             # The script's own word says it is done: under gVisor a finished exec can be
             # reported as running for many seconds, and an attached start can wait forever
             # on a wedged sandbox, so neither the exec's state nor its end is waited for.
-            sock = self._call(lambda: self.api.exec_start(kill_id, socket=True))
             if _read_until(sock, b"killed", KILL_WAIT_SECONDS):
                 return
             log.warning(
@@ -411,6 +511,17 @@ class DockerEngine:
             self.kill_container(container_id)
         except SandboxError as exc:
             log.debug("killing tagged processes in %s: %s", container_id[:12], exc)
+
+    def _track(self, container_id: str, tag: str, live: bool) -> None:
+        """Keep the tags of the execs still open in each container (see `kill_tagged`)."""
+        with self._lock:
+            tags = self._live_tags.setdefault(container_id, set())
+            if live:
+                tags.add(tag)
+            else:
+                tags.discard(tag)
+                if not tags:
+                    del self._live_tags[container_id]
 
     # -- measurements -------------------------------------------------------
 
@@ -465,7 +576,9 @@ class DockerEngine:
         """Fallback through the stats API when the cgroup files are not ours to read."""
         try:
             stats = self._call(lambda: self.api.stats(container_id, stream=False))
-        except SandboxError:
+        except (SandboxError, ValueError):
+            # ValueError: a container removed meanwhile (its sandbox destroyed under a
+            # running command) can answer with an empty body instead of JSON.
             return CgroupSample()
         mem = stats.get("memory_stats") or {}
         cpu = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
@@ -515,10 +628,12 @@ class DockerExec:
         tag: str = "",
         user: str = "",
         tty: bool = False,
+        started: float = 0.0,
     ) -> None:
         self._engine = engine
         self._tty = tty
         self._tag = tag
+        self._started = started or time.monotonic()
         self._user = user
         self.container_id = container_id
         self.exec_id = exec_id
@@ -546,6 +661,8 @@ class DockerExec:
         first = True
         try:
             for stream, data in frames_iter(self._sock, tty=self._tty):
+                if data and stream == 2:
+                    data = RUNSC_NOISE.sub(b"", bytes(data))
                 if not data:
                     continue
                 if first and stream == 1 and bytes(data).startswith(_START_FAILED):
@@ -603,9 +720,17 @@ class DockerExec:
             # Not local (remote engine): the only sure way is to kill the container.
             self._engine.kill_container(self.container_id)
         elif self._tag:
-            self._engine.kill_tagged(self.container_id, self._tag, self._user)
+            self._engine.kill_tagged(self.container_id, self._tag, self._user, self._started)
 
     def close(self) -> None:
+        # Shut down first: that wakes a thread still blocked reading the output (a build
+        # stopped from its watchdog), which a close alone does not; the engine does not
+        # always end the stream when a gVisor container is removed under it.
+        if self._raw is not None:
+            with contextlib.suppress(OSError):
+                self._raw.shutdown(socket.SHUT_RDWR)
+        if self._tag:
+            self._engine._track(self.container_id, self._tag, live=False)
         # Closing the SocketIO wrapper alone leaves the socket's fd open until the
         # garbage collector finds the HTTP response that still refers to it.
         with contextlib.suppress(OSError):
@@ -652,16 +777,35 @@ def _sized(argv: list[str], rows: int, columns: int) -> list[str]:
 def _start_failure(engine_text: bytes) -> str:
     """The engine's "OCI runtime exec failed: ... exec: "x": permission denied: unknown"
     as a sentence about the command."""
-    text = engine_text.decode("utf-8", "replace").strip()
+    text = scrub(engine_text.decode("utf-8", "replace"))
     match = _START_REASON.search(text)
     if match is None:
         return f"the command could not be started: {text[:300]}"
     return f"cannot run {match.group(1)}: {match.group(2)}"
 
 
+def _bind_volume(bind: BindMount, labels: Mapping[str, str]) -> docker.types.Mount:
+    """A host directory as an anonymous `local` volume with mount options, where a plain bind
+    takes only read-only: a read-only one is mounted ro,nosuid,nodev (seen from inside). The
+    local driver applies the other flags only with its read-only remount, so a writable one
+    relies on no-new-privileges and the dropped capabilities (no setuid, no mknod) instead.
+    The volume goes with its container (`v=True`); the engine unmounts it first and leaves
+    the host directory's content alone."""
+    options = "bind,nosuid,nodev" + (",ro" if bind.read_only else "")
+    return docker.types.Mount(
+        target=bind.target,
+        source="",
+        type="volume",
+        labels={k: v for k, v in labels.items() if k.startswith("sandbox.")},
+        driver_config=docker.types.DriverConfig(
+            "local", {"type": "none", "device": bind.source, "o": options}
+        ),
+    )
+
+
 def _explain(exc: BaseException) -> str:
     explanation = getattr(exc, "explanation", None)
-    return str(explanation or exc)
+    return scrub(str(explanation or exc))
 
 
 def _uid(user: str) -> str:

@@ -10,6 +10,11 @@ differences measured against Debian's Podman 4.3 (root, cgroupfs, runc):
 - tmpfs mounts take `U` (chown to the container's user) instead of `uid=`/`gid=`.
 - An import ignores the tag asked for (the image lands as `docker.io/library/REPO:latest`
   or untagged), so the imported id is tagged afterwards.
+- A commit ignores the configuration sent with it (Docker's `conf`): the image would keep
+  the build container's entrypoint and labels. The configuration goes as `changes`
+  (Dockerfile lines) instead.
+- Host directories go in as plain binds with `nosuid,nodev` (which Podman honours, also
+  read-write); Docker's anonymous volume with mount options comes out empty here.
 - Its API ignores the runtime a create asks for (Docker's `HostConfig.Runtime` and
   libpod's `oci_runtime` alike; podman issue #28429, fixed only in later releases): a
   container asked for under gVisor would silently run under runc. So runc is the only
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import IO
+from typing import IO, Any
 
 from sandboxd.engine.base import ContainerSpec
 from sandboxd.engine.docker import DockerEngine
@@ -74,6 +79,20 @@ class PodmanEngine(DockerEngine):
     def _tmpfs_owner(self, user: str) -> str:
         return "U"
 
+    def commit(self, container_id: str, config: Mapping[str, Any]) -> str:
+        changes = _changes_of(config)
+        answer = self._call(lambda: self.api.commit(container_id, changes=changes))
+        return str(answer["Id"])
+
+    def _host_mounts(self, spec: ContainerSpec) -> dict[str, Any]:
+        """Plain binds with their options: Podman takes `nosuid,nodev` there (read-write ones
+        too), and its API would mount an empty volume for Docker's volume-with-options form."""
+        binds = [
+            f"{b.source}:{b.target}:{'ro' if b.read_only else 'rw'},nosuid,nodev"
+            for b in spec.binds
+        ]
+        return {"binds": binds or None}
+
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
     ) -> str:
@@ -93,3 +112,20 @@ class PodmanEngine(DockerEngine):
         repo, _, version = tag.partition(":")
         self._call(lambda: self.api.tag(image, repo, version or "latest"))
         return image
+
+
+def _changes_of(config: Mapping[str, Any]) -> list[str]:
+    """An image configuration as the Dockerfile lines of a commit's `changes`."""
+    quote = json.dumps
+    changes = [f"ENV {k}={quote(v)}" for k, _, v in (e.partition("=") for e in config["Env"])]
+    changes += [f"LABEL {quote(k)}={quote(v)}" for k, v in config["Labels"].items()]
+    changes.append(f"ENTRYPOINT {quote(config['Entrypoint'] or [])}")
+    if config.get("Cmd"):
+        changes.append(f"CMD {quote(config['Cmd'])}")
+    changes.append(f"WORKDIR {config['WorkingDir'] or '/'}")
+    if config.get("User"):
+        changes.append(f"USER {config['User']}")
+    changes += [f"EXPOSE {port}" for port in config.get("ExposedPorts") or {}]
+    if config.get("StopSignal"):
+        changes.append(f"STOPSIGNAL {config['StopSignal']}")
+    return changes

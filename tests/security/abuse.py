@@ -15,6 +15,8 @@ from sandboxd.limits import Limits, MiB
 from sandboxd.server import Service
 
 RUNTIMES = ("runc", "runsc")
+#: The tag the suite's service config lists in `public_images`.
+PUBLIC_IMAGE = "sandbox-test/public:1"
 
 
 @dataclass(frozen=True)

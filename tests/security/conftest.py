@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from abuse import RUNTIMES, SecureService, assert_gone, inspect, proc_start, suite_limits
+from abuse import (
+    PUBLIC_IMAGE,
+    RUNTIMES,
+    SecureService,
+    assert_gone,
+    inspect,
+    proc_start,
+    suite_limits,
+)
 
 from sandboxd.api import Sandbox, SandboxRequest
 from sandboxd.client import SandboxClient
@@ -29,7 +37,14 @@ def secure(
     path = short_tmp / "tokens"
     path.write_text("".join(f"{t} {name}\n" for name, t in tokens.items()))
     path.chmod(0o600)
-    config = config_factory(tokens_file=path, max_sandboxes_per_client=3, reap_foreign=False)
+    config = config_factory(
+        tokens_file=path,
+        max_sandboxes_per_client=3,
+        reap_foreign=False,
+        public_images=(PUBLIC_IMAGE,),
+        max_calls_per_client=16,
+        first_message_seconds=5.0,
+    )
     service = Service(config)  # type: ignore[arg-type]
     unix = service.listen(f"unix:{short_tmp}/secure.sock")
     tcp = service.listen("127.0.0.1:0")
@@ -48,6 +63,20 @@ def operator(secure: SecureService) -> Iterator[SandboxClient]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def alice(secure: SecureService) -> Iterator[SandboxClient]:
+    """A tenant, by its bearer token on TCP."""
+    with SandboxClient(secure.tcp, token=secure.tokens["alice"], retry_seconds=2.0) as client:
+        yield client
+
+
+@pytest.fixture
+def bob(secure: SecureService) -> Iterator[SandboxClient]:
+    """Another tenant."""
+    with SandboxClient(secure.tcp, token=secure.tokens["bob"], retry_seconds=2.0) as client:
+        yield client
 
 
 @pytest.fixture(params=RUNTIMES)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,18 +14,6 @@ from sandboxd.api import SandboxRequest
 from sandboxd.archives import tar_of
 from sandboxd.client import SandboxClient
 from sandboxd.service import OWNER_KEY
-
-
-@pytest.fixture
-def alice(secure: SecureService) -> Iterator[SandboxClient]:
-    with SandboxClient(secure.tcp, token=secure.tokens["alice"], retry_seconds=2.0) as client:
-        yield client
-
-
-@pytest.fixture
-def bob(secure: SecureService) -> Iterator[SandboxClient]:
-    with SandboxClient(secure.tcp, token=secure.tokens["bob"], retry_seconds=2.0) as client:
-        yield client
 
 
 def _spec() -> SandboxRequest:

@@ -246,3 +246,20 @@ def test_resource_exhausted_carries_retry_info(
         assert raised.value.retry_after == delay
     finally:
         client.destroy_sandbox(box.id)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("memory_bytes", 8 * GiB + 1), ("pids", 10_000_000), ("output_bytes", 10**14)],
+)
+def test_a_value_above_its_cap_is_quoted_as_sent(
+    client: SandboxClient, field: str, value: int
+) -> None:
+    spec = request_to_pb(SandboxRequest())
+    setattr(spec.limits, field, value)
+    err = rpc_error(
+        lambda: client.sandboxes.CreateSandbox(pb.CreateSandboxRequest(spec=spec), timeout=30)
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A client compares the message with what it sent: 1e+14 or 8.58993e+09 is neither.
+    assert f"limits.{field}: {value} " in (err.details() or "")

@@ -71,14 +71,14 @@ def test_delete_image_removes_it(client: SandboxClient) -> None:
     assert result.image.key not in {i.key for i in client.list_images()}
 
 
-def test_fragment_syntax_error_is_failed_precondition_naming_the_line(
+def test_fragment_syntax_error_is_invalid_argument_naming_the_line(
     client: SandboxClient,
 ) -> None:
     request = pb.BuildImageRequest(fragment="RUN true\nNOTACOMMAND foo")
     err = rpc_error(lambda: client.images.BuildImage(request, timeout=60))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "unknown instruction" in err.details()
-    assert "--- fragment line 2 ---\nNOTACOMMAND foo" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # refused before any step runs
+    assert "fragment line 2: unknown instruction NOTACOMMAND" in err.details()
+    assert "NOTACOMMAND foo" in err.details()
 
 
 def test_failing_step_is_failed_precondition_with_the_log_tail(client: SandboxClient) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,6 +14,7 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd.api import ExecResult, Sandbox, SandboxRequest
 from sandboxd.client import ExecSession, SandboxClient
 from sandboxd.server import create_server
+from sandboxd.wire import result_from_pb
 from tests.conftest import make_config, small_limits, wait_for
 
 
@@ -187,3 +188,27 @@ def test_podman_tty_size_stdin_and_signals(podman_client: SandboxClient) -> None
         session.signal("SIGHUP")
         assert reader.finish().exit_code == 9
         assert b"caught HUP" in reader.output
+
+
+@pytest.mark.parametrize("interactive", [True, False], ids=["ExecStream", "Exec"])
+def test_a_sandbox_destroyed_under_a_running_command_ends_the_call_clearly(
+    client: SandboxClient, make_sandbox: Callable[..., Sandbox], interactive: bool
+) -> None:
+    box = make_sandbox()
+    argv = ["sh", "-c", "echo started; exec sleep 300"]
+    if interactive:
+        reader = Reader(client.exec_session(box.id, argv))
+        reader.expect(b"started")
+        client.destroy_sandbox(box.id)
+        result = reader.finish()
+    else:
+        events = client.sandboxes.Exec(pb.ExecRequest(sandbox_id=box.id, argv=argv), timeout=60)
+        assert next(events).output.data == b"started\n"
+        client.destroy_sandbox(box.id)
+        results = [e.result for e in events if e.HasField("result")]  # no INTERNAL status
+        assert len(results) == 1
+        result = result_from_pb(results[0])
+    # The caller destroyed it: not an internal error, not a crash of the command's making,
+    # and measured in the sandbox's own cgroup (an exited init shows the host's root one).
+    assert result.message == "the sandbox was destroyed while the command ran"
+    assert result.peak_memory_bytes <= box.limits.memory_bytes

@@ -164,3 +164,13 @@ def test_a_bad_collect_path_is_refused_before_the_command_runs(
     assert not any(e.HasField("output") for e in seen), "the command ran"
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "collect: '../etc' must not contain '..'" in info.value.details()
+
+
+def test_run_without_collect_paths_returns_no_archive(
+    client: SandboxClient, limits_factory: Callable[..., Limits]
+) -> None:
+    spec = request_to_pb(SandboxRequest(limits=limits_factory()))
+    result = run(client, pb.RunRequest(spec=spec, argv=["true"]))[-1].result
+    assert result.exec.verdict == pb.VERDICT_OK
+    assert result.collected_tar == b""
+    assert list(result.missing_paths) == []

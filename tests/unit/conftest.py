@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fake_engine import BASE, FakeEngine
+from fake_engine import BASE, FakeBuilder, FakeEngine
 
 from sandboxd.images import ImageStore
 
@@ -17,4 +17,4 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def store(engine: FakeEngine) -> ImageStore:
-    return ImageStore(engine, BASE)
+    return ImageStore(engine, BASE, builder=FakeBuilder(engine))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO
 
+from sandboxd.builder import BuildJob, EngineBuilder
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
 
@@ -226,3 +228,15 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+class FakeBuilder(EngineBuilder):
+    """The fake engine's build (it is no LayerEngine), keeping the jobs it was given."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        super().__init__(engine)
+        self.jobs: list[BuildJob] = []
+
+    def build(self, job: BuildJob, cancel: threading.Event | None = None) -> Iterator[str]:
+        self.jobs.append(job)
+        yield from super().build(job, cancel)

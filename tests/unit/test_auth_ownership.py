@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from fake_engine import BASE, FakeEngine
+from fake_engine import BASE, FakeBuilder, FakeEngine
 
 from sandboxd.config import ServerConfig
 from sandboxd.errors import PermissionDenied, ResourceExhausted
@@ -60,7 +60,7 @@ def manager(engine: FakeEngine) -> Iterator[SandboxManager]:
         reap_interval_seconds=3600.0,
         max_sandboxes_per_client=2,
     )
-    m = SandboxManager(config, engine, ImageStore(engine, BASE))
+    m = SandboxManager(config, engine, ImageStore(engine, BASE, builder=FakeBuilder(engine)))
     m.start()
     try:
         yield m

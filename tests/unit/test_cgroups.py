@@ -27,7 +27,7 @@ def test_v1_dirs_and_counters(tmp_path: Path) -> None:
     _write(root / "pids" / box / "pids.events", "max 3\n")
     dirs = cgroups.cgroup_dirs(42, root=root, proc=proc)
     assert dirs["memory"] == root / "memory" / box
-    assert dirs[""] == root  # gVisor-style empty v2 line: present but not what is read
+    assert "" not in dirs  # gVisor-style empty v2 line "0::/": the root, no container's cgroup
     assert cgroups.sample(dirs) == CgroupSample(
         cpu_ns=7000, memory_peak_bytes=1 << 20, oom_kills=2, pids_max_events=3
     )

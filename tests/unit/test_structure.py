@@ -18,7 +18,7 @@ GENERATED = "sandboxd._proto"
 #: The only modules that may import the generated stubs: the gRPC adapters.
 PROTO_USERS = {"sandboxd.client", "sandboxd.service", "sandboxd.server", "sandboxd.wire"}
 #: The only modules that may import grpc: the adapters and the auth interceptor.
-GRPC_USERS = PROTO_USERS | {"sandboxd.auth", "sandboxd.channels"}
+GRPC_USERS = PROTO_USERS | {"sandboxd.auth", "sandboxd.channels", "sandboxd.lanes"}
 GRPC_PACKAGES = ("grpc", "grpc_health", "grpc_reflection", "grpc_status")
 
 

@@ -4,6 +4,11 @@ isort:skip_file
 The sandbox API: build images from Dockerfile fragments, run throwaway,
 resource-limited containers, exec commands in them, move files in and out.
 
+Units, unless a comment says otherwise: sizes are bytes, durations are
+seconds (fractions allowed), times are seconds since the Unix epoch (UTC).
+A zero or empty field of a request means "the server's default"; the
+defaults and caps themselves are in ServerInfo (InfoService).
+
 Errors are gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT   a malformed request or a limit above the server's cap
                      (the message names the field and the cap)
@@ -111,6 +116,9 @@ class ContextFile(_message.Message):
     path: _builtins.str
     """Relative POSIX path inside the build context; no "..", not absolute."""
     content: _builtins.bytes
+    """The file's bytes; empty when the request sends only sha256. The fragment
+    and all context files together may be at most 48 MiB (64 KiB of fragment).
+    """
     mode: _builtins.int
     """Unix permission bits; 0 means 0644."""
     sha256: _builtins.str
@@ -145,11 +153,15 @@ class BuildImageRequest(_message.Message):
     base: _builtins.str
     """Base image reference; empty means the server's configured base image."""
     fragment: _builtins.str
-    """Dockerfile lines applied after "FROM <base>"."""
+    """Dockerfile lines applied after "FROM <base>"; empty gives the base itself.
+    At most 64 KiB.
+    """
     label: _builtins.str
     """Optional human label recorded on the image (not part of the key)."""
     @_builtins.property
-    def context_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextFile]: ...
+    def context_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextFile]:
+        """Files the fragment's COPY and ADD lines can use."""
+
     def __init__(
         self,
         *,
@@ -184,9 +196,13 @@ class Image(_message.Message):
     tag: _builtins.str
     """Tag the service gave the image (sandbox/img:<key prefix>)."""
     base: _builtins.str
+    """The base image it was built on, as resolved by the server."""
     size_bytes: _builtins.int
+    """Size in bytes, as the engine reports it."""
     created_unix: _builtins.float
+    """When it was built (seconds since the Unix epoch)."""
     label: _builtins.str
+    """The label given at build time; empty if none."""
     def __init__(
         self,
         *,
@@ -240,7 +256,9 @@ class BuildImageResult(_message.Message):
     BUILD_SECONDS_FIELD_NUMBER: _builtins.int
     NEEDS_CONTENT_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
+    """The image was already built: the engine's build did not run."""
     build_seconds: _builtins.float
+    """Wall seconds this request took on the server (lookup, or the build)."""
     needs_content: _builtins.bool
     """Not in the cache, and the request carried digests without content:
     send it again with the content.
@@ -369,19 +387,33 @@ class Limits(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     cpus: _builtins.float
-    """Zero or unset fields take the server's defaults; values above the
-    server's caps are refused with INVALID_ARGUMENT.
+    """Zero or unset fields take the server's defaults (ServerInfo.default_limits);
+    values above the server's caps (ServerInfo.caps) are refused with
+    INVALID_ARGUMENT, never lowered.
+
+    CPU cores, fractions allowed (0.5 = half a core); 0 = server default.
     """
     memory_bytes: _builtins.int
+    """Memory in bytes, swap included (there is none); 0 = server default.
+    The scratch's contents count against it.
+    """
     pids: _builtins.int
+    """Processes and threads alive at once; 0 = server default."""
     scratch_bytes: _builtins.int
-    """Size of the writable scratch (work dir and /tmp together)."""
+    """Size in bytes of each writable scratch (the work dir, and /tmp);
+    0 = server default.
+    """
     network: _builtins.bool
+    """false (the default): no network interface but loopback. true needs a
+    server cap and a profile that allow it.
+    """
     timeout_seconds: _builtins.float
-    """Default wall timeout for execs in this sandbox."""
+    """Wall seconds an exec may run unless it asks for less; also the most it
+    may ask for. 0 = server default.
+    """
     output_bytes: _builtins.int
-    """Per-exec output cap (stdout + stderr); beyond it the command is killed
-    and the verdict is OUTPUT_TRUNCATED.
+    """Bytes of output (stdout + stderr) per exec; beyond it the command is
+    killed and the verdict is OUTPUT_TRUNCATED. 0 = server default.
     """
     def __init__(
         self,
@@ -455,6 +487,7 @@ class SandboxSpec(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     PRELOAD_ARGV_FIELD_NUMBER: _builtins.int
+    MOUNTS_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Image key, tag or reference; empty means the server's base image."""
     workdir: _builtins.str
@@ -462,18 +495,29 @@ class SandboxSpec(_message.Message):
     runtime: _builtins.str
     """Container runtime ("runc", "runsc"); empty means the profile's choice."""
     ttl_seconds: _builtins.float
-    """The service destroys the sandbox this long after creation even when no
-    client comes back; 0 means the server default.
+    """The service destroys the sandbox this many seconds after creation even
+    when no client comes back; 0 means the server default
+    (ServerInfo.default_ttl_seconds), at most Caps.ttl_seconds.
     """
     profile: _builtins.str
-    """Security profile name: "default" or "untrusted"."""
+    """Security profile name ("default", "untrusted", or one the server's config
+    adds: ServerInfo.profiles); empty means ServerInfo.default_profile.
+    """
     @_builtins.property
-    def limits(self) -> Global___Limits: ...
+    def limits(self) -> Global___Limits:
+        """Unset: the server's default limits."""
+
     @_builtins.property
-    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Environment of every exec (names as in C; at most 256 variables and
+        128 KiB in all). TZ=UTC, LANG=C.UTF-8, HOME=<workdir> unless given.
+        """
+
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels the caller can filter on."""
+        """Free-form labels the caller can filter on (keys [A-Za-z0-9._/-], at most
+        128 characters; values at most 256).
+        """
 
     @_builtins.property
     def preload_argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -481,6 +525,12 @@ class SandboxSpec(_message.Message):
         its stdin held open: e.g. a test worker that imports its framework and
         then waits for its assignment. Attach to it with ExecRequest.attach_preload.
         Sandboxes with the same spec may be kept warm in a pool, preload running.
+        """
+
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mount]:
+        """Host directories to mount; each must lie below a directory the server's
+        config lists (mount_roots), and the profile must allow mounts.
         """
 
     def __init__(
@@ -495,14 +545,49 @@ class SandboxSpec(_message.Message):
         profile: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         preload_argv: _abc.Iterable[_builtins.str] | None = ...,
+        mounts: _abc.Iterable[Global___Mount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "preload_argv", b"preload_argv", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "image", b"image", "labels", b"labels", "limits", b"limits", "mounts", b"mounts", "preload_argv", b"preload_argv", "profile", b"profile", "runtime", b"runtime", "ttl_seconds", b"ttl_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
+
+@_typing.final
+class Mount(_message.Message):
+    """A host directory seen inside the sandbox, mounted nosuid and nodev."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Absolute path on the server's host; symlinks are followed and the result
+    must lie below one of the server's mount_roots; ".." is refused.
+    """
+    target: _builtins.str
+    """Absolute path inside the sandbox; empty means the same path as source."""
+    writable: _builtins.bool
+    """Read-write instead of read-only (the default); allowed only below one of
+    the server's writable_mount_roots.
+    """
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Mount: _TypeAlias = Mount  # noqa: Y015
 
 @_typing.final
 class CreateSandboxRequest(_message.Message):
@@ -549,18 +634,27 @@ class Sandbox(_message.Message):
     PRELOADED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     image_digest: _builtins.str
+    """Engine image id (sha256:...) the container runs."""
     container_id: _builtins.str
+    """The engine's container id."""
     state: Global___SandboxState.ValueType
     created_unix: _builtins.float
+    """When it was handed out, and when the service will destroy it (seconds
+    since the Unix epoch).
+    """
     expires_unix: _builtins.float
     runtime: _builtins.str
+    """The container runtime it runs under ("runc", "runsc")."""
     create_seconds: _builtins.float
-    """How long the service took to hand the sandbox out."""
+    """Seconds the service took to hand the sandbox out."""
     from_pool: _builtins.bool
+    """It was created ahead of time, in the warm pool."""
     preloaded: _builtins.bool
     """The preload command is running and waiting to be attached to."""
     @_builtins.property
-    def spec(self) -> Global___SandboxSpec: ...
+    def spec(self) -> Global___SandboxSpec:
+        """What was asked for (zero limits: server defaults)."""
+
     @_builtins.property
     def limits(self) -> Global___Limits:
         """The resolved limits actually applied."""
@@ -711,20 +805,28 @@ class ExecRequest(_message.Message):
     ATTACH_PRELOAD_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     stdin: _builtins.bytes
+    """Written to the command's stdin, which is then closed; empty: no stdin.
+    At most 32 MiB (use PutFiles for more).
+    """
     timeout_seconds: _builtins.float
-    """0 means the sandbox's timeout."""
+    """Wall seconds; 0 means the sandbox's timeout, which is also the most."""
     output_limit_bytes: _builtins.int
-    """0 means the sandbox's output cap."""
+    """Bytes; 0 means the sandbox's output cap, which is also the most."""
     workdir: _builtins.str
+    """Absolute; empty means the sandbox's working directory."""
     attach_preload: _builtins.bool
     """Instead of starting argv, attach to the sandbox's preloaded command:
     stdin is written to it, its output (including anything it printed while
     waiting) is streamed, and its end is the result. Allowed once per sandbox.
     """
     @_builtins.property
-    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The command and its arguments, not run through a shell (at most 256 KiB)."""
+
     @_builtins.property
-    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Added to the sandbox's environment for this command."""
+
     def __init__(
         self,
         *,
@@ -753,6 +855,7 @@ class OutputChunk(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     stream: Global___Stream.ValueType
     data: _builtins.bytes
+    """At most 64 KiB per chunk, in the order the command wrote them."""
     def __init__(
         self,
         *,
@@ -782,18 +885,24 @@ class ExecResult(_message.Message):
     STDOUT_BYTES_FIELD_NUMBER: _builtins.int
     STDERR_BYTES_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
+    """The command's exit status (127: the command was not found)."""
     signal: _builtins.int
     """Signal that ended the command, 0 if it exited normally."""
     verdict: Global___Verdict.ValueType
     wall_seconds: _builtins.float
+    """Wall-clock seconds from start to end."""
     cpu_seconds: _builtins.float
+    """CPU seconds (user + system) the sandbox used while the command ran."""
     peak_memory_bytes: _builtins.int
+    """Highest memory use of the sandbox while the command ran, in bytes."""
     output_truncated: _builtins.bool
+    """The output reached its cap; what was sent is complete up to it."""
     message: _builtins.str
     """A sentence for a person: "timed out after 2.0s",
     "out of memory (limit 64 MiB)", "process limit (32) reached", ...
     """
     stdout_bytes: _builtins.int
+    """Bytes of output sent on each stream."""
     stderr_bytes: _builtins.int
     def __init__(
         self,
@@ -914,7 +1023,8 @@ class ExecInput(_message.Message):
     the command runs. Stdin, resizes and signals that arrive after the command
     ended (before the client closes its side) fail the call with
     FAILED_PRECONDITION once the result has been sent; a client closes its side
-    when it receives the result. A resize without a TTY, an unknown signal name
+    when it receives the result (the service ends the call 5 seconds after the
+    result when the client does not). A resize without a TTY, an unknown signal name
     or a second start fail it with INVALID_ARGUMENT and kill the command.
     """
 
@@ -966,7 +1076,10 @@ class PutFilesHeader(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     path: _builtins.str
-    """Destination directory inside the sandbox (absolute, under a writable dir)."""
+    """Destination directory inside the sandbox, under a writable dir (the work
+    dir or /tmp); relative paths are taken from the work dir, empty is the
+    work dir itself.
+    """
     def __init__(
         self,
         *,
@@ -988,8 +1101,11 @@ class PutFilesRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     TAR_CHUNK_FIELD_NUMBER: _builtins.int
     tar_chunk: _builtins.bytes
+    """The next bytes of one tar archive; any size up to the message limit."""
     @_builtins.property
-    def header(self) -> Global___PutFilesHeader: ...
+    def header(self) -> Global___PutFilesHeader:
+        """Only in the first message."""
+
     def __init__(
         self,
         *,
@@ -1013,6 +1129,7 @@ class PutFilesResponse(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     files: _builtins.int
+    """Files unpacked, and their bytes in all."""
     bytes: _builtins.int
     def __init__(
         self,
@@ -1037,8 +1154,11 @@ class GetFilesRequest(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     path: _builtins.str
+    """A file or directory under a writable dir, as in PutFilesHeader.path."""
     max_bytes: _builtins.int
-    """Refuse with RESOURCE_EXHAUSTED past this many bytes; 0 = server cap."""
+    """Refuse with RESOURCE_EXHAUSTED past this many bytes of tar; 0 = the
+    sandbox's cap (twice its scratch_bytes), which is also the most.
+    """
     def __init__(
         self,
         *,
@@ -1056,6 +1176,8 @@ Global___GetFilesRequest: _TypeAlias = GetFilesRequest  # noqa: Y015
 
 @_typing.final
 class FileChunk(_message.Message):
+    """The next bytes of one tar archive."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
@@ -1093,10 +1215,14 @@ class RunRequest(_message.Message):
     @_builtins.property
     def build(self) -> Global___BuildImageRequest: ...
     @_builtins.property
-    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in ExecRequest; the sandbox's limits apply (timeout, output cap)."""
+
     @_builtins.property
     def collect(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Paths to collect after the command ends (returned as one tar)."""
+        """Paths under the writable dirs to collect after the command ends
+        (returned as one tar); relative ones are taken from the work dir.
+        """
 
     def __init__(
         self,
@@ -1157,11 +1283,17 @@ class RunResult(_message.Message):
     MISSING_PATHS_FIELD_NUMBER: _builtins.int
     cache_hit: _builtins.bool
     collected_tar: _builtins.bytes
-    """One tar archive of the collect paths that existed, each under its own name."""
+    """One tar archive of the collect paths that existed, each under its own name;
+    empty (zero bytes) when the request asked for no paths.
+    """
     @_builtins.property
-    def image(self) -> Global___Image: ...
+    def image(self) -> Global___Image:
+        """The image built for the request's build; unset when spec.image was used."""
+
     @_builtins.property
-    def sandbox(self) -> Global___Sandbox: ...
+    def sandbox(self) -> Global___Sandbox:
+        """The sandbox it ran in (destroyed by now)."""
+
     @_builtins.property
     def exec(self) -> Global___ExecResult: ...
     @_builtins.property
@@ -1185,6 +1317,59 @@ class RunResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunResult: _TypeAlias = RunResult  # noqa: Y015
+
+@_typing.final
+class PortForwardHeader(_message.Message):
+    """------------------------------------------------------- port forwarding"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    port: _builtins.int
+    """TCP port inside the sandbox (on 127.0.0.1), 1 to 65535."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortForwardHeader: _TypeAlias = PortForwardHeader  # noqa: Y015
+
+@_typing.final
+class PortForwardFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Bytes of the connection, in order; any size up to the message limit."""
+    @_builtins.property
+    def header(self) -> Global___PortForwardHeader:
+        """Only in the first request frame."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PortForwardHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "frame", b"frame", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___PortForwardFrame: _TypeAlias = PortForwardFrame  # noqa: Y015
 
 @_typing.final
 class GetServerInfoRequest(_message.Message):
@@ -1217,14 +1402,18 @@ class Caps(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     SANDBOXES_FIELD_NUMBER: _builtins.int
     cpus: _builtins.float
+    """In the units of Limits: cores, bytes, processes, bytes."""
     memory_bytes: _builtins.int
     pids: _builtins.int
     scratch_bytes: _builtins.int
     network: _builtins.bool
+    """Whether any sandbox may have network access."""
     timeout_seconds: _builtins.float
-    """The longest exec (and sandbox timeout) a request may ask for."""
+    """The longest exec (and sandbox timeout) a request may ask for, in seconds."""
     output_bytes: _builtins.int
+    """Bytes of output per exec."""
     ttl_seconds: _builtins.float
+    """The longest SandboxSpec.ttl_seconds."""
     sandboxes: _builtins.int
     """Concurrent sandboxes on the whole server."""
     def __init__(
@@ -1255,20 +1444,30 @@ class ProfileInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     ALLOW_NETWORK_FIELD_NUMBER: _builtins.int
+    ALLOW_PORT_FORWARD_FIELD_NUMBER: _builtins.int
+    ALLOW_MOUNTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     runtime: _builtins.str
     """The runtime the profile asks for; empty means the engine's default."""
     allow_network: _builtins.bool
+    """Whether its sandboxes may ask for Limits.network."""
+    allow_port_forward: _builtins.bool
+    """Whether PortForward reaches its sandboxes, and whether they may have
+    host mounts (below ServerInfo.mount_roots).
+    """
+    allow_mounts: _builtins.bool
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         runtime: _builtins.str = ...,
         allow_network: _builtins.bool = ...,
+        allow_port_forward: _builtins.bool = ...,
+        allow_mounts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network", b"allow_network", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_mounts", b"allow_mounts", "allow_network", b"allow_network", "allow_port_forward", b"allow_port_forward", "name", b"name", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1289,6 +1488,8 @@ class ServerInfo(_message.Message):
     RUNTIMES_FIELD_NUMBER: _builtins.int
     BASE_IMAGE_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    MOUNT_ROOTS_FIELD_NUMBER: _builtins.int
+    WRITABLE_MOUNT_ROOTS_FIELD_NUMBER: _builtins.int
     api_version: _builtins.str
     """The API package, "sandbox.v1"."""
     server_version: _builtins.str
@@ -1298,7 +1499,9 @@ class ServerInfo(_message.Message):
     engine_version: _builtins.str
     default_profile: _builtins.str
     base_image: _builtins.str
+    """What an empty image or base means."""
     default_ttl_seconds: _builtins.float
+    """What SandboxSpec.ttl_seconds = 0 means, in seconds."""
     @_builtins.property
     def default_limits(self) -> Global___Limits:
         """What zero fields of a request's Limits become."""
@@ -1311,6 +1514,14 @@ class ServerInfo(_message.Message):
     def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Container runtimes registered with the engine ("runc", "runsc", ...)."""
 
+    @_builtins.property
+    def mount_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Host directories below which SandboxSpec.mounts may mount read-only, and
+        read-write; both empty: no host mounts on this server.
+        """
+
+    @_builtins.property
+    def writable_mount_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -1325,10 +1536,12 @@ class ServerInfo(_message.Message):
         runtimes: _abc.Iterable[_builtins.str] | None = ...,
         base_image: _builtins.str = ...,
         default_ttl_seconds: _builtins.float = ...,
+        mount_roots: _abc.Iterable[_builtins.str] | None = ...,
+        writable_mount_roots: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["caps", b"caps", "default_limits", b"default_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "base_image", b"base_image", "caps", b"caps", "default_limits", b"default_limits", "default_profile", b"default_profile", "default_ttl_seconds", b"default_ttl_seconds", "engine", b"engine", "engine_version", b"engine_version", "profiles", b"profiles", "runtimes", b"runtimes", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "base_image", b"base_image", "caps", b"caps", "default_limits", b"default_limits", "default_profile", b"default_profile", "default_ttl_seconds", b"default_ttl_seconds", "engine", b"engine", "engine_version", b"engine_version", "mount_roots", b"mount_roots", "profiles", b"profiles", "runtimes", b"runtimes", "server_version", b"server_version", "writable_mount_roots", b"writable_mount_roots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1341,8 +1554,9 @@ class BlobDigest(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
-    """hex"""
+    """Lower-case hex SHA-256 of the content."""
     size_bytes: _builtins.int
+    """The content's length in bytes."""
     def __init__(
         self,
         *,
@@ -1404,8 +1618,11 @@ class UploadBlobsRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    """The blob's next bytes; one call carries at most 1 GiB in all."""
     @_builtins.property
-    def digest(self) -> Global___BlobDigest: ...
+    def digest(self) -> Global___BlobDigest:
+        """Set in the first message of each blob."""
+
     def __init__(
         self,
         *,
@@ -1427,6 +1644,7 @@ class UploadBlobsResponse(_message.Message):
     BLOBS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     blobs: _builtins.int
+    """Blobs stored, and their bytes in all."""
     bytes: _builtins.int
     def __init__(
         self,

@@ -290,6 +290,11 @@ class SandboxServiceStub:
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
                 response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.RunEvent.FromString,
                 _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/sandbox.v1.SandboxService/PortForward',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -359,6 +364,17 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request_iterator, context):
+        """One TCP connection to a port inside a sandbox, which needs no network for it: the
+        first request frame carries only the header, the rest carry the bytes the client
+        sends; response frames carry the bytes the sandbox's side sends. Closing the request
+        stream half-closes the connection; the end of the response stream is the other side
+        closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -406,6 +422,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.RunRequest.FromString,
                     response_serializer=sandbox_dot_v1_dot_sandbox__pb2.RunEvent.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -653,6 +674,33 @@ class SandboxService:
             '/sandbox.v1.SandboxService/Run',
             sandbox_dot_v1_dot_sandbox__pb2.RunRequest.SerializeToString,
             sandbox_dot_v1_dot_sandbox__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sandbox.v1.SandboxService/PortForward',
+            sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.PortForwardFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,11 @@ isort:skip_file
 The sandbox API: build images from Dockerfile fragments, run throwaway,
 resource-limited containers, exec commands in them, move files in and out.
 
+Units, unless a comment says otherwise: sizes are bytes, durations are
+seconds (fractions allowed), times are seconds since the Unix epoch (UTC).
+A zero or empty field of a request means "the server's default"; the
+defaults and caps themselves are in ServerInfo (InfoService).
+
 Errors are gRPC status codes with a message a person can act on:
   INVALID_ARGUMENT   a malformed request or a limit above the server's cap
                      (the message names the field and the cap)
@@ -135,6 +140,13 @@ class SandboxServiceStub:
     """A tar stream of the path, in chunks."""
     Run: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.RunRequest, _sandbox_pb2.RunEvent]
     """Create, put files, exec, collect files and destroy, in one call."""
+    PortForward: _grpc.StreamStreamMultiCallable[_sandbox_pb2.PortForwardFrame, _sandbox_pb2.PortForwardFrame]
+    """One TCP connection to a port inside a sandbox, which needs no network for it: the
+    first request frame carries only the header, the rest carry the bytes the client
+    sends; response frames carry the bytes the sandbox's side sends. Closing the request
+    stream half-closes the connection; the end of the response stream is the other side
+    closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -161,6 +173,13 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """A tar stream of the path, in chunks."""
     Run: _aio.UnaryStreamMultiCallable[_sandbox_pb2.RunRequest, _sandbox_pb2.RunEvent]  # type: ignore[assignment]
     """Create, put files, exec, collect files and destroy, in one call."""
+    PortForward: _aio.StreamStreamMultiCallable[_sandbox_pb2.PortForwardFrame, _sandbox_pb2.PortForwardFrame]  # type: ignore[assignment]
+    """One TCP connection to a port inside a sandbox, which needs no network for it: the
+    first request frame carries only the header, the rest carry the bytes the client
+    sends; response frames carry the bytes the sandbox's side sends. Closing the request
+    stream half-closes the connection; the end of the response stream is the other side
+    closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+    """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """------------------------------------------------------------- sandboxes"""
@@ -238,6 +257,19 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.RunEvent], _abc.AsyncIterator[_sandbox_pb2.RunEvent]]:
         """Create, put files, exec, collect files and destroy, in one call."""
+
+    @_abc_1.abstractmethod
+    def PortForward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.PortForwardFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.PortForwardFrame], _abc.AsyncIterator[_sandbox_pb2.PortForwardFrame]]:
+        """One TCP connection to a port inside a sandbox, which needs no network for it: the
+        first request frame carries only the header, the rest carry the bytes the client
+        sends; response frames carry the bytes the sandbox's side sends. Closing the request
+        stream half-closes the connection; the end of the response stream is the other side
+        closing it. Refused with PERMISSION_DENIED for a profile that does not allow it.
+        """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
