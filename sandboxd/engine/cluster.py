@@ -204,6 +204,10 @@ class ClusterEngine:
                 with contextlib.suppress(Exception):
                     remove_placement_group(placed.group)
 
+    def rename_container(self, container_id: str, name: str) -> None:
+        node_id, docker_id = self._where(container_id)
+        self.nodes.call(node_id, "rename_container", docker_id, name)
+
     def kill_container(self, container_id: str) -> None:
         with contextlib.suppress(NodeLost):
             node_id, docker_id = self._where(container_id)
