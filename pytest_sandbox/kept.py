@@ -38,7 +38,7 @@ def kept_lines(kept: Sequence[Kept], address: str | None) -> list[str]:
         )
     elif lines:
         lines.append(
-            "(kept until the next sandboxd start or `sandboxd gc` removes them; through "
-            "the local daemon or --sandbox-address, a `sandboxd shell` line instead)"
+            "(kept until its TTL, a few minutes past the tests' timeout, or `sandboxd gc "
+            "--all`; through the local daemon or --sandbox-address, a `sandboxd shell` line)"
         )
     return lines

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,7 +107,7 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_gc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gc = sub.add_parser("gc", help="remove sandbox containers left by dead instances")
-    gc.add_argument("--all", action="store_true", help="also remove containers of live instances")
+    gc.add_argument("--all", action="store_true", help="also of live instances, and kept ones")
     gc.add_argument("--images", action="store_true", help="also remove the cached images")
 
 
@@ -307,16 +308,15 @@ def cmd_build(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd import instances
+    from sandboxd import reaping
     from sandboxd.engine import make_engine
-    from sandboxd.engine.base import LABEL_INSTANCE, LABEL_KEY
+    from sandboxd.engine.base import LABEL_KEY
 
     engine = make_engine(config)
     removed = 0
-    for info in engine.list_containers(LABEL_INSTANCE):
-        if args.all or not instances.is_alive(info.labels.get(LABEL_INSTANCE, "")):
-            engine.remove_container(info.id)
-            removed += 1
+    for info in reaping.LeftoverRule("all" if args.all else "orphans").find(engine, time.time()):
+        engine.remove_container(info.id)
+        removed += 1
     images = 0
     if args.images:
         for image_id, _, _, _ in engine.list_images(LABEL_KEY):

@@ -34,6 +34,11 @@ _BASE_ENV = {
 }
 
 
+def container_name(sandbox_id: str) -> str:
+    """The engine's name for a sandbox's container (`docker ps` shows it)."""
+    return f"sandbox-{sandbox_id}"
+
+
 class Launcher:
     """Creates containers for prepared requests and removes them in the background."""
 
@@ -70,7 +75,7 @@ class Launcher:
             host_pids = GVISOR_PIDS_OVERHEAD + GVISOR_PIDS_PER_PROCESS * limits.pids
         return ContainerSpec(
             image=prep.image_ref,
-            name=f"sandbox-{sandbox_id}",
+            name=container_name(sandbox_id),
             labels=labels,
             env={"HOME": prep.workdir, **_BASE_ENV, **dict(prep.env)},
             user=prep.profile.user,

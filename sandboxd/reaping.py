@@ -2,6 +2,13 @@
 
 The reaper is given what it needs from the sandbox manager as callables (the live
 records, how to destroy one, whether an id is known), so it imports no manager.
+`LeftoverRule` is the one rule for what may be removed; the reaper and `sandboxd gc`
+both ask it.
+
+A sandbox kept for inspection outlives its instance on purpose. Docker fixes labels at
+create time, so the mark is the container's name (`sandbox-ID.kept-until-UNIX`): it is
+engine-side, travels with the container, shows in `docker ps`, and every reaper, of
+this instance or any other, started now or later, spares the container until then.
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from sandboxd import instances
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_EXPIRES, LABEL_INSTANCE, LABEL_SANDBOX, ContainerInfo, Engine
 from sandboxd.errors import NotFound, SandboxError
+from sandboxd.launcher import container_name
 from sandboxd.models import SandboxRecord
 
 log = logging.getLogger(__name__)
@@ -24,6 +34,65 @@ log = logging.getLogger(__name__)
 STARTUP_REAP_SECONDS = 10.0
 #: Our own containers younger than this may not be recorded yet: a create is under way.
 FORGOTTEN_AFTER_SECONDS = 120.0
+#: Between a kept sandbox's name and the time (unix seconds) it may be reaped.
+KEPT_MARK = ".kept-until-"
+
+#: What a pass may take besides the containers of dead instances and expired ones:
+#: "orphans" nothing more (periodic passes, `sandboxd gc`); "foreign" also those of other
+#: live instances (a start with `reap_foreign`); "all" also kept ones (`sandboxd gc --all`).
+Sweep = Literal["orphans", "foreign", "all"]
+
+
+def kept_name(name: str, until: float) -> str:
+    """The name that marks a container as kept for inspection until `until`."""
+    return f"{name.partition(KEPT_MARK)[0]}{KEPT_MARK}{until:.0f}"
+
+
+def kept_until(name: str) -> float | None:
+    """When a kept container may go (from its name); None when it is not kept."""
+    _, mark, until = name.partition(KEPT_MARK)
+    return _float(until) if mark else None
+
+
+def _unknown(sandbox_id: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class LeftoverRule:
+    """What a pass may remove: the one rule of every reaper and of `sandboxd gc`.
+
+    `ours` is the asking instance (none for `sandboxd gc`), whose containers go only when
+    forgotten (`known` says no) and old enough that no create is still recording them.
+    """
+
+    sweep: Sweep = "orphans"
+    ours: str = ""
+    known: Callable[[str], bool] = _unknown
+
+    def takes(self, info: ContainerInfo, now: float) -> bool:
+        """Whether this labelled container may be removed at `now`."""
+        until = kept_until(info.name)
+        if until is not None:
+            return self.sweep == "all" or until <= now
+        owner = info.labels.get(LABEL_INSTANCE, "")
+        if owner and owner == self.ours:
+            forgotten = not self.known(info.labels.get(LABEL_SANDBOX, ""))
+            return forgotten and now - info.created_unix >= FORGOTTEN_AFTER_SECONDS
+        if self.sweep != "orphans" or not instances.is_alive(owner):
+            return True
+        expires = _float(info.labels.get(LABEL_EXPIRES, ""))
+        return expires is not None and expires <= now
+
+    def find(self, engine: Engine, now: float) -> list[ContainerInfo]:
+        """The engine's labelled containers that this rule takes.
+
+        Raises:
+            EngineUnavailable: the engine cannot be reached.
+        """
+        # Only containers with an instance label are sandboxes: image labels (managed=1
+        # included) are inherited by every container made from the image, a build's too.
+        return [i for i in engine.list_containers(LABEL_INSTANCE) if self.takes(i, now)]
 
 
 class Reaper:
@@ -96,31 +165,32 @@ class Reaper:
         """Remove labelled containers whose instance is dead, or that outlived their TTL.
 
         With `foreign`, containers of other live instances go too (config `reap_foreign`,
-        for a host where this service is the only one).
+        for a host where this service is the only one). Kept ones wait for their time.
         """
         removed = 0
-        # Only containers with an instance label are sandboxes: image labels (managed=1
-        # included) are inherited by every container made from the image, a build's too.
-        for info in self.engine.list_containers(LABEL_INSTANCE):
-            if not self._is_orphan(info, time.time(), foreign):
-                continue
+        rule = LeftoverRule(
+            "foreign" if foreign else "orphans", self.config.instance_id, self._known
+        )
+        found = rule.find(self.engine, time.time())
+        for info in found:
+            log.info("reaping %s left by instance %s", info.name, _owner(info))
             with contextlib.suppress(SandboxError):
                 self.engine.remove_container(info.id)
                 removed += 1
         return removed
 
-    def _is_orphan(self, info: ContainerInfo, now: float, foreign: bool) -> bool:
-        owner = info.labels.get(LABEL_INSTANCE, "")
-        if owner == self.config.instance_id:
-            # Ours but forgotten (a destroy that met a lost engine); the age check keeps
-            # us off containers whose create has not recorded them yet.
-            known = self._known(info.labels.get(LABEL_SANDBOX, ""))
-            return not known and now - info.created_unix >= FORGOTTEN_AFTER_SECONDS
-        expires = _float(info.labels.get(LABEL_EXPIRES, ""))
-        if not foreign and instances.is_alive(owner) and (expires is None or expires > now):
-            return False
-        log.info("reaping %s left by instance %s", info.name, owner or "?")
-        return True
+    def keep(self, record: SandboxRecord) -> None:
+        """Mark a sandbox's container as kept until its TTL, past this instance's end.
+
+        Raises:
+            SandboxError: the engine could not rename the container.
+        """
+        name = kept_name(container_name(record.id), record.expires_unix)
+        self.engine.rename_container(record.container_id, name)
+
+
+def _owner(info: ContainerInfo) -> str:
+    return info.labels.get(LABEL_INSTANCE, "") or "?"
 
 
 def _float(value: str) -> float | None:

@@ -118,21 +118,31 @@ class SandboxManager:
     def stop(self, keep: Collection[str] = ()) -> None:
         """Destroy every sandbox of this instance (pooled ones too) and stop reaping.
 
-        Sandboxes named in `keep` stay for inspection; as leftovers of an instance that is
-        gone, the next start of any sandboxd (or `sandboxd gc`) removes them.
+        Sandboxes named in `keep` stay for inspection, marked so that every reaper (and
+        `sandboxd gc` without `--all`) spares them until their TTL ends.
         """
         self.admission.close()
         self.reaper.stop()
         if self.pool is not None:
             self.pool.stop()
         for record in self.list():
-            if record.id in keep:
-                log.info("keeping sandbox %s (container %s)", record.id, record.container_id)
+            if record.id in keep and self._keep(record):
                 continue
             with contextlib.suppress(SandboxError):
                 self.destroy(record.id)
         self.launcher.shutdown()
         self._instance_lock.release()
+
+    def _keep(self, record: SandboxRecord) -> bool:
+        """Mark a sandbox as kept past this instance; False (it is destroyed) on failure."""
+        try:
+            self.reaper.keep(record)
+        except SandboxError as exc:
+            log.warning("could not keep sandbox %s: %s", record.id, exc)
+            return False
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(record.expires_unix))
+        log.info("keeping sandbox %s (%s) until %s", record.id, record.container_id, until)
+        return True
 
     def reap_expired(self) -> int:
         """Destroy sandboxes past their time-to-live."""

@@ -181,6 +181,9 @@ class NodeAgent:
     def remove_container(self, container_id: str) -> None:
         self.engine.remove_container(container_id)
 
+    def rename_container(self, container_id: str, name: str) -> None:
+        self.engine.rename_container(container_id, name)
+
     def kill_container(self, container_id: str) -> None:
         self.engine.kill_container(container_id)
 

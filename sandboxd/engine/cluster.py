@@ -244,6 +244,9 @@ class ClusterEngine:
         self.nodes.check(placed.where.node_id, placed.where.generation)
         return placed.where
 
+    def rename_container(self, container_id: str, name: str) -> None:
+        self._call(self._where(container_id), "rename_container", name)
+
     def kill_container(self, container_id: str) -> None:
         with contextlib.suppress(NodeLost):
             self._call(self._where(container_id), "kill_container")

@@ -369,6 +369,9 @@ class DockerEngine:
             if "already in progress" not in str(exc):  # someone else is removing it: fine
                 raise
 
+    def rename_container(self, container_id: str, name: str) -> None:
+        self._safe(lambda: self.api.rename(container_id, name))
+
     def kill_container(self, container_id: str) -> None:
         with contextlib.suppress(NotFound, SandboxError):
             self._call(lambda: self.api.kill(container_id))

@@ -1,9 +1,12 @@
 """Plugin tests drive real pytest runs against an embedded sandboxd and real Docker.
 
 Other plugin sessions may run on the same engine at the same time (other suites, other
-users), so a test looks only at containers that appeared while it ran, and counts as
-left behind only those whose service instance is gone: a live instance is a session
-still running, not one of ours that forgot to clean up.
+users), so a test looks only at containers of this session's service instances (their
+ids start with its prefix) that appeared while it ran, and counts as left behind only
+those whose service instance is gone: a live instance is a session still running, not
+one of ours that forgot to clean up. Without the prefix, a concurrent suite's test took
+another suite's sandbox kept by `--sandbox-keep-failed` for its own leftover and removed
+it (both tests then failed).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import pytest
 
 from sandboxd import instances
 from sandboxd.engine.base import LABEL_INSTANCE, LABEL_MANAGED
+from tests.conftest import SESSION_PREFIX
 
 # Every container the plugin makes carries this (user label) besides the service's own.
 SESSION_LABEL = "user.pytest-sandbox.session"
 
 
 def plugin_containers() -> dict[str, str]:
-    """{container id: service instance id} of every plugin session's container."""
+    """{container id: service instance id} of this test session's plugin containers."""
     out = subprocess.run(
         [
             "docker",
@@ -39,7 +43,7 @@ def plugin_containers() -> dict[str, str]:
         check=True,
     )
     pairs = (line.split(maxsplit=1) for line in out.stdout.splitlines() if line.strip())
-    return {p[0]: p[1] if len(p) > 1 else "" for p in pairs}
+    return {p[0]: p[1] for p in pairs if len(p) > 1 and p[1].startswith(SESSION_PREFIX)}
 
 
 class Containers:

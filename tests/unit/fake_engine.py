@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO
 
 from sandboxd.builder import BuildJob, EngineBuilder
@@ -139,6 +139,13 @@ class FakeEngine:
         self._check()
         self.removed.append(container_id)
         self.containers.pop(container_id, None)
+
+    def rename_container(self, container_id: str, name: str) -> None:
+        self._check()
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        c = self.containers[container_id]
+        c.spec = replace(c.spec, name=name)
 
     def kill_container(self, container_id: str) -> None:
         if container_id in self.containers:
