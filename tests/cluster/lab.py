@@ -191,9 +191,9 @@ class Lab:
     def alive_nodes(self) -> list[str]:
         """Names of the Ray nodes the head counts alive (asked through a short driver)."""
         probe = (
-            "import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False);"
+            f"import json, ray; ray.init(address={self.ray_address!r}, logging_level='ERROR');"
             "print(json.dumps(sorted(n['NodeName'] for n in ray.nodes() if n['Alive'])))"
-        ) % self.ray_address
+        )
         return list(json.loads(self.in_head([sys.executable, "-c", probe]).splitlines()[-1]))
 
     def wait_nodes_alive(self, names: Sequence[str], timeout: float = 90.0) -> None:
@@ -225,8 +225,9 @@ class Lab:
         Raises:
             RuntimeError: it exited or did not serve within `timeout`.
         """
-        from sandboxd.client import SandboxClient
         from sandboxd_process import write_config
+
+        from sandboxd.client import SandboxClient
 
         settings = {
             "engine": "cluster",
@@ -314,11 +315,15 @@ def destroy_lab(lab_id: str, root: Path) -> None:
     """
     # The commands first, then their supervisors: those reap the orphans and leave.
     top = plumbing.tracking_hierarchy()
-    commands = [
-        str(d.relative_to(top))
-        for d in (top / lab_id).rglob("*")
-        if d.is_dir() and d.name in ("procs", "docker")
-    ] if (top / lab_id).is_dir() else []
+    commands = (
+        [
+            str(d.relative_to(top))
+            for d in (top / lab_id).rglob("*")
+            if d.is_dir() and d.name in ("procs", "docker")
+        ]
+        if (top / lab_id).is_dir()
+        else []
+    )
     plumbing.kill_until_gone(commands, netns=plumbing.lab_netns(lab_id))
     deadline = time.monotonic() + 10
     while plumbing.cgroup_pids(lab_id) and time.monotonic() < deadline:

@@ -20,9 +20,7 @@ NETNS_DIR = Path("/run/netns")
 
 def run(argv: Sequence[str], *, timeout: float = 60.0, check: bool = True) -> str:
     """Run a command; its stdout. Raises RuntimeError with its stderr when it fails."""
-    done = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
@@ -85,7 +83,9 @@ def netns_pids(netns: str) -> set[int]:
     return {int(p) for p in out.split() if p.isdigit()}
 
 
-def kill_until_gone(find: Iterable[str], *, netns: Iterable[str] = (), timeout: float = 30.0) -> None:
+def kill_until_gone(
+    find: Iterable[str], *, netns: Iterable[str] = (), timeout: float = 30.0
+) -> None:
     """SIGKILL every process in the cgroups `find` and namespaces `netns`, until none is left.
 
     Repeats, since a process may fork between one listing and the kill.

@@ -13,6 +13,7 @@ Standalone on purpose: it runs as a script and imports nothing from the project.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -45,10 +46,8 @@ def main(argv: list[str]) -> int:
             os._exit(127)
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
-        except ProcessLookupError:
-            pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
