@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import TimeoutExpired
 from typing import Any
 
 import plumbing
@@ -97,10 +98,9 @@ class Lab:
                 image = self._saved_base_image()
                 list(pool.map(lambda n: n.load_image(image), loaded))
                 image.unlink()
-        self.nodes[0].start_ray(head=True)
-        for node in self.nodes[1:]:
-            node.start_ray(head=False)
-        self.wait_nodes_alive([n.name for n in self.nodes])
+        # A worker's `ray start` gives up at once when the head's GCS does not answer yet.
+        self.join_ray(self.nodes[:1], head=True)
+        self.join_ray(self.nodes[1:], head=False)
         if self.spec.gateway:
             self.start_gateway()
         return self
@@ -188,6 +188,30 @@ class Lab:
     def ray_address(self) -> str:
         return f"{self.nodes[0].ip}:{RAY_PORT}"
 
+    def join_ray(self, nodes: Sequence[LabNode], *, head: bool, attempts: int = 3) -> None:
+        """Start the nodes' Ray and wait until they are alive, again for those that failed.
+
+        `ray start` gives up when its raylet has not registered within 30 s, which on a
+        loaded 2-core machine happens now and then.
+
+        Raises:
+            RuntimeError: a node still failed after `attempts` starts.
+        """
+        pending = list(nodes)
+        for attempt in range(1, attempts + 1):
+            for node in pending:
+                node.start_ray(head=head)
+            try:
+                self.wait_nodes_alive([n.name for n in pending])
+                return
+            except RuntimeError:
+                failed = [n for n in pending if n.ray_exited()]
+                if attempt == attempts or not failed:
+                    raise
+            for node in failed:
+                node.stop_ray()
+            pending = failed
+
     def alive_nodes(self) -> list[str]:
         """Names of the Ray nodes the head counts alive (asked through a short driver)."""
         probe = (
@@ -196,7 +220,7 @@ class Lab:
         )
         return list(json.loads(self.in_head([sys.executable, "-c", probe]).splitlines()[-1]))
 
-    def wait_nodes_alive(self, names: Sequence[str], timeout: float = 90.0) -> None:
+    def wait_nodes_alive(self, names: Sequence[str], timeout: float = 180.0) -> None:
         """Wait until every named node is alive in Ray.
 
         Raises:
@@ -205,7 +229,11 @@ class Lab:
         deadline = time.monotonic() + timeout
         alive: list[str] = []
         while time.monotonic() < deadline:
-            with contextlib.suppress(RuntimeError, ValueError, IndexError):
+            exited = [n.name for n in self.nodes if n.name in names and n.ray_exited()]
+            if exited:
+                break
+            # A driver started before the head's GCS answers may wait long: ask again.
+            with contextlib.suppress(RuntimeError, ValueError, IndexError, TimeoutExpired):
                 alive = self.alive_nodes()
                 if set(names) <= set(alive):
                     return
@@ -278,8 +306,7 @@ class Lab:
         """Start node `index` again on the same data root: engine, then its Ray node."""
         node = self.nodes[index]
         node.start_engine()
-        node.start_ray(head=index == 0)
-        self.wait_nodes_alive([node.name])
+        self.join_ray([node], head=index == 0)
 
     def node_of_container(self, docker_id: str) -> LabNode | None:
         """The node whose engine holds this container (docker id or its prefix)."""

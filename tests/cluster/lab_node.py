@@ -116,6 +116,18 @@ class LabNode:
         env = {"DOCKER_HOST": self.docker_host}
         self._ray = self.lab.spawn(self.ray_log, f"{self.cgroup}/ray", self.netns, argv, env)
 
+    def stop_ray(self) -> None:
+        """Kill what is left of a `ray start` that failed (its raylet may still run)."""
+        plumbing.kill_until_gone([f"{self.cgroup}/ray/procs"])
+        if self._ray is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._ray.wait(timeout=10)
+        self._ray = None
+
+    def ray_exited(self) -> bool:
+        """Whether this node's `ray start --block` has ended (it failed to join)."""
+        return self._ray is not None and self._ray.poll() is not None
+
     # -- loss ----------------------------------------------------------------------------
 
     def kill(self) -> None:

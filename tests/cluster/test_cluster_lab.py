@@ -37,7 +37,7 @@ FORK_BOMB = (
     "import os, time\nend = time.monotonic() + 3\nwhile time.monotonic() < end:\n    os.fork()\n"
 )
 #: Each node offers 2 CPUs to Ray: two of these fill a node, so four use both.
-ONE_CPU = requested_limits(cpus=1.0, memory_bytes=64 * MiB, pids=32, timeout_seconds=30.0)
+ONE_CPU = requested_limits(cpus=1.0, memory_bytes=64 * MiB, pids=32, timeout_seconds=300.0)
 
 
 def lab_prerequisites() -> None:
@@ -127,8 +127,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 VERDICTS = [
     (["sh", "-c", "cat /proc/self/cgroup"], 30.0, "ok", ""),
     (["sleep", "30"], 1.0, "timed_out", "timed out after 1.0s"),
-    (["python3", "-c", ALLOCATE, "200"], 30.0, "out_of_memory", "out of memory (limit 64"),
     (["python3", "-c", FORK_BOMB], 30.0, "pids_exhausted", "process limit (32) reached"),
+    (["python3", "-c", ALLOCATE, "200"], 30.0, "out_of_memory", "out of memory (limit 64"),
 ]
 
 
@@ -157,14 +157,20 @@ def test_node_loss_ends_its_sandboxes_and_spares_the_others(
 
     def long_exec() -> None:
         try:
-            ended["result"] = gw.exec(doomed.id, ["sleep", "120"], timeout=150.0)
+            ended["result"] = gw.exec(doomed.id, ["sleep", "200"], timeout=240.0)
         except SandboxError as exc:
             ended["error"] = exc
 
     caller = threading.Thread(target=long_exec, daemon=True)
     caller.start()
     doomed_cid = doomed.container_id.split("@", 1)[0]
-    assert wait_for(lambda: "sleep 120" in lab.nodes[1].docker("top", doomed_cid), 60)
+    lost = {
+        lab.nodes[1].docker("inspect", "--format", "{{.Id}}", b.container_id.split("@")[0]).strip()
+        for b in by_node[1]
+    }
+    running = lambda: "sleep" in lab.nodes[1].docker("top", doomed_cid, check=False)  # noqa: E731
+    assert wait_for(lambda: running() or not caller.is_alive(), 120), "the exec did not start"
+    assert caller.is_alive(), f"the exec ended before the node was lost: {ended}"
     lab.kill_node(1)
     caller.join(timeout=120.0)  # a hang guard, not a timing assertion
     assert not caller.is_alive(), "the exec on the lost node did not end"
@@ -172,8 +178,10 @@ def test_node_loss_ends_its_sandboxes_and_spares_the_others(
     with pytest.raises(SandboxError, match="was lost"):
         gw.exec(doomed.id, ["true"], timeout=30.0)
 
-    # The other node's sandboxes go on, and new ones are placed where there is room.
+    # The other node's sandboxes go on, and new ones are placed where there is room
+    # (node 0 is full: one of its sandboxes makes way).
     assert run(gw, spared, ["true"])[0].verdict == "ok"
+    gw.destroy_sandbox(by_node[0][1].id)
     fresh = gw.create_sandbox(
         SandboxRequest(limits=requested_limits(cpus=0.5, memory_bytes=64 * MiB))
     )
@@ -181,15 +189,17 @@ def test_node_loss_ends_its_sandboxes_and_spares_the_others(
     assert node_of(lab, fresh).index == 0
     assert run(gw, fresh, ["true"])[0].verdict == "ok"
 
-    restart_and_check_reaped(lab, gw, boxes)
+    restart_and_check_reaped(lab, gw, boxes, lost)
 
 
-def restart_and_check_reaped(lab: Lab, gw: SandboxClient, boxes: list[Sandbox]) -> None:
-    """Restart node 1; once a sandbox is placed there again, none of the old ones is left."""
+def restart_and_check_reaped(
+    lab: Lab, gw: SandboxClient, boxes: list[Sandbox], lost: set[str]
+) -> None:
+    """Restart node 1; once a sandbox is placed there again, none of the `lost` is left."""
     node = lab.nodes[1]
-    before = set(node.containers(f"label=sandbox.instance={lab.instance_id}"))
-    assert before, "the killed node's containers should still be on its disk"
-    lab.restart_node(1)
+    node.start_engine()
+    assert lost <= set(node.containers()), "the killed node's containers should be on its disk"
+    lab.join_ray([node], head=False)
     # Fill node 0 so that the next sandbox must go to the restarted node.
     for _ in range(6):
         box = gw.create_sandbox(SandboxRequest(limits=ONE_CPU))
@@ -198,7 +208,7 @@ def restart_and_check_reaped(lab: Lab, gw: SandboxClient, boxes: list[Sandbox]) 
             break
     else:
         pytest.fail("no sandbox was placed on the restarted node")
-    assert wait_for(lambda: not before & set(node.containers()), 60), (
+    assert wait_for(lambda: not lost & set(node.containers()), 60), (
         "the lost sandboxes' containers were not reaped after the node came back"
     )
 
@@ -261,8 +271,11 @@ def test_pytest_session_survives_a_node_lost_mid_run(
     node = lab.nodes[1]
     mine = f"label=sandbox.instance={lab.instance_id}"
 
+    lost: set[str] = set()
+
     def kill_once_a_test_runs_there() -> None:
         if wait_for(lambda: bool(node.containers(mine, "status=running")), 300):
+            lost.update(node.containers(mine))
             lab.kill_node(1)
 
     killer = threading.Thread(target=kill_once_a_test_runs_there, daemon=True)
@@ -278,4 +291,5 @@ def test_pytest_session_survives_a_node_lost_mid_run(
     failures = [line for line in result.outlines if line.startswith("FAILED")]
     assert len(failures) == failed, failures
     assert all("was lost" in line for line in failures), failures
-    restart_and_check_reaped(lab, gw, boxes)
+    assert lost, "no test ran on node 1 before the session ended"
+    restart_and_check_reaped(lab, gw, boxes, lost)
