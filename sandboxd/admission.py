@@ -20,6 +20,8 @@ from sandboxd.pool import WarmPool
 
 #: How long a refused client is told to wait before asking again.
 RETRY_AFTER_SECONDS = 5.0
+#: The memory budget of a cluster gateway when none is configured: no bound of its own.
+CLUSTER_BUDGET = 1 << 60
 
 
 class Admission:
@@ -129,7 +131,13 @@ class Admission:
 
 
 def memory_budget(config: ServerConfig) -> int:
-    """The configured memory budget, or the host's physical memory when none is."""
+    """The configured memory budget, or the host's physical memory when none is.
+
+    On a cluster the gateway's own memory says nothing: each node's room is reserved by
+    placement there, so only a configured budget applies.
+    """
+    if config.engine == "cluster":
+        return config.memory_budget_bytes or CLUSTER_BUDGET
     return config.memory_budget_bytes or _host_memory()
 
 

@@ -84,6 +84,11 @@ class ServerConfig:
     docker_host: str | None = None
     #: Podman's API address when engine = "podman"; None means /run/podman/podman.sock.
     podman_host: str | None = None
+    #: Ray address of the cluster's head when engine = "cluster" ("auto": RAY_ADDRESS or the
+    #: Ray node on this host).
+    cluster_address: str = "auto"
+    #: Bound on one call from the gateway to a node's agent; a dead node ends calls sooner.
+    cluster_call_timeout_seconds: float = 20.0
     profiles: tuple[Profile, ...] = (DEFAULT_PROFILE, UNTRUSTED_PROFILE)
     default_profile: str = "default"
     workdir: str = "/sandbox/work"

@@ -99,6 +99,13 @@ class EngineUnavailable(SandboxError):
     code = "UNAVAILABLE"
 
 
+class NodeLost(SandboxError):
+    """The cluster node that ran the sandbox is gone, and the sandbox with it; not retried:
+    the work must start over in a new sandbox."""
+
+    code = "ABORTED"
+
+
 class DeadlineExceeded(SandboxError):
     """The call's deadline passed before the service could answer."""
 
@@ -121,6 +128,7 @@ BY_CODE: dict[str, type[SandboxError]] = {
         PermissionDenied,
         Unauthenticated,
         EngineUnavailable,
+        NodeLost,
         DeadlineExceeded,
         Cancelled,
     )

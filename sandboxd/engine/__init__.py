@@ -1,7 +1,8 @@
 """The container engine behind one Protocol (`Engine`), and the factory that picks one.
 
 `docker.py` is the Docker Engine adapter and the only module that imports docker-py;
-`podman.py` adapts it to Podman's Docker-compatible API.
+`podman.py` adapts it to Podman's Docker-compatible API; `cluster.py` spreads containers
+over a Ray cluster of nodes, each with its own Docker engine (Ray is imported only then).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from sandboxd.config import ServerConfig
 
 #: Engine names a config may choose.
-ENGINES = ("docker", "podman")
+ENGINES = ("docker", "podman", "cluster")
 
 
 def make_engine(config: ServerConfig) -> Engine:
@@ -38,6 +39,19 @@ def make_engine(config: ServerConfig) -> Engine:
         from sandboxd.engine.podman import PodmanEngine
 
         return PodmanEngine(config.podman_host)
+    if config.engine == "cluster":
+        try:
+            from sandboxd.engine.cluster import ClusterEngine
+        except ImportError as exc:
+            raise InvalidArgument(
+                f"engine: the cluster engine needs Ray ({exc}); install sandbox[cluster]"
+            ) from None
+        return ClusterEngine(
+            config.cluster_address,
+            config.instance_id,
+            call_timeout=config.cluster_call_timeout_seconds,
+            placement_timeout=config.admission_timeout_seconds,
+        )
     raise InvalidArgument(f"engine: unknown engine {config.engine!r} (known: {', '.join(ENGINES)})")
 
 

@@ -208,6 +208,14 @@ class DockerEngine:
             raise SandboxError(f"importing {tag} produced no image")
         return image
 
+    def save_image(self, ref: str) -> bytes:
+        """The image as a `docker save` tar, to load into another engine (no registry)."""
+        return b"".join(self._call(lambda: self.api.get_image(ref)))
+
+    def load_image(self, data: bytes) -> None:
+        """Load a `docker save` tar; the image keeps its id and tags."""
+        self._call(lambda: list(self.api.load_image(data)))
+
     def remove_image(self, ref: str) -> None:
         with contextlib.suppress(NotFound):
             self._call(lambda: self.api.remove_image(ref, force=True, noprune=False))

@@ -14,7 +14,7 @@ from sandboxd.errors import InvalidArgument
 
 
 def test_every_listed_engine_can_be_made() -> None:
-    assert set(ENGINES) == {"docker", "podman"}
+    assert set(ENGINES) == {"docker", "podman", "cluster"}
     for name in ENGINES:
         make_engine(ServerConfig(engine=name))
 
@@ -36,7 +36,8 @@ def test_podman_host_and_docker_host_are_separate_settings() -> None:
 
 
 def test_an_unknown_engine_is_named_in_the_error() -> None:
-    with pytest.raises(InvalidArgument, match=r"unknown engine 'rkt' \(known: docker, podman\)"):
+    known = r"\(known: docker, podman, cluster\)"
+    with pytest.raises(InvalidArgument, match=rf"unknown engine 'rkt' {known}"):
         make_engine(ServerConfig(engine="rkt"))
 
 
@@ -52,3 +53,27 @@ def test_the_cli_engine_option_overrides_the_config(
     assert cli.main(["--config", str(path), "--engine", "podman", "gc"]) == 0
     assert cli.main(["--config", str(path), "gc"]) == 0
     assert seen == ["podman", "docker"]
+
+
+def test_the_cluster_engine_is_made_without_contacting_the_cluster() -> None:
+    from sandboxd.engine.cluster import ClusterEngine
+
+    config = ServerConfig(engine="cluster", cluster_address="10.0.0.1:6379")
+    engine = make_engine(config)
+    assert isinstance(engine, ClusterEngine)
+    assert engine.address == "10.0.0.1:6379"
+    assert engine.placement_timeout == config.admission_timeout_seconds
+
+
+def test_ray_is_imported_only_when_a_cluster_is_configured() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sandboxd.server, sandboxd.cli, pytest_sandbox.plugin\n"
+        "from sandboxd.config import ServerConfig\n"
+        "from sandboxd.engine import make_engine\n"
+        "make_engine(ServerConfig())\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

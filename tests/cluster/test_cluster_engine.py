@@ -1,0 +1,260 @@
+"""The cluster engine against a real multi-node Ray cluster on this host.
+
+`ray.cluster_utils.Cluster` starts a head (no sandboxes) and two sandbox nodes, each a raylet
+of its own with `{"sandbox_node": 1}`, 2 CPU and 1 GiB; every node's agent drives the host's
+Docker engine and labels its containers with its node name, so the nodes' containers stay
+apart as if each node had an engine of its own. A gateway (`Service` with engine =
+"cluster") serves on a unix socket. One cluster serves the whole module; the node-loss test
+runs last, as it replaces a node.
+
+Ray is told to use loopback only (node addresses and its own address discovery).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # address discovery: loopback, no probe
+# A loaded 2-core machine can take longer than Ray's default 30 s to register a raylet.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from sandboxd.api import SandboxRequest
+from sandboxd.client import SandboxClient
+from sandboxd.engine.agent import LABEL_NODE
+from sandboxd.engine.base import LABEL_INSTANCE
+from sandboxd.errors import InvalidArgument, NodeLost, ResourceExhausted, SandboxError
+from sandboxd.limits import GiB, MiB
+from sandboxd.server import Service, create_server
+from tests.conftest import docker, make_config, small_limits
+
+NODE_CPUS = 2
+NODE_MEMORY = 1 * GiB
+#: Fast node-death detection, so a lost node is noticed in seconds (Ray's default is ~30 s).
+HEALTH = {
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
+
+
+@dataclass
+class Lab:
+    cluster: Cluster
+    nodes: dict[str, Any]
+    service: Service
+    client: SandboxClient
+    instance_id: str
+    temp_dir: str
+
+    def add_node(self, name: str) -> None:
+        self.nodes[name] = self.cluster.add_node(
+            num_cpus=NODE_CPUS,
+            memory=NODE_MEMORY,
+            resources={"sandbox_node": 1},
+            node_name=name,
+            node_ip_address="127.0.0.1",
+        )
+
+
+@pytest.fixture(scope="module")
+def lab(base_image: str, short_tmp: Path) -> Iterator[Lab]:
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "node_ip_address": "127.0.0.1",
+            "temp_dir": temp_dir,
+            "_system_config": HEALTH,
+        },
+    )
+    config = make_config(
+        engine="cluster",
+        cluster_address=cluster.address,
+        admission_timeout_seconds=4.0,
+        cluster_call_timeout_seconds=10.0,
+    )
+    lab = Lab(cluster, {}, None, None, config.instance_id, temp_dir)  # type: ignore[arg-type]
+    try:
+        for name in ("n1", "n2"):
+            lab.add_node(name)
+        cluster.wait_for_nodes()
+        lab.service, _ = create_server(config, f"unix:{short_tmp}/gateway.sock")
+        lab.client = SandboxClient(lab.service.address, retry_seconds=5.0)
+        lab.client.wait_ready(timeout=60.0)
+        yield lab
+    finally:
+        if lab.client is not None:
+            lab.client.close()
+        if lab.service is not None:
+            lab.service.stop(grace=2.0)
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def node_of(container_id: str) -> str:
+    """The short Ray node id a cluster container id names."""
+    return container_id.partition("@")[2]
+
+
+def containers_labelled(instance_id: str, node: str) -> list[str]:
+    out = docker(
+        "ps", "-aq", "--filter", f"label={LABEL_INSTANCE}={instance_id}",
+        "--filter", f"label={LABEL_NODE}={node}",
+    )  # fmt: skip
+    return out.stdout.split()
+
+
+def one_cpu(**overrides: object) -> SandboxRequest:
+    return SandboxRequest(limits=small_limits(cpus=1.0, **overrides))  # type: ignore[arg-type]
+
+
+def collect(chunks: list[bytes]) -> Any:
+    """An output callback that keeps the data."""
+    return lambda stream, data: chunks.append(data)
+
+
+def test_server_info_names_the_cluster_and_its_size(lab: Lab) -> None:
+    info = lab.client.server_info(refresh=True)
+    assert info.engine == "cluster"
+    assert "2 nodes, 4 CPU, 2 GiB" in info.engine_version
+
+
+def test_sandboxes_land_on_both_nodes_and_every_verdict_holds_on_each(lab: Lab) -> None:
+    # Four 1-CPU sandboxes on two 2-CPU nodes: placement must use both.
+    boxes = [lab.client.create_sandbox(one_cpu(memory_bytes=64 * MiB, pids=32)) for _ in range(4)]
+    try:
+        by_node = {node_of(b.container_id): b for b in boxes}
+        assert len(by_node) == 2, [b.container_id for b in boxes]
+        for box in by_node.values():
+            run = lab.client.exec
+            ok = run(box.id, ["sh", "-c", "echo hello"])
+            assert ok.verdict == "ok" and ok.exit_code == 0
+            slow = run(box.id, ["sleep", "30"], timeout=1.0)
+            assert slow.verdict == "timed_out", slow
+            hog = run(box.id, ["python3", "-c", "b = bytearray(256 << 20); print(len(b))"])
+            assert hog.verdict == "out_of_memory", hog
+            forks = run(box.id, ["sh", "-c", "for i in $(seq 100); do sleep 5 & done; wait"])
+            assert forks.verdict == "pids_exhausted", forks
+            assert ok.cpu_seconds is not None and hog.peak_memory_bytes
+    finally:
+        for box in boxes:
+            lab.client.destroy_sandbox(box.id)
+
+
+def test_files_and_stdin_travel_through_the_agent(lab: Lab) -> None:
+    box = lab.client.create_sandbox(one_cpu())
+    try:
+        payload = os.urandom(3 << 20)
+        lab.client.put_files(box.id, "/sandbox/work", {"blob.bin": payload})
+        echoed = lab.client.exec(box.id, ["sha256sum", "blob.bin"])
+        assert echoed.verdict == "ok"
+        chunks: list[bytes] = []
+        result = lab.client.exec(
+            box.id, ["cat"], stdin=b"through the node\n" * 1000,
+            on_output=lambda stream, data: chunks.append(data),
+        )  # fmt: skip
+        assert result.verdict == "ok"
+        assert b"".join(chunks) == b"through the node\n" * 1000
+        assert b"blob.bin" in lab.client.get_files(box.id, "/sandbox/work/blob.bin")
+    finally:
+        lab.client.destroy_sandbox(box.id)
+
+
+def test_a_built_image_runs_on_every_node(lab: Lab) -> None:
+    build = lab.client.build_image(fragment="RUN echo built-here > /etc/built")
+    boxes = [
+        lab.client.create_sandbox(
+            SandboxRequest(image=build.image.key, limits=small_limits(cpus=1.0))
+        )
+        for _ in range(4)
+    ]
+    try:
+        assert len({node_of(b.container_id) for b in boxes}) == 2
+        for box in boxes:
+            out: list[bytes] = []
+            result = lab.client.exec(box.id, ["cat", "/etc/built"], on_output=collect(out))
+            assert result.verdict == "ok" and b"".join(out) == b"built-here\n"
+    finally:
+        for box in boxes:
+            lab.client.destroy_sandbox(box.id)
+
+
+def test_limits_above_every_node_are_refused_at_once(lab: Lab) -> None:
+    with pytest.raises(InvalidArgument, match=r"largest node \(n[12]\) has 2 CPU and 1 GiB"):
+        lab.client.create_sandbox(SandboxRequest(limits=small_limits(memory_bytes=2 * GiB)))
+    with pytest.raises(InvalidArgument, match=r"limits\.cpus"):
+        lab.client.create_sandbox(SandboxRequest(limits=small_limits(cpus=3.0)))
+
+
+def test_a_request_no_node_has_room_for_waits_then_is_exhausted(lab: Lab) -> None:
+    boxes = [lab.client.create_sandbox(one_cpu()) for _ in range(4)]
+    try:
+        with pytest.raises(ResourceExhausted, match="no node of the cluster had") as caught:
+            lab.client.create_sandbox(one_cpu(), timeout=60.0)
+        assert caught.value.retry_after
+        lab.client.destroy_sandbox(boxes.pop().id)  # room again: the next one is placed
+        boxes.append(lab.client.create_sandbox(one_cpu()))
+    finally:
+        for box in boxes:
+            lab.client.destroy_sandbox(box.id)
+
+
+def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) -> None:
+    boxes = [lab.client.create_sandbox(one_cpu(timeout_seconds=150.0)) for _ in range(4)]
+    try:
+        victim_short = node_of(boxes[0].container_id)
+        name = next(n for n, node in lab.nodes.items() if node.node_id[:12] == victim_short)
+        doomed = [b for b in boxes if node_of(b.container_id) == victim_short]
+        spared = [b for b in boxes if node_of(b.container_id) != victim_short]
+        errors: list[BaseException] = []
+        started = threading.Event()
+
+        def long_exec() -> None:
+            started.set()
+            try:
+                lab.client.exec(doomed[0].id, ["sleep", "120"], timeout=150.0)
+            except SandboxError as exc:
+                errors.append(exc)
+
+        runner = threading.Thread(target=long_exec)
+        runner.start()
+        started.wait()
+        time.sleep(1.0)  # the exec is under way on the node
+        lab.cluster.remove_node(lab.nodes.pop(name), allow_graceful=False)
+        runner.join(timeout=120.0)
+        assert not runner.is_alive(), "the exec on the lost node did not end"
+        assert len(errors) == 1 and isinstance(errors[0], NodeLost), errors
+        assert f"node {name} was lost" in str(errors[0])
+        with pytest.raises(NodeLost, match=f"node {name} was lost"):
+            lab.client.exec(doomed[-1].id, ["true"])
+        for box in spared:
+            assert lab.client.exec(box.id, ["true"]).verdict == "ok"
+        # The node comes back under its name: its new agent reaps what the old one left.
+        assert containers_labelled(lab.instance_id, name)
+        lab.add_node(name)
+        lab.cluster.wait_for_nodes()
+        new = [lab.client.create_sandbox(one_cpu()) for _ in range(2)]
+        boxes.extend(new)
+        assert len({node_of(b.container_id) for b in new}) >= 1
+        left = set(containers_labelled(lab.instance_id, name))
+        assert not left & {b.container_id.partition("@")[0][:12] for b in doomed}
+    finally:
+        for box in boxes:
+            lab.client.destroy_sandbox(box.id)
