@@ -77,7 +77,7 @@ class Lab:
         self.hub = f"{self.id}-hub"
         self.instance_id = instance_id or f"{self.id}gw"
         self.nodes = [LabNode(self, i) for i in range(self.spec.nodes)]
-        self.gateway_socket = self.root / "gw.sock"
+        self.gateway_socket = self.root / "gateway.sock"
         self._gateway: subprocess.Popen[bytes] | None = None
 
     # -- life cycle --------------------------------------------------------------------
@@ -106,8 +106,17 @@ class Lab:
         return self
 
     def close(self) -> None:
-        """Stop everything and remove every trace; safe to call twice."""
+        """Stop everything and remove every trace; safe to call twice.
+
+        With SANDBOX_LAB_LOGS=DIR set, the processes' logs are kept there first.
+        """
         self.stop_gateway()
+        keep = os.environ.get("SANDBOX_LAB_LOGS")
+        if keep and self.root.is_dir():
+            target = Path(keep) / self.id
+            target.mkdir(parents=True, exist_ok=True)
+            for log in self.root.glob("*.log"):
+                shutil.copy(log, target / log.name)
         destroy_lab(self.id, self.root)
 
     def __enter__(self) -> Lab:
@@ -247,8 +256,22 @@ class Lab:
     def gateway_address(self) -> str:
         return f"unix:{self.gateway_socket}"
 
-    def start_gateway(self, timeout: float = 90.0) -> None:
+    def start_gateway(self) -> None:
         """`sandboxd serve` with the cluster engine, in the head's namespace.
+
+        Raises:
+            RuntimeError: it exited or did not serve in time.
+        """
+        settings = {"engine": "cluster", "cluster_address": self.ray_address,
+                    "instance_id": self.instance_id, **self.spec.gateway_settings}  # fmt: skip
+        self._gateway = self.start_sandboxd("gateway", settings)
+
+    def start_sandboxd(
+        self, name: str, settings: Mapping[str, Any], timeout: float = 120.0
+    ) -> subprocess.Popen[bytes]:
+        """`sandboxd serve` in the head's namespace on ROOT/NAME.sock, once it serves.
+
+        The lab kills it at `close()`; the caller may stop it earlier.
 
         Raises:
             RuntimeError: it exited or did not serve within `timeout`.
@@ -257,29 +280,23 @@ class Lab:
 
         from sandboxd.client import SandboxClient
 
-        settings = {
-            "engine": "cluster",
-            "cluster_address": self.ray_address,
-            "instance_id": self.instance_id,
-            "base_image": self.spec.base_image,
-            "state_dir": str(self.root / "gw-state"),
-            **self.spec.gateway_settings,
-        }
-        config = write_config(self.root / "gw.toml", settings)
+        base = {"base_image": self.spec.base_image, "state_dir": str(self.root / f"{name}-state")}
+        config = write_config(self.root / f"{name}.toml", {**base, **settings})
+        address = f"unix:{self.root / name}.sock"
         argv = [sys.executable, "-m", "sandboxd.cli", "--config", str(config),
-                "serve", "--listen", self.gateway_address, "--grace", "5"]  # fmt: skip
+                "serve", "--listen", address, "--grace", "5"]  # fmt: skip
         env = {"TMPDIR": str(self.root), "PYTHONUNBUFFERED": "1"}
-        self._gateway = self.spawn("gateway", f"{self.id}/gw", self.nodes[0].netns, argv, env)
+        proc = self.spawn(name, f"{self.id}/{name}", self.nodes[0].netns, argv, env)
         deadline = time.monotonic() + timeout
-        with SandboxClient(self.gateway_address, retry_seconds=1.0) as client:
+        with SandboxClient(address, retry_seconds=1.0) as client:
             while True:
-                if self._gateway.poll() is not None:
-                    raise RuntimeError(f"the gateway exited:\n{self.log('gateway')}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited:\n{self.log(name)}")
                 with contextlib.suppress(Exception):
                     if client.health(timeout=1.0) == "SERVING":
-                        return
+                        return proc
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the gateway did not serve:\n{self.log('gateway')}")
+                    raise RuntimeError(f"{name} did not serve:\n{self.log(name)}")
                 time.sleep(0.2)
 
     def stop_gateway(self, grace: float = 20.0) -> None:
@@ -290,11 +307,11 @@ class Lab:
                 proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
-        plumbing.kill_until_gone([f"{self.id}/gw/procs"])
+        plumbing.kill_until_gone([f"{self.id}/gateway/procs"])
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-        plumbing.kill_until_gone([f"{self.id}/gw"])
+        plumbing.kill_until_gone([f"{self.id}/gateway"])
 
     # -- nodes ---------------------------------------------------------------------------
 
