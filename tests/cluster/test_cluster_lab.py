@@ -60,7 +60,9 @@ def lab_prerequisites() -> None:
 def lab(base_image: str, instance_id_factory: Callable[[], str]) -> Iterator[Lab]:
     """One two-node lab for the module; afterwards nothing of it is left (asserted)."""
     lab_prerequisites()
-    lab = Lab(LabSpec(nodes=2, base_image=base_image), instance_id=instance_id_factory())
+    # Admission waits long: on a loaded 2-core machine a create may queue for a while.
+    spec = LabSpec(base_image=base_image, gateway_settings={"admission_timeout_seconds": 120.0})
+    lab = Lab(spec, instance_id=instance_id_factory())
     try:
         lab.start()
         yield lab
@@ -213,31 +215,35 @@ def restart_and_check_reaped(
     )
 
 
-DEMO_TESTS = """
-import time
+#: A `sleep` process the lab can see in a node's containers while a test runs.
+DEMO_SLEEP = "sleep 4.5"
+#: Eight tests of one CPU each; they record the node's cgroup parent (the lab's
+#: `LabNode.cgroup`), which the container sees in /proc/self/cgroup on cgroup v1.
+DEMO_TESTS = f"""
+import subprocess
 
 import pytest
 
 
-def node_name():
+def cgroup_parent():
     for line in open("/proc/self/cgroup"):
-        parts = line.strip().split(":", 2)[2].split("/")
+        parts = line.strip().split(":", 2)[2].strip("/").split("/")
         if "docker" in parts:
-            return parts[parts.index("docker") - 1]
+            return "/".join(parts[: parts.index("docker")])
     return "unknown"
 
 
-@pytest.mark.parametrize("n", range({count}))
+@pytest.mark.parametrize("n", range(8))
 @pytest.mark.sandbox(cpus=1.0, memory="128m", timeout=120)
 def test_spread(n, record_property):
-    record_property("node", node_name())
-    time.sleep({sleep})
-    assert n >= 0
+    record_property("node", cgroup_parent())
+    subprocess.run({DEMO_SLEEP.split()!r}, check=True)
 """
 
 
-def demo_project(pytester: pytest.Pytester, count: int, sleep: float) -> Path:
-    pytester.makepyfile(test_demo=DEMO_TESTS.format(count=count, sleep=sleep))
+def demo_project(pytester: pytest.Pytester) -> Path:
+    """The same project for every run, so later runs find its image built."""
+    pytester.makepyfile(test_demo=DEMO_TESTS)
     return pytester.path / "junit.xml"
 
 
@@ -254,42 +260,55 @@ def nodes_in(junit: Path) -> dict[str, str]:
 def test_pytest_through_the_gateway_spreads_tests_over_the_nodes(
     lab: Lab, pytester: pytest.Pytester
 ) -> None:
-    junit = demo_project(pytester, count=8, sleep=0.5)
+    junit = demo_project(pytester)
     result = pytester.runpytest_subprocess(
         "--sandbox", "--sandbox-address", lab.gateway_address, "--sandbox-jobs", "4",
         f"--junitxml={junit}", "-p", "no:cacheprovider", timeout=600,
     )  # fmt: skip
     result.assert_outcomes(passed=8)
     ran_on = nodes_in(junit)
-    assert set(ran_on.values()) == {n.name for n in lab.nodes}, ran_on
+    assert set(ran_on.values()) == {n.cgroup for n in lab.nodes}, ran_on
 
 
 def test_pytest_session_survives_a_node_lost_mid_run(
     lab: Lab, gw: SandboxClient, pytester: pytest.Pytester, boxes: list[Sandbox]
 ) -> None:
-    junit = demo_project(pytester, count=8, sleep=3.0)
+    """Two jobs, one per node; node 1 dies while one of its tests runs.
+
+    A one-CPU ballast sandbox makes the two jobs' sandboxes land on different nodes; it is
+    destroyed as node 1 is killed, so node 0 has room for the job that lost its sandbox,
+    and the rest of the session passes there.
+    """
+    junit = demo_project(pytester)
+    ballast = gw.create_sandbox(SandboxRequest(limits=ONE_CPU))
+    boxes.append(ballast)
     node = lab.nodes[1]
     mine = f"label=sandbox.instance={lab.instance_id}"
-
     lost: set[str] = set()
 
+    def testing_there() -> bool:
+        running = node.containers(mine, "status=running")
+        return any(DEMO_SLEEP in node.docker("top", c, check=False) for c in running)
+
     def kill_once_a_test_runs_there() -> None:
-        if wait_for(lambda: bool(node.containers(mine, "status=running")), 300):
+        if wait_for(testing_there, 300):
             lost.update(node.containers(mine))
             lab.kill_node(1)
+            with contextlib.suppress(SandboxError):
+                gw.destroy_sandbox(ballast.id)
 
     killer = threading.Thread(target=kill_once_a_test_runs_there, daemon=True)
     killer.start()
     result = pytester.runpytest_subprocess(
-        "--sandbox", "--sandbox-address", lab.gateway_address, "--sandbox-jobs", "4",
+        "--sandbox", "--sandbox-address", lab.gateway_address, "--sandbox-jobs", "2",
         f"--junitxml={junit}", "-p", "no:cacheprovider", "-rf", timeout=600,
     )  # fmt: skip
     killer.join(timeout=330)
+    assert lost, "no test ran on node 1 before the session ended"
     outcomes = result.parseoutcomes()
     failed, passed = outcomes.get("failed", 0), outcomes.get("passed", 0)
     assert failed >= 1 and failed + passed == 8, result.stdout.str()[-4000:]
     failures = [line for line in result.outlines if line.startswith("FAILED")]
     assert len(failures) == failed, failures
     assert all("was lost" in line for line in failures), failures
-    assert lost, "no test ran on node 1 before the session ended"
     restart_and_check_reaped(lab, gw, boxes, lost)
