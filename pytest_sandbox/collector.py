@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_sandbox.models import ItemResult, Placement, RunSettings
+from pytest_sandbox.models import DebugRequest, ItemResult, Placement, RunSettings
 from pytest_sandbox.outcome import timeout_message
 from pytest_sandbox.records import RecordReader, Tail
 
@@ -130,6 +130,16 @@ class Collector:
     def worker_recycle(self, record: Record) -> None:
         self.recycled = str(record.get("reason") or "recycled")
         log.debug("sandbox %s recycled: %s", self.placement.sandbox_id, self.recycled)
+
+    def worker_debug(self, record: Record) -> None:
+        self.emit(
+            DebugRequest(
+                self.placement.sandbox_id,
+                str(record.get("nodeid", "")),
+                int(record["pid"]),
+                str(record["file"]),
+            )
+        )
 
     def worker_error(self, record: Record) -> None:
         self.stderr.add(str(record.get("text", "")).encode())

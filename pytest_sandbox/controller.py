@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox import environment, snapshot
+from pytest_sandbox import debugging, environment, snapshot
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.coverage_data import coverage_spec
-from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, RunSettings
+from pytest_sandbox.models import DebugRequest, Group, GroupDone, ItemResult, Kept, RunSettings
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths
 from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
@@ -38,6 +38,8 @@ class Options:
     address: str | None
     jobs: int
     keep_failed: bool
+    #: This process has a terminal: pdb in a sandbox (--pdb, breakpoint()) may use it.
+    debug: bool = False
 
 
 def make_groups(
@@ -221,6 +223,8 @@ class Controller:
         args += worker_args(config.invocation_params.args, plugin_ok=_mirrored)
         if config.pluginmanager.has_plugin("xdist"):
             args += ["-n", "0"]  # the sandbox is the worker: no xdist from addopts inside
+        if self.options.debug:
+            args += debugging.worker_args(config)
         env = {
             "PYTHONPATH": snap.pythonpath(),
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -236,6 +240,8 @@ class Controller:
             labels={"pytest-sandbox.session": secrets.token_hex(6)},
             recycle_after=self._recycle_after(),
             coverage=coverage_spec(config, snapshot.PROJECT),
+            debug=self.options.debug,
+            post_mortem=self.options.debug and bool(config.getoption("usepdb")),
         )
 
     def _recycle_after(self) -> int:
@@ -316,6 +322,8 @@ class Controller:
                 finished += 1
             elif isinstance(event, Kept):
                 self.kept.append(event)
+            elif isinstance(event, DebugRequest) and self.connection is not None:
+                debugging.attach(self.config, self.connection.client, event)
             elif isinstance(event, ItemResult):
                 self._fire(by_id[event.nodeid], event)
                 if session.shouldfail or session.shouldstop:
@@ -367,9 +375,21 @@ class Controller:
 
     def summary_lines(self) -> list[str]:
         lines = []
+        address = self.options.address
         for kept in self.kept:
             lines.append(f"kept the sandbox of {', '.join(kept.nodeids)}:")
-            lines.append(f"    docker exec -it {kept.container_id} bash")
-        if lines:
-            lines.append("(kept until the next sandboxd start or `sandboxd gc` removes them)")
+            if address:
+                # Through the service: works wherever it runs, not only on the engine's host.
+                lines.append(f"    sandboxd shell --address {address} {kept.sandbox_id}")
+            else:
+                lines.append(f"    docker exec -it {kept.container_id} bash")
+        if lines and address:
+            lines.append(
+                "(kept until the service ends it: its TTL, a few minutes past the tests' timeout)"
+            )
+        elif lines:
+            lines.append(
+                "(kept until the next sandboxd start or `sandboxd gc` removes them; with "
+                "--sandbox-address, a `sandboxd shell` line that works from anywhere)"
+            )
         return lines

@@ -1,6 +1,6 @@
 """The plain records passed between the controller, its pool threads and the collector.
 
-Pool threads post ItemResult, Kept and GroupDone to the main thread; nothing
+Pool threads post ItemResult, Kept, DebugRequest and GroupDone to the main thread; nothing
 here holds a pytest object, so the records cross threads safely.
 """
 
@@ -34,6 +34,8 @@ class RunSettings:
     labels: Mapping[str, str] = field(default_factory=dict)
     recycle_after: int = 100  # isolation="fork": tests per container before a fresh one
     coverage: CoverageSpec | None = None  # pytest-cov measures on the host: measure inside
+    debug: bool = False  # a terminal to debug on: pdb (breakpoint(), --pdb) reaches it
+    post_mortem: bool = False  # --pdb with a terminal: the exec may run to the server's cap
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ class Kept:
     container_id: str
     nodeids: tuple[str, ...]
     sandbox_id: str = ""
+
+
+@dataclass(frozen=True)
+class DebugRequest:
+    """A debugger in a sandbox wants the user's terminal (see debugger.py)."""
+
+    sandbox_id: str
+    nodeid: str
+    pid: int
+    file: str  # where the terminal's device path is to be written
 
 
 @dataclass(frozen=True)

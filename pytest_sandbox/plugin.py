@@ -102,6 +102,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _options(config: pytest.Config, mode: str) -> Options:
+    from pytest_sandbox import debugging
     from pytest_sandbox.controller import Options
 
     jobs = config.getoption("sandbox_jobs") or int(str(config.getini("sandbox_jobs")) or 0)
@@ -112,6 +113,7 @@ def _options(config: pytest.Config, mode: str) -> Options:
         or None,
         jobs=jobs or os.cpu_count() or 1,
         keep_failed=bool(config.getoption("sandbox_keep_failed")),
+        debug=debugging.terminal_available(config),
     )
 
 

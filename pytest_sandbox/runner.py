@@ -216,6 +216,8 @@ class GroupRunner:
         """The exec's backstop; the worker's per-test watchdog normally acts long before.
         Asking past the server's cap is refused, never lowered, so stay under it."""
         cap = self.client.server_info().caps.timeout_seconds
+        if self.settings.post_mortem:
+            return cap  # a person at a pdb prompt takes longer than any test
         return min(STARTUP_SECONDS + count * (spec.timeout + PER_TEST_GRACE), cap)
 
     def _attempt(
@@ -269,6 +271,8 @@ class GroupRunner:
             "recycle_after": self.settings.recycle_after,
             "deadline": self._deadline(group.spec, len(pending)),
         }
+        if self.settings.debug:
+            request["debug"] = True
         if self.settings.coverage is not None:
             request["coverage"] = self.settings.coverage.worker_options(capture_dir)
         return json.dumps(request).encode() + b"\n"

@@ -109,10 +109,10 @@ def project_files(
 
 
 def worker_files(prefix: str = "lib") -> ContextFiles:
-    """The worker and its fork-reset (both stand-alone); pytest and everything else come
-    with the mirrored environment."""
+    """The worker, its fork-reset and its debugger (all stand-alone); pytest and everything
+    else come with the mirrored environment."""
     files: ContextFiles = {}
-    for name in ("worker", "pristine"):
+    for name in ("worker", "pristine", "debugger"):
         source = Path(__file__).with_name(f"{name}.py")
         files[f"{prefix}/pytest_sandbox_{name}.py"] = (source.read_bytes(), 0o644)
     return files

@@ -10,7 +10,8 @@ tests run, so nothing a test prints can forge or break a record. Records:
 start{nodeid}, report{report}, finish{nodeid}, collect{report},
 missing{nodeids}, timeout{nodeid, seconds, stack, stdout, stderr}, exit{code},
 and with "fork" in the request (isolation="fork", see pristine.py) recycle{reason}:
-the worker ends before the rest of its tests, which want a fresh sandbox.
+the worker ends before the rest of its tests, which want a fresh sandbox. With "debug",
+debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
 """
 
@@ -428,6 +429,10 @@ def main() -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         plugin.coverage = start_coverage(request.get("coverage"))
         plugins = [plugin] if plugin.forker is None else [plugin, plugin.forker]
+        if request.get("debug"):  # pdb on the user's terminal (debugger.py, shipped alongside)
+            import pytest_sandbox_debugger  # type: ignore[import-not-found]
+
+            plugins.append(pytest_sandbox_debugger.configure(plugin, request["capture_dir"]))
         code = int(pytest.main(list(request["args"]) + list(request["files"]), plugins=plugins))
     except BaseException:
         channel.send("error", text=traceback.format_exc())

@@ -1,4 +1,8 @@
-"""`sandboxd serve | build | run | grade | info | gc | bootstrap-image`."""
+"""`sandboxd serve | build | run | shell | exec | grade | info | gc | bootstrap-image`.
+
+Size: past the house's ~450 lines on purpose: each subcommand is a parser function and a
+command function, and keeping them in one module keeps the CLI's reference in one place.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandboxd import errors
+from sandboxd import errors, terminal
 from sandboxd.config import DEFAULT_BASE_IMAGE, ServerConfig, load_config
 from sandboxd.engine import ENGINES
 from sandboxd.limits import parse_size
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
     from sandboxd.client import SandboxClient
 
 log = logging.getLogger("sandboxd")
+#: Where `serve` listens by default, and so where `shell` and `exec` look first.
+DEFAULT_LISTEN = "unix:/run/sandboxd/sandboxd.sock"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_gc(sub)
     _add_run(sub)
+    _add_shell(sub)
+    _add_exec(sub)
     _add_info(sub)
     _add_grade(sub)
     return p
@@ -50,7 +59,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve = sub.add_parser("serve", help="serve the gRPC API")
     serve.add_argument(
         "--listen",
-        default="unix:/run/sandboxd/sandboxd.sock",
+        default=DEFAULT_LISTEN,
         help="unix:PATH or HOST:PORT (default %(default)s)",
     )
     serve.add_argument(
@@ -105,6 +114,39 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--address", help="use a running sandboxd instead of an embedded one")
     _add_tls(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    """Options `shell` and `exec` share: where the sandbox is, and the command's deadline."""
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("SANDBOXD_ADDRESS") or DEFAULT_LISTEN,
+        help="the sandboxd that made the sandbox (default: $SANDBOXD_ADDRESS, else %(default)s)",
+    )
+    _add_tls(parser)
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="wall seconds (default: the sandbox's)"
+    )
+    parser.add_argument("--workdir", default="", help="working directory inside the sandbox")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+
+
+def _add_shell(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    shell = sub.add_parser(
+        "shell", help="an interactive shell (or CMD) in a running sandbox, on this terminal"
+    )
+    _add_session_options(shell)
+    shell.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    shell.add_argument("argv", nargs=argparse.REMAINDER, help="CMD ARGS... (default /bin/sh)")
+
+
+def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser("exec", help="run a command in a running sandbox (docker exec's options)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="pass stdin on")
+    ex.add_argument("-t", "--tty", action="store_true", help="on a terminal (stdin must be one)")
+    _add_session_options(ex)
+    ex.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="CMD ARGS...")
 
 
 def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -250,6 +292,18 @@ def _env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _command(given: list[str], hint: str) -> list[str]:
+    """The command after an optional "--".
+
+    Raises:
+        InvalidArgument: none was given (`hint` says how).
+    """
+    argv = given[1:] if given and given[0] == "--" else list(given)
+    if not argv:
+        raise errors.InvalidArgument(hint)
+    return argv
+
+
 def _show(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     out.buffer.write(data)
@@ -259,11 +313,7 @@ def _show(stream: str, data: bytes) -> None:
 def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
     from sandboxd.api import SandboxRequest, requested_limits
 
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise errors.InvalidArgument("give the command after --, e.g. sandboxd run -- python3 -V")
+    argv = _command(args.argv, "give the command after --, e.g. sandboxd run -- python3 -V")
     limits = requested_limits(
         cpus=args.cpus,
         memory_bytes=parse_size(args.memory, field="--memory") if args.memory else 0,
@@ -291,15 +341,58 @@ def cmd_run(args: argparse.Namespace, config: ServerConfig) -> int:
         with client.sandbox(request) as box:
             result = box.exec(argv, on_output=_show)
         sandbox = box.sandbox
-    info = result.info
-    own = result.exit_code if result.exit_code >= 0 else 1
-    code = info.cli_exit if info.cli_exit is not None else own
-    if not info.finished:
-        print(f"sandboxd: {result.message}", file=sys.stderr)
+    code = _exit_code(result)
     if args.json:
         summary = _run_summary(result, sandbox, code, image or config.base_image, digest)
         sys.stdout.write("\n" + json.dumps(summary) + "\n")
     return code
+
+
+def _exit_code(result: ExecResult) -> int:
+    """This command's exit code for `result` (a limit's own code, else the command's);
+    a limit kill is also said on stderr."""
+    info = result.info
+    own = result.exit_code if result.exit_code >= 0 else 1
+    if not info.finished:
+        print(f"sandboxd: {result.message}", file=sys.stderr)
+    return info.cli_exit if info.cli_exit is not None else own
+
+
+def cmd_shell(args: argparse.Namespace, config: ServerConfig) -> int:
+    argv = list(args.argv) or ["/bin/sh"]
+    on_tty = terminal.is_terminal(0)
+    return _interactive(args, config, argv, tty=on_tty, forward_stdin=True)
+
+
+def cmd_exec(args: argparse.Namespace, config: ServerConfig) -> int:
+    """Raises: InvalidArgument: no command, or -t without a terminal on stdin."""
+    argv = _command(args.argv, "give the command, e.g. sandboxd exec -it SANDBOX_ID sh")
+    if args.tty and not terminal.is_terminal(0):
+        raise errors.InvalidArgument("-t: stdin is not a terminal (leave -t out)")
+    return _interactive(args, config, argv, tty=args.tty, forward_stdin=args.interactive)
+
+
+def _interactive(
+    args: argparse.Namespace,
+    config: ServerConfig,
+    argv: list[str],
+    *,
+    tty: bool,
+    forward_stdin: bool,
+) -> int:
+    """Attach this terminal to `argv` in the sandbox; exit with its exit code."""
+    with _client(args, config) as client:
+        session = client.exec_session(
+            args.sandbox_id,
+            argv,
+            tty=tty,
+            window=terminal.window(0) if tty else None,
+            timeout=args.timeout,
+            env=_env(args.env),
+            workdir=args.workdir,
+        )
+        result = terminal.attach(session, tty_mode=tty, forward_stdin=forward_stdin)
+    return _exit_code(result)
 
 
 def _run_summary(
@@ -379,6 +472,8 @@ COMMANDS = {
     "build": cmd_build,
     "gc": cmd_gc,
     "run": cmd_run,
+    "shell": cmd_shell,
+    "exec": cmd_exec,
     "grade": cmd_grade,
     "info": cmd_info,
 }
@@ -390,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG
         if args.verbose
         else logging.WARNING
-        if args.command in ("run", "grade", "info")
+        if args.command in ("run", "shell", "exec", "grade", "info")
         else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,

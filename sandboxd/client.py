@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,7 +51,9 @@ from sandboxd.channels import (
     from_rpc_error,
     tls_credentials,
 )
+from sandboxd.execs import ExecRequest
 from sandboxd.info import ServerInfo
+from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 
 log = logging.getLogger(__name__)
 
@@ -414,15 +417,17 @@ class SandboxClient:
         With `attach_preload`, argv must be empty: stdin goes to the sandbox's preloaded
         command, which is already running.
         """
-        request = pb.ExecRequest(
-            sandbox_id=sandbox_id,
-            argv=list(argv),
-            stdin=stdin,
-            timeout_seconds=timeout,
-            output_limit_bytes=output_limit,
-            env=dict(env or {}),
-            workdir=workdir,
-            attach_preload=attach_preload,
+        request = wire.exec_request_to_pb(
+            sandbox_id,
+            ExecRequest(
+                argv=list(argv),
+                stdin=stdin,
+                timeout_seconds=timeout,
+                output_limit_bytes=output_limit,
+                env=dict(env or {}),
+                workdir=workdir,
+                attach_preload=attach_preload,
+            ),
         )
         deadline = self._exec_deadline(timeout)
         try:
@@ -433,6 +438,34 @@ class SandboxClient:
                     yield OutputChunk(wire._STREAMS[event.output.stream], event.output.data)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def exec_session(
+        self,
+        sandbox_id: str,
+        argv: Iterable[str],
+        *,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
+        stdin: bytes = b"",
+        timeout: float = 0.0,
+        env: Mapping[str, str] | None = None,
+        workdir: str = "",
+    ) -> ExecSession:
+        """Start an interactive exec (ExecStream): stdin, resizes and signals go in while
+        its output comes out. `window` is (rows, columns), required with `tty`."""
+        start = ExecStart(
+            sandbox_id=sandbox_id,
+            request=ExecRequest(
+                argv=list(argv),
+                stdin=stdin,
+                timeout_seconds=timeout,
+                env=dict(env or {}),
+                workdir=workdir,
+            ),
+            tty=tty,
+            window=WindowSize(*window) if window is not None else None,
+        )
+        return ExecSession(self, start, self._exec_deadline(timeout))
 
     def exec(
         self,
@@ -477,6 +510,60 @@ class SandboxClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return bytes(out)
+
+
+class ExecSession:
+    """One interactive exec: `write`, `resize`, `signal` and `close_stdin` may be called
+    from any thread while another iterates `events()`."""
+
+    def __init__(self, client: SandboxClient, start: ExecStart, deadline: float) -> None:
+        self._inputs: queue.Queue[ExecInput | None] = queue.Queue()
+        first = pb.ExecInput(start=wire.exec_start_to_pb(start))
+        self._call = client.sandboxes.ExecStream(
+            self._requests(first), metadata=client._metadata, timeout=deadline
+        )
+
+    def _requests(self, first: pb.ExecInput) -> Iterator[pb.ExecInput]:
+        yield first
+        while (item := self._inputs.get()) is not None:
+            yield wire.exec_input_to_pb(item)
+
+    def write(self, data: bytes) -> None:
+        self._inputs.put(Stdin(data))
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._inputs.put(Resize(WindowSize(rows, columns)))
+
+    def signal(self, name: str) -> None:
+        self._inputs.put(Signal(name))
+
+    def close_stdin(self) -> None:
+        self._inputs.put(CloseStdin())
+
+    def close(self) -> None:
+        """End the input side (the service then ends the call once the command has)."""
+        self._inputs.put(None)
+
+    def cancel(self) -> None:
+        """Give up: the service kills the command."""
+        self.close()
+        self._call.cancel()  # type: ignore[no-untyped-call]
+
+    def events(self) -> Iterator[OutputChunk | ExecResult]:
+        """Output chunks as they come, then the result; the input side closes with it.
+
+        Raises:
+            SandboxError: the call failed (its status, as the matching kind).
+        """
+        try:
+            for event in self._call:
+                if event.HasField("result"):
+                    self.close()
+                    yield wire.result_from_pb(event.result)
+                else:
+                    yield OutputChunk(wire._STREAMS[event.output.stream], event.output.data)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
 
 class SandboxHandle:

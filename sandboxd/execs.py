@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import processes
@@ -46,6 +46,11 @@ class ExecRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str = ""
     attach_preload: bool = False
+    #: Stdin stays open for more input over the call (an interactive exec).
+    stream_stdin: bool = False
+    tty: bool = False
+    #: The terminal's (rows, columns), with `tty`.
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,13 @@ class Executor:
         timeout: float,
         output_limit: int,
         cancelled: threading.Event | None = None,
+        on_start: Callable[[processes.Started], None] | None = None,
     ) -> Iterator[Output | ExecOutcome]:
-        """`run` for a record whose request was already checked (or is the service's own)."""
+        """`run` for a record whose request was already checked (or is the service's own).
+        `on_start` is handed the running command (an interactive exec feeds it)."""
         run, cpu_before, started = self._begin(record, req)
+        if on_start is not None:
+            on_start(run)
         tally = _Tally(deadline=started + timeout, output_limit=output_limit)
         try:
             yield from self._stream(record, run, tally, cancelled)
@@ -209,7 +218,9 @@ class Executor:
                 env=req.env,
                 workdir=req.workdir or record.workdir,
                 user=record.user,
-                stdin=bool(req.stdin),
+                stdin=bool(req.stdin) or req.stream_stdin,
+                tty=req.tty,
+                window=req.window,
             )
         except NotFound:
             raise FailedPrecondition(f"sandbox {record.id} is no longer running") from None

@@ -60,12 +60,16 @@ def start(
     workdir: str,
     user: str,
     stdin: bool,
+    tty: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> Started:
     """Sample the cgroup counters, reset the peak, start the command and its reader."""
     before = engine.sample(container_id)
     engine.reset_peak(container_id)
     started = time.monotonic()
-    proc = engine.exec(container_id, argv, env=env, workdir=workdir, user=user, stdin=stdin)
+    proc = engine.exec(
+        container_id, argv, env=env, workdir=workdir, user=user, stdin=stdin, tty=tty, window=window
+    )
     events: OutputQueue = queue.Queue(maxsize=QUEUE_CHUNKS)
     finished = threading.Event()
     reader = threading.Thread(

@@ -24,6 +24,7 @@ from sandboxd.auth import AuthInterceptor, load_tokens, server_credentials
 from sandboxd.blobs import BlobStore
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine, make_engine
+from sandboxd.engine.base import RoomMaking
 from sandboxd.errors import EngineUnavailable, InvalidArgument
 from sandboxd.execs import Executor
 from sandboxd.images import ImageStore
@@ -110,6 +111,10 @@ def make_core(config: ServerConfig, engine: Engine | None = None) -> Core:
     blobs = BlobStore(config.state_dir / "blobs" / config.instance_id)
     images = ImageStore(engine, config.base_image, config.instance_id, blobs)
     manager = SandboxManager(config, engine, images)
+    pool = manager.pool
+    if pool is not None and isinstance(engine, RoomMaking):
+        # Every warm container goes: the engine cannot say which node the new one needs.
+        engine.make_room = lambda: pool.evict(1 << 62) > 0
     return Core(config, engine, images, manager, Executor(manager))
 
 

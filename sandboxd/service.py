@@ -25,10 +25,11 @@ from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
-from sandboxd.execs import ExecRequest, Executor, Output
+from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
+from sandboxd.sessions import run_session
 from sandboxd.transfers import Transfers
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,14 @@ def request_from_pb(spec: pb.SandboxSpec, owner: str) -> SandboxRequest:
 
 def _chunk(event: Output) -> pb.OutputChunk:
     return pb.OutputChunk(stream=pb.Stream.ValueType(event.stream), data=event.data)
+
+
+def _exec_events(events: Iterator[Output | ExecOutcome]) -> Iterator[pb.ExecEvent]:
+    for event in events:
+        if isinstance(event, Output):
+            yield pb.ExecEvent(output=_chunk(event))
+        else:
+            yield pb.ExecEvent(result=wire.outcome_to_pb(event))
 
 
 def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
@@ -302,17 +311,33 @@ class SandboxServicer(pb_grpc.SandboxServiceServicer):
     def Exec(
         self, request: pb.ExecRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExecEvent]:
-        events = self.executor.run(
-            request.sandbox_id,
-            wire.exec_request_from_pb(request),
-            owner_of(context),
-            _cancel_event(context),
+        yield from _exec_events(
+            self.executor.run(
+                request.sandbox_id,
+                wire.exec_request_from_pb(request),
+                owner_of(context),
+                _cancel_event(context),
+            )
         )
-        for event in events:
-            if isinstance(event, Output):
-                yield pb.ExecEvent(output=_chunk(event))
-            else:
-                yield pb.ExecEvent(result=wire.outcome_to_pb(event))
+
+    @streaming
+    def ExecStream(
+        self, request_iterator: Iterator[pb.ExecInput], context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecEvent]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise errors.InvalidArgument(
+                "start: the first message must start the command", field="start"
+            )
+        yield from _exec_events(
+            run_session(
+                self.executor,
+                wire.exec_start_from_pb(first.start),
+                (wire.exec_input_from_pb(m) for m in request_iterator),
+                owner_of(context),
+                _cancel_event(context),
+            )
+        )
 
     @unary
     def PutFiles(

@@ -14,6 +14,7 @@ from sandboxd.images import ContextFile, ImageRecord
 from sandboxd.info import ProfileInfo, ServerInfo
 from sandboxd.limits import Caps, Limits
 from sandboxd.sandboxes import SandboxRecord
+from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 from sandboxd.verdicts import VERDICTS, by_wire
 
 _STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
@@ -254,3 +255,63 @@ def exec_request_from_pb(m: pb.ExecRequest) -> ExecRequest:
         workdir=m.workdir,
         attach_preload=m.attach_preload,
     )
+
+
+def exec_start_from_pb(m: pb.ExecStart) -> ExecStart:
+    window = m.window if m.HasField("window") else None
+    return ExecStart(
+        sandbox_id=m.request.sandbox_id,
+        request=exec_request_from_pb(m.request),
+        tty=m.tty,
+        window=WindowSize(window.rows, window.columns) if window is not None else None,
+    )
+
+
+def exec_input_from_pb(m: pb.ExecInput) -> ExecInput:
+    """Raises: InvalidArgument: a second start, or an empty message."""
+    kind = m.WhichOneof("input")
+    if kind == "stdin":
+        return Stdin(m.stdin)
+    if kind == "resize":
+        return Resize(WindowSize(m.resize.rows, m.resize.columns))
+    if kind == "signal":
+        return Signal(m.signal)
+    if kind == "close_stdin":
+        return CloseStdin()
+    if kind == "start":
+        raise errors.InvalidArgument("start: only the first message may start the command")
+    raise errors.InvalidArgument("input: the message carries nothing", field="input")
+
+
+def exec_request_to_pb(sandbox_id: str, r: ExecRequest) -> pb.ExecRequest:
+    return pb.ExecRequest(
+        sandbox_id=sandbox_id,
+        argv=list(r.argv),
+        stdin=r.stdin,
+        timeout_seconds=r.timeout_seconds,
+        output_limit_bytes=r.output_limit_bytes,
+        env=dict(r.env),
+        workdir=r.workdir,
+        attach_preload=r.attach_preload,
+    )
+
+
+def exec_start_to_pb(start: ExecStart) -> pb.ExecStart:
+    w = start.window
+    return pb.ExecStart(
+        request=exec_request_to_pb(start.sandbox_id, start.request),
+        tty=start.tty,
+        window=pb.WindowSize(rows=w.rows, columns=w.columns) if w is not None else None,
+    )
+
+
+def exec_input_to_pb(item: ExecInput) -> pb.ExecInput:
+    if isinstance(item, Stdin):
+        return pb.ExecInput(stdin=item.data)
+    if isinstance(item, Resize):
+        return pb.ExecInput(
+            resize=pb.WindowSize(rows=item.window.rows, columns=item.window.columns)
+        )
+    if isinstance(item, Signal):
+        return pb.ExecInput(signal=item.name)
+    return pb.ExecInput(close_stdin=True)

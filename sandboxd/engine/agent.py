@@ -229,10 +229,19 @@ class NodeAgent:
         workdir: str,
         user: str,
         stdin: bool,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> int:
-        """Start a command; its output is read with `read`, its end with `exec_result`."""
+        """Start a command; its output and, at its end, its exit code are read with `read`."""
         proc = self.engine.exec(
-            container_id, argv, env=env, workdir=workdir, user=user, stdin=stdin
+            container_id,
+            argv,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            window=window,
         )
         return self._add(Stream(proc.output()), proc)
 
@@ -260,6 +269,12 @@ class NodeAgent:
 
     def kill(self, handle: int) -> None:
         self._proc(handle).kill()
+
+    def resize(self, handle: int, rows: int, columns: int) -> None:
+        self._proc(handle).resize(rows, columns)
+
+    def signal(self, handle: int, signum: int) -> None:
+        self._proc(handle).signal(signum)
 
     def close(self, handle: int) -> None:
         """Forget a stream, closing its exec's connection."""

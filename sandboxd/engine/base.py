@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Protocol, runtime_checkable
 
 #: Label on everything the service makes; the value is the owning instance id.
 LABEL_MANAGED = "sandbox.managed"
@@ -83,6 +83,14 @@ class ExecProcess(Protocol):
         """Kill the command and everything it started."""
         ...
 
+    def resize(self, rows: int, columns: int) -> None:
+        """Set the size of the command's terminal (a TTY exec only)."""
+        ...
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the command's main process."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -142,8 +150,25 @@ class Engine(Protocol):
         workdir: str,
         user: str,
         stdin: bool,
-    ) -> ExecProcess: ...
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
+    ) -> ExecProcess:
+        """Start `argv`; with `tty`, on a pseudo-terminal of `window` (rows, columns) whose
+        output arrives as stream 1."""
+        ...
 
     def sample(self, container_id: str) -> CgroupSample: ...
 
     def reset_peak(self, container_id: str) -> None: ...
+
+
+@runtime_checkable
+class RoomMaking(Protocol):
+    """An engine whose containers reserve room on nodes of limited size (the cluster's).
+
+    When a new container finds no room at first, the engine calls `make_room`, which the
+    wiring points at the warm pool: warm containers give way to live ones, as admission
+    makes them do on one machine. It says whether anything went.
+    """
+
+    make_room: Callable[[], bool]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5.0
 #: How long one poll of an exec's output waits on the node for something to arrive.
 POLL_SECONDS = 0.5
+#: How long a new container waits for room before warm ones are asked to give way.
+ROOM_CHECK_SECONDS = 1.0
 #: The smallest sandbox: `ping` checks only that some node is alive.
 NOTHING = Need(cpus=0.0, memory_bytes=0)
 
@@ -73,6 +76,8 @@ class ClusterEngine:
         self.images = ClusterImages(self.nodes)
         self._lock = threading.Lock()
         self._placed: dict[str, Placed] = {}
+        #: See `RoomMaking`: pointed at the warm pool by the wiring when there is one.
+        self.make_room: Callable[[], bool] = lambda: False
 
     # -- the cluster as a whole -------------------------------------------------------------------
 
@@ -144,8 +149,26 @@ class ClusterEngine:
         return container_id
 
     def _wait_placed(self, group: PlacementGroup, what: str) -> str:
+        """Wait for Ray to place the group; when it is not placed at once, warm containers
+        give way (`make_room`) and the wait goes on to the placement timeout.
+
+        Raises:
+            ResourceExhausted: not placed within the placement timeout.
+        """
+        started = time.monotonic()
+        first = min(ROOM_CHECK_SECONDS, self.placement_timeout)
         try:
-            ray.get(group.ready(), timeout=self.placement_timeout)
+            ray.get(group.ready(), timeout=first)
+        except ray.exceptions.GetTimeoutError:
+            if self.make_room():
+                log.info("no room for %s at once: warm sandboxes gave way", what)
+            self._wait_more(group, what, self.placement_timeout - (time.monotonic() - started))
+        table = placement_group_table(group)
+        return str(table["bundles_to_node_id"][0])
+
+    def _wait_more(self, group: PlacementGroup, what: str, seconds: float) -> None:
+        try:
+            ray.get(group.ready(), timeout=max(0.0, seconds))
         except ray.exceptions.GetTimeoutError:
             raise ResourceExhausted(
                 f"no node of the cluster had {what} free within "
@@ -153,8 +176,6 @@ class ClusterEngine:
                 "retry in a few seconds",
                 retry_after=RETRY_AFTER_SECONDS,
             ) from None
-        table = placement_group_table(group)
-        return str(table["bundles_to_node_id"][0])
 
     def _where(self, container_id: str) -> tuple[str, str]:
         """(node id, docker id) of one of our container ids.
@@ -230,10 +251,12 @@ class ClusterEngine:
         workdir: str,
         user: str,
         stdin: bool,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> RemoteExec:
         node_id, docker_id = self._where(container_id)
         handle = self.nodes.call(
-            node_id, "exec_start", docker_id, argv, dict(env), workdir, user, stdin
+            node_id, "exec_start", docker_id, argv, dict(env), workdir, user, stdin, tty, window
         )
         return RemoteExec(self.nodes, node_id, int(handle))
 
@@ -247,11 +270,6 @@ class ClusterEngine:
             with contextlib.suppress(Exception):
                 remove_placement_group(group)
         self.images.forget_node(node_id)
-
-    def close(self) -> None:
-        """Stop the agents; the manager has removed the containers already."""
-        with contextlib.suppress(Exception):
-            self.nodes.shutdown()
 
 
 class RemoteExec:
@@ -291,6 +309,12 @@ class RemoteExec:
     def kill(self) -> None:
         with contextlib.suppress(NodeLost):
             self._call("kill")
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._call("resize", rows, columns)
+
+    def signal(self, signum: int) -> None:
+        self._call("signal", signum)
 
     def close(self) -> None:
         with contextlib.suppress(SandboxError):

@@ -338,24 +338,55 @@ class DockerEngine:
         workdir: str,
         user: str,
         stdin: bool,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> DockerExec:
         api = self.api
         tag = uuid.uuid4().hex
+        if tty and window is not None:
+            argv = _sized(argv, *window)
         created = self._call(
             lambda: api.exec_create(
                 container_id,
                 argv,
-                stdin=stdin,
+                stdin=stdin or tty,
                 stdout=True,
                 stderr=True,
+                tty=tty,
                 environment={**env, EXEC_TAG: tag},
                 workdir=workdir or None,
                 user=user,
             )
         )
         exec_id = str(created["Id"])
-        sock = self._call(lambda: api.exec_start(exec_id, socket=True))
-        return DockerExec(self, container_id, exec_id, sock, tag=tag, user=user)
+        sock = self._call(lambda: api.exec_start(exec_id, socket=True, tty=tty))
+        proc = DockerExec(self, container_id, exec_id, sock, tag=tag, user=user, tty=tty)
+        if tty and window is not None:
+            proc.resize(*window)
+        return proc
+
+    def resize_exec(self, exec_id: str, rows: int, columns: int) -> None:
+        """Set an exec's terminal size; an exec that already ended is left alone."""
+        with contextlib.suppress(NotFound, FailedPrecondition):
+            self._call(lambda: self.api.exec_resize(exec_id, height=rows, width=columns))
+
+    def signal_exec(self, container_id: str, tag: str, user: str, signum: int) -> None:
+        """Send `signum` to an exec's main process, from inside the container: the tagged
+        process whose parent is not tagged (its parent is outside the container's view).
+        From inside, so it works the same under gVisor and against a remote engine."""
+        script = (
+            "for d in /proc/[0-9]*; do "
+            f"grep -qsa {EXEC_TAG}={tag} $d/environ || continue; "
+            "p=$(sed -n 's/^PPid:[[:space:]]*//p' $d/status); "
+            f"grep -qsa {EXEC_TAG}={tag} /proc/$p/environ 2>/dev/null || "
+            f"kill -{int(signum)} ${{d#/proc/}} 2>/dev/null; "
+            "done; echo signalled"
+        )
+        created = self._call(
+            lambda: self.api.exec_create(container_id, ["sh", "-c", script], user=user)
+        )
+        sock = self._call(lambda: self.api.exec_start(str(created["Id"]), socket=True))
+        _read_until(sock, b"signalled", KILL_WAIT_SECONDS)
 
     def kill_tagged(self, container_id: str, tag: str, user: str) -> None:
         """Kill, from inside, every process of the container that carries an exec's tag.
@@ -488,8 +519,10 @@ class DockerExec:
         *,
         tag: str = "",
         user: str = "",
+        tty: bool = False,
     ) -> None:
         self._engine = engine
+        self._tty = tty
         self._tag = tag
         self._user = user
         self.container_id = container_id
@@ -517,7 +550,7 @@ class DockerExec:
         held = b""
         first = True
         try:
-            for stream, data in frames_iter(self._sock, tty=False):
+            for stream, data in frames_iter(self._sock, tty=self._tty):
                 if not data:
                     continue
                 if first and stream == 1 and bytes(data).startswith(_START_FAILED):
@@ -560,6 +593,12 @@ class DockerExec:
                 return int(code) if code is not None else None
             time.sleep(0.01)
         return None
+
+    def resize(self, rows: int, columns: int) -> None:
+        self._engine.resize_exec(self.exec_id, rows, columns)
+
+    def signal(self, signum: int) -> None:
+        self._engine.signal_exec(self.container_id, self._tag, self._user, signum)
 
     def kill(self) -> None:
         if self._killed:
@@ -605,6 +644,14 @@ def _read_until(sock: Any, word: bytes, seconds: float) -> bool:
         with contextlib.suppress(OSError):
             sock.close()
     return word in seen
+
+
+def _sized(argv: list[str], rows: int, columns: int) -> list[str]:
+    """`argv` run after its terminal is given its size. The engine's API (before 1.42) has
+    no initial console size: a resize only lands after the command started, and a program
+    that reads its size at once (`stty size`, a shell's line editor) would see 0 x 0."""
+    script = f'stty rows {int(rows)} cols {int(columns)} 2>/dev/null; exec "$@"'
+    return ["/bin/sh", "-c", script, "sh", *argv]
 
 
 def _start_failure(engine_text: bytes) -> str:

@@ -138,7 +138,8 @@ class Nodes:
     # -- agents -----------------------------------------------------------------------------------
 
     def agent(self, node_id: str) -> Any:
-        """The node's agent, started (and its leftovers reaped) on first use.
+        """The node's agent, started (and its leftovers reaped) on first use. Agents are
+        owned by this process (the Ray driver) and end with it.
 
         Raises:
             NodeLost: the node died. EngineUnavailable: the agent did not start in time.
@@ -154,6 +155,8 @@ class Nodes:
                 handle = self._agents.get(node_id)
             if handle is not None:
                 return handle
+            if node_id[:12] not in self._known:
+                self.all(fresh=True)  # a node that just joined: its name labels containers
             name = self.name(node_id)
             handle = (
                 ray.remote(NodeAgent)
@@ -192,8 +195,17 @@ class Nodes:
             if isinstance(cause, SandboxError):
                 raise cause from None
             raise SandboxError(f"the agent on node {self.name(node_id)} failed: {cause}") from None
-        except _DEAD as exc:
-            self._mark_lost(node_id, _why_dead(exc))
+        except ray.exceptions.ActorUnavailableError:
+            # Unreachable for now: lost only if Ray has given up on the node too.
+            if self._still_alive(node_id):
+                raise EngineUnavailable(
+                    f"the agent on node {self.name(node_id)} cannot be reached just now"
+                ) from None
+            self._mark_lost(node_id, "it cannot be reached and Ray reports it dead")
+            self.check(node_id)
+            raise
+        except _DEAD:
+            self._mark_lost(node_id, "its agent died with it")
             self.check(node_id)
             raise  # unreachable: check raised
         except ray.exceptions.GetTimeoutError:
@@ -206,17 +218,3 @@ class Nodes:
 
     def _still_alive(self, node_id: str) -> bool:
         return any(n.node_id == node_id and n.alive for n in self.all(fresh=True))
-
-    def shutdown(self) -> None:
-        """Stop the agents (their containers are removed by the caller first) and leave."""
-        with self._lock:
-            handles = list(self._agents.values())
-            self._agents.clear()
-        for handle in handles:
-            ray.kill(handle)
-
-
-def _why_dead(exc: BaseException) -> str:
-    if isinstance(exc, ray.exceptions.ActorUnavailableError):
-        return "its agent cannot be reached"
-    return "its agent died with it"

@@ -1,25 +1,16 @@
 """The cluster engine against a real multi-node Ray cluster on this host.
 
-`ray.cluster_utils.Cluster` starts a head (no sandboxes) and two sandbox nodes, each a raylet
-of its own with `{"sandbox_node": 1}`, 2 CPU and 1 GiB; every node's agent drives the host's
+`tests/cluster/local_ray.py` starts two sandbox nodes (the head n1, and n2), each a raylet of
+its own with `{"sandbox_node": 1}`, 2 CPU and 1 GiB; every node's agent drives the host's
 Docker engine and labels its containers with its node name, so the nodes' containers stay
 apart as if each node had an engine of its own. A gateway (`Service` with engine =
 "cluster") serves on a unix socket. One cluster serves the whole module; the node-loss test
-runs last, as it replaces a node.
-
-Ray is told to use loopback only (node addresses and its own address discovery).
+runs last, as it replaces node n2. Everything stays on loopback.
 """
 
 from __future__ import annotations
 
 import os
-
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # address discovery: loopback, no probe
-# A loaded 2-core machine can take longer than Ray's default 30 s to register a raylet.
-os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
-
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from sandboxd.api import SandboxRequest
 from sandboxd.client import SandboxClient
@@ -38,74 +27,45 @@ from sandboxd.engine.base import LABEL_INSTANCE
 from sandboxd.errors import InvalidArgument, NodeLost, ResourceExhausted, SandboxError
 from sandboxd.limits import GiB, MiB
 from sandboxd.server import Service, create_server
-from tests.conftest import docker, make_config, small_limits
-
-NODE_CPUS = 2
-NODE_MEMORY = 1 * GiB
-#: Fast node-death detection, so a lost node is noticed in seconds (Ray's default is ~30 s).
-HEALTH = {
-    "health_check_initial_delay_ms": 1000,
-    "health_check_period_ms": 500,
-    "health_check_timeout_ms": 500,
-    "health_check_failure_threshold": 3,
-}
+from tests.cluster.local_ray import LocalRay
+from tests.conftest import docker, make_config, small_limits, wait_for
+from tests.service.test_interactive import Reader
 
 
 @dataclass
 class Lab:
-    cluster: Cluster
-    nodes: dict[str, Any]
+    ray: LocalRay
     service: Service
     client: SandboxClient
     instance_id: str
-    temp_dir: str
 
-    def add_node(self, name: str) -> None:
-        self.nodes[name] = self.cluster.add_node(
-            num_cpus=NODE_CPUS,
-            memory=NODE_MEMORY,
-            resources={"sandbox_node": 1},
-            node_name=name,
-            node_ip_address="127.0.0.1",
-        )
+    def short_id(self, name: str) -> str:
+        return str(self.ray.nodes[name].node_id)[:12]
 
 
 @pytest.fixture(scope="module")
 def lab(base_image: str, short_tmp: Path) -> Iterator[Lab]:
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "node_ip_address": "127.0.0.1",
-            "temp_dir": temp_dir,
-            "_system_config": HEALTH,
-        },
-    )
-    config = make_config(
-        engine="cluster",
-        cluster_address=cluster.address,
-        admission_timeout_seconds=4.0,
-        cluster_call_timeout_seconds=10.0,
-    )
-    lab = Lab(cluster, {}, None, None, config.instance_id, temp_dir)  # type: ignore[arg-type]
+    local = LocalRay()
+    service: Service | None = None
+    client: SandboxClient | None = None
     try:
-        for name in ("n1", "n2"):
-            lab.add_node(name)
-        cluster.wait_for_nodes()
-        lab.service, _ = create_server(config, f"unix:{short_tmp}/gateway.sock")
-        lab.client = SandboxClient(lab.service.address, retry_seconds=5.0)
-        lab.client.wait_ready(timeout=60.0)
-        yield lab
+        local.add_node("n2")
+        config = make_config(
+            engine="cluster",
+            cluster_address=local.address,
+            admission_timeout_seconds=4.0,
+            cluster_call_timeout_seconds=10.0,
+        )
+        service, _ = create_server(config, f"unix:{short_tmp}/gateway.sock")
+        client = SandboxClient(service.address, retry_seconds=5.0)
+        client.wait_ready(timeout=60.0)
+        yield Lab(local, service, client, config.instance_id)
     finally:
-        if lab.client is not None:
-            lab.client.close()
-        if lab.service is not None:
-            lab.service.stop(grace=2.0)
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if client is not None:
+            client.close()
+        if service is not None:
+            service.stop(grace=2.0)
+        local.shutdown()
 
 
 def node_of(container_id: str) -> str:
@@ -177,6 +137,30 @@ def test_files_and_stdin_travel_through_the_agent(lab: Lab) -> None:
         lab.client.destroy_sandbox(box.id)
 
 
+def test_a_terminal_session_travels_through_the_agent(lab: Lab) -> None:
+    box = lab.client.create_sandbox(one_cpu())
+    try:
+        session = lab.client.exec_session(box.id, ["/bin/sh"], tty=True, window=(24, 80))
+        reader = Reader(session)
+        session.write(b"stty size\n")
+        reader.expect(b"24 80")
+        session.resize(40, 120)
+        session.write(b"stty size\n")
+        reader.expect(b"40 120")
+        session.write(b"exit 3\n")
+        result = reader.finish()
+        assert (result.exit_code, result.verdict) == (3, "nonzero_exit")
+        script = "trap 'echo caught; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+        session = lab.client.exec_session(box.id, ["sh", "-c", script])
+        reader = Reader(session)
+        reader.expect(b"ready")
+        session.signal("TERM")
+        assert reader.finish().exit_code == 7
+        assert b"caught" in reader.output
+    finally:
+        lab.client.destroy_sandbox(box.id)
+
+
 def test_a_built_image_runs_on_every_node(lab: Lab) -> None:
     build = lab.client.build_image(fragment="RUN echo built-here > /etc/built")
     boxes = [
@@ -216,13 +200,36 @@ def test_a_request_no_node_has_room_for_waits_then_is_exhausted(lab: Lab) -> Non
             lab.client.destroy_sandbox(box.id)
 
 
+def test_warm_sandboxes_give_way_to_a_live_one(lab: Lab, short_tmp: Path) -> None:
+    config = make_config(
+        engine="cluster",
+        cluster_address=lab.ray.address,
+        admission_timeout_seconds=30.0,
+        pool_max_per_key=4,
+        pool_idle_seconds=600.0,
+    )
+    service, _ = create_server(config, f"unix:{short_tmp}/pooled.sock")
+    try:
+        pool = service.core.manager.pool
+        assert pool is not None
+        for _ in range(4):  # four warm 1-CPU sandboxes take all of both nodes' CPUs
+            service.core.manager.prewarm(one_cpu())
+        assert wait_for(lambda: pool.stats()["ready"] == 4, timeout=120.0), pool.stats()
+        with SandboxClient(service.address) as client:
+            other = client.create_sandbox(one_cpu(memory_bytes=96 * MiB))
+            client.destroy_sandbox(other.id)
+        assert pool.stats()["ready"] < 4
+    finally:
+        service.stop(grace=2.0)
+
+
 def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) -> None:
     boxes = [lab.client.create_sandbox(one_cpu(timeout_seconds=150.0)) for _ in range(4)]
     try:
-        victim_short = node_of(boxes[0].container_id)
-        name = next(n for n, node in lab.nodes.items() if node.node_id[:12] == victim_short)
-        doomed = [b for b in boxes if node_of(b.container_id) == victim_short]
-        spared = [b for b in boxes if node_of(b.container_id) != victim_short]
+        name = "n2"  # the head cannot go: the gateway's own Ray connection is through it
+        doomed = [b for b in boxes if node_of(b.container_id) == lab.short_id(name)]
+        spared = [b for b in boxes if node_of(b.container_id) != lab.short_id(name)]
+        assert len(doomed) == len(spared) == 2
         errors: list[BaseException] = []
         started = threading.Event()
 
@@ -237,7 +244,7 @@ def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) 
         runner.start()
         started.wait()
         time.sleep(1.0)  # the exec is under way on the node
-        lab.cluster.remove_node(lab.nodes.pop(name), allow_graceful=False)
+        lab.ray.kill_node(name)
         runner.join(timeout=120.0)
         assert not runner.is_alive(), "the exec on the lost node did not end"
         assert len(errors) == 1 and isinstance(errors[0], NodeLost), errors
@@ -248,8 +255,7 @@ def test_a_lost_node_ends_its_sandboxes_clearly_and_spares_the_others(lab: Lab) 
             assert lab.client.exec(box.id, ["true"]).verdict == "ok"
         # The node comes back under its name: its new agent reaps what the old one left.
         assert containers_labelled(lab.instance_id, name)
-        lab.add_node(name)
-        lab.cluster.wait_for_nodes()
+        lab.ray.add_node(name)
         new = [lab.client.create_sandbox(one_cpu()) for _ in range(2)]
         boxes.extend(new)
         assert len({node_of(b.container_id) for b in new}) >= 1

@@ -163,6 +163,8 @@ class FakeEngine:
         workdir: str,
         user: str,
         stdin: bool,
+        tty: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> FakeExec:
         if container_id not in self.containers:
             raise NotFound(f"no container {container_id}")
@@ -192,6 +194,12 @@ class FakeExec:
 
     def start_failure(self) -> str | None:
         return None
+
+    def resize(self, rows: int, columns: int) -> None:
+        pass
+
+    def signal(self, signum: int) -> None:
+        pass
 
     def kill(self) -> None:
         pass

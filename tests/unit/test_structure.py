@@ -123,7 +123,7 @@ def test_grpc_stops_at_the_adapters_and_auth() -> None:
     assert users <= GRPC_USERS, f"grpc imported by {sorted(users - GRPC_USERS)}"
 
 
-@pytest.mark.parametrize("module", ["worker", "pristine"])
+@pytest.mark.parametrize("module", ["worker", "pristine", "debugger"])
 def test_the_in_sandbox_modules_import_nothing_of_ours(module: str) -> None:
     path = ROOT / "pytest_sandbox" / f"{module}.py"
     ours = [

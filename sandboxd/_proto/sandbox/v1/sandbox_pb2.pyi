@@ -844,6 +844,121 @@ class ExecEvent(_message.Message):
 Global___ExecEvent: _TypeAlias = ExecEvent  # noqa: Y015
 
 @_typing.final
+class WindowSize(_message.Message):
+    """---------------------------------------------------- interactive exec
+
+    A terminal's size in character cells; both must be between 1 and 10000.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    rows: _builtins.int
+    columns: _builtins.int
+    def __init__(
+        self,
+        *,
+        rows: _builtins.int = ...,
+        columns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WindowSize: _TypeAlias = WindowSize  # noqa: Y015
+
+@_typing.final
+class ExecStart(_message.Message):
+    """The first message of an ExecStream call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TTY_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    tty: _builtins.bool
+    """Run the command on a pseudo-terminal: stdout and stderr arrive merged as
+    STREAM_STDOUT, Ctrl-C (byte 0x03) in stdin interrupts the foreground
+    process as on a local terminal. Requires `window`.
+    """
+    @_builtins.property
+    def request(self) -> Global___ExecRequest:
+        """The command, as for Exec: argv, env, workdir, timeout_seconds (0 = the
+        sandbox's) and output_limit_bytes (0 = the sandbox's cap) apply unchanged;
+        `stdin` is written first and more may follow. attach_preload is refused.
+        """
+
+    @_builtins.property
+    def window(self) -> Global___WindowSize: ...
+    def __init__(
+        self,
+        *,
+        request: Global___ExecRequest | None = ...,
+        tty: _builtins.bool = ...,
+        window: Global___WindowSize | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tty", b"tty", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecStart: _TypeAlias = ExecStart  # noqa: Y015
+
+@_typing.final
+class ExecInput(_message.Message):
+    """ExecStream's client messages: `start` first, then any of the others while
+    the command runs. Stdin, resizes and signals that arrive after the command
+    ended (before the client closes its side) fail the call with
+    FAILED_PRECONDITION once the result has been sent; a client closes its side
+    when it receives the result. A resize without a TTY, an unknown signal name
+    or a second start fail it with INVALID_ARGUMENT and kill the command.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    stdin: _builtins.bytes
+    """Bytes for the command's stdin."""
+    signal: _builtins.str
+    """Signal name sent to the command's main process: "INT", "TERM", "HUP",
+    "KILL", "QUIT", "USR1", ... (with or without the "SIG" prefix).
+    """
+    close_stdin: _builtins.bool
+    """End of stdin (the command reads EOF); set to true."""
+    @_builtins.property
+    def start(self) -> Global___ExecStart: ...
+    @_builtins.property
+    def resize(self) -> Global___WindowSize:
+        """The terminal changed size (TTY only)."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___ExecStart | None = ...,
+        stdin: _builtins.bytes = ...,
+        resize: Global___WindowSize | None = ...,
+        signal: _builtins.str = ...,
+        close_stdin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "input", b"input", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_stdin", b"close_stdin", "input", b"input", "resize", b"resize", "signal", b"signal", "start", b"start", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["start", "stdin", "resize", "signal", "close_stdin"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___ExecInput: _TypeAlias = ExecInput  # noqa: Y015
+
+@_typing.final
 class PutFilesHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

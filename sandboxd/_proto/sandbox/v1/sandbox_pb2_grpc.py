@@ -270,6 +270,11 @@ class SandboxServiceStub:
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
                 response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.ExecStream = channel.stream_stream(
+                '/sandbox.v1.SandboxService/ExecStream',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+                _registered_method=True)
         self.PutFiles = channel.stream_unary(
                 '/sandbox.v1.SandboxService/PutFiles',
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.PutFilesRequest.SerializeToString,
@@ -324,6 +329,14 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecStream(self, request_iterator, context):
+        """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+        See ExecInput for the order of messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutFiles(self, request_iterator, context):
         """First message names the sandbox and destination; the rest carry a tar
         stream in chunks. Paths are confined to the sandbox's writable dirs.
@@ -372,6 +385,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
+            ),
+            'ExecStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecStream,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ExecInput.FromString,
                     response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
             ),
             'PutFiles': grpc.stream_unary_rpc_method_handler(
@@ -526,6 +544,33 @@ class SandboxService:
             target,
             '/sandbox.v1.SandboxService/Exec',
             sandbox_dot_v1_dot_sandbox__pb2.ExecRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sandbox.v1.SandboxService/ExecStream',
+            sandbox_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
             sandbox_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
             options,
             channel_credentials,

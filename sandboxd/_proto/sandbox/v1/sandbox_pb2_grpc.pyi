@@ -123,6 +123,10 @@ class SandboxServiceStub:
     """Run a command; stdout/stderr arrive as chunks while it runs, the last
     event is the result. Cancelling the call kills the command.
     """
+    ExecStream: _grpc.StreamStreamMultiCallable[_sandbox_pb2.ExecInput, _sandbox_pb2.ExecEvent]
+    """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+    See ExecInput for the order of messages.
+    """
     PutFiles: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.PutFilesRequest, _sandbox_pb2.PutFilesResponse]
     """First message names the sandbox and destination; the rest carry a tar
     stream in chunks. Paths are confined to the sandbox's writable dirs.
@@ -144,6 +148,10 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Exec: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ExecRequest, _sandbox_pb2.ExecEvent]  # type: ignore[assignment]
     """Run a command; stdout/stderr arrive as chunks while it runs, the last
     event is the result. Cancelling the call kills the command.
+    """
+    ExecStream: _aio.StreamStreamMultiCallable[_sandbox_pb2.ExecInput, _sandbox_pb2.ExecEvent]  # type: ignore[assignment]
+    """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+    See ExecInput for the order of messages.
     """
     PutFiles: _aio.StreamUnaryMultiCallable[_sandbox_pb2.PutFilesRequest, _sandbox_pb2.PutFilesResponse]  # type: ignore[assignment]
     """First message names the sandbox and destination; the rest carry a tar
@@ -193,6 +201,16 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ExecEvent], _abc.AsyncIterator[_sandbox_pb2.ExecEvent]]:
         """Run a command; stdout/stderr arrive as chunks while it runs, the last
         event is the result. Cancelling the call kills the command.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.ExecInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ExecEvent], _abc.AsyncIterator[_sandbox_pb2.ExecEvent]]:
+        """Interactive exec: stdin streamed while the command runs, optionally on a TTY.
+        See ExecInput for the order of messages.
         """
 
     @_abc_1.abstractmethod
