@@ -18,6 +18,8 @@ namespaces) and Ray (the `cluster` extra).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -29,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "cluster"), str(ROOT / "tests" / "load")]
 
+import plumbing  # noqa: E402
 from lab import Lab, LabSpec  # noqa: E402
 
 from sandboxd.api import SandboxRequest, requested_limits  # noqa: E402
@@ -47,6 +50,8 @@ class Figures:
     exec_seconds: list[float] = field(default_factory=list)
     cycles: int = 0
     cycle_wall: float = 0.0
+    #: CPU seconds the service process (gateway or direct sandboxd) spent measuring.
+    cpu: float = 0.0
 
     def per_second(self) -> float:
         return self.cycles / self.cycle_wall if self.cycle_wall else 0.0
@@ -89,13 +94,29 @@ def exec_latency(client: SandboxClient, figures: Figures, execs: int) -> None:
 
 
 def alternate(
-    targets: dict[str, SandboxClient], rounds: int, step: Callable[[SandboxClient, Figures], None]
+    lab: Lab,
+    targets: dict[str, SandboxClient],
+    rounds: int,
+    step: Callable[[SandboxClient, Figures], None],
 ) -> dict[str, Figures]:
     figures = {name: Figures() for name in targets}
     for _ in range(rounds):
         for name, client in targets.items():
+            before = cpu_seconds(lab, name)
             step(client, figures[name])
+            figures[name].cpu += cpu_seconds(lab, name) - before
     return figures
+
+
+def cpu_seconds(lab: Lab, name: str) -> float:
+    """CPU time (user + system) so far of the lab process `name` (its cgroup's processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in plumbing.cgroup_pids(f"{lab.id}/{name}/procs"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def report(figures: dict[str, Figures]) -> None:
@@ -117,6 +138,11 @@ def report(figures: dict[str, Figures]) -> None:
     extra_create = statistics.median(gw.create_seconds) - statistics.median(direct.create_seconds)
     print(f"\ngateway cost per exec call (p50 difference): {1e3 * extra_exec:.1f} ms")
     print(f"placement + hop per create (p50 difference): {1e3 * extra_create:.1f} ms")
+    for name, f in figures.items():
+        calls = 3 * f.cycles + len(f.exec_seconds)  # create, exec, destroy per cycle
+        per_call = 1e3 * f.cpu / calls
+        print(f"{name} process CPU: {f.cpu:.1f} s for {f.cycles} sandboxes and "
+              f"{len(f.exec_seconds)} more execs, {per_call:.1f} ms per call")  # fmt: skip
 
 
 def main() -> int:
@@ -144,11 +170,14 @@ def main() -> int:
             for client in targets.values():  # warm-up: agents, images, first placement
                 cycle(client, Figures())
             figures = alternate(
-                targets, args.rounds, lambda c, f: churn(c, f, args.clients, args.sandboxes)
+                lab, targets, args.rounds, lambda c, f: churn(c, f, args.clients, args.sandboxes)
             )
-            latency = alternate(targets, args.rounds, lambda c, f: exec_latency(c, f, args.execs))
+            latency = alternate(
+                lab, targets, args.rounds, lambda c, f: exec_latency(c, f, args.execs)
+            )
             for name in figures:
                 figures[name].exec_seconds = latency[name].exec_seconds
+                figures[name].cpu += latency[name].cpu
             report(figures)
         finally:
             for client in targets.values():
