@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import threading
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "loa
 
 from lab import Lab, LabSpec  # noqa: E402
 from lab_node import LabNode  # noqa: E402
+from sandboxd_process import wait_until  # noqa: E402
 
 from sandboxd.api import ExecResult, Sandbox, SandboxRequest, requested_limits  # noqa: E402
 from sandboxd.client import SandboxClient  # noqa: E402
@@ -117,15 +117,6 @@ def run(
     return result, out.decode(errors="replace")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 VERDICTS = [
     (["sh", "-c", "cat /proc/self/cgroup"], 30.0, "ok", ""),
     (["sleep", "30"], 1.0, "timed_out", "timed out after 1.0s"),
@@ -171,7 +162,7 @@ def test_node_loss_ends_its_sandboxes_and_spares_the_others(
         for b in by_node[1]
     }
     running = lambda: "sleep" in lab.nodes[1].docker("top", doomed_cid, check=False)  # noqa: E731
-    assert wait_for(lambda: running() or not caller.is_alive(), 120), "the exec did not start"
+    assert wait_until(lambda: running() or not caller.is_alive(), 120), "the exec did not start"
     assert caller.is_alive(), f"the exec ended before the node was lost: {ended}"
     lab.kill_node(1)
     caller.join(timeout=120.0)  # a hang guard, not a timing assertion
@@ -210,7 +201,7 @@ def restart_and_check_reaped(
             break
     else:
         pytest.fail("no sandbox was placed on the restarted node")
-    assert wait_for(lambda: not lost & set(node.containers()), 60), (
+    assert wait_until(lambda: not lost & set(node.containers()), 60), (
         "the lost sandboxes' containers were not reaped after the node came back"
     )
 
@@ -291,7 +282,7 @@ def test_pytest_session_survives_a_node_lost_mid_run(
         return any(DEMO_SLEEP in node.docker("top", c, check=False) for c in running)
 
     def kill_once_a_test_runs_there() -> None:
-        if wait_for(testing_there, 300):
+        if wait_until(testing_there, 300):
             lost.update(node.containers(mine))
             lab.kill_node(1)
             with contextlib.suppress(SandboxError):
