@@ -266,13 +266,15 @@ def test_pytest_session_survives_a_node_lost_mid_run(
 ) -> None:
     """Two jobs, one per node; node 1 dies while one of its tests runs.
 
-    A one-CPU ballast sandbox makes the two jobs' sandboxes land on different nodes; it is
-    destroyed as node 1 is killed, so node 0 has room for the job that lost its sandbox,
-    and the rest of the session passes there.
+    Ballast sandboxes leave one CPU free on each node, so the two one-CPU jobs land on
+    different nodes whatever Ray's placement prefers; node 0's ballast is destroyed as
+    node 1 is killed, so node 0 has room for the job that lost its sandbox.
     """
     junit = demo_project(pytester)
-    ballast = gw.create_sandbox(SandboxRequest(limits=ONE_CPU))
-    boxes.append(ballast)
+    by_node = spread(gw, lab, boxes)
+    for on_node in by_node.values():
+        gw.destroy_sandbox(on_node.pop().id)
+    ballast = by_node[0][0]
     node = lab.nodes[1]
     mine = f"label=sandbox.instance={lab.instance_id}"
     lost: set[str] = set()
@@ -285,8 +287,7 @@ def test_pytest_session_survives_a_node_lost_mid_run(
         if wait_until(testing_there, 300):
             lost.update(node.containers(mine))
             lab.kill_node(1)
-            with contextlib.suppress(SandboxError):
-                gw.destroy_sandbox(ballast.id)
+            gw.destroy_sandbox(ballast.id)
 
     killer = threading.Thread(target=kill_once_a_test_runs_there, daemon=True)
     killer.start()
