@@ -322,6 +322,7 @@ class Lab:
     def restart_node(self, index: int) -> None:
         """Start node `index` again on the same data root: engine, then its Ray node."""
         node = self.nodes[index]
+        node.kill()  # whatever is left of it, e.g. an engine started without its Ray node
         node.start_engine()
         self.join_ray([node], head=index == 0)
 

@@ -124,6 +124,10 @@ class LabNode:
                 self._ray.wait(timeout=10)
         self._ray = None
 
+    def running(self) -> bool:
+        """Whether the node's engine and Ray node are up (not killed)."""
+        return all(p is not None and p.poll() is None for p in (self._dockerd, self._ray))
+
     def ray_exited(self) -> bool:
         """Whether this node's `ray start --block` has ended (it failed to join)."""
         return self._ray is not None and self._ray.poll() is not None

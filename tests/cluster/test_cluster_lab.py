@@ -82,10 +82,17 @@ def gw(lab: Lab) -> Iterator[SandboxClient]:
 
 
 @pytest.fixture
-def boxes(gw: SandboxClient) -> Iterator[list[Sandbox]]:
-    """Sandboxes a test made; all destroyed after it (those of a lost node included)."""
+def boxes(lab: Lab, gw: SandboxClient) -> Iterator[list[Sandbox]]:
+    """Sandboxes a test made; all destroyed after it (those of a lost node included).
+
+    A test that killed a node and failed before restarting it gets it restarted here,
+    so the next test has the whole lab again.
+    """
     made: list[Sandbox] = []
     yield made
+    for node in lab.nodes:
+        if not node.running():
+            lab.restart_node(node.index)
     for box in made:
         # A sandbox of a lost node has nothing left to destroy.
         with contextlib.suppress(SandboxError):
