@@ -58,6 +58,8 @@ have_cmd gpgv || need+=(gpgv)
 have_cmd runsc || need+=(runsc)
 have_cmd ip || need+=(iproute2)
 have_cmd flock || need+=(util-linux)
+# The multi-node tests (tests/cluster) run a Docker engine per network namespace.
+have_cmd nsenter || need+=(util-linux)
 # The grading report's test renders it in a real browser.
 have_cmd chromium || need+=(chromium)
 if [ "$WANT_PODMAN" = 1 ]; then
@@ -179,9 +181,9 @@ fi
 # Re-install when the dependency list changes; the stamp names the pyproject it matches.
 stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ ! -x "$VENV/bin/sandboxd" ]; then
-    log "installing the project into $VENV (pip install -e .[dev])"
+    log "installing the project into $VENV (pip install -e .[dev,cluster])"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[dev]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[dev,cluster]"
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
