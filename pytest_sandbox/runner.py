@@ -214,6 +214,10 @@ class GroupRunner:
                 self._fail_all(pending, f"could not create a sandbox: {exc}", None)
                 return
             self.registry.add(sandbox.id)
+            if self.stop.is_set():
+                # Ctrl-C while it was being made: the session's sweep may already be over.
+                self._destroy(sandbox.id)
+                return
             placement = Placement(
                 sandbox.id, sandbox.container_id, sandbox.image_digest or build.image.digest
             )
@@ -228,8 +232,15 @@ class GroupRunner:
                     # Out of the registry, or the session's final sweep would remove it.
                     self.registry.discard(sandbox.id)
                 else:
-                    # Off this thread: the next group need not wait for the engine's rm.
-                    self._destroyer.submit(self._destroy, sandbox.id)
+                    self._release(sandbox.id)
+
+    def _release(self, sandbox_id: str) -> None:
+        """Destroy off this thread, so the next group need not wait for the engine's rm;
+        on this thread once `close` has shut the destroyer down (Ctrl-C, -x)."""
+        try:
+            self._destroyer.submit(self._destroy, sandbox_id)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            self._destroy(sandbox_id)
 
     def _destroy(self, sandbox_id: str) -> None:
         try:

@@ -21,8 +21,12 @@ from sandboxd.errors import InvalidArgument
 if TYPE_CHECKING:
     from sandboxd.config import ServerConfig
 
+#: Engines that run containers on this host's own daemon; the engine-neutral contract
+#: tests run over these (the cluster engine needs a Ray cluster and has its own tests).
+LOCAL_ENGINES = ("docker", "podman")
+
 #: Engine names a config may choose.
-ENGINES = ("docker", "podman", "cluster")
+ENGINES = (*LOCAL_ENGINES, "cluster")
 
 
 def make_engine(config: ServerConfig) -> Engine:
@@ -57,6 +61,7 @@ def make_engine(config: ServerConfig) -> Engine:
 
 __all__ = [
     "ENGINES",
+    "LOCAL_ENGINES",
     "CgroupSample",
     "ContainerInfo",
     "ContainerSpec",

@@ -1,4 +1,4 @@
-"""The engine-neutral contract, run against every engine (Docker and Podman) in one session.
+"""The engine-neutral contract, run against every local engine (Docker, Podman) in one session.
 
 Each test runs once per engine through a real service configured with `engine = NAME`;
 the differences between engines that users can see are tested at the end of the file.
@@ -23,7 +23,7 @@ from sandboxd import errors
 from sandboxd.api import ExecResult, Sandbox, SandboxRequest, requested_limits
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
-from sandboxd.engine import ENGINES, Engine, make_engine
+from sandboxd.engine import LOCAL_ENGINES, Engine, make_engine
 from sandboxd.engine.base import LABEL_INSTANCE, ContainerSpec
 from sandboxd.engine.podman import PodmanEngine
 from sandboxd.limits import MiB
@@ -39,7 +39,7 @@ def containers_of(engine: Engine, instance_id: str) -> list[str]:
     return [c.id for c in engine.list_containers(f"{LABEL_INSTANCE}={instance_id}")]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module", params=LOCAL_ENGINES)
 def engine_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

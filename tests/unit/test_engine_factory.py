@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandboxd.config import ServerConfig, load_config
-from sandboxd.engine import ENGINES, make_engine
+from sandboxd.engine import ENGINES, LOCAL_ENGINES, make_engine
 from sandboxd.engine.docker import DockerEngine
 from sandboxd.engine.podman import DEFAULT_PODMAN_SOCKET, PodmanEngine
 from sandboxd.errors import InvalidArgument
@@ -15,6 +15,7 @@ from sandboxd.errors import InvalidArgument
 
 def test_every_listed_engine_can_be_made() -> None:
     assert set(ENGINES) == {"docker", "podman", "cluster"}
+    assert set(LOCAL_ENGINES) == set(ENGINES) - {"cluster"}
     for name in ENGINES:
         make_engine(ServerConfig(engine=name))
 

@@ -171,6 +171,34 @@ def test_the_runner_stays_under_the_servers_caps_not_a_copy_of_them() -> None:
         runner.close()
 
 
+class _Destroys:
+    """A client that only records destroys."""
+
+    def __init__(self) -> None:
+        self.destroyed: list[str] = []
+
+    def destroy_sandbox(self, sandbox_id: str) -> None:
+        self.destroyed.append(sandbox_id)
+
+
+def test_a_sandbox_released_after_close_is_destroyed_on_the_callers_thread() -> None:
+    client, registry = _Destroys(), Registry()
+    runner = GroupRunner(
+        client,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        RunSettings(args=(), cwd=".", env={}),
+        registry,
+        lambda event: None,
+        threading.Event(),
+    )
+    registry.add("sb-late")
+    runner.close()  # the session ended (Ctrl-C) while this group's exec was still running
+    runner._release("sb-late")
+    assert client.destroyed == ["sb-late"]
+    registry.destroy_all(client)  # type: ignore[arg-type]
+    assert client.destroyed == ["sb-late"], "the registry still held it"
+
+
 def _collector(pending: list[str], **settings: bool) -> tuple[Collector, list[object]]:
     posted: list[object] = []
     placement = Placement("sb-1", "c-1", "sha256:x")
