@@ -245,7 +245,8 @@ class GroupRunner:
     def _destroy(self, sandbox_id: str) -> None:
         try:
             self.client.destroy_sandbox(sandbox_id)
-        except errors.SandboxError as exc:
+        # ValueError: grpc's closed channel, when the session ended first (Ctrl-C).
+        except (errors.SandboxError, ValueError) as exc:
             log.warning("could not destroy sandbox %s: %s", sandbox_id, exc)
         finally:
             self.registry.discard(sandbox_id)
