@@ -22,6 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 64
+#: Changes with the recipe of the environment's images (snapshot.Snapshot.environment), so
+#: that a session does not build on an image an earlier recipe made.
+RECIPE = "2"
 
 
 def default_path() -> Path:
@@ -31,7 +34,7 @@ def default_path() -> Path:
 
 
 def reuse_key(fingerprint: str, image: str, fragment: str) -> str:
-    return hashlib.sha256(f"{fingerprint}\0{image}\0{fragment}".encode()).hexdigest()
+    return hashlib.sha256(f"{RECIPE}\0{fingerprint}\0{image}\0{fragment}".encode()).hexdigest()
 
 
 class BuiltEnvironments:

@@ -168,6 +168,13 @@ SITE_PTH = (
     "len(sys.path)); sys.path[i:i] = new\n"
 )
 MISMATCH = "pytest-sandbox: python-mismatch"
+# pytest rewrites the asserts of its plugins' distributions as it imports them, and a
+# sandbox (PYTHONDONTWRITEBYTECODE) cannot cache the result: loading the plugins once at
+# build time leaves the rewritten bytecode in the image, so no worker redoes it (about
+# 1 s at every worker start with hypothesis installed). Nothing to collect in /tmp: exit 5.
+REWRITE_CACHE_LINE = (
+    "RUN cd /tmp && python3 -m pytest --collect-only -q -p no:cacheprovider >/dev/null 2>&1 || true"
+)
 
 
 def interpreter_problem(build_error: str, image: str) -> str | None:
@@ -252,6 +259,9 @@ class Snapshot:
             compiled = [p for p in tops if "." not in p.rsplit("/", 1)[1] or p.endswith(".py")]
             fragment = f"COPY site {SITE}\n" + (_compile_line(compiled) + "\n" if compiled else "")
             stages.append((fragment, layer.files))
+        if self.layers:  # the last layer: every plugin and its distribution is in place
+            fragment, files = stages[-1]
+            stages[-1] = (fragment + REWRITE_CACHE_LINE + "\n", files)
         return stages
 
     def fragment(self) -> str:

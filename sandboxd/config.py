@@ -117,6 +117,9 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: The local daemon (`sandboxd daemon`) exits after this long without clients.
     daemon_idle_seconds: float = 900.0
+    #: The daemon's warm pool empties after this long without demand (instead of
+    #: `pool_idle_seconds`): long enough to stay warm between a developer's runs.
+    daemon_pool_idle_seconds: float = 600.0
     #: Concurrent sandboxes one authenticated client may hold; 0 leaves only the global cap.
     max_sandboxes_per_client: int = 16
     #: Further base images (references) authenticated clients may build on, besides

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from sandboxd import errors
 from sandboxd.channels import TlsCredentials
 from sandboxd.client import SandboxClient
 from sandboxd.config import ServerConfig
-from sandboxd.server import Embedded, start_embedded
+
+if TYPE_CHECKING:
+    # The whole service (builder, images, engines): only an embedded one needs it, and a
+    # client of the daemon would pay ~0.1 s at every launch to import it.
+    from sandboxd.server import Embedded
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class Connection:
 
 
 def _embed(config: ServerConfig | None, address_option: str) -> Embedded:
+    from sandboxd.server import start_embedded
+
     try:
         return start_embedded(config)
     except errors.SandboxError:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from sandboxd.config import ServerConfig
 from sandboxd.connection import Connection, connect
 
 if TYPE_CHECKING:
+    from sandboxd.client import SandboxClient
     from sandboxd.server import Service
 
 log = logging.getLogger(__name__)
@@ -126,18 +127,26 @@ def _prepare(paths: DaemonPaths) -> None:
 
 def answers(paths: DaemonPaths, timeout: float = 2.0) -> bool:
     """Whether a service answers health checks on the socket."""
-    if not paths.socket.exists():
+    client = _answering_client(paths, timeout)
+    if client is None:
         return False
+    client.close()
+    return True
+
+
+def _answering_client(paths: DaemonPaths, timeout: float) -> SandboxClient | None:
+    """A client of the service on the socket once it answers health checks, else None."""
+    if not paths.socket.exists():
+        return None
     from sandboxd.client import SandboxClient
 
     client = SandboxClient(paths.address)
     try:
         client.wait_ready(timeout=timeout)
-        return True
     except errors.SandboxError:
-        return False
-    finally:
         client.close()
+        return None
+    return client
 
 
 class DaemonConnection(Connection):
@@ -177,9 +186,16 @@ def connect_local(
             # The lease is taken before the check, under the start lock: a daemon deciding
             # to exit holds the start lock too, so it either sees this client or is gone.
             fcntl.flock(lease, fcntl.LOCK_SH)
-            if not answers(paths):
+            # The client that found the daemon answering is the session's client: a
+            # second channel and health check would cost a warm session a round trip.
+            client = _answering_client(paths, 2.0)
+            if client is None:
                 _start(paths, config_path)
-        connection = connect(paths.address, ready_timeout=ready_timeout)
+        connection = (
+            Connection(client)
+            if client is not None
+            else connect(paths.address, ready_timeout=ready_timeout)
+        )
     except BaseException:
         os.close(lease)
         raise
@@ -349,7 +365,10 @@ class Daemon:
             os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop.set())
-            service, bound = create_server(self.config, self.paths.address)
+            # A developer's runs are minutes apart: the service-wide pool idle time would
+            # empty the warm pool between two of them.
+            config = replace(self.config, pool_idle_seconds=self.config.daemon_pool_idle_seconds)
+            service, bound = create_server(config, self.paths.address)
             log.info(
                 "sandboxd daemon %d on %s, exits after %.0fs idle",
                 os.getpid(),

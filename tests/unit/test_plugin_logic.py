@@ -10,12 +10,13 @@ import pytest
 
 from pytest_sandbox.arguments import worker_args
 from pytest_sandbox.collector import Collector
+from pytest_sandbox.environment import Layer
 from pytest_sandbox.models import ItemResult, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.records import RecordReader, Tail
 from pytest_sandbox.reports import remap_paths
 from pytest_sandbox.runner import GroupRunner, Registry
-from pytest_sandbox.snapshot import PROJECT, Snapshot, project_files
+from pytest_sandbox.snapshot import PROJECT, REWRITE_CACHE_LINE, Snapshot, project_files
 from pytest_sandbox.spec import Defaults, resolve
 from sandboxd.api import BuildResult, ExecResult, Image
 from sandboxd.info import ServerInfo
@@ -135,6 +136,14 @@ def test_snapshot_skips_vcs_venvs_caches_and_build_output(tmp_path: object) -> N
     assert snap.pythonpath().split(":")[1] == f"{PROJECT}/src"
     stages = snap.environment("RUN apt-get install -y jq")
     assert stages[0][0].splitlines()[0] == "RUN apt-get install -y jq"  # user layers first
+
+
+def test_environment_caches_rewritten_plugins_once_all_layers_are_in() -> None:
+    """The last environment image loads pytest's plugins once at build time, so workers
+    find their assert-rewritten bytecode instead of rewriting them at every start."""
+    layers = tuple(Layer(name, {f"site/{name}/__init__.py": (b"", 0o644)}) for name in "ab")
+    stages = Snapshot(context={}, has_src=False, layers=layers).environment("")
+    assert [REWRITE_CACHE_LINE in fragment for fragment, _ in stages] == [False, False, True]
 
 
 class _InfoOnly:
