@@ -1,7 +1,6 @@
 """The gRPC adapter: proto -> domain -> core -> proto. Errors map to status codes here only.
 
-Conversions both sides of the wire need (limits, sandbox requests) are the client's
-(sandboxd/client.py), so a field added to the API is converted in one place.
+Conversions both ways live in sandboxd/wire.py: a field added to the API is converted once.
 """
 
 from __future__ import annotations
