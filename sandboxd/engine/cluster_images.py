@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from sandboxd.engine.nodes import Nodes
-from sandboxd.errors import NotFound, SandboxError
+from sandboxd.engine.nodes import Nodes, PeerLost
+from sandboxd.errors import NodeLost, NotFound, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -236,17 +236,40 @@ class ClusterImages:
                 self._deliver(node_id, ref, known)
             known.holders.add(node_id)
 
-    def _deliver(self, node_id: str, ref: str, known: Known) -> None:
-        alive = {n.node_id for n in self._nodes.alive()}
-        sources = [h for h in known.holders if h in alive and h != node_id]
-        name = self._nodes.name(node_id)
-        if sources:
-            source = sources[0]
-            log.info("sending image %s from node %s to %s", ref, self._nodes.name(source), name)
+    def _send(self, source: str, node_id: str, ref: str) -> bool:
+        """Send the image from node `source` to `node_id`; False if the source was lost
+        meanwhile (the receiving node is fine and can take it from elsewhere).
+
+        Raises:
+            NodeLost: the receiving node died. SandboxError: the transfer failed otherwise.
+        """
+        name, source_name = self._nodes.name(node_id), self._nodes.name(source)
+        log.info("sending image %s from node %s to %s", ref, source_name, name)
+        try:
             # The tar goes from node to node through the object store, not through here.
             data = self._nodes.agent(source).save_image.remote(ref)
             self._nodes.call(node_id, "load_image", data, timeout=TRANSFER_TIMEOUT_SECONDS)
-            return
+        except (PeerLost, NodeLost) as exc:
+            if isinstance(exc, NodeLost) and self._nodes.is_lost(node_id):
+                raise
+            if not self._nodes.settle(source):
+                raise
+            log.warning("node %s was lost while sending image %s to %s", source_name, ref, name)
+            return False
+        return True
+
+    def _deliver(self, node_id: str, ref: str, known: Known) -> None:
+        name = self._nodes.name(node_id)
+        failed: set[str] = set()
+        while True:
+            alive = {n.node_id for n in self._nodes.alive()}
+            sources = [h for h in known.holders if h in alive and h not in failed | {node_id}]
+            if not sources:
+                break
+            if self._send(sources[0], node_id, ref):
+                return
+            failed.add(sources[0])
+            known.holders.discard(sources[0])
         if known.recipe is None:
             raise NotFound(f"no live node holds the image {ref!r}, and it cannot be rebuilt here")
         log.info("building image %s on node %s from its recipe", ref, name)

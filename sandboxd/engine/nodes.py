@@ -33,8 +33,18 @@ T = TypeVar("T")
 NODES_TTL_SECONDS = 1.0
 #: Concurrent calls one agent serves (each exec being read holds one while it waits).
 AGENT_CONCURRENCY = 256
+#: How long an unreachable agent's call waits for Ray's verdict on its node: Ray's health
+#: checks count a killed node alive for a few seconds, and a call in flight then should end
+#: with the node's loss, not with "cannot be reached just now".
+VERDICT_SECONDS = 8.0
+VERDICT_POLL_SECONDS = 0.25
 
 _DEAD = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError)
+
+
+class PeerLost(EngineUnavailable):
+    """A call's argument was a result of another agent, which died before handing it over
+    (e.g. an image sent from a node that was lost meanwhile); the called agent is fine."""
 
 
 class Nodes:
@@ -266,16 +276,21 @@ class Nodes:
             cause = exc.cause
             if isinstance(cause, SandboxError):
                 raise cause from None
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise PeerLost(
+                    f"the agent on node {self.name(node_id)} lost an input from another "
+                    f"agent: {cause}"
+                ) from None
             raise SandboxError(f"the agent on node {self.name(node_id)} failed: {cause}") from None
         except ray.exceptions.ActorUnavailableError:
-            # Unreachable for now: lost only if Ray has given up on the node too.
-            if self._still_alive(node_id):
-                raise EngineUnavailable(
-                    f"the agent on node {self.name(node_id)} cannot be reached just now"
-                ) from None
-            self._mark_lost(node_id, "it cannot be reached and Ray reports it dead")
-            self.check(node_id)
-            raise
+            # Unreachable for now: lost only if Ray gives up on the node too, which it does
+            # a few seconds after a node is killed.
+            if self.settle(node_id, min(VERDICT_SECONDS, timeout)):
+                self._mark_lost(node_id, "it cannot be reached and Ray reports it dead")
+                self.check(node_id)
+            raise EngineUnavailable(
+                f"the agent on node {self.name(node_id)} cannot be reached just now"
+            ) from None
         except _DEAD as exc:
             self._agent_died(node_id, generation, exc)
             raise  # unreachable: _agent_died raised
@@ -286,6 +301,17 @@ class Nodes:
             raise EngineUnavailable(
                 f"the agent on node {self.name(node_id)} did not answer within {timeout:g}s"
             ) from None
+
+    def settle(self, node_id: str, seconds: float = VERDICT_SECONDS) -> bool:
+        """Whether Ray finds the node dead within `seconds` (polled): True once it does (or
+        the node was already found lost), False if it still counts the node alive."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.is_lost(node_id) or not self._still_alive(node_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(VERDICT_POLL_SECONDS)
 
     def _still_alive(self, node_id: str) -> bool:
         return any(n.node_id == node_id and n.alive for n in self.all(fresh=True))

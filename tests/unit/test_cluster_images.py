@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from sandboxd.engine.cluster_images import ClusterImages
+from sandboxd.engine.nodes import PeerLost
 from sandboxd.errors import NotFound
 
 BASE = "sandbox-base:bookworm"
@@ -19,6 +20,8 @@ class FakeNode:
     name: str
     images: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     alive: bool = True
+    #: Killed but still counted alive, as Ray does for a few seconds: what it sends is lost.
+    dying: bool = False
     builds: list[str] = field(default_factory=list)
     loads: int = 0
 
@@ -56,6 +59,15 @@ class FakeNodes:
     def name(self, node_id: str) -> str:
         return self.by_id[node_id].name
 
+    def settle(self, node_id: str) -> bool:
+        """`Nodes.settle`: Ray's verdict on a dying node comes, and it is dead."""
+        node = self.by_id[node_id]
+        node.alive = not node.dying and node.alive
+        return not node.alive
+
+    def is_lost(self, node_id: str) -> bool:
+        return not self.by_id[node_id].alive
+
     def agent(self, node_id: str) -> FakeAgent:
         return FakeAgent(self.by_id[node_id])
 
@@ -69,6 +81,11 @@ class FakeNodes:
             return node.images.get(args[0])
         if method == "load_image":
             image_id, labels, ref = args[0]
+            source = next(
+                n for n in self.by_id.values() if n.images.get(ref, ())[:1] == (image_id,)
+            )
+            if source.dying:
+                raise PeerLost(f"the agent on node {node.name} lost an input from another agent")
             node.images[ref] = (image_id, labels)
             node.loads += 1
             return None
@@ -133,3 +150,14 @@ def test_an_image_no_live_node_has_and_nobody_built_here_is_not_found() -> None:
     images.forget_node(a.node_id)
     with pytest.raises(NotFound, match=r"no node of the cluster has the image 'sandbox-base"):
         images.ensure(b.node_id, BASE)
+
+
+def test_an_image_whose_sender_dies_mid_transfer_comes_from_its_recipe_instead() -> None:
+    """The receiving node is fine: its create must not fail with the sender's loss."""
+    nodes, a, b = cluster()
+    images = ClusterImages(nodes)  # type: ignore[arg-type]
+    list(images.build(f"FROM {BASE}\nRUN true\n", {}, "img:1", {}))
+    b.images[BASE] = a.images[BASE]
+    a.dying = True
+    images.ensure(b.node_id, "img:1")
+    assert b.builds == ["img:1"] and b.loads == 0 and not a.alive
