@@ -22,6 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 64
+#: Whether a session builds on an earlier session's environment image. Off: the project
+#: image built that way did not match the one the full chain gives (seen under CI=true).
+REUSE_ENVIRONMENTS = False
 #: Changes with the recipe of the environment's images (snapshot.Snapshot.environment), so
 #: that a session does not build on an image an earlier recipe made.
 RECIPE = "2"

@@ -22,7 +22,7 @@ from pytest_sandbox.coverage_data import CoverageSpec, data_from_tar, write_mapp
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.progress import BuildFailures
-from pytest_sandbox.reuse import BuiltEnvironments, reuse_key
+from pytest_sandbox.reuse import REUSE_ENVIRONMENTS, BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
@@ -103,7 +103,9 @@ class ImageCache:
         image when the fingerprint matches and the service still has it, else the
         environment's images in order (mostly cache hits), then the project's."""
         key = None
-        if self._snapshot.env_fingerprint:
+        # The shortcut stays off: in CI a session that took it built a project image with
+        # another key than the chain's (a rebuild and an upload the chain would not make).
+        if REUSE_ENVIRONMENTS and self._snapshot.env_fingerprint:
             key = reuse_key(self._snapshot.env_fingerprint, spec.image, spec.dockerfile)
             tag = self._built.get(key)
             if tag is not None:
