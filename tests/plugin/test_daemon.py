@@ -103,24 +103,25 @@ def test_concurrent_starts_make_one_daemon(paths: daemon.DaemonPaths) -> None:
 def test_two_sessions_share_the_daemon_and_the_second_does_not_build(
     pytester: pytest.Pytester, paths: daemon.DaemonPaths, no_leftovers: None
 ) -> None:
-    pytester.makepyfile(
-        test_once="""
-            import pytest
-
-            @pytest.mark.sandbox(dockerfile="RUN echo daemon-reuse > /marker")
-            def test_inside():
-                assert open("/marker").read() == "daemon-reuse\\n"
-        """
+    # The project is a directory of its own: pytester writes each run's stdout and stderr
+    # beside it, and those files are not the project's (they differ from run to run).
+    project = pytester.mkdir("proj")
+    project.joinpath("test_once.py").write_text(
+        "import pytest\n\n"
+        '@pytest.mark.sandbox(dockerfile="RUN echo daemon-reuse > /marker")\n'
+        "def test_inside():\n"
+        '    assert open("/marker").read() == "daemon-reuse\\n"\n'
     )
-    first = pytester.runpytest_subprocess("--sandbox", "-p", "no:cacheprovider")
+    where = ("--rootdir", "proj", "proj")
+    first = pytester.runpytest_subprocess("--sandbox", "-p", "no:cacheprovider", *where)
     first.assert_outcomes(passed=1)
     first.stdout.fnmatch_lines(["sandbox: * via the local sandboxd daemon (unix:*"])
     pid = daemon.running_pid(paths)
     assert pid is not None, "the session left no daemon to reuse"
-    second = pytester.runpytest_subprocess("--sandbox", "-p", "no:cacheprovider")
+    second = pytester.runpytest_subprocess("--sandbox", "-p", "no:cacheprovider", *where)
     second.assert_outcomes(passed=1)
     assert "building sandbox image" not in second.stdout.str()
     assert daemon.running_pid(paths) == pid
-    embedded = pytester.runpytest_subprocess("--sandbox", "--sandbox-embedded")
+    embedded = pytester.runpytest_subprocess("--sandbox", "--sandbox-embedded", *where)
     embedded.assert_outcomes(passed=1)
     embedded.stdout.fnmatch_lines(["sandbox: * via a sandboxd embedded in this session*"])
