@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,16 +44,16 @@ def new_images(client: SandboxClient) -> Iterator[None]:
             client.delete_image(image.key)
 
 
-def write_part(pytester: pytest.Pytester, index: int) -> int:
+def write_part(project: Path, index: int) -> int:
     data = os.urandom(PART_BYTES)
-    pytester.path.joinpath("data", f"part{index}.bin").write_bytes(data)
+    project.joinpath("data", f"part{index}.bin").write_bytes(data)
     return len(data)
 
 
-def write_sums(pytester: pytest.Pytester) -> None:
-    parts = sorted(pytester.path.joinpath("data").iterdir())
+def write_sums(project: Path) -> None:
+    parts = sorted(project.joinpath("data").iterdir())
     sums = [hashlib.sha256(p.read_bytes()).hexdigest() for p in parts]
-    pytester.path.joinpath("sums.txt").write_text("\n".join(sums) + "\n")
+    project.joinpath("sums.txt").write_text("\n".join(sums) + "\n")
 
 
 def test_a_project_over_100_mb_routes_and_a_rerun_sends_only_the_changed_file(
@@ -60,12 +61,18 @@ def test_a_project_over_100_mb_routes_and_a_rerun_sends_only_the_changed_file(
 ) -> None:
     blobs = service.core.images.blobs
     assert blobs is not None
-    pytester.path.joinpath("data").mkdir()
+    # The project is a directory of its own: pytester writes each run's stdout and stderr
+    # beside it, and those files are not the project's (they differ from run to run).
+    project = pytester.mkdir("proj")
+    project.joinpath("data").mkdir()
     for i in range(PARTS):
-        write_part(pytester, i)
-    write_sums(pytester)
-    pytester.makepyfile(test_data=TEST_FILE)
-    args = ("--sandbox=all", f"--sandbox-address={service.address}", "-p", "no:cacheprovider")
+        write_part(project, i)
+    write_sums(project)
+    project.joinpath("test_data.py").write_text(TEST_FILE)
+    args = (
+        *("--sandbox=all", f"--sandbox-address={service.address}", "-p", "no:cacheprovider"),
+        *("--rootdir", "proj", "proj"),
+    )
 
     before = blobs.received_bytes
     first = pytester.runpytest_subprocess(*args)
@@ -77,9 +84,9 @@ def test_a_project_over_100_mb_routes_and_a_rerun_sends_only_the_changed_file(
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     assert blobs.received_bytes == before  # nothing changed: a cache hit, no upload
 
-    changed = write_part(pytester, 2)
-    write_sums(pytester)
-    sums_size = pytester.path.joinpath("sums.txt").stat().st_size
+    changed = write_part(project, 2)
+    write_sums(project)
+    sums_size = project.joinpath("sums.txt").stat().st_size
     before = blobs.received_bytes
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
     assert blobs.received_bytes - before == changed + sums_size
