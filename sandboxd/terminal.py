@@ -60,20 +60,45 @@ def raw_mode(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+class _WindowSync:
+    """Sends the terminal's size whenever it differs from the last one sent.
+
+    SIGWINCH only runs its handler when the main thread next gets to run Python code, so
+    keys typed right after a resize could overtake it. The stdin pump therefore syncs the
+    size before every write as well: a resize always reaches the sandbox before the keys
+    typed after it.
+    """
+
+    def __init__(self, session: Session, fd: int) -> None:
+        self._session = session
+        self._fd = fd
+        self._lock = threading.RLock()  # the handler may run while the main thread holds it
+        self._sent = window(fd)
+
+    def sync(self) -> None:
+        with self._lock:
+            size = window(self._fd)
+            if size != self._sent:
+                self._sent = size
+                self._session.resize(*size)
+
+
 @contextlib.contextmanager
-def _forward_resizes(session: Session, fd: int) -> Iterator[None]:
+def _forward_resizes(sizes: _WindowSync) -> Iterator[None]:
     """Pass the terminal's new size on at every SIGWINCH (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGWINCH, lambda *_: session.resize(*window(fd)))
+    previous = signal.signal(signal.SIGWINCH, lambda *_: sizes.sync())
     try:
         yield
     finally:
         signal.signal(signal.SIGWINCH, previous)
 
 
-def _pump_stdin(session: Session, fd: int, done: threading.Event) -> None:
+def _pump_stdin(
+    session: Session, fd: int, done: threading.Event, sizes: _WindowSync | None
+) -> None:
     """Copy our stdin to the session until it ends (then the command reads EOF) or the
     session does: a process that attaches again later must get the keys typed then."""
     while not done.is_set():
@@ -87,6 +112,8 @@ def _pump_stdin(session: Session, fd: int, done: threading.Event) -> None:
         if not data:
             session.close_stdin()
             return
+        if sizes is not None:
+            sizes.sync()
         session.write(data)
 
 
@@ -110,17 +137,21 @@ def attach(
     stdout = out if out is not None else sys.stdout.buffer
     stderr = err if err is not None else sys.stderr.buffer
     done = threading.Event()
+    sizes = _WindowSync(session, stdin_fd) if tty_mode else None
     if forward_stdin:
         threading.Thread(
-            target=_pump_stdin, args=(session, stdin_fd, done), daemon=True, name="terminal-stdin"
+            target=_pump_stdin,
+            args=(session, stdin_fd, done, sizes),
+            daemon=True,
+            name="terminal-stdin",
         ).start()
     else:
         session.close_stdin()
     with contextlib.ExitStack() as stack:
         stack.callback(done.set)
-        if tty_mode:
+        if sizes is not None:
             stack.enter_context(raw_mode(stdin_fd))
-            stack.enter_context(_forward_resizes(session, stdin_fd))
+            stack.enter_context(_forward_resizes(sizes))
         for event in session.events():
             if isinstance(event, ExecResult):
                 return event
