@@ -31,24 +31,37 @@ while True:
 """
 
 ZOMBIES = """
-import os, sys
+import os, sys, time
 n = int(sys.argv[1])
 for _ in range(n):
     if os.fork() == 0:
         os._exit(0)
 # Children exit at once and are never waited for: they stay zombies until we exit.
-import time; time.sleep(0.5)
-zombies = 0
-for pid in os.listdir("/proc"):
-    try:
-        if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-            zombies += 1
-    except OSError:
-        pass
-print(zombies)
+# On a loaded machine some have not run yet: count until all are zombies (or 10 s).
+def zombies():
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                count += 1
+        except (OSError, IndexError):
+            pass
+    return count
+deadline = time.monotonic() + 10
+while (found := zombies()) < n and time.monotonic() < deadline:
+    time.sleep(0.2)
+print(found)
 """
 
-COUNT_PROCS = "import os; print(sum(p.isdigit() for p in os.listdir('/proc')))"
+# The number of processes once it drops below 8 (init reaps at its own pace on a loaded
+# machine), or after 10 s.
+COUNT_PROCS = """
+import os, time
+deadline = time.monotonic() + 10
+while (n := sum(p.isdigit() for p in os.listdir("/proc"))) >= 8 and time.monotonic() < deadline:
+    time.sleep(0.2)
+print(n)
+"""
 # Processes still running the spin loop (the base image has no ps).
 SPINNERS = """
 import os
