@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sandboxd.blobs import BlobStore
-from sandboxd.builder import BuildJob, make_builder
+from sandboxd.build_run import BuildJob
+from sandboxd.builder import make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
 from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+from sandboxd.build_run import BuildJob, BuildRun, BuildSettings
 from sandboxd.engine.base import LABEL_INSTANCE, CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.engine.docker import DockerEngine
 from sandboxd.errors import SandboxError
@@ -119,6 +120,8 @@ class NodeAgent:
         self._handles = itertools.count(1)
         self._streams: dict[int, Stream] = {}
         self._execs: dict[int, Any] = {}
+        #: Builds' cancel events, set by `close`.
+        self._cancels: dict[int, threading.Event] = {}
         self.reaped = self._reap_leftovers()
 
     def _reap_leftovers(self) -> int:
@@ -215,16 +218,24 @@ class NodeAgent:
                 self._execs[handle] = proc
         return handle
 
-    def build_start(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
-    ) -> int:
-        """Start a build; its log lines are read with `read` (stream 0)."""
-        lines = self.engine.build_image(dockerfile, context, tag, labels)
-        return self._add(Stream((0, line.encode()) for line in lines))
+    def build_start(self, job: BuildJob, settings: BuildSettings) -> int:
+        """Start a sandboxed step build (sandboxd.builder) on this node's engine with the
+        gateway's settings; its log lines are read with `read` (stream 0). Its containers
+        carry this node's name and the instance's id, so a new agent reaps what a lost one
+        left; `close` cancels it (its steps' containers and layers are removed)."""
+        cancel = threading.Event()
+        run = BuildRun(
+            self.engine,
+            settings,
+            job,
+            self.instance_id,
+            cancel,
+            container_labels={LABEL_NODE: self.node_name, LABEL_INSTANCE: self.instance_id},
+        )
+        handle = self._add(Stream((0, line.encode()) for line in run.execute()))
+        with self._lock:
+            self._cancels[handle] = cancel
+        return handle
 
     def exec_start(
         self,
@@ -286,6 +297,9 @@ class NodeAgent:
         with self._lock:
             stream = self._streams.pop(handle, None)
             proc = self._execs.pop(handle, None)
+            cancel = self._cancels.pop(handle, None)
+        if cancel is not None:
+            cancel.set()
         if stream is not None:
             stream.close()
         if proc is not None:

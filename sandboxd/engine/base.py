@@ -123,17 +123,6 @@ class Engine(Protocol):
 
     def image_labels(self, ref: str) -> Mapping[str, str]: ...
 
-    def build_image(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
-    ) -> Iterator[str]:
-        """Build with the engine's own builder and tag; yields log lines. Raises BuildFailed
-        with the log tail. Unsandboxed: used only for engines that are not a LayerEngine."""
-        ...
-
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
     ) -> str: ...
@@ -198,6 +187,22 @@ class RoomMaking(Protocol):
     """
 
     make_room: Callable[[], bool]
+
+
+@runtime_checkable
+class OwnBuildEngine(Engine, Protocol):
+    """An engine that can only build with a builder of its own (a test fake): root, the
+    engine's network and no limits, so sandboxd.builder uses it only for such engines."""
+
+    def build_image(
+        self,
+        dockerfile: str,
+        context: Mapping[str, tuple[bytes, int]],
+        tag: str,
+        labels: Mapping[str, str],
+    ) -> Iterator[str]:
+        """Build and tag; yields log lines. Raises BuildFailed with the log tail."""
+        ...
 
 
 @runtime_checkable

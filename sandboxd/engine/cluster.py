@@ -32,6 +32,7 @@ from ray.util.placement_group import (
 )
 
 from sandboxd.admission import wait_limit
+from sandboxd.build_run import BuildJob, BuildSettings
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.engine.cluster_images import ClusterImages
 from sandboxd.engine.nodes import Nodes
@@ -113,14 +114,10 @@ class ClusterEngine:
     def image_labels(self, ref: str) -> Mapping[str, str]:
         return self.images.labels(ref)
 
-    def build_image(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
+    def build_steps(
+        self, job: BuildJob, settings: BuildSettings, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        return self.images.build(dockerfile, context, tag, labels)
+        return self.images.build(job, settings, cancel)
 
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]

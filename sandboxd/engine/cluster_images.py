@@ -1,7 +1,8 @@
 """Images on a cluster without a registry.
 
 The gateway keeps, per image reference, what it knows: the image id, its labels, which
-nodes hold it, and for images built here the recipe (Dockerfile, context, labels). Before a
+nodes hold it, and for images built here the recipe (the step build's job and settings: a
+node runs it sandboxed, as one machine does, see sandboxd.builder). Before a
 container is created on a node, `ensure` puts its image there: sent from a live node that
 holds it (`docker save` on that node, through Ray's object store, `docker load` on this
 one; the image keeps its id), or, when no live node holds it, built again from its recipe.
@@ -11,13 +12,13 @@ The base image reaches nodes the same way, from any node that has it.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from sandboxd.build_run import BuildJob, BuildSettings
 from sandboxd.engine.nodes import Nodes, PeerLost
-from sandboxd.errors import NodeLost, NotFound, SandboxError
+from sandboxd.errors import Cancelled, InvalidArgument, NodeLost, NotFound, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +26,18 @@ log = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_SECONDS = 600.0
 #: How long a build may stay silent before the gateway gives up on it.
 BUILD_SILENCE_SECONDS = 900.0
-_FROM = re.compile(r"^\s*FROM\s+(\S+)", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What a node needs to build an image itself."""
 
-    dockerfile: str
-    context: Mapping[str, tuple[bytes, int]]
-    labels: Mapping[str, str]
+    job: BuildJob
+    settings: BuildSettings
 
     @property
     def base(self) -> str:
-        match = _FROM.search(self.dockerfile)
-        return match.group(1) if match else ""
+        return self.job.base
 
 
 @dataclass
@@ -132,53 +130,62 @@ class ClusterImages:
     # -- builds and imports -----------------------------------------------------------------------
 
     def build(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
+        self, job: BuildJob, settings: BuildSettings, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        """Build on one node (one that has the base, when one does) and keep the recipe.
+        """Build on one node with the settings' runtime (one that has the base, when one
+        does) and keep the recipe.
 
         Raises:
-            BuildFailed: the build failed (the log tail is in the message).
+            BuildFailed, DeadlineExceeded, Cancelled: as the step build on the node.
             NotFound: the base image is on no node and cannot be built.
+            InvalidArgument: no live node has the build's runtime.
         """
-        recipe = Recipe(dockerfile, dict(context), dict(labels))
-        node_id = self._builder(recipe.base)
-        yield from self._build_on(node_id, recipe, tag)
-        info = self._nodes.call(node_id, "image_info", tag)
+        recipe = Recipe(job, settings)
+        node_id = self._builder(recipe.base, settings.runtime)
+        yield from self._build_on(node_id, recipe, cancel)
+        info = self._nodes.call(node_id, "image_info", job.tag)
         if info is None:
             name = self._nodes.name(node_id)
-            raise SandboxError(f"the build of {tag} on node {name} left no image")
+            raise SandboxError(f"the build of {job.tag} on node {name} left no image")
         known = Known(info[0], dict(info[1]), recipe, {node_id})
         with self._lock:
-            self._known[tag] = known
+            self._known[job.tag] = known
             self._known[info[0]] = known
 
-    def _builder(self, base: str) -> str:
-        """A node to build on: one holding the base, else the first (the base is sent)."""
+    def _builder(self, base: str, runtime: str) -> str:
+        """A node with `runtime` to build on: one holding the base, else the first (the
+        base is sent).
+
+        Raises:
+            InvalidArgument: no live node has the runtime.
+        """
         alive = self._nodes.alive()
         if not alive:
             self._nodes.all(fresh=True)
             raise SandboxError("no sandbox node is alive to build on")
+        able = [n for n in alive if runtime in self._nodes.facts(n.node_id).get("runtimes", ())]
+        if not able:
+            raise InvalidArgument(f"no live node of the cluster has the build runtime {runtime!r}")
         known = self.lookup(base) if base else None
-        holders = [n.node_id for n in alive if known is not None and n.node_id in known.holders]
-        node_id = holders[0] if holders else alive[0].node_id
+        holders = [n.node_id for n in able if known is not None and n.node_id in known.holders]
+        node_id = holders[0] if holders else able[0].node_id
         if base and not holders and known is not None:
             self.ensure(node_id, base)
         return node_id
 
-    def _build_on(self, node_id: str, recipe: Recipe, tag: str) -> Iterator[str]:
+    def _build_on(
+        self, node_id: str, recipe: Recipe, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
         # The build is the agent's that started it: should it die, the build ends NodeLost.
         generation = self._nodes.generation(node_id)
         handle = self._nodes.call(
-            node_id, "build_start", recipe.dockerfile, recipe.context, tag, recipe.labels,
-            generation=generation,
-        )  # fmt: skip
+            node_id, "build_start", recipe.job, recipe.settings, generation=generation
+        )
         try:
             ended = None
             while ended is None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("build cancelled: the client went away; nothing was kept")
                 chunks, ended = self._nodes.call(
                     node_id, "read", handle, 1.0, timeout=BUILD_SILENCE_SECONDS,
                     generation=generation,
@@ -275,5 +282,6 @@ class ClusterImages:
         log.info("building image %s on node %s from its recipe", ref, name)
         if known.recipe.base:
             self.ensure(node_id, known.recipe.base)
-        for _ in self._build_on(node_id, known.recipe, ref):
+        recipe = Recipe(replace(known.recipe.job, tag=ref), known.recipe.settings)
+        for _ in self._build_on(node_id, recipe):
             pass

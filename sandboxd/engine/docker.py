@@ -8,7 +8,6 @@ Host cgroup and /proc reading is in `sandboxd.cgroups`.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -29,11 +28,9 @@ from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from sandboxd import cgroups
-from sandboxd.archives import tar_of
 from sandboxd.engine.base import BindMount, CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.engine.inside import KILL_SCRIPT, KILL_SLACK_SECONDS, RUNSC_NOISE, scrub
 from sandboxd.errors import (
-    BuildFailed,
     EngineUnavailable,
     FailedPrecondition,
     InvalidArgument,
@@ -154,49 +151,6 @@ class DockerEngine:
     def image_labels(self, ref: str) -> Mapping[str, str]:
         data = self._safe(lambda: self.api.inspect_image(ref))
         return dict((data.get("Config") or {}).get("Labels") or {})
-
-    def build_image(
-        self,
-        dockerfile: str,
-        context: Mapping[str, tuple[bytes, int]],
-        tag: str,
-        labels: Mapping[str, str],
-    ) -> Iterator[str]:
-        """The engine's own builder: root, the engine's network, no limits. Only for engines
-        that cannot build step by step (the cluster's nodes); see sandboxd.builder."""
-        buf = io.BytesIO(tar_of({"Dockerfile": (dockerfile.encode(), 0o644), **context}))
-        tail: list[str] = []
-        stream = self._call(
-            lambda: self.api.build(
-                fileobj=buf,
-                custom_context=True,
-                tag=tag,
-                labels=dict(labels),
-                rm=True,
-                forcerm=True,
-                decode=True,
-                pull=False,
-            )
-        )
-        try:
-            for chunk in stream:
-                if "error" in chunk:
-                    detail = str(chunk.get("error", "")).strip()
-                    log_tail = "\n".join(tail[-15:])
-                    raise BuildFailed(
-                        f"image build failed: {detail}\n--- build log tail ---\n{log_tail}"
-                    )
-                for line in str(chunk.get("stream", "")).splitlines():
-                    if line.strip():
-                        tail.append(line)
-                        del tail[:-50]
-                        yield line
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(exc) from None
-        except docker.errors.APIError as exc:
-            raise BuildFailed(f"image build failed: {_explain(exc)}") from None
-        if self.image_id(tag) is None:
-            raise BuildFailed("image build ended without an image:\n" + "\n".join(tail[-15:]))
 
     def image_config(self, ref: str) -> Mapping[str, Any]:
         data = self._safe(lambda: self.api.inspect_image(ref))

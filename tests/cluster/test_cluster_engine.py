@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +25,26 @@ import pytest
 
 from sandboxd import cli
 from sandboxd.api import SandboxRequest
+from sandboxd.build_run import LABEL_BUILD
 from sandboxd.client import SandboxClient
 from sandboxd.engine.agent import LABEL_NODE
 from sandboxd.engine.base import LABEL_INSTANCE
 from sandboxd.engine.cluster import ClusterEngine
-from sandboxd.errors import InvalidArgument, NodeLost, ResourceExhausted, SandboxError
+from sandboxd.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NodeLost,
+    ResourceExhausted,
+    SandboxError,
+)
 from sandboxd.limits import GiB, MiB
 from sandboxd.server import Service, create_server
 from tests.cluster.local_ray import LocalRay
 from tests.conftest import docker, make_config, small_limits, wait_for
 from tests.service.test_interactive import Reader
+
+#: A build step's capabilities: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID.
+BUILD_CAPS_MASK = 0xFB
 
 
 @dataclass
@@ -182,6 +193,38 @@ def test_a_built_image_runs_on_every_node(lab: Lab) -> None:
     finally:
         for box in boxes:
             lab.client.destroy_sandbox(box.id)
+
+
+def test_build_steps_run_sandboxed_on_a_node_and_end_with_the_client(lab: Lab) -> None:
+    label = f"label={LABEL_BUILD}={lab.instance_id}"
+    failures: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            lab.client.build_image(
+                f"RUN echo {uuid.uuid4().hex} && grep CapEff /proc/self/status && sleep 600",
+                timeout=15.0,
+            )
+        except BaseException as exc:
+            failures.append(exc)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    try:
+        assert wait_for(lambda: bool(docker("ps", "-q", "--filter", label).stdout.split()), 14)
+        step = json.loads(docker("inspect", *docker("ps", "-q", "--filter", label).stdout.split())
+                          .stdout)[0]  # fmt: skip
+    finally:
+        builder.join(timeout=60)
+    limits = lab.service.config.defaults
+    host = step["HostConfig"]
+    assert (host["Memory"], host["PidsLimit"]) == (limits.memory_bytes, limits.pids)
+    assert host["NanoCpus"] == int(limits.cpus * 1e9)
+    assert host["CapDrop"] == ["ALL"] and len(host["CapAdd"]) == 7, host
+    assert step["Config"]["Labels"][LABEL_NODE] in lab.ray.nodes, step["Config"]["Labels"]
+    # The client's deadline ended the build on its node: no step container is left.
+    assert [type(exc) for exc in failures] == [DeadlineExceeded], failures
+    assert wait_for(lambda: not docker("ps", "-aq", "--filter", label).stdout.split(), 20.0)
 
 
 def test_limits_above_every_node_are_refused_at_once(lab: Lab) -> None:

@@ -15,7 +15,7 @@ import pytest
 from abuse import RUNTIMES
 
 from sandboxd import errors
-from sandboxd.builder import LABEL_BUILD
+from sandboxd.build_run import LABEL_BUILD
 from sandboxd.client import SandboxClient
 from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, Profile, ServerConfig
 from sandboxd.images import LABEL_BUILDER

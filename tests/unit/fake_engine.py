@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO
 
-from sandboxd.builder import BuildJob, EngineBuilder
+from sandboxd.build_run import BuildJob
+from sandboxd.builder import EngineBuilder
 from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
 

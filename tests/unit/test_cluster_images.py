@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from sandboxd.build_run import BuildJob, BuildSettings
 from sandboxd.engine.cluster_images import ClusterImages
 from sandboxd.engine.nodes import PeerLost
-from sandboxd.errors import NotFound
+from sandboxd.errors import InvalidArgument, NotFound
 
 BASE = "sandbox-base:bookworm"
 
@@ -24,6 +25,7 @@ class FakeNode:
     dying: bool = False
     builds: list[str] = field(default_factory=list)
     loads: int = 0
+    runtimes: tuple[str, ...] = ("runc",)
 
 
 class FakeAgent:
@@ -74,6 +76,9 @@ class FakeNodes:
     def generation(self, node_id: str) -> int:
         return 1
 
+    def facts(self, node_id: str) -> dict[str, Any]:
+        return {"runtimes": list(self.by_id[node_id].runtimes)}
+
     def call(self, node_id: str, method: str, *args: Any, **options: Any) -> Any:
         """`Nodes.call`; its options (timeout, agent generation) do not matter here."""
         node = self.by_id[node_id]
@@ -90,15 +95,24 @@ class FakeNodes:
             node.loads += 1
             return None
         if method == "build_start":
-            _, _, tag, labels = args
-            node.builds.append(tag)
-            node.images[tag] = (f"sha256:{node.name}-{tag}", dict(labels))
+            job, settings = args
+            assert settings.runtime in node.runtimes
+            node.builds.append(job.tag)
+            node.images[job.tag] = (f"sha256:{node.name}-{job.tag}", dict(job.labels))
             return 1
         if method == "read":
             return [(0, b"Step 1/2 : FROM base")], (None, None)
         if method == "close":
             return None
         raise AssertionError(f"unexpected call {method}")
+
+
+def job(tag: str, labels: dict[str, str] | None = None) -> BuildJob:
+    return BuildJob(BASE, (), {}, tag, labels or {})
+
+
+def settings(runtime: str = "runc") -> BuildSettings:
+    return BuildSettings(runtime, 10**9, 512 << 20, 256, {}, 1 << 30, 60.0, "none")
 
 
 def cluster() -> tuple[FakeNodes, FakeNode, FakeNode]:
@@ -120,7 +134,7 @@ def test_the_base_image_is_sent_from_a_node_that_has_it_keeping_its_id() -> None
 def test_a_build_runs_where_the_base_is_and_its_log_comes_back() -> None:
     nodes, a, b = cluster()
     images = ClusterImages(nodes)  # type: ignore[arg-type]
-    lines = list(images.build(f"FROM {BASE}\nRUN true\n", {}, "img:1", {"k": "v"}))
+    lines = list(images.build(job("img:1", {"k": "v"}), settings()))
     assert lines == ["Step 1/2 : FROM base"]
     assert a.builds == ["img:1"] and not b.builds
     assert images.labels("img:1") == {"k": "v"}
@@ -129,7 +143,7 @@ def test_a_build_runs_where_the_base_is_and_its_log_comes_back() -> None:
 def test_an_image_whose_holders_are_all_lost_is_rebuilt_from_its_recipe() -> None:
     nodes, a, b = cluster()
     images = ClusterImages(nodes)  # type: ignore[arg-type]
-    list(images.build(f"FROM {BASE}\nRUN true\n", {}, "img:1", {}))
+    list(images.build(job("img:1"), settings()))
     first_id = images.image_id("img:1")
     b.images[BASE] = a.images[BASE]  # the base is on the survivor too
     a.alive = False
@@ -156,8 +170,20 @@ def test_an_image_whose_sender_dies_mid_transfer_comes_from_its_recipe_instead()
     """The receiving node is fine: its create must not fail with the sender's loss."""
     nodes, a, b = cluster()
     images = ClusterImages(nodes)  # type: ignore[arg-type]
-    list(images.build(f"FROM {BASE}\nRUN true\n", {}, "img:1", {}))
+    list(images.build(job("img:1"), settings()))
     b.images[BASE] = a.images[BASE]
     a.dying = True
     images.ensure(b.node_id, "img:1")
     assert b.builds == ["img:1"] and b.loads == 0 and not a.alive
+
+
+def test_a_build_runs_on_a_node_with_its_runtime_and_none_is_refused() -> None:
+    nodes, a, b = cluster()
+    b.runtimes = ("runc", "runsc")
+    images = ClusterImages(nodes)  # type: ignore[arg-type]
+    list(images.build(job("img:gvisor"), settings("runsc")))
+    assert b.builds == ["img:gvisor"] and not a.builds
+    assert b.images[BASE][0] == "sha256:base"  # the base was sent there first
+    b.alive = False
+    with pytest.raises(InvalidArgument, match="no live node of the cluster has the build runtime"):
+        list(images.build(job("img:2"), settings("runsc")))
