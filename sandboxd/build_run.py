@@ -75,13 +75,20 @@ class BuildJob:
 
 
 def reap_build_leftovers(engine: LayerEngine) -> int:
-    """Remove build containers of service instances that are no longer running."""
+    """Remove build containers, and layers no image builds on, of service instances that
+    are no longer running (a build's layers carry its instance until the final commit)."""
     removed = 0
     for info in engine.list_containers(LABEL_BUILD):
         owner = info.labels.get(LABEL_BUILD, "")
         if owner and not instances.is_alive(owner):
             with contextlib.suppress(SandboxError):
                 engine.remove_container(info.id)
+                removed += 1
+    for image, labels in engine.dangling_images(LABEL_BUILD):
+        owner = labels.get(LABEL_BUILD, "")
+        if owner and not instances.is_alive(owner):
+            with contextlib.suppress(SandboxError):
+                engine.remove_image(image)
                 removed += 1
     return removed
 
@@ -105,6 +112,7 @@ class BuildRun:
     _process: ExecProcess | None = None
     _stopped: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _removing: threading.Lock = field(default_factory=threading.Lock)
     _done: threading.Event = field(default_factory=threading.Event)
 
     def execute(self) -> Iterator[str]:
@@ -126,7 +134,8 @@ class BuildRun:
                 else:
                     self.state.apply(ins)
             self._check_stopped(None)
-            final = self._commit_in(self._container_for(started=False), self.job.labels)
+            container = self._container_for(started=False)
+            final = self._commit_in(container, {**self.job.labels, LABEL_BUILD: ""})
             self.engine.tag_image(final, self.job.tag)
             ok = True
             yield f"Successfully built {final[7:19]} as {self.job.tag}"
@@ -169,7 +178,7 @@ class BuildRun:
             raise self._step_failed(ins, container, code, tail)
         self.written += self.engine.disk_usage(container)
         self._check_disk(ins)
-        self._commit_in(container, {})
+        self._commit_in(container)
 
     def _copy(self, ins: Instruction) -> None:
         container = self._container_for(started=False)
@@ -180,7 +189,7 @@ class BuildRun:
         self.written += len(archive)
         self._check_disk(ins)
         self.engine.put_archive(container, "/", archive)
-        self._commit_in(container, {})
+        self._commit_in(container)
 
     def _exec(
         self, container: str, argv: list[str], env: dict[str, str], user: str, workdir: str
@@ -276,8 +285,10 @@ class BuildRun:
             self._check_stopped(None)
         return container
 
-    def _commit_in(self, container: str, labels: Mapping[str, str]) -> str:
-        config = self.state.commit_config({**labels, LABEL_BUILD: ""})
+    def _commit_in(self, container: str, labels: Mapping[str, str] | None = None) -> str:
+        """Commit the next layer. Until the final one (whose `labels` clear it), a layer
+        names the instance building it, so what a crash leaves is found and reaped."""
+        config = self.state.commit_config(labels or {LABEL_BUILD: self.instance_id})
         image = self.engine.commit(container, config)
         self.layers.append(image)
         self.image = image
@@ -285,17 +296,20 @@ class BuildRun:
         return image
 
     def _drop_container(self) -> None:
-        with self._lock:
-            container, self._container = self._container, ""
-        if not container:
-            return
-        try:
-            self.engine.remove_container(container)
-        except SandboxError as exc:
-            log.warning("removing build container %s: %s", container[:12], exc)
+        # One removal at a time: the layers are removed only once the watchdog's removal of
+        # a container made from them has finished (an image in use cannot be removed).
+        with self._removing:
             with self._lock:
-                if not self._container:
-                    self._container = container  # the watchdog tries again
+                container, self._container = self._container, ""
+            if not container:
+                return
+            try:
+                self.engine.remove_container(container)
+            except SandboxError as exc:
+                log.warning("removing build container %s: %s", container[:12], exc)
+                with self._lock:
+                    if not self._container:
+                        self._container = container  # the watchdog tries again
 
     def _remove_layers(self) -> None:
         self._drop_container()

@@ -229,6 +229,10 @@ class LayerEngine(Engine, Protocol):
 
     def tag_image(self, image_id: str, tag: str) -> None: ...
 
+    def dangling_images(self, label: str) -> list[tuple[str, Mapping[str, str]]]:
+        """(id, labels) of untagged images carrying `label` that no other image builds on."""
+        ...
+
     def disk_usage(self, container_id: str) -> int:
         """Bytes the container has written to its own layer."""
         ...

@@ -225,6 +225,11 @@ class DockerEngine:
             for i in images
         ]
 
+    def dangling_images(self, label: str) -> list[tuple[str, Mapping[str, str]]]:
+        filters = {"label": label, "dangling": True}
+        images = self._safe(lambda: self.api.images(filters=filters))
+        return [(str(i["Id"]), dict(i.get("Labels") or {})) for i in images]
+
     # -- containers ---------------------------------------------------------
 
     def _volumes(self, image: str) -> list[str]:

@@ -15,9 +15,10 @@ import pytest
 from abuse import RUNTIMES
 
 from sandboxd import errors
-from sandboxd.build_run import LABEL_BUILD
+from sandboxd.build_run import LABEL_BUILD, reap_build_leftovers
 from sandboxd.client import SandboxClient
 from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, Profile, ServerConfig
+from sandboxd.engine.docker import DockerEngine
 from sandboxd.images import LABEL_BUILDER
 from sandboxd.limits import Limits, MiB
 from sandboxd.server import Service
@@ -84,6 +85,13 @@ def docker(*args: str) -> subprocess.CompletedProcess[str]:
 def build_containers(instance_id: str) -> list[str]:
     """Ids of the build containers the instance still has, running or not."""
     out = docker("ps", "-aq", "--filter", f"label={LABEL_BUILD}={instance_id}")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def build_layers(instance_id: str) -> list[str]:
+    """Untagged layers a build of the instance committed and left (none should be)."""
+    out = docker("images", "-aq", "--filter", f"label={LABEL_BUILD}={instance_id}")
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
@@ -167,5 +175,23 @@ def test_a_build_ends_at_the_servers_build_deadline(
                 client.build_image(f"RUN echo {uuid.uuid4().hex}\nRUN sleep 600")
             assert waiter(lambda: not build_containers(config.instance_id), 10.0)
             assert not built_images(config.instance_id)
+            # The first RUN's layer went too, although the deadline's removal of the second
+            # step's container (made from it) ran on another thread.
+            assert not build_layers(config.instance_id)
     finally:
         service.stop(grace=2.0)
+
+
+def test_layers_of_a_build_whose_service_died_are_reaped(base_image: str) -> None:
+    dead = f"dead{uuid.uuid4().hex[:12]}"  # an instance with no live process
+    made = docker("create", base_image, "true")
+    assert made.returncode == 0, made.stderr
+    container = made.stdout.strip()
+    try:
+        layer = docker("commit", "--change", f"LABEL {LABEL_BUILD}={dead}", container)
+        assert layer.returncode == 0, layer.stderr
+    finally:
+        docker("rm", "-f", container)
+    assert build_layers(dead)
+    assert reap_build_leftovers(DockerEngine()) >= 1
+    assert not build_layers(dead)
