@@ -57,6 +57,14 @@ class InvalidArgument(SandboxError):
             self.violations = (FieldViolation(field, message),)
 
 
+def invalid_fields(messages: list[str]) -> InvalidArgument:
+    """One InvalidArgument for several bad fields: every message, each a field violation
+    (a client fixes them all at once instead of one per round trip)."""
+    error = InvalidArgument("; ".join(messages))
+    error.violations = tuple(v for m in messages for v in InvalidArgument(m).violations)
+    return error
+
+
 class NotFound(SandboxError):
     """Unknown sandbox, image or path."""
 

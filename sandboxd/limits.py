@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from sandboxd.errors import InvalidArgument
+from sandboxd.errors import InvalidArgument, invalid_fields
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -89,7 +89,8 @@ def resolve(requested: Limits | None, defaults: Limits, caps: Caps) -> Limits:
     """Fill zeros from `defaults` and check every field against `caps`.
 
     Raises:
-        InvalidArgument: a field is negative, not finite, too small, or above its cap.
+        InvalidArgument: a field is negative or not finite; or fields too small or above
+            their caps (every one of them, each a field violation).
     """
     if requested is None:
         requested = Limits(0, 0, 0, 0, False, 0, 0)
@@ -125,28 +126,31 @@ def resolve(requested: Limits | None, defaults: Limits, caps: Caps) -> Limits:
         ),
         ("output_bytes", out.output_bytes, caps.output_bytes, format_size(caps.output_bytes)),
     ]
+    problems: list[str] = []
     for field, value, cap, shown in over:
         if value > cap:
             # Integers as sent (a client compares them with its request); `:g` would turn
             # 8589934593 into 8.58993e+09.
             sent = str(value) if isinstance(value, int) else f"{value:g}"
-            raise InvalidArgument(f"limits.{field}: {sent} is above the server's cap of {shown}")
+            problems.append(f"limits.{field}: {sent} is above the server's cap of {shown}")
     if out.network and not caps.network:
-        raise InvalidArgument("limits.network: this server does not allow network access")
+        problems.append("limits.network: this server does not allow network access")
     if out.cpus < 0.01:
-        raise InvalidArgument(f"limits.cpus: {out.cpus:g} is below the minimum of 0.01")
+        problems.append(f"limits.cpus: {out.cpus:g} is below the minimum of 0.01")
     if out.memory_bytes < MIN_MEMORY:
-        raise InvalidArgument(
+        problems.append(
             f"limits.memory_bytes: {format_size(out.memory_bytes)} is below the minimum of "
             f"{format_size(MIN_MEMORY)}"
         )
     if out.pids < MIN_PIDS:
-        raise InvalidArgument(f"limits.pids: {out.pids} is below the minimum of {MIN_PIDS}")
+        problems.append(f"limits.pids: {out.pids} is below the minimum of {MIN_PIDS}")
     if out.scratch_bytes < MIN_SCRATCH:
-        raise InvalidArgument(
+        problems.append(
             f"limits.scratch_bytes: {format_size(out.scratch_bytes)} is below the minimum of "
             f"{format_size(MIN_SCRATCH)}"
         )
+    if problems:
+        raise invalid_fields(problems)
     return out
 
 

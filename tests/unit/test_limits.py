@@ -146,3 +146,14 @@ def test_check_ttl_defaults_and_caps() -> None:
         check_ttl(101.0, 50.0, caps)
     with pytest.raises(InvalidArgument, match=r"spec.ttl_seconds: must not be negative"):
         check_ttl(-1.0, 50.0, caps)
+
+
+def test_every_bad_field_is_reported_at_once_each_as_a_violation() -> None:
+    asked = Limits(cpus=64.0, memory_bytes=1024, pids=1_000_000, network=True)
+    with pytest.raises(InvalidArgument) as info:
+        resolve(asked, Limits(), Caps(network=False))
+    fields = [v.field for v in info.value.violations]
+    assert fields == ["limits.cpus", "limits.pids", "limits.network", "limits.memory_bytes"]
+    assert "above the server's cap" in info.value.violations[0].description
+    assert "below the minimum" in info.value.violations[3].description
+    assert all(v.description in info.value.message for v in info.value.violations)
