@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sandboxd.config import Profile, ServerConfig
 from sandboxd.engine.base import BindMount
-from sandboxd.errors import InvalidArgument, PermissionDenied
+from sandboxd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 MAX_MOUNTS = 16
 MAX_PATH = 4096
@@ -47,6 +47,7 @@ def check_mounts(
             target that is reserved, a scratch directory, or used twice.
         PermissionDenied: the profile allows no mounts, or a source lies outside the
             server's roots (or outside its writable roots for a writable mount).
+        FailedPrecondition: the server runs sandboxes on a cluster's nodes.
     """
     if not mounts:
         return ()
@@ -54,6 +55,12 @@ def check_mounts(
         raise PermissionDenied(
             f"spec.mounts: profile {profile.name!r} does not allow host mounts "
             "(the server's config can allow them: allow_mounts in its [[profiles]] table)"
+        )
+    if config.engine == "cluster":
+        raise FailedPrecondition(
+            "spec.mounts: host mounts are not available on a cluster: the sandbox runs on "
+            "another machine than the one the server could check the path on (send the "
+            "files with PutFiles instead)"
         )
     if len(mounts) > MAX_MOUNTS:
         raise InvalidArgument(f"spec.mounts: {len(mounts)} is above the limit of {MAX_MOUNTS}")

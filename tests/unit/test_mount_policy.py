@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from pytest_sandbox.spec import Defaults, resolve
 from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, ServerConfig, load_config
 from sandboxd.engine.base import BindMount
-from sandboxd.errors import InvalidArgument, PermissionDenied
+from sandboxd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from sandboxd.mounts import Mount, check_mounts
 from sandboxd.tunnels import parse_ports
 
@@ -84,6 +85,14 @@ def test_no_roots_no_mounts_and_untrusted_none_by_default(config: ServerConfig) 
     with pytest.raises(PermissionDenied, match="'untrusted' does not allow host mounts"):
         check_mounts([Mount(str(config.mount_roots[0]))], UNTRUSTED_PROFILE, config, SCRATCH)
     assert not UNTRUSTED_PROFILE.allow_port_forward
+
+
+def test_a_cluster_server_refuses_host_mounts(config: ServerConfig) -> None:
+    cluster = replace(config, engine="cluster")
+    with pytest.raises(FailedPrecondition, match="not available on a cluster") as info:
+        check(cluster, Mount(str(config.mount_roots[0])))
+    assert info.value.message.startswith("spec.mounts: ")
+    assert check(cluster) == ()  # no mounts asked: nothing to refuse
 
 
 def test_config_file_keys(tmp_path: Path) -> None:
