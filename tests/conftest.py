@@ -151,6 +151,36 @@ def base_image() -> str:
 
 
 @pytest.fixture(scope="session")
+def requirements_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """XDG_CACHE_HOME for plugin sessions with `sandbox_requirements`: pip installs each
+    requirements file once per test session, and nothing lands in the user's own cache."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture
+def minimal_environment(
+    requirements_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path], None]:
+    """`minimal_environment(project)`: the project's sandbox environment is pytest alone.
+
+    For tests of something other than mirroring (the daemon's reuse, cluster placement):
+    mirroring this virtualenv means hundreds of MiB (ray alone is 240), and a session that
+    must build its environment (on a fresh engine, or under a fragment of its own, which
+    goes below the environment) spends one to two minutes on it; pytest alone takes seconds.
+    """
+    monkeypatch.setenv("XDG_CACHE_HOME", str(requirements_cache))
+
+    def use(project: Path) -> None:
+        ini = project / "pytest.ini"
+        assert not ini.exists(), f"{ini} exists: add sandbox_requirements to it instead"
+        ini.write_text("[pytest]\nsandbox_requirements = requirements.txt\n")
+        # Empty: the plugin adds pytest itself, at the host's version.
+        (project / "requirements.txt").write_text("")
+
+    return use
+
+
+@pytest.fixture(scope="session")
 def short_tmp() -> Iterator[Path]:
     """A short private directory: unix socket paths are limited to 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="sbxt-", dir="/tmp"))

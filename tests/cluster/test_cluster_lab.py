@@ -239,8 +239,15 @@ def test_spread(n, record_property):
 """
 
 
-def demo_project(pytester: pytest.Pytester) -> Path:
-    """The same project for every run, so later runs find its image built."""
+@pytest.fixture
+def demo_junit(pytester: pytest.Pytester, minimal_environment: Callable[[Path], None]) -> Path:
+    """The demo project, the same for every run so later runs find its image built; the
+    path of its junit report.
+
+    Its environment is pytest alone: the lab's engines start empty, and the mirrored
+    virtualenv (ray included) took minutes to build on one node and send to the other.
+    """
+    minimal_environment(pytester.path)
     pytester.makepyfile(test_demo=DEMO_TESTS)
     return pytester.path / "junit.xml"
 
@@ -256,9 +263,9 @@ def nodes_in(junit: Path) -> dict[str, str]:
 
 
 def test_pytest_through_the_gateway_spreads_tests_over_the_nodes(
-    lab: Lab, pytester: pytest.Pytester
+    lab: Lab, pytester: pytest.Pytester, demo_junit: Path
 ) -> None:
-    junit = demo_project(pytester)
+    junit = demo_junit
     result = pytester.runpytest_subprocess(
         "--sandbox", "--sandbox-address", lab.gateway_address, "--sandbox-jobs", "4",
         f"--junitxml={junit}", "-p", "no:cacheprovider", timeout=600,
@@ -269,7 +276,11 @@ def test_pytest_through_the_gateway_spreads_tests_over_the_nodes(
 
 
 def test_pytest_session_survives_a_node_lost_mid_run(
-    lab: Lab, gw: SandboxClient, pytester: pytest.Pytester, boxes: list[Sandbox]
+    lab: Lab,
+    gw: SandboxClient,
+    pytester: pytest.Pytester,
+    boxes: list[Sandbox],
+    demo_junit: Path,
 ) -> None:
     """Two jobs, one per node; node 1 dies while one of its tests runs.
 
@@ -277,7 +288,7 @@ def test_pytest_session_survives_a_node_lost_mid_run(
     different nodes whatever Ray's placement prefers; node 0's ballast is destroyed as
     node 1 is killed, so node 0 has room for the job that lost its sandbox.
     """
-    junit = demo_project(pytester)
+    junit = demo_junit
     by_node = spread(gw, lab, boxes)
     for on_node in by_node.values():
         gw.destroy_sandbox(on_node.pop().id)

@@ -101,11 +101,17 @@ def test_concurrent_starts_make_one_daemon(paths: daemon.DaemonPaths) -> None:
 
 
 def test_two_sessions_share_the_daemon_and_the_second_does_not_build(
-    pytester: pytest.Pytester, paths: daemon.DaemonPaths, no_leftovers: None
+    pytester: pytest.Pytester,
+    paths: daemon.DaemonPaths,
+    no_leftovers: None,
+    minimal_environment: Callable[[Path], None],
 ) -> None:
     # The project is a directory of its own: pytester writes each run's stdout and stderr
     # beside it, and those files are not the project's (they differ from run to run).
     project = pytester.mkdir("proj")
+    # The fragment goes below the environment's images: with the whole mirrored
+    # virtualenv on top, the first session's build alone took over a minute.
+    minimal_environment(project)
     project.joinpath("test_once.py").write_text(
         "import pytest\n\n"
         '@pytest.mark.sandbox(dockerfile="RUN echo daemon-reuse > /marker")\n'
