@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,10 +35,13 @@ from pytest_sandbox.models import (
 )
 from pytest_sandbox.progress import BuildLine
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, warning_message
-from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import daemon, errors
 from sandboxd.connection import Connection
+
+if TYPE_CHECKING:
+    # With grpc (~0.5 s): imported by the thread that connects while pytest collects.
+    from pytest_sandbox.runner import GroupRunner
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,6 @@ class Controller:
     connection: Connection | None = None
     _events: queue.Queue[object] = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _registry: Registry = field(default_factory=Registry)
     _early: threading.Thread | None = None
     _early_result: dict[str, object] = field(default_factory=dict)
     _runner: GroupRunner | None = None
@@ -221,8 +224,7 @@ class Controller:
                 self._work.put(None)
             if self._runner is not None:
                 self._runner.close()
-            if self.connection is not None:
-                self._registry.destroy_all(self.connection.client)
+            self._destroy_all()
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
         if session.shouldstop:
@@ -300,12 +302,14 @@ class Controller:
         return int(value)
 
     def _make_runner(self, conn: Connection, snap: snapshot.Snapshot) -> GroupRunner:
+        from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
+
         client = conn.client
         return GroupRunner(
             client,
             ImageCache(client, snap),
             self._settings(snap),
-            self._registry,
+            Registry(),
             self._events.put,
             self._stop,
         )
@@ -421,8 +425,11 @@ class Controller:
     def _abort(self) -> None:
         """Ctrl-C or an internal error: no sandbox of this session may outlive it."""
         self._stop.set()
-        if self.connection is not None:
-            self._registry.destroy_all(self.connection.client)
+        self._destroy_all()
+
+    def _destroy_all(self) -> None:
+        if self.connection is not None and self._runner is not None:
+            self._runner.registry.destroy_all(self.connection.client)
 
     def close(self) -> None:
         if self.connection is None and self._early is not None:

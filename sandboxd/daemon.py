@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd import errors
-from sandboxd.channels import TlsCredentials
-from sandboxd.config import ServerConfig
 from sandboxd.connection import Connection, connect
 
 if TYPE_CHECKING:
+    from sandboxd.channels import TlsCredentials
     from sandboxd.client import SandboxClient
+    from sandboxd.config import ServerConfig
     from sandboxd.server import Service
 
 log = logging.getLogger(__name__)
