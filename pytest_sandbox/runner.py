@@ -289,7 +289,8 @@ class GroupRunner:
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
-            preload_argv=("python3", WORKER),
+            # With fork, it also starts the walk for the places a test can write.
+            preload_argv=("python3", WORKER, *(("fork",) if spec.forks else ())),
         )
 
     def _deadline(self, spec: RouteSpec, count: int) -> float:
