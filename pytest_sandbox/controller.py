@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,10 +35,14 @@ from pytest_sandbox.models import (
 )
 from pytest_sandbox.progress import BuildLine
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, warning_message
-from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
 from pytest_sandbox.spec import RouteSpec
+from pytest_sandbox.startup import Startup
 from sandboxd import daemon, errors
 from sandboxd.connection import Connection
+
+if TYPE_CHECKING:
+    # With grpc (~0.5 s): imported by the thread that connects while pytest collects.
+    from pytest_sandbox.runner import GroupRunner
 
 log = logging.getLogger(__name__)
 
@@ -112,38 +117,25 @@ class Controller:
     connection: Connection | None = None
     _events: queue.Queue[object] = field(default_factory=queue.Queue)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _registry: Registry = field(default_factory=Registry)
-    _early: threading.Thread | None = None
-    _early_result: dict[str, object] = field(default_factory=dict)
+    _startup: Startup | None = None
     _runner: GroupRunner | None = None
 
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
+    def start(self) -> None:
+        """At configure time: the snapshot and the service, while pytest collects."""
         if not self.config.option.collectonly:  # --co needs neither service nor snapshot
-            self._start_early()
+            self._startup = Startup(self._take, self._connect, self._prepare)
 
-    def _start_early(self) -> None:
-        """Read the project and start (or reach) the service while pytest collects:
-        both take a while and neither depends on what is collected."""
+    def _take(self) -> snapshot.Snapshot:
+        xmlpath = getattr(self.config.option, "xmlpath", None)
+        # Files the session writes are not the project's, even when under it
+        # (pytester's HOME is the project: the reuse file is then inside).
+        outputs = [Path(xmlpath)] if xmlpath else []
+        outputs.append(reuse.default_path())
+        requirements = str(self.config.getini("sandbox_requirements"))
+        return snapshot.take(self.config.rootpath, outputs, requirements, lazy=True)
 
-        def work() -> None:
-            try:
-                xmlpath = getattr(self.config.option, "xmlpath", None)
-                # Files the session writes are not the project's, even when under it
-                # (pytester's HOME is the project: the reuse file is then inside).
-                outputs = [Path(xmlpath)] if xmlpath else []
-                outputs.append(reuse.default_path())
-                requirements = str(self.config.getini("sandbox_requirements"))
-                snap = snapshot.take(self.config.rootpath, outputs, requirements, lazy=True)
-                self._early_result["snap"] = snap
-                conn = self._connect()
-                self._early_result["conn"] = conn
-            except BaseException as exc:  # re-raised on the main thread
-                self._early_result["error"] = exc
-                return
-            self._runner = self._make_runner(conn, snap)
-
-        self._early = threading.Thread(target=work, name="sandbox-early", daemon=True)
-        self._early.start()
+    def _prepare(self, conn: Connection, snap: snapshot.Snapshot) -> None:
+        self._runner = self._make_runner(conn, snap)
 
     def _connect(self) -> Connection:
         """The address given, else a service in this session, else the local daemon.
@@ -168,20 +160,13 @@ class Controller:
             return "--cov"
         return None
 
-    def _early_ready(self) -> snapshot.Snapshot:
-        """Wait for the early work; the connection is kept either way, so close() ends it."""
-        if self._early is None:
-            self._start_early()
-        assert self._early is not None
-        self._early.join()
-        conn = self._early_result.get("conn")
-        if isinstance(conn, Connection):
-            self.connection = conn
-        error = self._early_result.get("error")
-        if isinstance(error, BaseException):
-            raise error
-        snap = self._early_result["snap"]
-        assert isinstance(snap, snapshot.Snapshot)
+    def _ready(self) -> snapshot.Snapshot:
+        """Wait for the startup work; the connection is kept either way, so close() ends it."""
+        if self._startup is None:
+            self.start()
+        assert self._startup is not None
+        self.connection = self._startup.connection()
+        snap, self.connection = self._startup.ready()
         return snap
 
     @pytest.hookimpl(tryfirst=True)
@@ -200,7 +185,7 @@ class Controller:
             self.specs = {n: replace(s, isolation="container") for n, s in self.specs.items()}
         groups = make_groups(routed, self.specs, rootdir, self.options.jobs)
         try:
-            snap = self._early_ready()
+            snap = self._ready()
             self._check_environment(snap, groups)
         except (
             errors.SandboxError,
@@ -221,8 +206,7 @@ class Controller:
                 self._work.put(None)
             if self._runner is not None:
                 self._runner.close()
-            if self.connection is not None:
-                self._registry.destroy_all(self.connection.client)
+            self._destroy_all()
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
         if session.shouldstop:
@@ -300,12 +284,14 @@ class Controller:
         return int(value)
 
     def _make_runner(self, conn: Connection, snap: snapshot.Snapshot) -> GroupRunner:
+        from pytest_sandbox.runner import GroupRunner, ImageCache, Registry
+
         client = conn.client
         return GroupRunner(
             client,
             ImageCache(client, snap),
             self._settings(snap),
-            self._registry,
+            Registry(),
             self._events.put,
             self._stop,
         )
@@ -421,16 +407,16 @@ class Controller:
     def _abort(self) -> None:
         """Ctrl-C or an internal error: no sandbox of this session may outlive it."""
         self._stop.set()
-        if self.connection is not None:
-            self._registry.destroy_all(self.connection.client)
+        self._destroy_all()
+
+    def _destroy_all(self) -> None:
+        if self.connection is not None and self._runner is not None:
+            self._runner.registry.destroy_all(self.connection.client)
 
     def close(self) -> None:
-        if self.connection is None and self._early is not None:
+        if self.connection is None and self._startup is not None:
             # The session ended before it needed the service: stop what was started early.
-            self._early.join()
-            conn = self._early_result.pop("conn", None)
-            if isinstance(conn, Connection):
-                self.connection = conn
+            self.connection = self._startup.connection()
         if self.connection is not None:
             self.connection.close(keep=[k.sandbox_id for k in self.kept])
             self.connection = None

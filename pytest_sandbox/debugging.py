@@ -10,14 +10,20 @@ failing test fails as it does without --pdb.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_sandbox.models import DebugRequest
-from sandboxd import errors, terminal
-from sandboxd.client import SandboxClient
+from sandboxd import errors
+
+if TYPE_CHECKING:
+    # The client and the terminal relay (grpc, the service's records) are for a debugging
+    # session only; the check at configure time must not pay for importing them.
+    from sandboxd.client import SandboxClient
 
 #: pytest inside the sandbox builds its debugger from this class (debugger.py).
 PDB_CLASS = "pytest_sandbox_debugger:SandboxPdb"
@@ -28,7 +34,14 @@ NO_TERMINAL = "none"
 def terminal_available(config: pytest.Config) -> bool:
     """Whether stdin and stdout are a terminal (pytest's capturing hides them: look past it)."""
     with _uncaptured(config):
-        return terminal.is_terminal(0) and terminal.is_terminal(1)
+        return _is_terminal(0) and _is_terminal(1)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def worker_args(config: pytest.Config) -> list[str]:
@@ -51,6 +64,8 @@ def relay_script(request: DebugRequest) -> str:
 
 def attach(config: pytest.Config, client: SandboxClient, request: DebugRequest) -> None:
     """Lend this terminal to the sandbox's debugger until it is done (main thread)."""
+    from sandboxd import terminal
+
     reporter = config.pluginmanager.getplugin("terminalreporter")
     with _uncaptured(config):
         tw = reporter._tw if reporter is not None else None

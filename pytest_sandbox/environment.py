@@ -146,7 +146,7 @@ def _dist_files(
         )
     for rel in dist.files:
         posix = rel.as_posix()
-        if posix.startswith("..") or "__pycache__" in rel.parts or rel.suffix in (".pyc", ".pyo"):
+        if not _mirrored(posix):
             continue  # console scripts and data outside the site dir, host bytecode
         path = Path(str(dist.locate_file(rel)))
         try:
@@ -248,10 +248,19 @@ def fingerprint(rootdir: Path, dirs: list[Path] | None = None) -> str:
                 continue
             digest.update(f"\0dist {base}\0{record}".encode())
             for line in record.splitlines():
-                digest.update(_stat_line(os.path.join(base, line.split(",", 1)[0])))
+                rel = line.split(",", 1)[0]
+                if not _mirrored(rel):  # what is not mirrored cannot change the images
+                    continue
+                digest.update(_stat_line(os.path.join(base, rel)))
         for path in sorted(site_dir.glob("*.pth")):
             digest.update(_stat_line(str(path)))
     return digest.hexdigest()
+
+
+def _mirrored(rel: str) -> bool:
+    """Whether `_dist_files` would take a RECORD path (bytecode and files outside the
+    site directory stay behind)."""
+    return not (rel.startswith("..") or "__pycache__" in rel or rel.endswith((".pyc", ".pyo")))
 
 
 def _stat_line(path: str) -> bytes:

@@ -138,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, _options(config, mode))
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "sandbox-controller")
+    controller.start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -126,6 +127,38 @@ def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
     return sorted(roots), sorted(files)
 
 
+class _Prefetch(threading.Thread):
+    """writable_places() on a thread, while the preloaded worker waits for its request."""
+
+    def __init__(self) -> None:
+        super().__init__(name="writable-places", daemon=True)
+        self.places: tuple[list[str], list[str]] | None = None
+
+    def run(self) -> None:
+        with contextlib.suppress(Exception):  # None: the record walks again itself
+            self.places = writable_places()
+
+
+_prefetch: list[_Prefetch] = []
+
+
+def prefetch_places() -> None:
+    """Start the walk for writable places before the worker's request arrives (with
+    isolation="fork"): it depends only on the image and, at 0.4-0.8 s on two busy cores,
+    is the longest step between the request and the first test."""
+    started = _Prefetch()
+    _prefetch.append(started)
+    started.start()
+
+
+def _prefetched() -> tuple[list[str], list[str]] | None:
+    if not _prefetch:
+        return None
+    started = _prefetch.pop()
+    started.join()
+    return started.places
+
+
 def processes() -> dict[int, ProcessKey]:
     """Live (non-zombie) processes of the sandbox's pid namespace, by pid."""
     found: dict[int, ProcessKey] = {}
@@ -190,7 +223,7 @@ class Pristine:
         self.base = self._record()
 
     def _record(self) -> Baseline:
-        roots, files = writable_places()
+        roots, files = _prefetched() or writable_places()
         me = os.getpid()
         return Baseline(
             me=me,

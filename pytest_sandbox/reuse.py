@@ -3,8 +3,8 @@ environment again.
 
 Mirroring the environment means reading every installed file (hundreds of megabytes
 in a large virtualenv) only to learn that the service has those images already. A
-session keeps, per (environment fingerprint, base image, fragment), the tag of the
-last image of the environment's chain; the next session with the same fingerprint
+session keeps, per (environment fingerprint, first image of the chain, fragment), the
+tag of the last image of the environment's chain; the next session with the same fingerprint
 builds the project's image straight on it, and falls back to the full chain when the
 service no longer has it (another engine, `sandboxd gc --images`).
 """
@@ -22,9 +22,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 64
-#: Whether a session builds on an earlier session's environment image. Off: the project
-#: image built that way did not match the one the full chain gives (seen under CI=true).
-REUSE_ENVIRONMENTS = False
 #: Changes with the recipe of the environment's images (snapshot.Snapshot.environment), so
 #: that a session does not build on an image an earlier recipe made.
 RECIPE = "2"
@@ -37,6 +34,8 @@ def default_path() -> Path:
 
 
 def reuse_key(fingerprint: str, image: str, fragment: str) -> str:
+    """`image` is the tag of the chain's first image: the base the service resolved, not
+    the name a marker gives (the service's default differs from one service to another)."""
     return hashlib.sha256(f"{RECIPE}\0{fingerprint}\0{image}\0{fragment}".encode()).hexdigest()
 
 

@@ -22,7 +22,7 @@ from pytest_sandbox.coverage_data import CoverageSpec, data_from_tar, write_mapp
 from pytest_sandbox.models import Group, GroupDone, ItemResult, Kept, Placement, RunSettings
 from pytest_sandbox.outcome import describe_kill
 from pytest_sandbox.progress import BuildFailures
-from pytest_sandbox.reuse import REUSE_ENVIRONMENTS, BuiltEnvironments, reuse_key
+from pytest_sandbox.reuse import BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
 from sandboxd import errors
@@ -101,23 +101,33 @@ class ImageCache:
     def _build(self, spec: RouteSpec) -> BuildResult:
         """The project's image on the environment's: an earlier session's environment
         image when the fingerprint matches and the service still has it, else the
-        environment's images in order (mostly cache hits), then the project's."""
+        environment's images in order (mostly cache hits), then the project's.
+
+        The first image of the chain (base image, user fragment, Python check) is built
+        either way: it is small, and its tag, content-addressed from the base image the
+        service resolved, keys the shortcut. A key of the names alone would let a
+        service whose default base differs build on another service's environment."""
+        zero_fragment, zero_files = self._snapshot.environment(spec.dockerfile)[0]
+        zero = self._client.build_image(
+            zero_fragment,
+            base=spec.image,
+            context_files=zero_files,
+            label="pytest-sandbox-env",
+            on_log=self._watch(spec, 1, 2),
+        ).image.tag
         key = None
-        # The shortcut stays off: in CI a session that took it built a project image with
-        # another key than the chain's (a rebuild and an upload the chain would not make).
-        if REUSE_ENVIRONMENTS and self._snapshot.env_fingerprint:
-            key = reuse_key(self._snapshot.env_fingerprint, spec.image, spec.dockerfile)
+        if self._snapshot.env_fingerprint:
+            key = reuse_key(self._snapshot.env_fingerprint, zero, spec.dockerfile)
             tag = self._built.get(key)
             if tag is not None:
                 try:
-                    return self._project(spec, tag, 1, 1)
+                    return self._project(spec, tag, 2, 2)
                 except errors.SandboxError as exc:
                     log.info("environment image %s is gone, building it again: %s", tag, exc)
-        snap = self._environment()
-        base = spec.image
-        stages = snap.environment(spec.dockerfile)
-        count = len(stages) + 1
-        for number, (fragment, files) in enumerate(stages, 1):
+        stages = self._environment().environment(spec.dockerfile)[1:]
+        base = zero
+        count = len(stages) + 2
+        for number, (fragment, files) in enumerate(stages, 2):
             built = self._client.build_image(
                 fragment,
                 base=base,
@@ -279,7 +289,8 @@ class GroupRunner:
             labels=dict(self.settings.labels),
             # The worker starts (and imports pytest) as soon as the container is up, or
             # even earlier in the service's warm pool; the exec below attaches to it.
-            preload_argv=("python3", WORKER),
+            # With fork, it also starts the walk for the places a test can write.
+            preload_argv=("python3", WORKER, *(("fork",) if spec.forks else ())),
         )
 
     def _deadline(self, spec: RouteSpec, count: int) -> float:

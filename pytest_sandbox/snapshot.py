@@ -19,7 +19,6 @@ from pathlib import Path
 
 from pytest_sandbox import environment
 from pytest_sandbox.environment import PROJECT, ROOT, SITE, EnvironmentProblem, Layer
-from pytest_sandbox.reuse import REUSE_ENVIRONMENTS
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +304,6 @@ def take(
         env_source=(rootdir, tuple(site_dirs) if site_dirs is not None else None),
     )
     if lazy:
-        if not REUSE_ENVIRONMENTS:  # a fingerprint serves only the reuse shortcut
-            return snap
         return replace(snap, env_fingerprint=environment.fingerprint(rootdir, site_dirs))
     return snap.with_environment()
 

@@ -412,6 +412,8 @@ def start_coverage(options: dict[str, Any] | None) -> Any:
 
 
 def main() -> int:
+    if "fork" in sys.argv[1:]:  # isolation="fork": the walk for writable places starts now
+        __import__("pytest_sandbox_pristine").prefetch_places()
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
     channel = Channel(os.dup(1), request["nonce"])

@@ -11,11 +11,14 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from sandboxd import errors
-from sandboxd.channels import TlsCredentials
-from sandboxd.client import SandboxClient
-from sandboxd.config import ServerConfig
 
 if TYPE_CHECKING:
+    # grpc comes with the client (~0.3 s): a launch imports it off its main thread (the
+    # plugin connects in the background while pytest collects), not with this module.
+    from sandboxd.channels import TlsCredentials
+    from sandboxd.client import SandboxClient
+    from sandboxd.config import ServerConfig
+
     # The whole service (builder, images, engines): only an embedded one needs it, and a
     # client of the daemon would pay ~0.1 s at every launch to import it.
     from sandboxd.server import Embedded
@@ -76,6 +79,8 @@ def connect(
     Raises:
         SandboxError: the service cannot be started or reached.
     """
+    from sandboxd.client import SandboxClient
+
     embedded = None
     if not address:
         embedded = _embed(config, address_option)

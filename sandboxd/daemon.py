@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandboxd import errors
-from sandboxd.channels import TlsCredentials
-from sandboxd.config import ServerConfig
 from sandboxd.connection import Connection, connect
 
 if TYPE_CHECKING:
+    from sandboxd.channels import TlsCredentials
     from sandboxd.client import SandboxClient
+    from sandboxd.config import ServerConfig
     from sandboxd.server import Service
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,6 @@ def connect_local(
     paths: DaemonPaths | None = None,
     *,
     config_path: Path | None = None,
-    ready_timeout: float = 30.0,
 ) -> Connection:
     """Connect to the per-user daemon, starting it first when none answers.
 
@@ -190,12 +189,8 @@ def connect_local(
             # second channel and health check would cost a warm session a round trip.
             client = _answering_client(paths, 2.0)
             if client is None:
-                _start(paths, config_path)
-        connection = (
-            Connection(client)
-            if client is not None
-            else connect(paths.address, ready_timeout=ready_timeout)
-        )
+                client = _start(paths, config_path)
+        connection = Connection(client)
     except BaseException:
         os.close(lease)
         raise
@@ -236,12 +231,17 @@ def ensure_started(
     with _flock(paths.lock, fcntl.LOCK_EX):
         if answers(paths):
             return False
-        _start(paths, config_path, idle)
+        _start(paths, config_path, idle).close()
         return True
 
 
-def _start(paths: DaemonPaths, config_path: Path | None, idle: float | None = None) -> None:
-    """Spawn `sandboxd daemon run` in its own session and wait until it answers.
+def _start(
+    paths: DaemonPaths,
+    config_path: Path | None,
+    idle: float | None = None,
+) -> SandboxClient:
+    """Spawn `sandboxd daemon run` in its own session; the client that saw it answer
+    (the session's: a second channel and health check would cost a cold start one more).
 
     Raises:
         EngineUnavailable: it exited or did not answer in time (with its log's tail).
@@ -261,13 +261,14 @@ def _start(paths: DaemonPaths, config_path: Path | None, idle: float | None = No
         )
     _spawned.append(proc)
     deadline = time.monotonic() + START_TIMEOUT
-    while not answers(paths, timeout=0.5):
+    while (client := _answering_client(paths, 0.5)) is None:
         if proc.poll() is not None or time.monotonic() > deadline:
             state = "exited" if proc.returncode is not None else "did not answer in time"
             raise errors.EngineUnavailable(
                 f"the local sandboxd {state}; its log {paths.log} ends with:\n{_tail(paths.log)}"
             )
         time.sleep(0.05)
+    return client
 
 
 def _tail(path: Path, lines: int = 15) -> str:
