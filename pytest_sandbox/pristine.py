@@ -304,6 +304,7 @@ class Forker:
             self._child(item, write_fd)
         os.close(write_fd)
         status = os.waitpid(pid, 0)[1]
+        self.worker.channel.take_spilled()  # the child's reports, out with the next start
         said = _ended(read_fd)
         if said.get("end") == "ok":
             item.session.shouldfail = item.session.shouldfail or said.get("shouldfail") or False
@@ -327,7 +328,7 @@ class Forker:
             # of the list this child cannot fill: the child records and reports its own.
             with catch_warnings_for_item(item.config, item.ihook, "runtest", item):
                 pytest_runner.pytest_runtest_protocol(item, None)
-            self.worker.watchdog.disarm()
+            self.worker.watchdog.disarm(exiting=True)
             session = item.session
             said = {"end": "ok", "shouldfail": session.shouldfail, "shouldstop": session.shouldstop}
             os.write(pipe, json.dumps(said, default=str).encode())
@@ -345,6 +346,7 @@ class Forker:
         assert self.pristine is not None
         self.pristine.kill_strangers()
         with contextlib.suppress(Exception):
+            self.worker.channel.flush()
             sys.stderr.flush()
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)

@@ -13,10 +13,16 @@ and with "fork" in the request (isolation="fork", see pristine.py) recycle{reaso
 the worker ends before the rest of its tests, which want a fresh sandbox. With "debug",
 debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
+Records of a test's progress are held and leave in one write with the next test's start
+(see Channel); the ones held are also in the capture directory's spill file.
+
+Size: one stand-alone file on purpose (it is shipped alone and imports nothing of ours),
+so the channel, the watchdog and the cgroup counters live here next to the plugin.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import faulthandler
 import itertools
@@ -35,32 +41,76 @@ import pytest
 # Output a killed test printed is recovered from these files (the capture
 # plugin's temporary files, given names so they survive the worker).
 CAPTURE_NAMES = ("stdout", "stderr")
+SPILL = "records"  # held records, in the capture directory (see Channel)
 # faulthandler's hard exit catches tests that hold the GIL past the watchdog.
 HARD_TIMEOUT_GRACE = 5.0
 
 
 class Channel:
-    """The private result channel; only the worker's own process may write to it."""
+    """The private result channel; only the worker's own process may write to it.
 
-    def __init__(self, fd: int, nonce: str) -> None:
-        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
+    Every write wakes the engine's stream and costs the host a message: records that
+    need not be seen at once are held and go out with the next one that must (a test's
+    start, the end). What is held is also in the spill file (in the kept capture
+    directory), where the host finds it if the worker dies before sending it.
+    """
+
+    def __init__(self, fd: int, nonce: str, spill: str | None = None) -> None:
+        self._fd = fd
         self._nonce = nonce
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._held: list[bytes] = []
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        self._spill = None if spill is None else os.open(spill, flags, 0o600)
 
     def adopt(self) -> None:
         """In the worker's own forked test child: that child now speaks for the worker."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._held = []
+
+    def _line(self, kind: str, data: dict[str, Any]) -> bytes:
+        data["t"] = kind
+        data["ts"] = time.time()  # when it was said: the host splits a test's cost with it
+        text = json.dumps(data, default=repr, separators=(",", ":"))
+        return f"{self._nonce} {text}\n".encode("utf-8", "replace")
 
     def send(self, kind: str, **data: Any) -> None:
-        if os.getpid() != self._pid:  # a test's forked child must not speak for us
-            return
-        data["t"] = kind
-        line = json.dumps(data, default=repr, separators=(",", ":"))
+        """Out now, after what is held."""
+        if os.getpid() == self._pid:  # a test's forked child must not speak for us
+            self.flush(self._line(kind, data))
+
+    def flush(self, line: bytes = b"") -> None:
+        """What is held, then `line`, out now."""
         with self._lock:
-            self._file.write(f"{self._nonce} {line}\n")
-            self._file.flush()
+            out, self._held = b"".join([*self._held, line]), []
+            if self._spill is not None:
+                os.ftruncate(self._spill, 0)
+            view = memoryview(out)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def hold(self, kind: str, **data: Any) -> None:
+        """Out with the next `send`; without a spill file, out now."""
+        if self._spill is None:
+            self.send(kind, **data)
+            return
+        if os.getpid() != self._pid:
+            return
+        line = self._line(kind, data)
+        with self._lock:
+            self._held.append(line)
+            os.write(self._spill, line)
+
+    def take_spilled(self) -> None:
+        """Hold what a forked child held when it ended: it is in the spill file, not here."""
+        if self._spill is not None:
+            with self._lock:
+                size = os.fstat(self._spill).st_size
+                known = sum(len(line) for line in self._held)
+                if size > known:
+                    self._held.append(os.pread(self._spill, size - known, known))
 
 
 class Cgroup:
@@ -180,7 +230,9 @@ class Watchdog:
         self._deadline: float | None = None
         self._nodeid = ""
         self._seconds = 0.0
-        threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True).start()
+        # A bare thread: threading's would make every forked test child wait for it to
+        # start, and would show in the test's threading.enumerate().
+        _thread.start_new_thread(self._run, ())
 
     def arm(self, nodeid: str, seconds: float) -> None:
         with self._cond:
@@ -189,8 +241,11 @@ class Watchdog:
             self._cond.notify()
         faulthandler.dump_traceback_later(seconds + HARD_TIMEOUT_GRACE, exit=True)
 
-    def disarm(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
+    def disarm(self, *, exiting: bool = False) -> None:
+        """`exiting`: the process ends next, and faulthandler's thread with it (cancelling
+        it waits for that thread to end: a forked test child would pay it every test)."""
+        if not exiting:
+            faulthandler.cancel_dump_traceback_later()
         with self._cond:
             self._deadline = None
             self._cond.notify()
@@ -305,7 +360,7 @@ class WorkerPlugin:
             self.watchdog.disarm()
             if self.forker is None and self.cgroup.counters()[1] > self._counters[1]:
                 reap_strays()  # a fork bomb's leftovers would starve the next test
-            self.channel.send("finish", nodeid=item.nodeid)
+            self.channel.hold("finish", nodeid=item.nodeid)  # out with the next start
             if self.forker is not None:
                 self.forker.after(nextitem, self.cgroup.counters() != self._counters)
 
@@ -318,7 +373,12 @@ class WorkerPlugin:
                 if crash is not None:
                     crash.message = f"{reason}; {crash.message}"
                 report.sections.append(("sandbox limit", reason))
-        self.channel.send("report", report=self._serialize(report))
+        # Held reports reach the host from the spill file if the worker dies, but not if
+        # the whole sandbox does: without a fork, the phase a kill interrupts goes out live.
+        if self.forker is not None or report.when == "teardown":
+            self.channel.hold("report", report=self._serialize(report))
+        else:
+            self.channel.send("report", report=self._serialize(report))
 
     def pytest_warning_recorded(
         self, warning_message: Any, when: str, nodeid: str, location: Any
@@ -327,7 +387,7 @@ class WorkerPlugin:
         if when != "runtest":
             return
         category = warning_message.category
-        self.channel.send(
+        self.channel.hold(
             "warning",
             nodeid=nodeid,
             message=str(warning_message.message),
@@ -414,14 +474,14 @@ def start_coverage(options: dict[str, Any] | None) -> Any:
 def main() -> int:
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
-    channel = Channel(os.dup(1), request["nonce"])
+    os.makedirs(request["capture_dir"], exist_ok=True)
+    channel = Channel(os.dup(1), request["nonce"], os.path.join(request["capture_dir"], SPILL))
     os.dup2(2, 1)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     real_stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stdout = real_stdout
-    os.makedirs(request["capture_dir"], exist_ok=True)
     os.chdir(request["cwd"])
     code = 3
     try:
