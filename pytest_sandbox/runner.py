@@ -25,7 +25,6 @@ from pytest_sandbox.progress import BuildFailures
 from pytest_sandbox.reuse import REUSE_ENVIRONMENTS, BuiltEnvironments, reuse_key
 from pytest_sandbox.snapshot import PROJECT, WORKER, Snapshot
 from pytest_sandbox.spec import RouteSpec
-from pytest_sandbox.worker import SPILL
 from sandboxd import errors
 from sandboxd.api import BuildResult, ExecResult, SandboxRequest, Stream, requested_limits
 from sandboxd.client import SandboxClient
@@ -155,15 +154,14 @@ class ImageCache:
         return None if self.watch is None else self.watch(spec.build_key, number, count)
 
 
-def read_capture_tar(data: bytes) -> dict[str, bytes]:
-    """The worker's capture directory: what the test printed, and the records it held."""
-    out: dict[str, bytes] = {}
+def read_capture_tar(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
             name = member.name.rsplit("/", 1)[-1]
             f = tar.extractfile(member) if member.isfile() else None
-            if f is not None and name in ("stdout", "stderr", SPILL):
-                out[name] = f.read()
+            if f is not None and name in ("stdout", "stderr"):
+                out[name] = f.read().decode("utf-8", "replace")
     return out
 
 
@@ -320,11 +318,6 @@ class GroupRunner:
             return [], []
         if self.settings.coverage is not None:
             self._take_coverage(self.settings.coverage, placement.sandbox_id, capture_dir)
-        captured: dict[str, bytes] = {}
-        if not (collector.exited or collector.recycled):
-            # The worker died: the records it held had not gone out yet.
-            captured = self._captured(placement, capture_dir)
-            collector.feed(captured.pop(SPILL, b""))
         message = describe_kill(
             result,
             group.spec,
@@ -332,7 +325,7 @@ class GroupRunner:
             elapsed=collector.elapsed(),
             watchdog_timeout=collector.watchdog_seconds(),
         )
-        return collector.settle(message, functools.partial(self._recovered, captured))
+        return collector.settle(message, functools.partial(self._recovered, placement, capture_dir))
 
     def _request(self, group: Group, pending: list[str], nonce: str, capture_dir: str) -> bytes:
         """The worker's request; one line, as a preloaded worker's stdin may stay open."""
@@ -365,23 +358,15 @@ class GroupRunner:
         except (errors.SandboxError, tarfile.TarError, OSError) as exc:
             log.warning("no coverage data from %s: %s", sandbox_id, exc)
 
-    def _captured(self, placement: Placement, capture_dir: str) -> dict[str, bytes]:
-        """The capture directory of a worker that died, read back from the sandbox."""
-        try:
-            return read_capture_tar(self.client.get_files(placement.sandbox_id, capture_dir))
-        except (errors.SandboxError, tarfile.TarError) as exc:
-            log.debug("no captured output from %s: %s", placement.sandbox_id, exc)
-            return {}
-
-    @staticmethod
     def _recovered(
-        captured: Mapping[str, bytes], timeout: Mapping[str, Any] | None
+        self, placement: Placement, capture_dir: str, timeout: Mapping[str, Any] | None
     ) -> list[tuple[str, str]]:
-        """What the killed test printed before the kill."""
+        """What the killed test printed before the kill, read back from the sandbox."""
         if timeout is not None:
             return timeout_sections(timeout)
-        return [
-            (f"Captured {k}", v.decode("utf-8", "replace"))
-            for k in ("stdout", "stderr")
-            if (v := captured.get(k))
-        ]
+        try:
+            captured = read_capture_tar(self.client.get_files(placement.sandbox_id, capture_dir))
+        except (errors.SandboxError, tarfile.TarError) as exc:
+            log.debug("no captured output from %s: %s", placement.sandbox_id, exc)
+            return []
+        return [(f"Captured {k}", v) for k, v in captured.items() if v]

@@ -13,8 +13,8 @@ and with "fork" in the request (isolation="fork", see pristine.py) recycle{reaso
 the worker ends before the rest of its tests, which want a fresh sandbox. With "debug",
 debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
-Records of a test's progress are held and leave in one write with the next test's start
-(see Channel); the ones held are also in the capture directory's spill file.
+Records of a test's progress after its setup are held and leave in one write with the
+next test's start (see Channel).
 
 Size: one stand-alone file on purpose (it is shipped alone and imports nothing of ours),
 so the channel, the watchdog and the cgroup counters live here next to the plugin.
@@ -41,7 +41,6 @@ import pytest
 # Output a killed test printed is recovered from these files (the capture
 # plugin's temporary files, given names so they survive the worker).
 CAPTURE_NAMES = ("stdout", "stderr")
-SPILL = "records"  # held records, in the capture directory (see Channel)
 # faulthandler's hard exit catches tests that hold the GIL past the watchdog.
 HARD_TIMEOUT_GRACE = 5.0
 
@@ -49,26 +48,27 @@ HARD_TIMEOUT_GRACE = 5.0
 class Channel:
     """The private result channel; only the worker's own process may write to it.
 
-    Every write wakes the engine's stream and costs the host a message: records that
-    need not be seen at once are held and go out with the next one that must (a test's
-    start, the end). What is held is also in the spill file (in the kept capture
-    directory), where the host finds it if the worker dies before sending it.
+    Every write wakes the engine's stream and costs the host a message, so records
+    that need not be seen at once are held and go out with the next one that must (a
+    test's start, the end). A forked test child holds its records in a pipe to the
+    worker, which outlives a crashing child and passes them on.
     """
 
-    def __init__(self, fd: int, nonce: str, spill: str | None = None) -> None:
+    def __init__(self, fd: int, nonce: str) -> None:
         self._fd = fd
         self._nonce = nonce
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._held: list[bytes] = []
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-        self._spill = None if spill is None else os.open(spill, flags, 0o600)
+        self._pipe: tuple[int, int] | None = None  # a test child's (read, write) to us
 
-    def adopt(self) -> None:
-        """In the worker's own forked test child: that child now speaks for the worker."""
+    def adopt(self, pipe: tuple[int, int]) -> None:
+        """In the worker's own forked test child: that child now speaks for the worker,
+        and holds its records in `pipe` (non-blocking ends), which the worker reads."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._held = []
+        self._pipe = pipe
 
     def _line(self, kind: str, data: dict[str, Any]) -> bytes:
         data["t"] = kind
@@ -81,36 +81,47 @@ class Channel:
         if os.getpid() == self._pid:  # a test's forked child must not speak for us
             self.flush(self._line(kind, data))
 
+    def hold(self, kind: str, **data: Any) -> None:
+        """Out with the next `send` (the worker's, for a test child's records)."""
+        if os.getpid() != self._pid:
+            return
+        line = self._line(kind, data)
+        if self._pipe is None:
+            with self._lock:
+                self._held.append(line)
+            return
+        try:
+            written = os.write(self._pipe[1], line)
+        except BlockingIOError:
+            written = 0
+        if written < len(line):  # the pipe is full: what is in it goes out now, in order
+            self.flush(line[written:])
+
     def flush(self, line: bytes = b"") -> None:
         """What is held, then `line`, out now."""
         with self._lock:
-            out, self._held = b"".join([*self._held, line]), []
-            if self._spill is not None:
-                os.ftruncate(self._spill, 0)
+            out, self._held = b"".join([*self._held, self.take(), line]), []
             view = memoryview(out)
             while view:
                 view = view[os.write(self._fd, view) :]
 
-    def hold(self, kind: str, **data: Any) -> None:
-        """Out with the next `send`; without a spill file, out now."""
-        if self._spill is None:
-            self.send(kind, **data)
-            return
-        if os.getpid() != self._pid:
-            return
-        line = self._line(kind, data)
-        with self._lock:
-            self._held.append(line)
-            os.write(self._spill, line)
+    def take(self, pipe: int | None = None) -> bytes:
+        """What waits in a test child's pipe (the worker's end: `pipe`)."""
+        if pipe is None and self._pipe is None:
+            return b""
+        fd = pipe if pipe is not None else self._pipe[0]  # type: ignore[index]
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
 
-    def take_spilled(self) -> None:
-        """Hold what a forked child held when it ended: it is in the spill file, not here."""
-        if self._spill is not None:
+    def hold_taken(self, pipe: int) -> None:
+        """Hold what a test child left in `pipe` when it ended."""
+        data = self.take(pipe)
+        if data:
             with self._lock:
-                size = os.fstat(self._spill).st_size
-                known = sum(len(line) for line in self._held)
-                if size > known:
-                    self._held.append(os.pread(self._spill, size - known, known))
+                self._held.append(data)
 
 
 class Cgroup:
@@ -279,9 +290,9 @@ class WorkerPlugin:
         if request.get("fork"):
             self.forker = _forker(self, request)
 
-    def enter_child(self, on_expire: Callable[[str, float], None]) -> None:
+    def enter_child(self, on_expire: Callable[[str, float], None], pipe: tuple[int, int]) -> None:
         """In a forked test child: its own channel and watchdog (threads do not fork)."""
-        self.channel.adopt()
+        self.channel.adopt(pipe)
         self.watchdog = Watchdog(on_expire)
         self.watchdog.arm(self._nodeid, self.timeout)
 
@@ -373,9 +384,10 @@ class WorkerPlugin:
                 if crash is not None:
                     crash.message = f"{reason}; {crash.message}"
                 report.sections.append(("sandbox limit", reason))
-        # Held reports reach the host from the spill file if the worker dies, but not if
-        # the whole sandbox does: without a fork, the phase a kill interrupts goes out live.
-        if self.forker is not None or report.when == "teardown":
+        # The phase a kill would interrupt next needs the report before it at the host:
+        # a forked child's worker outlives the call (and passes its report on), without
+        # a fork only the teardown is the last phase.
+        if report.when == "teardown" or (self.forker is not None and report.when == "call"):
             self.channel.hold("report", report=self._serialize(report))
         else:
             self.channel.send("report", report=self._serialize(report))
@@ -475,7 +487,7 @@ def main() -> int:
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
     os.makedirs(request["capture_dir"], exist_ok=True)
-    channel = Channel(os.dup(1), request["nonce"], os.path.join(request["capture_dir"], SPILL))
+    channel = Channel(os.dup(1), request["nonce"])
     os.dup2(2, 1)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
