@@ -43,7 +43,7 @@ CONFTEST = textwrap.dedent(
 
 
     def pytest_configure(config):
-        if not os.environ.get("%s"):
+        if not os.environ.get("OUT_ENV"):
             return
         from pytest_sandbox import controller, records
 
@@ -64,13 +64,12 @@ CONFTEST = textwrap.dedent(
 
 
     def pytest_unconfigure(config):
-        out = os.environ.get("%s")
+        out = os.environ.get("OUT_ENV")
         if out:
             with open(out, "w") as f:
                 json.dump({"arrivals": ARRIVALS, "fired": FIRED}, f)
     """
-    % (OUT_ENV, OUT_ENV)
-)
+).replace("OUT_ENV", OUT_ENV)
 
 
 def pct(values: list[float], q: float) -> float:
