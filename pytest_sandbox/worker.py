@@ -14,10 +14,10 @@ the worker ends before the rest of its tests, which want a fresh sandbox. With "
 debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
 Every record carries "ts", the sandbox's time.time() when it was said (same clock as the
-host's: benchmarks/pertest.py splits a test's cost with it). A test's reports after the
-one the next kill could interrupt, and its finish, are held and leave in one write with
-the next test's start (see Channel): each write is a message through the engine's
-stream, sandboxd and gRPC.
+host's: benchmarks/pertest.py splits a test's cost with it). Reports that the host needs
+only once the test ends (a forked test's call and teardown, an unforked test's teardown)
+and the finish record are held and leave in one write with the next test's start (see
+Channel): each write is a message through the engine's stream, sandboxd and gRPC.
 
 Size: one stand-alone file on purpose (it is shipped alone and imports nothing of ours),
 so the channel, the watchdog and the cgroup counters live here next to the plugin.
