@@ -21,6 +21,10 @@ plus the time from launching `pytest --sandbox` to the first routed test startin
 
 measures (a), (e) at one parallelism and (c)/(h) on N and 2N only, and
 
+    .venv/bin/python benchmarks/bench.py --fork-only [-n 60] [--rounds 3]
+
+(a) and (h) only, alternated over rounds (the machine is shared: one round is noise),
+
     .venv/bin/python benchmarks/bench.py --daemon-only [-n 60]
 
 (i) and (d)'s module-scope marginal cost only. Plugin runs use a daemon on a socket of
@@ -149,6 +153,8 @@ def main() -> int:
     parser.add_argument(
         "--daemon-only", action="store_true", help="only (i) and the module-scope marginal cost"
     )
+    parser.add_argument("--fork-only", action="store_true", help="only (a) and (h), in rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --fork-only")
     args = parser.parse_args()
     paths = daemon.DaemonPaths(Path(tempfile.mkdtemp(prefix="sbxb-", dir="/tmp")) / "d.sock")
     os.environ[daemon.SOCKET_ENV] = str(paths.socket)
@@ -166,6 +172,8 @@ def run(args: argparse.Namespace, paths: daemon.DaemonPaths) -> int:
     results: dict[str, object] = {"n": n, "cpus": os.cpu_count()}
     if args.isolation_only:
         return isolation_only(project, n, levels[0], results)
+    if args.fork_only:
+        return fork_only(project, n, levels[0], args.rounds)
     if args.daemon_only:
         results.update(bench_daemon(project, paths))
         results.update(bench_module(project))
@@ -341,6 +349,26 @@ def isolation_only(project: Path, n: int, parallel: int, results: dict[str, obje
     timed([*PYTEST, "--sandbox=all", "--sandbox-scope=session", "test_first.py"], project)
     results.update(bench_isolation(project, parallel))
     report_isolation(results)
+    return 0
+
+
+def fork_only(project: Path, n: int, jobs: int, rounds: int) -> int:
+    """(h)'s marginal cost per test over local, once per round, local and fork alternated."""
+    timed([*PYTEST, "--sandbox=all", "--sandbox-scope=session", "test_first.py"], project)
+    args = ["--sandbox=all", "--sandbox-scope=test", f"--sandbox-jobs={jobs}"]
+    fork = [*PYTEST, *args, "--sandbox-isolation=fork"]
+    marginals = []
+    for _ in range(rounds):
+        walls = {
+            (name, size): timed([*cmd, file], project)[0]
+            for size, file in ((1, "test_trivial.py"), (2, "test_double.py"))
+            for name, cmd in (("local", PYTEST), ("fork", fork))
+        }
+        local = walls["local", 2] - walls["local", 1]
+        marginals.append(((walls["fork", 2] - walls["fork", 1]) - local) / n * 1e3)
+    shown = " ".join(f"{m:.1f}" for m in marginals)
+    print(f"(h) isolation=fork marginal over local, N = {n} vs 2N, {jobs} jobs: {shown} ms/test")
+    print(f"    median {pct(marginals, 0.5):.1f} ms/test  [target <= 25 ms]")
     return 0
 
 

@@ -84,23 +84,46 @@ def trees(roots: tuple[str, ...] | list[str], keep: str) -> dict[str, Entry]:
     return found
 
 
-def scrub(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> None:
-    """Remove what was not there at the record (parents first, so whole new trees go)."""
-    for root in roots:
-        for path, _st in list(_walk(root, keep)):
-            if path not in base:
-                _remove(path)
+def restore(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> list[str]:
+    """Remove what was not there at the record and check the rest against it, in one walk.
 
-
-def tree_problems(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> list[str]:
-    """How the roots differ from the record: changed, gone or unremovable paths."""
-    seen = trees(roots, keep)
+    Returns how the roots still differ from the record: changed, gone or unremovable
+    paths (empty when they are as recorded).
+    """
     problems = []
-    for path, entry in base.items():
-        now = seen.pop(path, None)
-        if now != entry:
-            problems.append(f"{path} {'changed' if now else 'is gone'}")
-    return problems + [f"{path} could not be removed" for path in seen]
+    seen = set()
+    stack = []
+    for root in roots:
+        try:
+            now: Entry | None = _entry(os.lstat(root))
+        except OSError:
+            now = None
+        if root in base:
+            seen.add(root)
+            if now != base[root]:
+                problems.append(f"{root} {'changed' if now else 'is gone'}")
+        if now is not None and stat.S_ISDIR(now[0]):
+            stack.append(root)
+    while stack:
+        for e in _listing(stack.pop()):
+            path = e.path
+            if path == keep or path.startswith(keep + "/"):
+                continue
+            if path not in base:
+                _remove(path)  # a new tree goes whole: nothing under it is walked
+                if os.path.lexists(path):
+                    problems.append(f"{path} could not be removed")
+                continue
+            try:
+                entry = _entry(e.stat(follow_symlinks=False))
+            except OSError:
+                continue  # gone: said below
+            seen.add(path)
+            if entry != base[path]:
+                problems.append(f"{path} changed")
+            if stat.S_ISDIR(entry[0]):
+                stack.append(path)
+    return problems + [f"{path} is gone" for path in base if path not in seen]
 
 
 def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
@@ -242,8 +265,9 @@ class Pristine:
             if pid != self.base.me and key not in self.base.processes
         ]
 
-    def kill_strangers(self) -> None:
-        """SIGKILL until none is left: setsid'd, double-forked and forking ones too."""
+    def kill_strangers(self) -> list[int]:
+        """SIGKILL until none is left: setsid'd, double-forked and forking ones too.
+        Returns the strangers still alive after every round (none, normally)."""
         for _ in range(KILL_ROUNDS):
             victims = self.strangers()
             for pid in victims:
@@ -253,20 +277,31 @@ class Pristine:
                 while os.waitpid(-1, os.WNOHANG)[0] > 0:
                     pass
             if not victims:
-                return
+                return []
             time.sleep(0.002)
+        return self.strangers()
 
     def reset(self) -> list[str]:
-        """Put the sandbox back; returns what could not be (empty when pristine)."""
-        self.kill_strangers()
-        self._remove_ipc()
-        scrub(self.base.roots, self.base.trees, self.keep)
-        return self.verify()
+        """Put the sandbox back and verify it; returns what could not be (empty when
+        pristine). Each step checks its own result: no second pass over the sandbox."""
+        problems = [f"process {pid} survived" for pid in self.kill_strangers()]
+        if not self._remove_ipc():
+            problems.append("SysV IPC objects remain")
+        problems += restore(self.base.roots, self.base.trees, self.keep)
+        for path, entry in self.base.files.items():
+            try:
+                changed = _entry(os.lstat(path)) != entry
+            except OSError:
+                changed = True
+            if changed:
+                problems.append(f"{path} changed")
+        return problems
 
-    def _remove_ipc(self) -> None:
+    def _remove_ipc(self) -> bool:
+        """Remove the SysV IPC objects made since the record; False if some remain."""
         found = _sysv_ids()
         if found == self.base.sysv:
-            return
+            return True
         libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own libc: no search
         for kind, ids in found.items():
             call = getattr(libc, SYSV[kind])
@@ -276,21 +311,7 @@ class Pristine:
                         call(ident, 0, IPC_RMID)
                     else:
                         call(ident, IPC_RMID, None)
-
-    def verify(self) -> list[str]:
-        """Differences from the record, in words; empty means pristine."""
-        problems = [f"process {pid} survived" for pid in self.strangers()]
-        problems += tree_problems(self.base.roots, self.base.trees, self.keep)
-        for path, entry in self.base.files.items():
-            try:
-                changed = _entry(os.lstat(path)) != entry
-            except OSError:
-                changed = True
-            if changed:
-                problems.append(f"{path} changed")
-        if _sysv_ids() != self.base.sysv:
-            problems.append("SysV IPC objects remain")
-        return problems
+        return _sysv_ids() == self.base.sysv
 
 
 def _ended(read_fd: int) -> dict[str, object]:
@@ -322,6 +343,9 @@ class Forker:
         self.deadline = time.monotonic() + deadline if deadline > 0 else float("inf")
         self.pristine: Pristine | None = None
         self.count = 0
+        self.records = os.pipe()  # a test child's held records (see Channel.hold)
+        for fd in self.records:
+            os.set_blocking(fd, False)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> bool:
@@ -337,6 +361,7 @@ class Forker:
             self._child(item, write_fd)
         os.close(write_fd)
         status = os.waitpid(pid, 0)[1]
+        self.worker.channel.hold_taken(self.records[0])  # out with the next start
         said = _ended(read_fd)
         if said.get("end") == "ok":
             item.session.shouldfail = item.session.shouldfail or said.get("shouldfail") or False
@@ -352,15 +377,16 @@ class Forker:
             os.setsid()  # the child's own strays, not the worker, are its session
 
             def expired(nodeid: str, seconds: float) -> None:
+                self.worker.channel.flush()  # held records before the timeout's
                 os.write(pipe, b'{"end": "timeout"}')
                 self.worker.expired(nodeid, seconds)
 
-            self.worker.enter_child(expired)
+            self.worker.enter_child(expired, self.records)
             # The worker's own catch (around this hook) records in the worker, whose copy
             # of the list this child cannot fill: the child records and reports its own.
             with catch_warnings_for_item(item.config, item.ihook, "runtest", item):
                 pytest_runner.pytest_runtest_protocol(item, None)
-            self.worker.watchdog.disarm()
+            self.worker.watchdog.disarm(exiting=True)
             session = item.session
             said = {"end": "ok", "shouldfail": session.shouldfail, "shouldstop": session.shouldstop}
             os.write(pipe, json.dumps(said, default=str).encode())
@@ -378,6 +404,7 @@ class Forker:
         assert self.pristine is not None
         self.pristine.kill_strangers()
         with contextlib.suppress(Exception):
+            self.worker.channel.flush()
             sys.stderr.flush()
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)

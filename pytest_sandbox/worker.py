@@ -13,10 +13,19 @@ and with "fork" in the request (isolation="fork", see pristine.py) recycle{reaso
 the worker ends before the rest of its tests, which want a fresh sandbox. With "debug",
 debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
+Every record carries "ts", the sandbox's time.time() when it was said (same clock as the
+host's: benchmarks/pertest.py splits a test's cost with it). Reports that the host needs
+only once the test ends (a forked test's call and teardown, an unforked test's teardown)
+and the finish record are held and leave in one write with the next test's start (see
+Channel): each write is a message through the engine's stream, sandboxd and gRPC.
+
+Size: one stand-alone file on purpose (it is shipped alone and imports nothing of ours),
+so the channel, the watchdog and the cgroup counters live here next to the plugin.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import faulthandler
 import itertools
@@ -40,27 +49,82 @@ HARD_TIMEOUT_GRACE = 5.0
 
 
 class Channel:
-    """The private result channel; only the worker's own process may write to it."""
+    """The private result channel; only the worker's own process may write to it.
+
+    Every write wakes the engine's stream and costs the host a message, so records
+    that need not be seen at once are held and go out with the next one that must (a
+    test's start, the end). A forked test child holds its records in a pipe to the
+    worker, which outlives a crashing child and passes them on.
+    """
 
     def __init__(self, fd: int, nonce: str) -> None:
-        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
+        self._fd = fd
         self._nonce = nonce
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._held: list[bytes] = []
+        self._pipe: tuple[int, int] | None = None  # a test child's (read, write) to us
 
-    def adopt(self) -> None:
-        """In the worker's own forked test child: that child now speaks for the worker."""
+    def adopt(self, pipe: tuple[int, int]) -> None:
+        """In the worker's own forked test child: that child now speaks for the worker,
+        and holds its records in `pipe` (non-blocking ends), which the worker reads."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._held = []
+        self._pipe = pipe
+
+    def _line(self, kind: str, data: dict[str, Any]) -> bytes:
+        data["t"] = kind
+        data["ts"] = time.time()  # when it was said: the host splits a test's cost with it
+        text = json.dumps(data, default=repr, separators=(",", ":"))
+        return f"{self._nonce} {text}\n".encode("utf-8", "replace")
 
     def send(self, kind: str, **data: Any) -> None:
-        if os.getpid() != self._pid:  # a test's forked child must not speak for us
+        """Out now, after what is held."""
+        if os.getpid() == self._pid:  # a test's forked child must not speak for us
+            self.flush(self._line(kind, data))
+
+    def hold(self, kind: str, **data: Any) -> None:
+        """Out with the next `send` (the worker's, for a test child's records)."""
+        if os.getpid() != self._pid:
             return
-        data["t"] = kind
-        line = json.dumps(data, default=repr, separators=(",", ":"))
+        line = self._line(kind, data)
+        if self._pipe is None:
+            with self._lock:
+                self._held.append(line)
+            return
+        try:
+            written = os.write(self._pipe[1], line)
+        except BlockingIOError:
+            written = 0
+        if written < len(line):  # the pipe is full: what is in it goes out now, in order
+            self.flush(line[written:])
+
+    def flush(self, line: bytes = b"") -> None:
+        """What is held, then `line`, out now."""
         with self._lock:
-            self._file.write(f"{self._nonce} {line}\n")
-            self._file.flush()
+            out, self._held = b"".join([*self._held, self.take(), line]), []
+            view = memoryview(out)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def take(self, pipe: int | None = None) -> bytes:
+        """What waits in a test child's pipe (the worker's end: `pipe`)."""
+        if pipe is None and self._pipe is None:
+            return b""
+        fd = pipe if pipe is not None else self._pipe[0]  # type: ignore[index]
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def hold_taken(self, pipe: int) -> None:
+        """Hold what a test child left in `pipe` when it ended."""
+        data = self.take(pipe)
+        if data:
+            with self._lock:
+                self._held.append(data)
 
 
 class Cgroup:
@@ -180,7 +244,9 @@ class Watchdog:
         self._deadline: float | None = None
         self._nodeid = ""
         self._seconds = 0.0
-        threading.Thread(target=self._run, name="sandbox-watchdog", daemon=True).start()
+        # A bare thread: threading's would make every forked test child wait for it to
+        # start, and would show in the test's threading.enumerate().
+        _thread.start_new_thread(self._run, ())
 
     def arm(self, nodeid: str, seconds: float) -> None:
         with self._cond:
@@ -189,8 +255,11 @@ class Watchdog:
             self._cond.notify()
         faulthandler.dump_traceback_later(seconds + HARD_TIMEOUT_GRACE, exit=True)
 
-    def disarm(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
+    def disarm(self, *, exiting: bool = False) -> None:
+        """`exiting`: the process ends next, and faulthandler's thread with it (cancelling
+        it waits for that thread to end: a forked test child would pay it every test)."""
+        if not exiting:
+            faulthandler.cancel_dump_traceback_later()
         with self._cond:
             self._deadline = None
             self._cond.notify()
@@ -224,9 +293,9 @@ class WorkerPlugin:
         if request.get("fork"):
             self.forker = _forker(self, request)
 
-    def enter_child(self, on_expire: Callable[[str, float], None]) -> None:
+    def enter_child(self, on_expire: Callable[[str, float], None], pipe: tuple[int, int]) -> None:
         """In a forked test child: its own channel and watchdog (threads do not fork)."""
-        self.channel.adopt()
+        self.channel.adopt(pipe)
         self.watchdog = Watchdog(on_expire)
         self.watchdog.arm(self._nodeid, self.timeout)
 
@@ -305,7 +374,7 @@ class WorkerPlugin:
             self.watchdog.disarm()
             if self.forker is None and self.cgroup.counters()[1] > self._counters[1]:
                 reap_strays()  # a fork bomb's leftovers would starve the next test
-            self.channel.send("finish", nodeid=item.nodeid)
+            self.channel.hold("finish", nodeid=item.nodeid)  # out with the next start
             if self.forker is not None:
                 self.forker.after(nextitem, self.cgroup.counters() != self._counters)
 
@@ -318,7 +387,13 @@ class WorkerPlugin:
                 if crash is not None:
                     crash.message = f"{reason}; {crash.message}"
                 report.sections.append(("sandbox limit", reason))
-        self.channel.send("report", report=self._serialize(report))
+        # The phase a kill would interrupt next needs the report before it at the host:
+        # a forked child's worker outlives the call (and passes its report on), without
+        # a fork only the teardown is the last phase.
+        if report.when == "teardown" or (self.forker is not None and report.when == "call"):
+            self.channel.hold("report", report=self._serialize(report))
+        else:
+            self.channel.send("report", report=self._serialize(report))
 
     def pytest_warning_recorded(
         self, warning_message: Any, when: str, nodeid: str, location: Any
@@ -327,7 +402,7 @@ class WorkerPlugin:
         if when != "runtest":
             return
         category = warning_message.category
-        self.channel.send(
+        self.channel.hold(
             "warning",
             nodeid=nodeid,
             message=str(warning_message.message),
@@ -416,6 +491,7 @@ def main() -> int:
         __import__("pytest_sandbox_pristine").prefetch_places()
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
+    os.makedirs(request["capture_dir"], exist_ok=True)
     channel = Channel(os.dup(1), request["nonce"])
     os.dup2(2, 1)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -423,7 +499,6 @@ def main() -> int:
     os.close(null)
     real_stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stdout = real_stdout
-    os.makedirs(request["capture_dir"], exist_ok=True)
     os.chdir(request["cwd"])
     code = 3
     try:

@@ -1,10 +1,12 @@
-"""The in-sandbox worker's own logic, run here against fake cgroup files."""
+"""The in-sandbox worker's own logic, run here against fake cgroup files and pipes."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
-from pytest_sandbox.worker import Cgroup, read_capture
+from pytest_sandbox.worker import Cgroup, Channel, read_capture
 
 
 def test_cgroup_v1_names_the_limit_that_was_hit(tmp_path: Path) -> None:
@@ -34,3 +36,42 @@ def test_cgroup_v2_reads_the_unified_files(tmp_path: Path) -> None:
 def test_read_capture_tolerates_missing_files(tmp_path: Path) -> None:
     (tmp_path / "stdout").write_bytes(b"printed\n")
     assert read_capture(str(tmp_path)) == {"stdout": "printed\n", "stderr": ""}
+
+
+def _records(path: Path) -> list[str]:
+    return [json.loads(line.split(b" ", 1)[1])["t"] for line in path.read_bytes().splitlines()]
+
+
+def _channel(path: Path) -> Channel:
+    """A channel writing to a file, as the worker's does to its private stdout."""
+    return Channel(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "n0nce")
+
+
+def test_held_records_leave_with_the_next_sent_one_in_order(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    channel = _channel(out)
+    channel.hold("report")
+    channel.hold("finish")
+    assert _records(out) == []
+    channel.send("start")
+    assert _records(out) == ["report", "finish", "start"]
+
+
+def test_a_test_childs_records_reach_the_channel_through_the_worker_in_order(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    worker, child = _channel(out), _channel(out)
+    pipe = os.pipe()
+    for fd in pipe:
+        os.set_blocking(fd, False)
+    child.adopt(pipe)  # as in the forked child: what it holds goes into the pipe
+    child.send("report")  # the setup report: live
+    child.hold("report")
+    child.hold("warning", message="x" * (1 << 17))  # more than the pipe holds: all out now
+    child.hold("report")
+    assert _records(out) == ["report", "report", "warning"]
+    worker.hold_taken(pipe[0])  # the child ended: the worker takes what is left
+    worker.hold("finish")
+    worker.send("start")
+    assert _records(out) == ["report", "report", "warning", "report", "finish", "start"]
