@@ -28,6 +28,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import faulthandler
+import importlib.util
 import itertools
 import json
 import os
@@ -274,6 +275,33 @@ class Watchdog:
             self._on_expire(nodeid, seconds)
 
 
+def accept_host_options(parser: Any) -> None:
+    """The host's ini file and addopts come along with the project: accept the plugin's
+    own names, so they are not unknown options inside. The controller passes `-n 0` when
+    the host has pytest-xdist (addopts may say `-n 4`); where the sandbox's environment
+    lacks xdist (sandbox_requirements), its options are accepted and mean nothing."""
+    group = parser.getgroup("sandbox")
+    for opt, kwargs in (
+        ("--sandbox", {"nargs": "?", "const": "marked", "default": None}),
+        ("--sandbox-scope", {}),
+        ("--sandbox-address", {}),
+        ("--sandbox-jobs", {}),
+        ("--sandbox-keep-failed", {"action": "store_true"}),
+        ("--sandbox-embedded", {"action": "store_true"}),
+        ("--sandbox-isolation", {}),
+    ):
+        with contextlib.suppress(ValueError):
+            group.addoption(opt, **kwargs)
+    if importlib.util.find_spec("xdist") is None:
+        for flags in (("-n", "--numprocesses"), ("--dist",), ("--maxprocesses",)):
+            with contextlib.suppress(ValueError):
+                group._addoption(*flags, dest=f"sandbox_ignored_{flags[-1][2:]}")
+    names = "image scope dockerfile cpus memory pids timeout address embedded jobs required"
+    for name in (*names.split(), "profile", "isolation", "recycle", "requirements"):
+        with contextlib.suppress(ValueError):
+            parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
+
+
 class WorkerPlugin:
     """Streams each report as soon as its test ends; keeps only the requested tests."""
 
@@ -299,25 +327,8 @@ class WorkerPlugin:
         self.watchdog = Watchdog(on_expire)
         self.watchdog.arm(self._nodeid, self.timeout)
 
-    # The host's ini file and addopts come along with the project; accept the
-    # plugin's own names here so they are not unknown options inside.
     def pytest_addoption(self, parser: Any) -> None:
-        group = parser.getgroup("sandbox")
-        for opt, kwargs in (
-            ("--sandbox", {"nargs": "?", "const": "marked", "default": None}),
-            ("--sandbox-scope", {}),
-            ("--sandbox-address", {}),
-            ("--sandbox-jobs", {}),
-            ("--sandbox-keep-failed", {"action": "store_true"}),
-            ("--sandbox-embedded", {"action": "store_true"}),
-            ("--sandbox-isolation", {}),
-        ):
-            with contextlib.suppress(ValueError):
-                group.addoption(opt, **kwargs)
-        names = "image scope dockerfile cpus memory pids timeout address embedded jobs required"
-        for name in (*names.split(), "profile", "isolation", "recycle", "requirements"):
-            with contextlib.suppress(ValueError):
-                parser.addini(f"sandbox_{name}", "ignored inside the sandbox")
+        accept_host_options(parser)
 
     def pytest_configure(self, config: Any) -> None:
         self.config = config

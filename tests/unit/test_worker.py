@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
-from pytest_sandbox.worker import Cgroup, Channel, read_capture
+import pytest
+from _pytest.config.argparsing import Parser
+
+from pytest_sandbox.worker import Cgroup, Channel, accept_host_options, read_capture
 
 
 def test_cgroup_v1_names_the_limit_that_was_hit(tmp_path: Path) -> None:
@@ -75,3 +79,27 @@ def test_a_test_childs_records_reach_the_channel_through_the_worker_in_order(
     worker.hold("finish")
     worker.send("start")
     assert _records(out) == ["report", "report", "warning", "report", "finish", "start"]
+
+
+def test_xdist_options_from_the_host_mean_nothing_where_xdist_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "xdist" else real(name, *a)
+    )
+    parser = Parser()
+    accept_host_options(parser)
+    parsed = parser.parse(["test_x.py", "-n", "0", "--dist", "loadgroup", "--sandbox-embedded"])
+    assert parsed.sandbox_embedded
+    assert parsed.file_or_dir == ["test_x.py"]
+
+
+def test_xdist_options_are_left_to_xdist_where_it_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    parser = Parser()
+    accept_host_options(parser)
+    with pytest.raises(pytest.UsageError, match="unrecognized arguments: -n"):  # xdist's own
+        parser.parse(["-n", "0"])
