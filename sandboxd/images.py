@@ -8,8 +8,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from sandboxd.blobs import BlobStore
@@ -46,19 +46,6 @@ class ImageRecord:
     created_unix: float = 0.0
     label: str = ""
     owner: str = ""
-
-
-def _listed(key: str, digest: str, tag: str, labels: Mapping[str, str], size: int) -> ImageRecord:
-    """The record of an image as the engine lists it."""
-    return ImageRecord(
-        key=key,
-        digest=digest,
-        tag=tag,
-        base=labels.get("sandbox.base", ""),
-        size_bytes=size,
-        label=labels.get("sandbox.label", ""),
-        owner=labels.get(LABEL_OWNER, ""),
-    )
 
 
 @dataclass(frozen=True)
@@ -327,7 +314,16 @@ class ImageStore:
         """The image `tag` names if it carries `key`: one listing gives id, labels and size."""
         for digest, tags, labels, size in self._engine.list_images(f"{LABEL_KEY}={key}"):
             if tag in tags:
-                return replace(_listed(key, digest, tag, labels, size), created_unix=time.time())
+                return ImageRecord(
+                    key=key,
+                    digest=digest,
+                    tag=tag,
+                    base=labels.get("sandbox.base", ""),
+                    size_bytes=size,
+                    label=labels.get("sandbox.label", ""),
+                    owner=labels.get(LABEL_OWNER, ""),
+                    created_unix=time.time(),
+                )
         return None
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
@@ -378,7 +374,17 @@ class ImageStore:
             if not tags:
                 continue  # an untagged leftover: neither usable nor addressable by its key
             tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0])
-            out.append(_listed(key, image_id, tag, labels, size))
+            out.append(
+                ImageRecord(
+                    key=key,
+                    digest=image_id,
+                    tag=tag,
+                    base=labels.get("sandbox.base", ""),
+                    size_bytes=size,
+                    label=labels.get("sandbox.label", ""),
+                    owner=labels.get(LABEL_OWNER, ""),
+                )
+            )
         return [r for r in out if self.may_use(r, owner)]
 
     def delete(
