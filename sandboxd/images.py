@@ -311,20 +311,21 @@ class ImageStore:
         return record
 
     def _record(self, tag: str, key: str) -> ImageRecord | None:
-        """The image `tag` names if it carries `key`: one listing gives id, labels and size."""
-        for digest, tags, labels, size in self._engine.list_images(f"{LABEL_KEY}={key}"):
-            if tag in tags:
-                return ImageRecord(
-                    key=key,
-                    digest=digest,
-                    tag=tag,
-                    base=labels.get("sandbox.base", ""),
-                    size_bytes=size,
-                    label=labels.get("sandbox.label", ""),
-                    owner=labels.get(LABEL_OWNER, ""),
-                    created_unix=time.time(),
-                )
-        return None
+        digest = self._engine.image_id(tag)
+        if digest is None:
+            return None
+        labels = self._engine.image_labels(tag)
+        if labels.get(LABEL_KEY) != key:
+            return None
+        return ImageRecord(
+            key=key,
+            digest=digest,
+            tag=tag,
+            base=labels.get("sandbox.base", ""),
+            label=labels.get("sandbox.label", ""),
+            owner=labels.get(LABEL_OWNER, ""),
+            created_unix=time.time(),
+        )
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
         """Whether `owner` may see and run the image (see `sandboxd.ownership`)."""

@@ -115,11 +115,8 @@ class FakeEngine:
 
     def list_images(self, label: str) -> list[tuple[str, list[str], Mapping[str, str], int]]:
         self._check()
-        key, _, value = label.partition("=")
         return [
-            (i.id, list(i.tags), i.labels, 1000)
-            for i in self.images.values()
-            if key in i.labels and (not value or i.labels[key] == value)
+            (i.id, list(i.tags), i.labels, 1000) for i in self.images.values() if label in i.labels
         ]
 
     def runtimes(self) -> set[str]:
