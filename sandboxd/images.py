@@ -1,4 +1,8 @@
-"""Content-addressed images: base + Dockerfile fragment + context files => one key."""
+"""Content-addressed images: base + Dockerfile fragment + context files => one key.
+
+Size: one store from request to engine image (key, cache, build, lookup, delete); the
+fragment grammar, ownership and the builder already live in modules of their own.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,13 @@ from sandboxd.build_run import BuildJob
 from sandboxd.builder import make_builder
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED, LABEL_OWNER, Engine
-from sandboxd.errors import InvalidArgument, NotFound, PermissionDenied
+from sandboxd.errors import (
+    EngineUnavailable,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SandboxError,
+)
 from sandboxd.fragments import Instruction, parse_fragment
 from sandboxd.ownership import ImagePolicy, Ownership
 from sandboxd.paths import check_relative
@@ -34,6 +44,10 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 #: How long a base reference's resolved id is trusted before asking the engine again.
 BASE_TTL = 5.0
+
+
+#: How often DeleteImage releases the image and tries to remove it.
+DELETE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -402,12 +416,23 @@ class ImageStore:
         record = self.get(key, owner)
         if owner and record.owner != owner:
             raise PermissionDenied(f"image {record.key[:12]} belongs to another client")
-        release(record.digest)
         with self._lock:
             self._cache.pop(record.key, None)
             self._verified.pop(record.key, None)
-        # By id, not by tag: removing a tag leaves the image behind as <none>.
-        self._engine.remove_image(record.digest)
+        # A container the pool or a destroy was still settling may hold the image for a
+        # moment after `release`: release again and retry before giving up.
+        for attempt in range(DELETE_ATTEMPTS):
+            release(record.digest)
+            try:
+                # By id, not by tag: removing a tag leaves the image behind as <none>.
+                self._engine.remove_image(record.digest)
+                return
+            except (NotFound, EngineUnavailable):
+                raise
+            except SandboxError:
+                if attempt == DELETE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
 
     def resolve_ref(self, ref: str, owner: str = "") -> tuple[str, str]:
         """(engine reference, digest) for a key, tag or reference given by a client.

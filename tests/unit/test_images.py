@@ -6,7 +6,7 @@ import pytest
 from fake_engine import BASE, FakeBuilder, FakeEngine
 
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED
-from sandboxd.errors import BuildFailed, InvalidArgument, NotFound
+from sandboxd.errors import BuildFailed, FailedPrecondition, InvalidArgument, NotFound
 from sandboxd.images import (
     LABEL_BUILDER,
     MAX_FRAGMENT,
@@ -161,6 +161,39 @@ def test_get_list_delete(store: ImageStore, engine: FakeEngine) -> None:
         store.get(key)
     with pytest.raises(NotFound):
         store.delete(key)
+
+
+def test_delete_releases_again_while_a_settling_container_holds_the_image(
+    store: ImageStore, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, outcome = build(store)
+    real = engine.remove_image
+    refusals = [FailedPrecondition("image is being used by running container")] * 2
+
+    def remove(ref: str) -> None:
+        if refusals:
+            raise refusals.pop()
+        real(ref)
+
+    monkeypatch.setattr(engine, "remove_image", remove)
+    released: list[str] = []
+    store.delete(outcome.image.key, release=released.append)
+    assert released == [outcome.image.digest] * 3
+    assert outcome.image.digest not in engine.images
+
+
+def test_delete_gives_up_on_an_image_that_stays_in_use(
+    store: ImageStore, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, outcome = build(store)
+
+    def remove(ref: str) -> None:
+        raise FailedPrecondition("image is being used by running container")
+
+    monkeypatch.setattr(engine, "remove_image", remove)
+    monkeypatch.setattr("sandboxd.images.time.sleep", lambda _: None)
+    with pytest.raises(FailedPrecondition, match="being used"):
+        store.delete(outcome.image.key)
 
 
 def test_get_refuses_a_malformed_key(store: ImageStore) -> None:
