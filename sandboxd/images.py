@@ -47,7 +47,7 @@ BASE_TTL = 5.0
 
 
 #: How often DeleteImage releases the image and tries to remove it.
-DELETE_ATTEMPTS = 5
+DELETE_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)

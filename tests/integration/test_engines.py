@@ -117,7 +117,9 @@ def test_verdicts(
     expected: str,
     message: str,
 ) -> None:
-    box = make_box()
+    # The fork bomb's 32 python processes must meet the process limit, not the memory one
+    # (their copied pages can pass 64 MiB on a loaded machine, and an OOM kill decides).
+    box = make_box(memory=256 * MiB) if expected == "pids_exhausted" else make_box()
     result, out = run(engine_client, box, argv, timeout=timeout)
     assert verdict(result) == expected, (result, out)
     assert message in result.message, result.message

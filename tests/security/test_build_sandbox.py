@@ -55,7 +55,7 @@ def tenant(
         profiles=(DEFAULT_PROFILE, UNTRUSTED_PROFILE, TENANT_RUNC),
         build_profile="untrusted" if runtime == "runsc" else TENANT_RUNC.name,
         defaults=Limits(cpus=1.0, memory_bytes=128 * MiB, pids=64),
-        build_timeout_seconds=30.0,
+        build_timeout_seconds=60.0,
     )
     service = Service(config)
     address = service.listen("127.0.0.1:0")
