@@ -19,7 +19,7 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sandboxd import instances
@@ -33,7 +33,8 @@ from sandboxd.limits import format_size
 log = logging.getLogger(__name__)
 
 
-#: On build containers: the instance that made them. Images get it as "" (see `_labels`).
+#: On build containers and a build's layers: the instance that made them. The final image
+#: gets it as "", so nothing made from it carries it.
 LABEL_BUILD = "sandbox.build"
 #: What a build step may do as root: own, read and write any file, switch users (apt's
 #: `_apt`, maintainer scripts' `useradd`), signal its own processes. Nothing else: no raw
@@ -77,18 +78,18 @@ class BuildJob:
 def reap_build_leftovers(engine: LayerEngine) -> int:
     """Remove build containers, and layers no image builds on, of service instances that
     are no longer running (a build's layers carry its instance until the final commit)."""
+    leftovers: list[tuple[str, Mapping[str, str], Callable[[str], None]]] = [
+        (c.id, c.labels, engine.remove_container) for c in engine.list_containers(LABEL_BUILD)
+    ]
+    leftovers += [
+        (i, labels, engine.remove_image) for i, labels in engine.dangling_images(LABEL_BUILD)
+    ]
     removed = 0
-    for info in engine.list_containers(LABEL_BUILD):
-        owner = info.labels.get(LABEL_BUILD, "")
-        if owner and not instances.is_alive(owner):
-            with contextlib.suppress(SandboxError):
-                engine.remove_container(info.id)
-                removed += 1
-    for image, labels in engine.dangling_images(LABEL_BUILD):
+    for ref, labels, remove in leftovers:
         owner = labels.get(LABEL_BUILD, "")
         if owner and not instances.is_alive(owner):
             with contextlib.suppress(SandboxError):
-                engine.remove_image(image)
+                remove(ref)
                 removed += 1
     return removed
 
