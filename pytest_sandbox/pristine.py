@@ -31,6 +31,14 @@ import pytest
 from _pytest import runner as pytest_runner
 from _pytest.warnings import catch_warnings_for_item
 
+# The worker's clock, out of reach of a test that moves time.monotonic (see worker.py).
+_clock_gettime = time.clock_gettime
+
+
+def _monotonic() -> float:
+    return _clock_gettime(time.CLOCK_MONOTONIC)
+
+
 # Kernel views, not storage; under /dev only these two hold what a test can create.
 SKIP_TREES = ("/proc", "/sys")
 DEV_KEEP = ("/dev/shm", "/dev/mqueue")
@@ -340,7 +348,7 @@ class Forker:
         self.worker = worker
         self.recycle_after = max(1, recycle_after)
         # The exec's own deadline covers the whole run: a fresh sandbox before it nears.
-        self.deadline = time.monotonic() + deadline if deadline > 0 else float("inf")
+        self.deadline = _monotonic() + deadline if deadline > 0 else float("inf")
         self.pristine: Pristine | None = None
         self.count = 0
         self.records = os.pipe()  # a test child's held records (see Channel.hold)
@@ -422,7 +430,7 @@ class Forker:
         self.count += 1
         if self.count >= self.recycle_after:
             problems.append(f"{self.count} tests ran in it")
-        if time.monotonic() + 2 * self.worker.timeout + 10 > self.deadline:
+        if _monotonic() + 2 * self.worker.timeout + 10 > self.deadline:
             problems.append("the exec's deadline is near")
         if problems and nextitem is not None:
             self.worker.channel.send("recycle", reason="; ".join(problems))

@@ -13,7 +13,7 @@ and with "fork" in the request (isolation="fork", see pristine.py) recycle{reaso
 the worker ends before the rest of its tests, which want a fresh sandbox. With "debug",
 debug{nodeid, pid, file}: a debugger wants the user's terminal (see debugger.py).
 With "coverage" in the request, the run is measured into its data file.
-Every record carries "ts", the sandbox's time.time() when it was said (same clock as the
+Every record carries "ts", the sandbox's wall clock when it was said (same clock as the
 host's: benchmarks/pertest.py splits a test's cost with it). Reports that the host needs
 only once the test ends (a forked test's call and teardown, an unforked test's teardown)
 and the finish record are held and leave in one write with the next test's start (see
@@ -47,6 +47,18 @@ import pytest
 CAPTURE_NAMES = ("stdout", "stderr")
 # faulthandler's hard exit catches tests that hold the GIL past the watchdog.
 HARD_TIMEOUT_GRACE = 5.0
+# The worker's own clocks. A test may move time.monotonic and time.time (freezegun,
+# mock.patch) in the very process whose timeout the watchdog keeps; clock_gettime,
+# bound here, is out of its reach.
+_clock_gettime = time.clock_gettime
+
+
+def monotonic() -> float:
+    return _clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def wall_clock() -> float:
+    return _clock_gettime(time.CLOCK_REALTIME)
 
 
 class Channel:
@@ -76,7 +88,7 @@ class Channel:
 
     def _line(self, kind: str, data: dict[str, Any]) -> bytes:
         data["t"] = kind
-        data["ts"] = time.time()  # when it was said: the host splits a test's cost with it
+        data["ts"] = wall_clock()  # when it was said: the host splits a test's cost with it
         text = json.dumps(data, default=repr, separators=(",", ":"))
         return f"{self._nonce} {text}\n".encode("utf-8", "replace")
 
@@ -252,7 +264,7 @@ class Watchdog:
     def arm(self, nodeid: str, seconds: float) -> None:
         with self._cond:
             self._nodeid, self._seconds = nodeid, seconds
-            self._deadline = time.monotonic() + seconds
+            self._deadline = monotonic() + seconds
             self._cond.notify()
         faulthandler.dump_traceback_later(seconds + HARD_TIMEOUT_GRACE, exit=True)
 
@@ -268,8 +280,8 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._deadline is None or time.monotonic() < self._deadline:
-                    wait = None if self._deadline is None else self._deadline - time.monotonic()
+                while self._deadline is None or monotonic() < self._deadline:
+                    wait = None if self._deadline is None else self._deadline - monotonic()
                     self._cond.wait(wait)
                 nodeid, seconds = self._nodeid, self._seconds
             self._on_expire(nodeid, seconds)

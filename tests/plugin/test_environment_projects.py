@@ -31,7 +31,7 @@ PLUGIN_DEPS = [
     for name in (re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0] for spec in _DECLARED)
 ]
 QUIET = ("-p", "no:cacheprovider", "-rA", "-q", "--color=no")
-OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", re.M)
+OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)(?: - (.*))?$", re.M)
 
 
 def make_venv(where: Path, packages: list[str]) -> Path:
@@ -50,8 +50,23 @@ def pip(python: Path, *args: str) -> None:
     )
 
 
-def run_pytest(python: Path, project: Path, *args: str) -> dict[str, str]:
-    """nodeid -> outcome (the -rA summary) of one pytest run of `project`."""
+class Outcomes(dict[str, str]):
+    """nodeid -> outcome (the -rA summary) of one pytest run; `reasons` holds each
+    line's message, so a difference between two runs says why."""
+
+    reasons: dict[str, str]
+
+
+def differences(local: Outcomes, routed: Outcomes) -> dict[str, tuple[str, ...]]:
+    return {
+        nodeid: (outcome, routed.get(nodeid, "missing"), routed.reasons.get(nodeid, ""))
+        for nodeid, outcome in local.items()
+        if routed.get(nodeid) != outcome
+    }
+
+
+def run_pytest(python: Path, project: Path, *args: str) -> Outcomes:
+    """The outcome of each test of one pytest run of `project`."""
     # The plugin from this checkout, through a directory holding only its packages: the
     # checkout's own root may hold the editable install's metadata, whose pytest11 entry
     # point would register the plugin a second time next to `-p`.
@@ -60,7 +75,7 @@ def run_pytest(python: Path, project: Path, *args: str) -> dict[str, str]:
         packages.mkdir()
         for name in ("pytest_sandbox", "sandboxd"):
             (packages / name).symlink_to(CHECKOUT / name)
-    env = dict(os.environ, PYTHONPATH=str(packages))
+    env = dict(os.environ, PYTHONPATH=str(packages), COLUMNS="300")  # whole -rA reasons
     result = subprocess.run(
         [str(python), "-m", "pytest", "-p", "pytest_sandbox.plugin", *QUIET, *args],
         cwd=project,
@@ -69,8 +84,10 @@ def run_pytest(python: Path, project: Path, *args: str) -> dict[str, str]:
         text=True,
         timeout=1800,
     )
-    outcomes = {nodeid: outcome for outcome, nodeid in OUTCOME.findall(result.stdout)}
-    assert outcomes, result.stdout[-3000:] + result.stderr[-3000:]
+    found = OUTCOME.findall(result.stdout)
+    assert found, result.stdout[-3000:] + result.stderr[-3000:]
+    outcomes = Outcomes((nodeid, outcome) for outcome, nodeid, _ in found)
+    outcomes.reasons = {nodeid: reason for _, nodeid, reason in found if reason}
     return outcomes
 
 
@@ -108,7 +125,7 @@ def test_python_dateutil_from_its_sdist_with_its_dev_requirements(
     local = run_pytest(python, project, *args)
     routed = run_pytest(python, project, *args, "--sandbox=all", "--sandbox-scope=module")
     assert summary(local).get("PASSED", 0) > 1400, summary(local)
-    assert routed == local, {k: (v, routed.get(k)) for k, v in local.items() if routed.get(k) != v}
+    assert routed == local, differences(local, routed)
 
 
 def test_compiled_dependency_and_an_ini_configured_plugin_under_strict_config(
@@ -134,5 +151,5 @@ def test_compiled_dependency_and_an_ini_configured_plugin_under_strict_config(
     )
     local = run_pytest(python, project)
     routed = run_pytest(python, project, "--sandbox=all")
-    assert local == routed
+    assert routed == local, differences(local, routed)
     assert summary(routed) == {"PASSED": 2, "FAILED": 1}

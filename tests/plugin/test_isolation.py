@@ -246,3 +246,54 @@ def test_nothing_leaks_into_the_next_test(
         assert after != where["test_leave_what_a_reset_cannot_undo"]["container"]
     else:
         assert len(containers) == len(SAME_CONTAINER)
+
+
+CLOCKS = r"""
+import itertools, socket, time
+import pytest
+
+pytestmark = pytest.mark.sandbox(timeout=15)
+
+# A project that moves the clock for all of its tests (freezegun's freeze_time(...,
+# auto_tick_seconds=...).start() at import does this): every read jumps an hour. Only
+# where the tests run (the sandbox's hostname): the host's collection keeps its clock.
+if socket.gethostname() == "sandbox":
+    _reads = itertools.count(1)
+    time.monotonic = lambda: 3600.0 * next(_reads)
+    time.time = lambda: 1.5e9 + 3600.0 * next(_reads)
+
+
+@pytest.fixture(autouse=True)
+def container(record_property):
+    with open("/proc/1/stat") as f:
+        record_property("container", f.read().rsplit(")", 1)[1].split()[19])
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_reads_the_moved_clock(n):
+    before = time.monotonic()
+    time.sleep(0.3)  # the watchdog's thread runs meanwhile
+    assert time.monotonic() > before + 3000
+"""
+
+
+@pytest.mark.parametrize("isolation", ["fork", "container"])
+def test_a_clock_the_tests_move_is_not_the_watchdogs(
+    pytester: pytest.Pytester, no_leftovers: None, isolation: str
+) -> None:
+    """The worker's timeout and recycling read a clock no test's time travel reaches."""
+    pytester.makepyfile(test_clocks=CLOCKS)
+    result = pytester.runpytest_subprocess(
+        "--sandbox",
+        "--sandbox-jobs=1",
+        f"--sandbox-isolation={isolation}",
+        "-p",
+        "no:randomly",
+        "--junitxml=out.xml",
+    )
+    result.assert_outcomes(passed=4)
+    if isolation == "fork":  # no test made the exec's deadline look near: one container
+        suite = ET.parse(pytester.path / "out.xml").getroot()
+        properties = suite.iter("property")
+        containers = {p.get("value") for p in properties if p.get("name") == "container"}
+        assert len(containers) == 1, containers
