@@ -424,6 +424,8 @@ class Forker:
     def after(self, nextitem: Any, limit_hit: bool) -> None:
         """Between two tests: reset and verify, or hand the container back for a fresh one."""
         assert self.pristine is not None
+        if nextitem is None:  # the container is removed next, or kept as the test left it
+            return
         problems = self.pristine.reset()
         if limit_hit:  # the service's own counters for this exec would blame a later test
             problems.append("a limit was hit")
@@ -432,7 +434,7 @@ class Forker:
             problems.append(f"{self.count} tests ran in it")
         if _monotonic() + 2 * self.worker.timeout + 10 > self.deadline:
             problems.append("the exec's deadline is near")
-        if problems and nextitem is not None:
+        if problems:
             self.worker.channel.send("recycle", reason="; ".join(problems))
             with contextlib.suppress(Exception):
                 sys.stderr.flush()

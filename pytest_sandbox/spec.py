@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 import pytest
 
+from sandboxd.api import Mount
 from sandboxd.errors import InvalidArgument
 from sandboxd.limits import format_size, parse_size
-from sandboxd.mounts import Mount
 
 Scope = Literal["test", "module", "session"]
 SCOPES: tuple[Scope, ...] = ("test", "module", "session")

@@ -35,13 +35,22 @@ from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.api import (
     BuildResult,
+    CloseStdin,
+    ExecInput,
+    ExecRequest,
     ExecResult,
+    ExecStart,
     FilesPut,
     Image,
     OutputChunk,
+    Resize,
     Sandbox,
     SandboxRequest,
+    ServerInfo,
+    Signal,
+    Stdin,
     Stream,
+    WindowSize,
 )
 from sandboxd.archives import FileContent, tar_of
 from sandboxd.blobs import BlobDigest
@@ -51,9 +60,6 @@ from sandboxd.channels import (
     from_rpc_error,
     tls_credentials,
 )
-from sandboxd.execs import ExecRequest
-from sandboxd.info import ServerInfo
-from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 
 log = logging.getLogger(__name__)
 

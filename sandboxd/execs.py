@@ -6,10 +6,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from sandboxd import processes
+from sandboxd.api import ExecOutcome, ExecRequest, Output
 from sandboxd.engine.base import CgroupSample
 from sandboxd.errors import (
     EngineUnavailable,
@@ -20,7 +21,7 @@ from sandboxd.errors import (
 )
 from sandboxd.models import SandboxRecord
 from sandboxd.sandboxes import SandboxManager, check_env
-from sandboxd.verdicts import Judgement, Observation, judge
+from sandboxd.verdicts import Observation, judge
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +36,6 @@ def _peak(after: CgroupSample, verdict: str, memory_limit: int) -> int:
     if verdict == "out_of_memory" and peak == 0:
         return memory_limit
     return peak
-
-
-@dataclass(frozen=True)
-class ExecRequest:
-    argv: list[str]
-    stdin: bytes = b""
-    timeout_seconds: float = 0.0
-    output_limit_bytes: int = 0
-    env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = ""
-    attach_preload: bool = False
-    #: Stdin stays open for more input over the call (an interactive exec).
-    stream_stdin: bool = False
-    tty: bool = False
-    #: The terminal's (rows, columns), with `tty`.
-    window: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class Output:
-    stream: int  # 1 stdout, 2 stderr
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ExecOutcome:
-    judgement: Judgement
-    wall_seconds: float
-    cpu_seconds: float
-    peak_memory_bytes: int
-    output_truncated: bool
-    stdout_bytes: int
-    stderr_bytes: int
 
 
 def check_exec(req: ExecRequest, record: SandboxRecord) -> tuple[float, int]:

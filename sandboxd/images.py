@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from sandboxd.api import ContextFile, ImageRecord
 from sandboxd.blobs import BlobStore
 from sandboxd.build_run import BuildJob
 from sandboxd.builder import make_builder
@@ -41,7 +42,6 @@ TAG_REPO = "sandbox/img"
 MAX_FRAGMENT = 64 * 1024
 MAX_CONTEXT = 48 * 1024 * 1024
 _KEY = re.compile(r"^[0-9a-f]{64}$")
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 #: How long a base reference's resolved id is trusted before asking the engine again.
 BASE_TTL = 5.0
 
@@ -51,44 +51,10 @@ DELETE_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    key: str
-    digest: str
-    tag: str
-    base: str
-    size_bytes: int = 0
-    created_unix: float = 0.0
-    label: str = ""
-    owner: str = ""
-
-
-@dataclass(frozen=True)
 class BuildOutcome:
     image: ImageRecord
     cache_hit: bool
     seconds: float
-
-
-@dataclass(frozen=True)
-class ContextFile:
-    path: str
-    content: bytes
-    mode: int = 0o644
-    #: Hex SHA-256 of the content; given alone (content empty), it keys a cache lookup.
-    sha256: str = ""
-
-    def digest(self) -> str:
-        return (
-            self.sha256
-            if self.sha256 and not self.content
-            else hashlib.sha256(self.content).hexdigest()
-        )
-
-    @property
-    def digest_only(self) -> bool:
-        # An empty file sent with its content is indistinguishable from "digest only" but
-        # for its digest, which is that of no bytes.
-        return bool(self.sha256) and not self.content and self.sha256 != EMPTY_SHA256
 
 
 @dataclass(frozen=True)

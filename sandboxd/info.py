@@ -7,41 +7,12 @@ changes it in one place, the server's config.
 from __future__ import annotations
 
 import importlib.metadata as metadata
-from dataclasses import dataclass
 
+from sandboxd.api import ProfileInfo, ServerInfo
 from sandboxd.config import ServerConfig
 from sandboxd.engine import Engine
-from sandboxd.limits import Caps, Limits
 
 API_VERSION = "sandbox.v1"
-
-
-@dataclass(frozen=True)
-class ProfileInfo:
-    name: str
-    #: The runtime the profile asks for; "" means the engine's default.
-    runtime: str
-    allow_network: bool
-    allow_port_forward: bool = False
-    allow_mounts: bool = False
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    api_version: str
-    server_version: str
-    engine: str
-    engine_version: str
-    defaults: Limits
-    caps: Caps
-    profiles: tuple[ProfileInfo, ...]
-    default_profile: str
-    runtimes: tuple[str, ...]
-    base_image: str
-    default_ttl_seconds: float
-    #: Host directories below which sandboxes may mount (read-only; read-write).
-    mount_roots: tuple[str, ...] = ()
-    writable_mount_roots: tuple[str, ...] = ()
 
 
 def server_version() -> str:

@@ -9,6 +9,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from sandboxd import processes
+from sandboxd.api import SandboxRequest
 from sandboxd.config import ServerConfig
 from sandboxd.engine.base import (
     LABEL_EXPIRES,
@@ -19,7 +20,7 @@ from sandboxd.engine.base import (
     Engine,
 )
 from sandboxd.errors import EngineUnavailable, SandboxError
-from sandboxd.models import Prepared, SandboxRecord, SandboxRequest
+from sandboxd.models import Prepared, SandboxRecord
 
 log = logging.getLogger(__name__)
 

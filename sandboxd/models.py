@@ -6,34 +6,16 @@ pool, admission and the reaper can all speak of them without importing each othe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from sandboxd.api import SandboxRequest
 from sandboxd.config import Profile
 from sandboxd.engine.base import BindMount
 from sandboxd.limits import Limits
-from sandboxd.mounts import Mount
 from sandboxd.processes import Started
 
 State = Literal["running", "exited", "destroyed"]
-
-
-@dataclass(frozen=True)
-class SandboxRequest:
-    """What a client asks for; zero limits mean the server defaults."""
-
-    image: str = ""
-    limits: Limits | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = ""
-    runtime: str = ""
-    ttl_seconds: float = 0.0
-    profile: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    owner: str = ""
-    preload_argv: tuple[str, ...] = ()
-    mounts: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)

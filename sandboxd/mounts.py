@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from sandboxd.api import Mount
 from sandboxd.config import Profile, ServerConfig
 from sandboxd.engine.base import BindMount
 from sandboxd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -23,18 +23,6 @@ MAX_MOUNTS = 16
 MAX_PATH = 4096
 #: Targets that would hide what the container needs to work (or expose what it must not).
 RESERVED_TARGETS = ("/proc", "/sys", "/dev")
-
-
-@dataclass(frozen=True)
-class Mount:
-    """A host directory a request asks to see inside its sandbox."""
-
-    #: Absolute path on the server's host.
-    source: str
-    #: Absolute path inside the sandbox; empty means the same as `source`.
-    target: str = ""
-    #: Read-write instead of read-only; only below a writable root.
-    writable: bool = False
 
 
 def check_mounts(

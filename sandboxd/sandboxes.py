@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping
 
 from sandboxd import instances, processes
 from sandboxd.admission import Admission, memory_budget
+from sandboxd.api import SandboxRequest
 from sandboxd.config import Profile, ServerConfig
 from sandboxd.engine.base import Engine
 from sandboxd.errors import (
@@ -28,7 +29,7 @@ from sandboxd.errors import (
 from sandboxd.images import ImageStore
 from sandboxd.launcher import Launcher
 from sandboxd.limits import check_ttl, resolve
-from sandboxd.models import Prepared, SandboxRecord, SandboxRequest
+from sandboxd.models import Prepared, SandboxRecord
 from sandboxd.mounts import check_mounts
 from sandboxd.pool import WarmPool
 from sandboxd.reaping import Reaper

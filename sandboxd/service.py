@@ -24,11 +24,11 @@ from sandboxd import errors, wire
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandboxd._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandboxd.admission import call_deadline
+from sandboxd.api import ExecOutcome, ExecRequest, Output, ServerInfo
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
-from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
+from sandboxd.execs import Executor
 from sandboxd.forwarding import Forwarder
 from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
-from sandboxd.info import ServerInfo
 from sandboxd.sandboxes import SandboxManager, SandboxRecord, SandboxRequest
 from sandboxd.sessions import run_session
 from sandboxd.transfers import Transfers

@@ -11,11 +11,22 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sandboxd import processes
+from sandboxd.api import (
+    CloseStdin,
+    ExecInput,
+    ExecOutcome,
+    ExecStart,
+    Output,
+    Resize,
+    Signal,
+    Stdin,
+    WindowSize,
+)
 from sandboxd.errors import FailedPrecondition, InvalidArgument, SandboxError
-from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output, check_exec
+from sandboxd.execs import Executor, check_exec
 
 log = logging.getLogger(__name__)
 
@@ -23,45 +34,6 @@ log = logging.getLogger(__name__)
 #: (inputs that arrive in that time after the command ended are reported, not dropped).
 CLOSE_WAIT_SECONDS = 5.0
 MAX_WINDOW = 10_000
-
-
-@dataclass(frozen=True)
-class WindowSize:
-    rows: int
-    columns: int
-
-
-@dataclass(frozen=True)
-class ExecStart:
-    """The first message: which sandbox, the command (its `stdin` written first), the TTY."""
-
-    sandbox_id: str
-    request: ExecRequest
-    tty: bool = False
-    window: WindowSize | None = None
-
-
-@dataclass(frozen=True)
-class Stdin:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Resize:
-    window: WindowSize
-
-
-@dataclass(frozen=True)
-class Signal:
-    name: str
-
-
-@dataclass(frozen=True)
-class CloseStdin:
-    pass
-
-
-ExecInput = Stdin | Resize | Signal | CloseStdin
 
 
 def check_start(start: ExecStart) -> None:

@@ -9,8 +9,9 @@ import tempfile
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 
+from sandboxd.api import ExecOutcome, ExecRequest, Output
 from sandboxd.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from sandboxd.execs import ExecOutcome, ExecRequest, Executor, Output
+from sandboxd.execs import Executor
 from sandboxd.models import SandboxRecord
 from sandboxd.paths import check_sandbox_path, check_tar
 

@@ -6,17 +6,37 @@ generated types stop there; a field added to the API is converted in one place.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sandboxd import errors
 from sandboxd._proto.sandbox.v1 import sandbox_pb2 as pb
-from sandboxd.api import ExecResult, Image, Sandbox, SandboxRequest, SandboxState, Stream
-from sandboxd.execs import ExecOutcome, ExecRequest
-from sandboxd.images import ContextFile, ImageRecord
-from sandboxd.info import ProfileInfo, ServerInfo
+from sandboxd.api import (
+    CloseStdin,
+    ContextFile,
+    ExecInput,
+    ExecOutcome,
+    ExecRequest,
+    ExecResult,
+    ExecStart,
+    Image,
+    ImageRecord,
+    Mount,
+    ProfileInfo,
+    Resize,
+    Sandbox,
+    SandboxRequest,
+    SandboxState,
+    ServerInfo,
+    Signal,
+    Stdin,
+    Stream,
+    WindowSize,
+)
 from sandboxd.limits import Caps, Limits
-from sandboxd.mounts import Mount
-from sandboxd.sandboxes import SandboxRecord
-from sandboxd.sessions import CloseStdin, ExecInput, ExecStart, Resize, Signal, Stdin, WindowSize
 from sandboxd.verdicts import VERDICTS, by_wire
+
+if TYPE_CHECKING:  # the service's record; a client imports none of the service
+    from sandboxd.models import SandboxRecord
 
 _STREAMS: dict[int, Stream] = {pb.STREAM_STDOUT: "stdout", pb.STREAM_STDERR: "stderr"}
 _STATES: dict[int, SandboxState] = {

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 from fake_engine import BASE, FakeBuilder, FakeEngine
 
+from sandboxd.api import ImageRecord
 from sandboxd.config import ServerConfig
 from sandboxd.errors import PermissionDenied, ResourceExhausted
-from sandboxd.images import BuildOutcome, ImageRecord, ImageStore
+from sandboxd.images import BuildOutcome, ImageStore
 from sandboxd.sandboxes import SandboxManager, SandboxRequest
 
 

@@ -5,13 +5,13 @@ import threading
 import pytest
 from fake_engine import BASE, FakeBuilder, FakeEngine
 
+from sandboxd.api import ContextFile
 from sandboxd.engine.base import LABEL_KEY, LABEL_MANAGED
 from sandboxd.errors import BuildFailed, FailedPrecondition, InvalidArgument, NotFound
 from sandboxd.images import (
     LABEL_BUILDER,
     MAX_FRAGMENT,
     BuildOutcome,
-    ContextFile,
     ImageStore,
     check_build_input,
     image_key,

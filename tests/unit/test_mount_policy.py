@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from pytest_sandbox.spec import Defaults, resolve
+from sandboxd.api import Mount
 from sandboxd.config import DEFAULT_PROFILE, UNTRUSTED_PROFILE, ServerConfig, load_config
 from sandboxd.engine.base import BindMount
 from sandboxd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from sandboxd.mounts import Mount, check_mounts
+from sandboxd.mounts import check_mounts
 from sandboxd.tunnels import parse_ports
 
 SCRATCH = ("/tmp", "/sandbox/work")

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from fake_engine import BASE, FakeEngine
 
+from sandboxd.api import ContextFile, ImageRecord
 from sandboxd.blobs import BlobDigest, BlobStore, UploadPart
 from sandboxd.engine.base import LABEL_KEY
 from sandboxd.errors import InvalidArgument, PermissionDenied
-from sandboxd.images import BuildOutcome, ContextFile, ImageRecord, ImageStore, NeedsContent
+from sandboxd.images import BuildOutcome, ImageStore, NeedsContent
 from sandboxd.ownership import ImagePolicy, check_reference, registry_host
 
 

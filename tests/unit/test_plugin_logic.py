@@ -18,8 +18,7 @@ from pytest_sandbox.reports import remap_paths
 from pytest_sandbox.runner import GroupRunner, Registry
 from pytest_sandbox.snapshot import PROJECT, REWRITE_CACHE_LINE, Snapshot, project_files
 from pytest_sandbox.spec import Defaults, resolve
-from sandboxd.api import BuildResult, ExecResult, Image
-from sandboxd.info import ServerInfo
+from sandboxd.api import BuildResult, ExecResult, Image, ServerInfo
 from sandboxd.limits import Caps, Limits
 
 MiB = 1024 * 1024

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
+from sandboxd.api import ExecRequest, ExecStart, WindowSize
 from sandboxd.errors import InvalidArgument
-from sandboxd.execs import ExecRequest
-from sandboxd.sessions import ExecStart, WindowSize, check_start, signal_number
+from sandboxd.sessions import check_start, signal_number
 
 
 @pytest.mark.parametrize("name", ["INT", "SIGINT", "int", " sigint "])
