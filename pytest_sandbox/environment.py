@@ -327,12 +327,20 @@ def outside_imports(rootdir: Path) -> list[tuple[str, str]]:
     inside = [os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")]
     inside += [str(d) for d in site_dirs()] + [os.path.realpath(rootdir)]
     found: dict[str, str] = {}
+    # Resolved once per directory (a session has hundreds of modules in a few dozen).
+    directories: dict[str, str] = {}
     for name, module in list(sys.modules.items()):
         top = name.partition(".")[0]
         file = getattr(module, "__file__", None)
         if not file or top in found or top.startswith(HOST_ONLY_PREFIXES):
             continue
-        real = os.path.realpath(file)
+        if os.path.islink(file):
+            real = os.path.realpath(file)
+        else:
+            head, tail = os.path.split(file)
+            if head not in directories:
+                directories[head] = os.path.realpath(head)
+            real = os.path.join(directories[head], tail)
         if not any(real == d or real.startswith(d.rstrip("/") + "/") for d in inside):
             found[top] = real
     return sorted(found.items())
