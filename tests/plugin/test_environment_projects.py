@@ -31,7 +31,9 @@ PLUGIN_DEPS = [
     for name in (re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0] for spec in _DECLARED)
 ]
 QUIET = ("-p", "no:cacheprovider", "-rA", "-q", "--color=no")
-OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)(?: - (.*))?$", re.M)
+# A parametrized id may hold spaces: the key is its first word (the same in both runs),
+# the line's reason follows " - ".
+OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)(.*)$", re.M)
 
 
 def make_venv(where: Path, packages: list[str]) -> Path:
@@ -87,7 +89,7 @@ def run_pytest(python: Path, project: Path, *args: str) -> Outcomes:
     found = OUTCOME.findall(result.stdout)
     assert found, result.stdout[-3000:] + result.stderr[-3000:]
     outcomes = Outcomes((nodeid, outcome) for outcome, nodeid, _ in found)
-    outcomes.reasons = {nodeid: reason for _, nodeid, reason in found if reason}
+    outcomes.reasons = {nodeid: rest.partition(" - ")[2] for _, nodeid, rest in found}
     return outcomes
 
 
