@@ -294,7 +294,11 @@ class ImageStore:
         digest = self._engine.image_id(tag)
         if digest is None:
             return None
-        labels = self._engine.image_labels(tag)
+        try:
+            labels = self._engine.image_labels(tag)
+            size = self._engine.image_size(tag)  # once per image: the record is cached
+        except NotFound:  # removed meanwhile
+            return None
         if labels.get(LABEL_KEY) != key:
             return None
         return ImageRecord(
@@ -302,6 +306,7 @@ class ImageStore:
             digest=digest,
             tag=tag,
             base=labels.get("sandbox.base", ""),
+            size_bytes=size,
             label=labels.get("sandbox.label", ""),
             owner=labels.get(LABEL_OWNER, ""),
             created_unix=time.time(),

@@ -123,6 +123,14 @@ class Engine(Protocol):
 
     def image_labels(self, ref: str) -> Mapping[str, str]: ...
 
+    def image_size(self, ref: str) -> int:
+        """The image's size in bytes as the engine reports it; 0 when it does not.
+
+        Raises:
+            NotFound: no such image.
+        """
+        ...
+
     def import_image(
         self, fileobj: IO[bytes], tag: str, labels: Mapping[str, str], changes: list[str]
     ) -> str: ...

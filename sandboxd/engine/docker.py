@@ -152,6 +152,9 @@ class DockerEngine:
         data = self._safe(lambda: self.api.inspect_image(ref))
         return dict((data.get("Config") or {}).get("Labels") or {})
 
+    def image_size(self, ref: str) -> int:
+        return int(self._safe(lambda: self.api.inspect_image(ref)).get("Size") or 0)
+
     def image_config(self, ref: str) -> Mapping[str, Any]:
         data = self._safe(lambda: self.api.inspect_image(ref))
         return dict(data.get("Config") or {})

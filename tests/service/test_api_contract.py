@@ -154,8 +154,20 @@ def test_delete_image_refuses_while_a_sandbox_runs_on_it(
 def test_get_image_takes_a_tag_as_well_as_a_key(client: SandboxClient) -> None:
     image = build(client)
     try:
+        size = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Size}}", image.digest],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        assert image.size_bytes == int(size) > 0  # BuildImage says what the engine says
         by_tag = client.images.GetImage(pb.GetImageRequest(key=image.tag), timeout=30)
-        assert (by_tag.key, by_tag.digest) == (image.key, image.digest)
+        assert (by_tag.key, by_tag.digest, by_tag.size_bytes) == (
+            image.key,
+            image.digest,
+            image.size_bytes,
+        )
         by_key = client.images.GetImage(pb.GetImageRequest(key=image.key), timeout=30)
         assert by_key.tag == image.tag
         base = rpc_error(

@@ -20,6 +20,7 @@ class FakeImage:
     id: str
     tags: list[str]
     labels: dict[str, str]
+    size: int = 4096
 
 
 @dataclass
@@ -83,6 +84,13 @@ class FakeEngine:
         if image is None:
             raise NotFound(f"no image {ref}")
         return dict(image.labels)
+
+    def image_size(self, ref: str) -> int:
+        self._check()
+        image = self._find(ref)
+        if image is None:
+            raise NotFound(f"no image {ref}")
+        return image.size
 
     def build_image(
         self,
