@@ -8,6 +8,7 @@ terminal, -x, --lf and junitxml see nothing unusual.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -143,11 +144,16 @@ class Controller:
         Raises:
             SandboxError: none can be reached or started.
         """
-        return daemon.open_connection(
+        connection = daemon.open_connection(
             self.options.address,
             local=not self.options.embedded,
             address_option="--sandbox-address",
         )
+        # Asked now, while the snapshot is taken, rather than by the first group's
+        # create (the service asks its engine: tens of ms); a failure is raised there.
+        with contextlib.suppress(errors.SandboxError):
+            connection.client.server_info()
+        return connection
 
     def forced_isolation(self) -> str | None:
         """Why scope-test tests get a fresh container whatever their isolation says."""

@@ -509,9 +509,23 @@ def start_coverage(options: dict[str, Any] | None) -> Any:
     return cov
 
 
+def import_builtin_plugins() -> None:
+    """Import the modules of pytest's own plugins, which every pytest.main imports: a
+    preloaded worker does it while it waits for its request. Not the installed plugins:
+    one the request disables (-p no:NAME) must stay unimported."""
+    try:
+        from _pytest.config import default_plugins, essential_plugins
+    except ImportError:  # another pytest's layout: pytest.main imports them itself
+        return
+    for name in (*essential_plugins, *default_plugins):
+        with contextlib.suppress(Exception):
+            importlib.import_module(f"_pytest.{name}")
+
+
 def main() -> int:
     if "fork" in sys.argv[1:]:  # isolation="fork": the walk for writable places starts now
         __import__("pytest_sandbox_pristine").prefetch_places()
+    import_builtin_plugins()
     # One line, not EOF: a preloaded worker's stdin can stay open after the request.
     request = json.loads(sys.stdin.buffer.readline())
     os.makedirs(request["capture_dir"], exist_ok=True)
