@@ -16,6 +16,7 @@ import ctypes
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -137,16 +138,22 @@ def restore(roots: tuple[str, ...], base: dict[str, Entry], keep: str) -> list[s
 def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
     """(directories the sandbox's user can write, writable files in directories it cannot).
 
-    One walk of the image at the first test; read-only mounts and root-owned
-    directories are not writable, so on a hardened sandbox this finds only the scratch.
+    One walk at the first test; read-only mounts and root-owned directories are not
+    writable, so on a hardened sandbox this finds only the scratch. Under a read-only
+    root only what is mounted writable can be written, so only those mounts are walked,
+    not the whole image.
     """
     roots: list[str] = []
     files: list[str] = []
-    stack = [top]
+    starts = _writable_mounts() if top == "/" else None
+    stack = [top] if starts is None else starts
     while stack:
         current = stack.pop()
         if os.access(current, os.W_OK):
-            roots.append(current)
+            if os.path.isdir(current) and not os.path.islink(current):
+                roots.append(current)
+            elif os.path.isfile(current):  # a file mounted on its own (/etc/hosts)
+                files.append(current)
             continue
         for e in _listing(current):
             if e.path in SKIP_TREES or (current == "/dev" and e.path not in DEV_KEEP):
@@ -156,6 +163,35 @@ def writable_places(top: str = "/") -> tuple[list[str], list[str]]:
             elif e.is_file(follow_symlinks=False) and os.access(e.path, os.W_OK):
                 files.append(e.path)
     return sorted(roots), sorted(files)
+
+
+def _writable_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str] | None:
+    """Where a walk for writable places starts under a read-only root: the mounts that
+    are writable (outermost only); None when the root is writable or the table unread."""
+    try:
+        with open(mountinfo) as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return None
+    mounts: dict[str, bool] = {}
+    for row in rows:
+        if len(row) < 6:
+            return None
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), row[4])  # \040 is " "
+        mounts[point] = row[5].split(",")[0] == "rw"  # the last mount on a point wins
+    if mounts.get("/", True):
+        return None
+    kept = sorted(
+        point
+        for point, writable in mounts.items()
+        if writable
+        and not any(point == t or point.startswith(t + "/") for t in SKIP_TREES)
+        and not (point.startswith("/dev/") and point not in DEV_KEEP)
+    )
+    outermost = [
+        p for p in kept if not any(p.startswith(o.rstrip("/") + "/") for o in kept if o != p)
+    ]
+    return outermost
 
 
 class _Prefetch(threading.Thread):
