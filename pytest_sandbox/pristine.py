@@ -7,6 +7,11 @@ the test left running, empties every place the sandbox's user can write and
 removes IPC objects; then it checks the result against the record. What it
 cannot put back (a changed file it has no copy of, a process that will not die)
 is reported, and the worker hands the container back for a fresh one.
+
+Size: one stand-alone file on purpose, like the worker (shipped alone, imports nothing of
+ours): finding the writable places, recording them, putting them back and the fork per
+test that needs it are one mechanism, and a second shipped module would have to be found
+by name on both sides of the wire.
 """
 
 from __future__ import annotations

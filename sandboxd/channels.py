@@ -37,6 +37,9 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.SandboxError:
     name = code.name if code is not None else "UNKNOWN"
     if name == "UNAVAILABLE" and not details:
         details = "sandboxd is not reachable"
+    if name == "DEADLINE_EXCEEDED" and (not details or "Deadline Exceeded" in details):
+        # grpc's own words for the caller's deadline; the service's own say which one.
+        details = f"the call's deadline passed before sandboxd finished it ({details or name})"
     kind = errors.BY_CODE.get(name, errors.SandboxError)
     violations, retry_after = _details(exc)
     err = kind(details or name, retry_after=retry_after or _retry_after(exc))

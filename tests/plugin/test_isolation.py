@@ -207,20 +207,34 @@ SAME_CONTAINER = [
 ]
 
 
-@pytest.mark.parametrize("isolation", ["fork", "container"])
-def test_nothing_leaks_into_the_next_test(
-    pytester: pytest.Pytester, no_leftovers: None, isolation: str
-) -> None:
-    pytester.makepyfile(test_leaks=LEAKS)
-    result = pytester.runpytest_subprocess(
+def run_in_one_slot(pytester: pytest.Pytester, isolation: str, *args: str) -> pytest.RunResult:
+    """The file's tests in one job slot, in order, so that under fork they share a container."""
+    return pytester.runpytest_subprocess(
         "--sandbox",
         "--sandbox-jobs=1",
         f"--sandbox-isolation={isolation}",
         "-p",
         "no:randomly",
-        "-rA",
         "--junitxml=out.xml",
+        *args,
     )
+
+
+def properties(pytester: pytest.Pytester) -> dict[str | None, dict[str | None, str | None]]:
+    """Each test's recorded properties, from the run's JUnit XML."""
+    suite = ET.parse(pytester.path / "out.xml").getroot()
+    return {
+        case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
+        for case in suite.iter("testcase")
+    }
+
+
+@pytest.mark.parametrize("isolation", ["fork", "container"])
+def test_nothing_leaks_into_the_next_test(
+    pytester: pytest.Pytester, no_leftovers: None, isolation: str
+) -> None:
+    pytester.makepyfile(test_leaks=LEAKS)
+    result = run_in_one_slot(pytester, isolation, "-rA")
     result.stdout.fnmatch_lines_random(
         [
             "FAILED test_leaks.py::test_leave_many_processes - process limit (64) reached*",
@@ -231,11 +245,7 @@ def test_nothing_leaks_into_the_next_test(
     )
     result.stdout.fnmatch_lines(["*Captured stdout call*", "before the allocation"])
     result.assert_outcomes(passed=18, failed=4)
-    suite = ET.parse(pytester.path / "out.xml").getroot()
-    where = {
-        case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
-        for case in suite.iter("testcase")
-    }
+    where = properties(pytester)
     containers = {where[name]["container"] for name in SAME_CONTAINER}
     if isolation == "fork":
         # The pairs really shared a container: the reset, not a new container, cleaned up.
@@ -283,17 +293,7 @@ def test_a_clock_the_tests_move_is_not_the_watchdogs(
 ) -> None:
     """The worker's timeout and recycling read a clock no test's time travel reaches."""
     pytester.makepyfile(test_clocks=CLOCKS)
-    result = pytester.runpytest_subprocess(
-        "--sandbox",
-        "--sandbox-jobs=1",
-        f"--sandbox-isolation={isolation}",
-        "-p",
-        "no:randomly",
-        "--junitxml=out.xml",
-    )
-    result.assert_outcomes(passed=4)
+    run_in_one_slot(pytester, isolation).assert_outcomes(passed=4)
     if isolation == "fork":  # no test made the exec's deadline look near: one container
-        suite = ET.parse(pytester.path / "out.xml").getroot()
-        properties = suite.iter("property")
-        containers = {p.get("value") for p in properties if p.get("name") == "container"}
+        containers = {where["container"] for where in properties(pytester).values()}
         assert len(containers) == 1, containers
