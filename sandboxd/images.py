@@ -12,8 +12,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sandboxd.api import ContextFile, ImageRecord
@@ -48,6 +48,19 @@ BASE_TTL = 5.0
 
 #: How often DeleteImage releases the image and tries to remove it.
 DELETE_ATTEMPTS = 20
+
+
+def _listed(key: str, digest: str, tag: str, labels: Mapping[str, str], size: int) -> ImageRecord:
+    """The record of an image as the engine describes it."""
+    return ImageRecord(
+        key=key,
+        digest=digest,
+        tag=tag,
+        base=labels.get("sandbox.base", ""),
+        size_bytes=size,
+        label=labels.get("sandbox.label", ""),
+        owner=labels.get(LABEL_OWNER, ""),
+    )
 
 
 @dataclass(frozen=True)
@@ -291,26 +304,12 @@ class ImageStore:
         return record
 
     def _record(self, tag: str, key: str) -> ImageRecord | None:
-        digest = self._engine.image_id(tag)
-        if digest is None:
+        """The image `tag` names if it carries `key`, from one look at it."""
+        facts = self._engine.image_facts(tag)
+        if facts is None or facts.labels.get(LABEL_KEY) != key:
             return None
-        try:
-            labels = self._engine.image_labels(tag)
-            size = self._engine.image_size(tag)  # once per image: the record is cached
-        except NotFound:  # removed meanwhile
-            return None
-        if labels.get(LABEL_KEY) != key:
-            return None
-        return ImageRecord(
-            key=key,
-            digest=digest,
-            tag=tag,
-            base=labels.get("sandbox.base", ""),
-            size_bytes=size,
-            label=labels.get("sandbox.label", ""),
-            owner=labels.get(LABEL_OWNER, ""),
-            created_unix=time.time(),
-        )
+        record = _listed(key, facts.id, tag, facts.labels, facts.size)
+        return replace(record, created_unix=time.time())
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
         """Whether `owner` may see and run the image (see `sandboxd.ownership`)."""
@@ -360,17 +359,7 @@ class ImageStore:
             if not tags:
                 continue  # an untagged leftover: neither usable nor addressable by its key
             tag = next((t for t in tags if t.startswith(TAG_REPO + ":")), tags[0])
-            out.append(
-                ImageRecord(
-                    key=key,
-                    digest=image_id,
-                    tag=tag,
-                    base=labels.get("sandbox.base", ""),
-                    size_bytes=size,
-                    label=labels.get("sandbox.label", ""),
-                    owner=labels.get(LABEL_OWNER, ""),
-                )
-            )
+            out.append(_listed(key, image_id, tag, labels, size))
         return [r for r in out if self.may_use(r, owner)]
 
     def delete(

@@ -114,6 +114,14 @@ class ExecProcess(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    id: str
+    labels: Mapping[str, str]
+    #: In bytes as the engine reports it; 0 when it does not say.
+    size: int
+
+
 class Engine(Protocol):
     """The container engine. Raises EngineUnavailable when it cannot be reached."""
 
@@ -123,12 +131,8 @@ class Engine(Protocol):
 
     def image_labels(self, ref: str) -> Mapping[str, str]: ...
 
-    def image_size(self, ref: str) -> int:
-        """The image's size in bytes as the engine reports it; 0 when it does not.
-
-        Raises:
-            NotFound: no such image.
-        """
+    def image_facts(self, ref: str) -> ImageFacts | None:
+        """The image's id, labels and size from one look; None when there is no such image."""
         ...
 
     def import_image(

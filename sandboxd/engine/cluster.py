@@ -33,7 +33,7 @@ from ray.util.placement_group import (
 
 from sandboxd.admission import wait_limit
 from sandboxd.build_run import BuildJob, BuildSettings
-from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec, ImageFacts
 from sandboxd.engine.cluster_images import ClusterImages
 from sandboxd.engine.nodes import Nodes
 from sandboxd.engine.placement import Need, capacity, check_fits, need_of
@@ -114,10 +114,10 @@ class ClusterEngine:
     def image_labels(self, ref: str) -> Mapping[str, str]:
         return self.images.labels(ref)
 
-    def image_size(self, ref: str) -> int:
-        """0: the gateway knows which nodes hold an image, not its size on each."""
-        self.images.labels(ref)  # NotFound for an image no node has
-        return 0
+    def image_facts(self, ref: str) -> ImageFacts | None:
+        """Size 0: the gateway knows which nodes hold an image, not its size on each."""
+        known = self.images.lookup(ref)
+        return None if known is None else ImageFacts(known.image_id, dict(known.labels), 0)
 
     def build_steps(
         self, job: BuildJob, settings: BuildSettings, cancel: threading.Event | None = None

@@ -28,7 +28,7 @@ from docker.utils.socket import frames_iter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from sandboxd import cgroups
-from sandboxd.engine.base import BindMount, CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.base import BindMount, CgroupSample, ContainerInfo, ContainerSpec, ImageFacts
 from sandboxd.engine.inside import KILL_SCRIPT, KILL_SLACK_SECONDS, RUNSC_NOISE, scrub
 from sandboxd.errors import (
     EngineUnavailable,
@@ -57,6 +57,11 @@ _CONNECTION_ERRORS = (
     ConnectionError,
     socket.timeout,
 )
+
+
+def _labels(inspected: Mapping[str, Any]) -> dict[str, str]:
+    """An image's labels from its `inspect` answer."""
+    return dict((inspected.get("Config") or {}).get("Labels") or {})
 
 
 class DockerEngine:
@@ -149,11 +154,14 @@ class DockerEngine:
         return str(data["Id"])
 
     def image_labels(self, ref: str) -> Mapping[str, str]:
-        data = self._safe(lambda: self.api.inspect_image(ref))
-        return dict((data.get("Config") or {}).get("Labels") or {})
+        return _labels(self._safe(lambda: self.api.inspect_image(ref)))
 
-    def image_size(self, ref: str) -> int:
-        return int(self._safe(lambda: self.api.inspect_image(ref)).get("Size") or 0)
+    def image_facts(self, ref: str) -> ImageFacts | None:
+        try:
+            data = self._safe(lambda: self.api.inspect_image(ref))
+        except NotFound:
+            return None
+        return ImageFacts(str(data["Id"]), _labels(data), int(data.get("Size") or 0))
 
     def image_config(self, ref: str) -> Mapping[str, Any]:
         data = self._safe(lambda: self.api.inspect_image(ref))

@@ -11,7 +11,7 @@ from typing import IO
 
 from sandboxd.build_run import BuildJob
 from sandboxd.builder import EngineBuilder
-from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec
+from sandboxd.engine.base import CgroupSample, ContainerInfo, ContainerSpec, ImageFacts
 from sandboxd.errors import BuildFailed, EngineUnavailable, NotFound
 
 
@@ -85,12 +85,10 @@ class FakeEngine:
             raise NotFound(f"no image {ref}")
         return dict(image.labels)
 
-    def image_size(self, ref: str) -> int:
+    def image_facts(self, ref: str) -> ImageFacts | None:
         self._check()
         image = self._find(ref)
-        if image is None:
-            raise NotFound(f"no image {ref}")
-        return image.size
+        return None if image is None else ImageFacts(image.id, dict(image.labels), image.size)
 
     def build_image(
         self,
