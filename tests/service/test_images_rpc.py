@@ -60,6 +60,12 @@ def test_build_streams_log_then_result_and_second_build_is_a_cache_hit(
 
     assert client.get_image(result.image.key).digest == result.image.digest
     assert result.image.key in {i.key for i in client.list_images()}
+    # The size is the engine's, the same in every answer (it was 0 from BuildImage and
+    # GetImage); the image holds at least the base's Python.
+    listed = {i.key: i.size_bytes for i in client.list_images()}[result.image.key]
+    sizes = {result.image.size_bytes, second[0].result.image.size_bytes, listed}
+    assert sizes == {client.get_image(result.image.key).size_bytes}, sizes
+    assert listed > 10 * 1024 * 1024
 
 
 def test_delete_image_removes_it(client: SandboxClient) -> None:
