@@ -37,7 +37,7 @@ from pytest_sandbox.models import (
 from pytest_sandbox.progress import BuildLine
 from pytest_sandbox.reports import adopt_subtests, kill_reports, remap_paths, warning_message
 from pytest_sandbox.spec import RouteSpec
-from pytest_sandbox.startup import Startup
+from pytest_sandbox.startup import Startup, freeze_heap
 from sandboxd import daemon, errors
 from sandboxd.connection import Connection
 
@@ -124,6 +124,7 @@ class Controller:
     def start(self) -> None:
         """At configure time: the snapshot and the service, while pytest collects."""
         if not self.config.option.collectonly:  # --co needs neither service nor snapshot
+            freeze_heap(last=False)
             self._startup = Startup(self._take, self._connect, self._prepare)
 
     def _take(self) -> snapshot.Snapshot:
@@ -137,6 +138,7 @@ class Controller:
 
     def _prepare(self, conn: Connection, snap: snapshot.Snapshot) -> None:
         self._runner = self._make_runner(conn, snap)
+        freeze_heap(last=True)
 
     def _connect(self) -> Connection:
         """The address given, else a service in this session, else the local daemon.

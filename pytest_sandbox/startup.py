@@ -9,6 +9,7 @@ routed test needs them.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -47,6 +48,27 @@ class Background(Generic[T]):
             raise self._error
         assert self._value is not None
         return self._value
+
+
+_frozen = threading.Event()
+
+
+def freeze_heap(*, last: bool) -> None:
+    """Move every object alive now out of the cyclic collector's way (`gc.freeze`).
+
+    A routing session does it when it is configured and again once the client side is
+    imported. What the heap holds then is mostly modules and their objects, which live to
+    the end anyway; grpc and protobuf add many. Each full collection after that (the
+    automatic ones while the client side imports, pytest's own at the session's end, the
+    interpreter's at exit) walked them all. Objects made later (collected items, the
+    tests' own) are collected as usual; only a reference cycle that was alive here and
+    dropped later stays in memory. Only the first session in a process does it, so a
+    second one (pytester in-process) does not keep the first one's leftovers.
+    """
+    if not _frozen.is_set():
+        gc.freeze()
+        if last:
+            _frozen.set()
 
 
 class Startup:

@@ -71,6 +71,19 @@ def test_isolated_b():
 
 def test_unmarked_runs_on_host():
     assert socket.gethostname() != "sandbox"
+    # the session froze the heap it was configured with; what a test makes is collected
+    import gc, weakref
+    assert gc.get_freeze_count() > 10000
+
+    class Cycle:
+        pass
+
+    made = Cycle()
+    made.me = made
+    gone = weakref.ref(made)
+    del made
+    gc.collect()
+    assert gone() is None
 
 @pytest.mark.sandbox(memory="64m")
 def test_oom():

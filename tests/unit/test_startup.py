@@ -3,16 +3,19 @@ and the shortcut that builds on an earlier session's environment image."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_sandbox import startup as startup_module
 from pytest_sandbox.runner import ImageCache
 from pytest_sandbox.snapshot import Snapshot
 from pytest_sandbox.spec import Defaults, resolve
-from pytest_sandbox.startup import Startup
+from pytest_sandbox.startup import Startup, freeze_heap
 from sandboxd.api import BuildResult, Image
 from sandboxd.connection import Connection
 
@@ -104,3 +107,23 @@ def test_startup_prepares_once_both_are_there() -> None:
     startup = Startup(lambda: snap, lambda: conn, lambda c, s: prepared.append((c, s)))
     assert startup.ready() == (snap, conn)
     assert prepared == [(conn, snap)]
+
+
+def test_the_heap_is_frozen_twice_in_the_first_session_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(startup_module, "_frozen", threading.Event())
+    try:
+        freeze_heap(last=False)  # configured
+        first = gc.get_freeze_count()
+        assert first > 0
+        made_later = [[n] for n in range(1000)]  # the client side's imports, say
+        freeze_heap(last=True)
+        assert gc.get_freeze_count() >= first + len(made_later)
+        after = gc.get_freeze_count()
+        made_by_a_second_session = [[n] for n in range(1000)]
+        freeze_heap(last=False)
+        freeze_heap(last=True)
+        assert gc.get_freeze_count() < after + len(made_by_a_second_session)
+    finally:
+        gc.unfreeze()
