@@ -240,6 +240,7 @@ def fingerprint(rootdir: Path, dirs: list[Path] | None = None) -> str:
     for site_dir in site_dirs() if dirs is None else dirs:
         digest.update(f"\0site {site_dir}".encode())
         found = metadata.distributions(path=[str(site_dir)])
+        paths: list[str] = []
         for dist in sorted(found, key=lambda d: str(d.locate_file(""))):
             base = str(dist.locate_file(""))
             record = dist.read_text("RECORD")
@@ -249,11 +250,10 @@ def fingerprint(rootdir: Path, dirs: list[Path] | None = None) -> str:
             digest.update(f"\0dist {base}\0{record}".encode())
             for line in record.splitlines():
                 rel = line.split(",", 1)[0]
-                if not _mirrored(rel):  # what is not mirrored cannot change the images
-                    continue
-                digest.update(_stat_line(os.path.join(base, rel)))
-        for path in sorted(site_dir.glob("*.pth")):
-            digest.update(_stat_line(str(path)))
+                if _mirrored(rel):  # what is not mirrored cannot change the images
+                    paths.append(rel if rel.startswith("/") else f"{base}/{rel}")
+        paths.extend(str(path) for path in sorted(site_dir.glob("*.pth")))
+        digest.update(_stat_lines(paths))
     return digest.hexdigest()
 
 
@@ -263,12 +263,19 @@ def _mirrored(rel: str) -> bool:
     return not (rel.startswith("..") or "__pycache__" in rel or rel.endswith((".pyc", ".pyo")))
 
 
-def _stat_line(path: str) -> bytes:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return f"\0{path} -".encode()
-    return f"\0{path} {st.st_mode} {st.st_size} {st.st_mtime_ns}".encode()
+def _stat_lines(paths: list[str]) -> bytes:
+    """Each path with its mode, size and modification time, one stat each (the loop is
+    kept tight: a session runs it over every mirrored file, ~7,000 in a dev venv)."""
+    stat = os.stat
+    lines = []
+    for path in paths:
+        try:
+            st = stat(path)
+        except OSError:
+            lines.append(f"{path} -")
+            continue
+        lines.append(f"{path} {st.st_mode} {st.st_size} {st.st_mtime_ns}")
+    return "\0".join(lines).encode()
 
 
 def _sort_key(dist: metadata.Distribution) -> str:

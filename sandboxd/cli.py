@@ -263,9 +263,12 @@ def cmd_daemon(args: argparse.Namespace, config: ServerConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: ServerConfig) -> int:
-    from sandboxd.server import create_server, serve_forever
+    from sandboxd import daemon
 
-    service, bound = create_server(config, args.listen)
+    with daemon.quiet_collector():
+        from sandboxd.server import create_server, serve_forever
+
+        service, bound = create_server(config, args.listen)
     print(f"sandboxd listening on {bound}", file=sys.stderr, flush=True)
     serve_forever(service, args.grace)
     return 0

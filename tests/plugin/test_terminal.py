@@ -3,6 +3,7 @@ warnings of routed tests, and a snapshot that ignores what git ignores."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -168,7 +169,14 @@ def test_environment_fingerprint_follows_file_metadata(tmp_path: Path) -> None:
     first = environment.fingerprint(tmp_path, [site])
     assert environment.fingerprint(tmp_path, [site]) == first
     (site / "demo.py").write_text("X = 22\n")  # another size: another environment
-    assert environment.fingerprint(tmp_path, [site]) != first
+    second = environment.fingerprint(tmp_path, [site])
+    assert second != first
+    edited = (site / "demo.py").stat()
+    (site / "demo.py").write_text("X = 33\n")  # edited in place, same size
+    os.utime(site / "demo.py", ns=(edited.st_atime_ns, edited.st_mtime_ns + 10**9))
+    assert environment.fingerprint(tmp_path, [site]) not in (first, second)
+    (site / "demo-1.0.dist-info" / "RECORD").write_text("demo-1.0.dist-info/METADATA,,\n")
+    assert environment.fingerprint(tmp_path, [site]) not in (first, second)  # a file less
 
 
 def test_built_environments_remember_the_last_tag(tmp_path: Path) -> None:
