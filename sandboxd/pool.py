@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 
 #: How long a request waits for a warm container already being made before making its own.
 INFLIGHT_WAIT_SECONDS = 1.0
-#: How long after a miss the pool begins the warm container it grows by: the container
-#: just made for the request is importing pytest then (~0.4 s of CPU), and a second one
-#: made at the same time would take half of it on a small machine.
-MISS_FILL_DELAY_SECONDS = 0.5
 #: How long retiring a request's containers waits for those still being made.
 RETIRE_WAIT_SECONDS = 60.0
 
@@ -96,19 +92,13 @@ class WarmPool:
             self._schedule(prep)
         return record
 
-    def missed(self, prep: Prepared, *, after: float = 0.0) -> None:
-        """A request had to wait for a new container: grow this pool by one, the new warm
-        one begun `after` seconds from now."""
+    def missed(self, prep: Prepared) -> None:
+        """A request had to wait for a new container: grow this pool by one."""
         with self._lock:
             self._target[prep] = min(self.max_per_key, self._target.get(prep, 0) + 1)
             self._last_use[prep] = time.monotonic()
         self._ensure_janitor()
-        if after <= 0:
-            self._schedule(prep)
-            return
-        timer = threading.Timer(after, self._schedule, args=(prep,))
-        timer.daemon = True
-        timer.start()
+        self._schedule(prep)
 
     def has_ready(self, prep: Prepared) -> bool:
         with self._lock:

@@ -31,7 +31,7 @@ from sandboxd.launcher import Launcher
 from sandboxd.limits import check_ttl, resolve
 from sandboxd.models import Prepared, SandboxRecord
 from sandboxd.mounts import check_mounts
-from sandboxd.pool import MISS_FILL_DELAY_SECONDS, WarmPool
+from sandboxd.pool import WarmPool
 from sandboxd.reaping import Reaper
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class SandboxManager:
             if record is None:
                 record = self.launcher.launch(prep)
                 if self.pool is not None:
-                    self.pool.missed(prep, after=MISS_FILL_DELAY_SECONDS)
+                    self.pool.missed(prep)
             else:
                 record.from_pool = True
         except BaseException:
