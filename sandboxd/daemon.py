@@ -368,9 +368,6 @@ class Daemon:
         Raises:
             EngineUnavailable: another daemon serves this socket.
         """
-        with quiet_collector():
-            from sandboxd.server import create_server
-
         _prepare(self.paths)
         pid_fd = os.open(self.paths.pid, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -388,6 +385,8 @@ class Daemon:
             # empty the warm pool between two of them.
             config = replace(self.config, pool_idle_seconds=self.config.daemon_pool_idle_seconds)
             with quiet_collector():
+                from sandboxd.server import create_server
+
                 service, bound = create_server(config, self.paths.address)
             log.info(
                 "sandboxd daemon %d on %s, exits after %.0fs idle",

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from sandboxd.api import ContextFile, ImageRecord
@@ -50,7 +50,9 @@ BASE_TTL = 5.0
 DELETE_ATTEMPTS = 20
 
 
-def _listed(key: str, digest: str, tag: str, labels: Mapping[str, str], size: int) -> ImageRecord:
+def _listed(
+    key: str, digest: str, tag: str, labels: Mapping[str, str], size: int, created: float = 0.0
+) -> ImageRecord:
     """The record of an image as the engine describes it."""
     return ImageRecord(
         key=key,
@@ -60,6 +62,7 @@ def _listed(key: str, digest: str, tag: str, labels: Mapping[str, str], size: in
         size_bytes=size,
         label=labels.get("sandbox.label", ""),
         owner=labels.get(LABEL_OWNER, ""),
+        created_unix=created,
     )
 
 
@@ -308,8 +311,7 @@ class ImageStore:
         facts = self._engine.image_facts(tag)
         if facts is None or facts.labels.get(LABEL_KEY) != key:
             return None
-        record = _listed(key, facts.id, tag, facts.labels, facts.size)
-        return replace(record, created_unix=time.time())
+        return _listed(key, facts.id, tag, facts.labels, facts.size, created=time.time())
 
     def may_use(self, record: ImageRecord, owner: str) -> bool:
         """Whether `owner` may see and run the image (see `sandboxd.ownership`)."""
