@@ -37,6 +37,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,8 +71,8 @@ def pct(values: list[float], q: float) -> float:
     return values[k]
 
 
-def make_project(n: int) -> Path:
-    root = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
+def make_project(n: int, parent: Path | None = None) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="sandbox-bench-", dir=parent))
     tests = "\n".join(f"def test_{i}():\n    assert {i} + 1 == {i + 1}\n" for i in range(n))
     (root / "test_trivial.py").write_text(tests)
     double = "\n".join(f"def test_{i}():\n    assert {i} + 1 == {i + 1}\n" for i in range(2 * n))
@@ -161,19 +162,22 @@ def main() -> int:
         "--rounds", type=int, default=3, help="rounds of --fork-only; (i) runs at least 5"
     )
     args = parser.parse_args()
-    paths = daemon.DaemonPaths(Path(tempfile.mkdtemp(prefix="sbxb-", dir="/tmp")) / "d.sock")
+    # The daemon's socket, the project and its reports live here, removed at the end.
+    work = Path(tempfile.mkdtemp(prefix="sbxb-", dir="/tmp"))
+    paths = daemon.DaemonPaths(work / "d.sock")
     os.environ[daemon.SOCKET_ENV] = str(paths.socket)
     os.environ.pop(daemon.EMBEDDED_ENV, None)
     try:
         return run(args, paths)
     finally:
         daemon.stop(paths)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, paths: daemon.DaemonPaths) -> int:
     n = args.n
     levels = [int(x) for x in args.parallel.split(",")]
-    project = make_project(n)
+    project = make_project(n, paths.socket.parent)
     results: dict[str, object] = {"n": n, "cpus": os.cpu_count()}
     if args.isolation_only:
         return isolation_only(project, n, levels[0], results)
